@@ -1,0 +1,13 @@
+"""cbam: the Convolutional Block Attention Module (Woo et al., ECCV 2018) for PyTorch.
+
+>>> import torch, cbam
+>>> cbam.CBAM(64)(torch.randn(2, 64, 32, 32)).shape
+torch.Size([2, 64, 32, 32])
+"""
+
+from . import convert, functional, presets
+from .nn import CBAM, AttentionMaps, ChannelAttention, SpatialAttention
+
+__version__ = "0.1.0"
+
+__all__ = ["CBAM", "AttentionMaps", "ChannelAttention", "SpatialAttention", "convert", "functional", "presets"]

@@ -1,0 +1,78 @@
+"""``CBAM``: channel attention, then spatial attention on the channel-refined features."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+from ..validation import check_choice, check_input
+from .channel_attention import ChannelAttention
+from .spatial_attention import SpatialAttention
+
+IMPLS = ("auto", "reference")
+
+
+class AttentionMaps(NamedTuple):
+    """CBAM's two gates for one input: ``channel (B, C, 1, ...)`` and ``spatial (B, 1, *spatial)``."""
+
+    channel: Tensor
+    spatial: Tensor
+
+
+class CBAM(nn.Module):
+    """Convolutional Block Attention Module (Woo et al., ECCV 2018) for ``x: (B, C, *spatial)``.
+
+    ``y = x * Mc(x)``, then ``out = y * Ms(y)``. Tutorial-compatible: ``CBAM(in_channels,
+    reduction_ratio=16, kernel_size=7)`` with ``.channel_att`` and ``.spatial_att``. Options not
+    given come from ``preset`` (``None``/``"paper"``, ``"timm"``, ``"official"``; see
+    ``cbam.presets``). ``dims`` picks 1-D, 2-D or 3-D inputs. ``impl`` selects the implementation;
+    ``"auto"`` and ``"reference"`` (the eager composition of ``cbam.functional``) exist today.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        reduction_ratio: int = 16,
+        kernel_size: int = 7,
+        *,
+        preset: str | None = None,
+        pool_types: Sequence[str] | None = None,
+        mlp_bias: bool | None = None,
+        spatial_norm: bool | None = None,
+        gate: str | None = None,
+        dims: int = 2,
+        impl: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        check_choice("impl", impl, IMPLS)
+        self.impl = "reference"
+        factory = {"preset": preset, "gate": gate, "dims": dims, "device": device, "dtype": dtype}
+        self.channel_att = ChannelAttention(
+            in_channels, reduction_ratio, pool_types=pool_types, mlp_bias=mlp_bias, **factory
+        )
+        self.spatial_att = SpatialAttention(kernel_size, norm=spatial_norm, **factory)
+
+    def reset_parameters(self) -> None:
+        self.channel_att.reset_parameters()
+        self.spatial_att.reset_parameters()
+
+    def _check(self, x: Tensor) -> None:
+        channels, dims = self.channel_att.in_channels, self.channel_att.dims
+        check_input(x, f"CBAM(in_channels={channels}, dims={dims})", dims=dims, channels=channels)
+
+    def attention(self, x: Tensor) -> AttentionMaps:
+        """Both gates: the channel gate of ``x`` and the spatial gate of ``x * channel``."""
+        self._check(x)
+        channel = self.channel_att.attention(x)
+        return AttentionMaps(channel, self.spatial_att.attention(x * channel))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        return self.spatial_att(self.channel_att(x))
+
+    def extra_repr(self) -> str:
+        return f"impl={self.impl!r}"
