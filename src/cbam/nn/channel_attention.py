@@ -7,7 +7,15 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from .. import functional
-from ..validation import check_bool, check_dims, check_gate, check_input, check_int, check_pool_types, check_preset
+from ..validation import (
+    check_bool,
+    check_dims,
+    check_gate,
+    check_input,
+    check_int,
+    check_pool_types,
+    check_preset,
+)
 
 
 class ChannelAttention(nn.Module):
