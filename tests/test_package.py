@@ -1,0 +1,19 @@
+"""The package itself: a light import and the public names other code relies on."""
+
+import subprocess
+import sys
+
+
+def test_import_is_light():
+    """``import cbam`` pulls in torch only: no torchvision, matplotlib or timm."""
+    code = "import sys, cbam; print(sorted({m.split('.')[0] for m in sys.modules} & {'torchvision', 'matplotlib', 'timm'}))"
+    heavy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert heavy.strip() == "[]"
+
+
+def test_public_names():
+    import cbam
+
+    for name in ("CBAM", "ChannelAttention", "SpatialAttention", "AttentionMaps", "functional", "convert", "presets"):
+        assert hasattr(cbam, name), name
+    assert callable(cbam.convert.from_timm) and callable(cbam.convert.from_official)
