@@ -24,14 +24,19 @@ GATES = {
 }
 
 
-def channel_map(x, w1, w2, b1=None, b2=None, pool_types=("avg", "max"), gate="sigmoid"):
-    """``x: (B, C, *spatial)`` -> channel gate ``(B, C, 1, ...)``."""
+def channel_logits(x, w1, w2, b1=None, b2=None, pool_types=("avg", "max")):
+    """``x: (B, C, *spatial)`` -> channel logits ``(B, C, 1, ...)``."""
     flat = x.reshape(x.shape[0], x.shape[1], -1)
     logits = 0
     for kind in pool_types:
         hidden = POOLS[kind](flat) @ w1.T + (0 if b1 is None else b1)
         logits = logits + hidden.clamp(min=0) @ w2.T + (0 if b2 is None else b2)
-    return GATES[gate](logits).reshape(*x.shape[:2], *[1] * (x.dim() - 2))
+    return logits.reshape(*x.shape[:2], *[1] * (x.dim() - 2))
+
+
+def channel_map(x, w1, w2, b1=None, b2=None, pool_types=("avg", "max"), gate="sigmoid"):
+    """``x: (B, C, *spatial)`` -> channel gate ``(B, C, 1, ...)``."""
+    return GATES[gate](channel_logits(x, w1, w2, b1, b2, pool_types))
 
 
 def conv_same(maps, weight):
@@ -54,11 +59,16 @@ def batch_norm_eval(z, mean, var, weight, bias, eps=1e-5):
     return (z - mean) / torch.sqrt(var + eps) * weight + bias
 
 
-def spatial_map(x, conv_weight, norm=None, gate="sigmoid"):
-    """``x: (B, C, *spatial)`` -> spatial gate ``(B, 1, *spatial)`` from [mean, max] over channels."""
+def spatial_logits(x, conv_weight, norm=None):
+    """``x: (B, C, *spatial)`` -> spatial logits ``(B, 1, *spatial)`` from [mean, max] over channels."""
     maps = torch.stack([x.sum(1) / x.shape[1], x.max(1).values], dim=1)
     z = conv_same(maps, conv_weight)
-    return GATES[gate](z if norm is None else norm(z))
+    return z if norm is None else norm(z)
+
+
+def spatial_map(x, conv_weight, norm=None, gate="sigmoid"):
+    """``x: (B, C, *spatial)`` -> spatial gate ``(B, 1, *spatial)``."""
+    return GATES[gate](spatial_logits(x, conv_weight, norm))
 
 
 def cbam(x, fc1_weight, fc2_weight, conv_weight, fc1_bias=None, fc2_bias=None, *,

@@ -6,8 +6,11 @@ torch.Size([2, 64, 32, 32])
 """
 
 from . import convert, functional, presets
-from .nn import CBAM, AttentionMaps, ChannelAttention, SpatialAttention
+from .nn import CBAM, AttentionMaps, ChannelAttention, CrossLayerCBAM, DynamicCBAM, ParallelCBAM, SpatialAttention
 
 __version__ = "0.1.0"
 
-__all__ = ["CBAM", "AttentionMaps", "ChannelAttention", "SpatialAttention", "convert", "functional", "presets"]
+__all__ = [
+    "CBAM", "AttentionMaps", "ChannelAttention", "CrossLayerCBAM", "DynamicCBAM", "ParallelCBAM", "SpatialAttention",
+    "convert", "functional", "presets",
+]

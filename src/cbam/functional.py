@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .validation import check_gate, check_input, check_pool_types
+from .presets import COMBINES, ORDERS
+from .validation import check_choice, check_gate, check_input, check_pool_types
 
 Norm = Callable[[Tensor], Tensor]
 
@@ -54,7 +55,7 @@ def pool(x: Tensor, kind: str) -> Tensor:
     return _POOLS[kind](x, tuple(range(2, x.dim())))
 
 
-def channel_attention_map(
+def channel_attention_logits(
     x: Tensor,
     fc1_weight: Tensor,
     fc2_weight: Tensor,
@@ -62,15 +63,25 @@ def channel_attention_map(
     fc2_bias: Tensor | None = None,
     *,
     pool_types: Sequence[str] = ("avg", "max"),
-    gate_kind: str = "sigmoid",
+    hidden_mask: Tensor | None = None,
 ) -> Tensor:
-    """Channel gate ``Mc = gate(sum_p MLP(pool_p(x)))`` for ``x: (B, C, *spatial)`` -> ``(B, C, 1, ...)``."""
-    check_input(x, "cbam.functional.channel_attention_map", channels=fc1_weight.shape[1])
+    """Channel logits ``sum_p MLP(pool_p(x))`` for ``x: (B, C, *spatial)`` -> ``(B, C, 1, ...)``.
+
+    ``hidden_mask (hidden,)`` scales the MLP's hidden units after the ReLU (DynamicCBAM's widths).
+    """
+    check_input(x, "cbam.functional.channel_attention_logits", channels=fc1_weight.shape[1])
     spatial = tuple(range(2, x.dim()))
     pooled = torch.stack([_POOLS[kind](x, spatial) for kind in check_pool_types(pool_types)])  # (P, B, C)
     hidden = F.relu(F.linear(pooled, fc1_weight, fc1_bias))
+    if hidden_mask is not None:
+        hidden = hidden * hidden_mask
     logits = F.linear(hidden, fc2_weight, fc2_bias).sum(0)  # (B, C)
-    return gate(logits, gate_kind).view(*logits.shape, *([1] * (x.dim() - 2)))
+    return logits.view(*logits.shape, *([1] * len(spatial)))
+
+
+def channel_attention_map(x: Tensor, *args, gate_kind: str = "sigmoid", **kwargs) -> Tensor:
+    """Channel gate ``Mc = gate(channel_attention_logits(x, ...))`` -> ``(B, C, 1, ...)``."""
+    return gate(channel_attention_logits(x, *args, **kwargs), gate_kind)
 
 
 def spatial_pool(x: Tensor) -> Tensor:
@@ -78,16 +89,27 @@ def spatial_pool(x: Tensor) -> Tensor:
     return torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
 
 
-def spatial_attention_map(
-    x: Tensor, conv_weight: Tensor, *, norm: Norm | None = None, gate_kind: str = "sigmoid"
+def spatial_attention_logits(
+    x: Tensor, conv_weight: Tensor | Sequence[Tensor], *, norm: Norm | None = None
 ) -> Tensor:
-    """Spatial gate ``Ms = gate(norm(conv([mean_c x, max_c x])))`` -> ``(B, 1, *spatial)``."""
-    dims = conv_weight.dim() - 2
-    check_input(x, "cbam.functional.spatial_attention_map", dims=dims)
-    logits = _CONVS[dims](spatial_pool(x), conv_weight, padding=conv_weight.shape[-1] // 2)
-    if norm is not None:
-        logits = norm(logits)
-    return gate(logits, gate_kind)
+    """Spatial logits ``norm(conv([mean_c x, max_c x]))`` for ``x: (B, C, *spatial)`` -> ``(B, 1, *spatial)``.
+
+    ``conv_weight`` is one ``(1, 2, k, ..., k)`` weight, or a chain applied in order, each padded to
+    keep the size: ``[(1, 2, 1, k), (1, 1, k, 1)]`` is the factorised 1xk-then-kx1 conv,
+    ``[(1, 2, 1, 1), (1, 1, k, k)]`` the separable pointwise-then-depthwise one.
+    """
+    chain = [conv_weight] if isinstance(conv_weight, Tensor) else list(conv_weight)
+    dims = chain[0].dim() - 2
+    check_input(x, "cbam.functional.spatial_attention_logits", dims=dims)
+    logits = spatial_pool(x)
+    for weight in chain:
+        logits = _CONVS[dims](logits, weight, padding=[size // 2 for size in weight.shape[2:]])
+    return logits if norm is None else norm(logits)
+
+
+def spatial_attention_map(x: Tensor, *args, gate_kind: str = "sigmoid", **kwargs) -> Tensor:
+    """Spatial gate ``Ms = gate(spatial_attention_logits(x, ...))`` -> ``(B, 1, *spatial)``."""
+    return gate(spatial_attention_logits(x, *args, **kwargs), gate_kind)
 
 
 def channel_attention(x: Tensor, *args, **kwargs) -> Tensor:
@@ -104,14 +126,52 @@ def cbam(
     x: Tensor,
     fc1_weight: Tensor,
     fc2_weight: Tensor,
-    conv_weight: Tensor,
+    conv_weight: Tensor | Sequence[Tensor],
     fc1_bias: Tensor | None = None,
     fc2_bias: Tensor | None = None,
     *,
     pool_types: Sequence[str] = ("avg", "max"),
     norm: Norm | None = None,
     gate_kind: str = "sigmoid",
+    order: str = "channel-spatial",
 ) -> Tensor:
-    """CBAM as in the paper: ``y = x * Mc(x)``, then ``y * Ms(y)``; output shaped like ``x``."""
-    y = channel_attention(x, fc1_weight, fc2_weight, fc1_bias, fc2_bias, pool_types=pool_types, gate_kind=gate_kind)
-    return spatial_attention(y, conv_weight, norm=norm, gate_kind=gate_kind)
+    """CBAM for ``x: (B, C, *spatial)``; output shaped like ``x``.
+
+    ``order="channel-spatial"`` (the paper's): ``y = x * Mc(x)``, then ``y * Ms(y)``;
+    ``"spatial-channel"``: ``y = x * Ms(x)``, then ``y * Mc(y)`` (the paper's arrangement ablation).
+    """
+    def channel(t):
+        return channel_attention(t, fc1_weight, fc2_weight, fc1_bias, fc2_bias, pool_types=pool_types,
+                                 gate_kind=gate_kind)
+
+    def spatial(t):
+        return spatial_attention(t, conv_weight, norm=norm, gate_kind=gate_kind)
+
+    if check_choice("order", order, ORDERS) == "channel-spatial":
+        return spatial(channel(x))
+    return channel(spatial(x))
+
+
+def parallel_cbam(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc2_weight: Tensor,
+    conv_weight: Tensor | Sequence[Tensor],
+    fc1_bias: Tensor | None = None,
+    fc2_bias: Tensor | None = None,
+    *,
+    pool_types: Sequence[str] = ("avg", "max"),
+    norm: Norm | None = None,
+    gate_kind: str = "sigmoid",
+    combine: str = "average",
+) -> Tensor:
+    """Both gates from the same ``x: (B, C, *spatial)``; output shaped like ``x``.
+
+    ``combine="average"`` (the tutorial's): ``(x * Mc(x) + x * Ms(x)) / 2``;
+    ``"logits"``: one gate over the summed logits, ``x * gate(a_c + a_s)`` (as in BAM).
+    """
+    a_c = channel_attention_logits(x, fc1_weight, fc2_weight, fc1_bias, fc2_bias, pool_types=pool_types)
+    a_s = spatial_attention_logits(x, conv_weight, norm=norm)
+    if check_choice("combine", combine, COMBINES) == "average":
+        return (x * gate(a_c, gate_kind) + x * gate(a_s, gate_kind)) / 2
+    return x * gate(a_c + a_s, gate_kind)

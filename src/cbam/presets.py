@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 POOL_TYPES = ("avg", "max", "lp", "lse")
 GATES = ("sigmoid", "hard-sigmoid")
+ORDERS = ("channel-spatial", "spatial-channel")  # CBAM: which gate comes first
+COMBINES = ("average", "logits")  # ParallelCBAM: mean of the two gated maps, or one gate over summed logits
+SPATIAL_CONVS = ("full", "factorized", "separable")  # SpatialAttention's k x k conv and its light forms
 
 
 @dataclass(frozen=True)

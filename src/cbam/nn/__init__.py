@@ -2,6 +2,11 @@
 
 from .cbam import CBAM, AttentionMaps
 from .channel_attention import ChannelAttention
+from .cross_layer_cbam import CrossLayerCBAM
+from .dynamic_cbam import DynamicCBAM
+from .parallel_cbam import ParallelCBAM
 from .spatial_attention import SpatialAttention
 
-__all__ = ["CBAM", "AttentionMaps", "ChannelAttention", "SpatialAttention"]
+__all__ = [
+    "CBAM", "AttentionMaps", "ChannelAttention", "CrossLayerCBAM", "DynamicCBAM", "ParallelCBAM", "SpatialAttention",
+]

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 from torch import Tensor, nn
 
+from ..presets import ORDERS
 from ..validation import check_choice, check_input
 from .channel_attention import ChannelAttention
 from .spatial_attention import SpatialAttention
@@ -24,11 +25,14 @@ class AttentionMaps(NamedTuple):
 class CBAM(nn.Module):
     """Convolutional Block Attention Module (Woo et al., ECCV 2018) for ``x: (B, C, *spatial)``.
 
-    ``y = x * Mc(x)``, then ``out = y * Ms(y)``. Tutorial-compatible: ``CBAM(in_channels,
+    ``y = x * Mc(x)``, then ``out = y * Ms(y)`` (``order="spatial-channel"`` swaps the two, the
+    paper's arrangement ablation). Tutorial-compatible: ``CBAM(in_channels,
     reduction_ratio=16, kernel_size=7)`` with ``.channel_att`` and ``.spatial_att``. Options not
     given come from ``preset`` (``None``/``"paper"``, ``"timm"``, ``"official"``; see
-    ``cbam.presets``). ``dims`` picks 1-D, 2-D or 3-D inputs. ``impl`` selects the implementation;
-    ``"auto"`` and ``"reference"`` (the eager composition of ``cbam.functional``) exist today.
+    ``cbam.presets``). ``spatial_conv`` picks the spatial conv: ``"full"`` k x k, or the tutorial's
+    lightweight ``"factorized"`` / ``"separable"`` forms (see ``SpatialAttention``). ``dims`` picks
+    1-D, 2-D or 3-D inputs. ``impl`` selects the implementation; ``"auto"`` and ``"reference"``
+    (the eager composition of ``cbam.functional``) exist today.
     """
 
     def __init__(
@@ -42,6 +46,8 @@ class CBAM(nn.Module):
         mlp_bias: bool | None = None,
         spatial_norm: bool | None = None,
         gate: str | None = None,
+        order: str = "channel-spatial",
+        spatial_conv: str = "full",
         dims: int = 2,
         impl: str = "auto",
         device=None,
@@ -50,11 +56,12 @@ class CBAM(nn.Module):
         super().__init__()
         check_choice("impl", impl, IMPLS)
         self.impl = "reference"
+        self.order = check_choice("order", order, ORDERS)
         factory = {"preset": preset, "gate": gate, "dims": dims, "device": device, "dtype": dtype}
         self.channel_att = ChannelAttention(
             in_channels, reduction_ratio, pool_types=pool_types, mlp_bias=mlp_bias, **factory
         )
-        self.spatial_att = SpatialAttention(kernel_size, norm=spatial_norm, **factory)
+        self.spatial_att = SpatialAttention(kernel_size, norm=spatial_norm, conv=spatial_conv, **factory)
 
     def reset_parameters(self) -> None:
         self.channel_att.reset_parameters()
@@ -65,14 +72,19 @@ class CBAM(nn.Module):
         check_input(x, f"CBAM(in_channels={channels}, dims={dims})", dims=dims, channels=channels)
 
     def attention(self, x: Tensor) -> AttentionMaps:
-        """Both gates: the channel gate of ``x`` and the spatial gate of ``x * channel``."""
+        """Both gates as applied: the first gate of ``x``, the second of ``x`` times the first."""
         self._check(x)
-        channel = self.channel_att.attention(x)
-        return AttentionMaps(channel, self.spatial_att.attention(x * channel))
+        if self.order == "channel-spatial":
+            channel = self.channel_att.attention(x)
+            return AttentionMaps(channel, self.spatial_att.attention(x * channel))
+        spatial = self.spatial_att.attention(x)
+        return AttentionMaps(self.channel_att.attention(x * spatial), spatial)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
-        return self.spatial_att(self.channel_att(x))
+        if self.order == "channel-spatial":
+            return self.spatial_att(self.channel_att(x))
+        return self.channel_att(self.spatial_att(x))
 
     def extra_repr(self) -> str:
-        return f"impl={self.impl!r}"
+        return f"order={self.order!r}, impl={self.impl!r}"

@@ -61,14 +61,17 @@ class ChannelAttention(nn.Module):
             if fc.bias is not None:
                 nn.init.zeros_(fc.bias)
 
-    def attention(self, x: Tensor) -> Tensor:
-        """The channel gate alone: ``(B, C, 1, ...)`` with values in (0, 1) (sigmoid gate)."""
+    def logits(self, x: Tensor) -> Tensor:
+        """The channel gate's input, before ``gate``: ``(B, C, 1, ...)``."""
         check_input(x, f"ChannelAttention(in_channels={self.in_channels}, dims={self.dims})",
                     dims=self.dims, channels=self.in_channels)
-        return functional.channel_attention_map(
-            x, self.fc1.weight, self.fc2.weight, self.fc1.bias, self.fc2.bias,
-            pool_types=self.pool_types, gate_kind=self.gate,
+        return functional.channel_attention_logits(
+            x, self.fc1.weight, self.fc2.weight, self.fc1.bias, self.fc2.bias, pool_types=self.pool_types
         )
+
+    def attention(self, x: Tensor) -> Tensor:
+        """The channel gate alone: ``(B, C, 1, ...)`` with values in (0, 1) (sigmoid gate)."""
+        return functional.gate(self.logits(x), self.gate)
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.attention(x)
