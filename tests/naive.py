@@ -16,6 +16,7 @@ POOLS = {
     "max": lambda flat: flat.max(-1).values,
     "lp": lambda flat: (flat * flat).sum(-1).sqrt(),
     "lse": lambda flat: flat.max(-1).values + (flat - flat.max(-1, keepdim=True).values).exp().sum(-1).log(),
+    "mix": lambda flat: (flat.sum(-1) / flat.shape[-1] + flat.max(-1).values) / 2,
 }
 
 GATES = {
@@ -59,9 +60,12 @@ def batch_norm_eval(z, mean, var, weight, bias, eps=1e-5):
     return (z - mean) / torch.sqrt(var + eps) * weight + bias
 
 
-def spatial_logits(x, conv_weight, norm=None):
-    """``x: (B, C, *spatial)`` -> spatial logits ``(B, 1, *spatial)`` from [mean, max] over channels."""
+def spatial_logits(x, conv_weight, norm=None, pool="concat"):
+    """``x: (B, C, *spatial)`` -> spatial logits ``(B, 1, *spatial)`` from [mean, max] over channels
+    (``pool="concat"``: two maps) or their average (``"mix"``: one map)."""
     maps = torch.stack([x.sum(1) / x.shape[1], x.max(1).values], dim=1)
+    if pool == "mix":
+        maps = maps.sum(1, keepdim=True) / 2
     z = conv_same(maps, conv_weight)
     return z if norm is None else norm(z)
 

@@ -40,7 +40,7 @@ def reference_logits(module, x):
     ca, sa = module.channel_att, module.spatial_att
     kernel = reduce(torch.mul, sa.conv_weights())
     a_c = naive.channel_logits(x, ca.fc1.weight, ca.fc2.weight, ca.fc1.bias, ca.fc2.bias, ca.pool_types)
-    return a_c, naive.spatial_logits(x, kernel, bn_eval(sa.bn))
+    return a_c, naive.spatial_logits(x, kernel, bn_eval(sa.bn), sa.pool)
 
 
 @pytest.mark.parametrize("preset", [None, "official"])
@@ -99,6 +99,32 @@ def test_light_convs_count_fewer_flops(conv, weights_per_position):
     assert counter.get_total_flops() == 2 * weights_per_position * 2 * 20 * 24
 
 
+@pytest.mark.parametrize("conv", ["full", "factorized", "separable"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_light_cbam(conv, dims):
+    """One pooled descriptor per gate: (avg + max) / 2 into the MLP once, one map into the conv."""
+    module = randomise(cbam.LightCBAM(8, 2, 3, spatial_conv=conv, preset="timm", dims=dims, dtype=F64))
+    assert module.channel_att.pool_types == ("mix",) and module.spatial_att.conv_weights()[0].shape[1] == 1
+    x = torch.randn(2, 8, *[6, 5, 4][:dims], dtype=F64)
+    a_c, _ = reference_logits(module, x)
+    y = x * naive.GATES["sigmoid"](a_c)
+    _, a_s = reference_logits(module, y)
+    torch.testing.assert_close(module(x), y * naive.GATES["sigmoid"](a_s))
+
+
+def test_light_cbam_matches_timm():
+    timm_cbam = pytest.importorskip("timm.layers.cbam")
+    theirs = randomise(timm_cbam.LightCbamModule(32, spatial_kernel_size=5))
+    ours = cbam.LightCBAM(32, kernel_size=5, preset="timm").eval()
+    with torch.no_grad():
+        ours.channel_att.fc1.weight.copy_(theirs.channel.fc1.weight.flatten(1))
+        ours.channel_att.fc2.weight.copy_(theirs.channel.fc2.weight.flatten(1))
+        ours.spatial_att.conv.weight.copy_(theirs.spatial.conv.conv.weight)
+        ours.spatial_att.bn.load_state_dict(theirs.spatial.conv.bn.state_dict())
+    x = torch.randn(2, 32, 9, 8)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-5)
+
+
 def test_factorized_needs_two_dims():
     with pytest.raises(ValueError, match="factorized.*dims >= 2.*got dims=1"):
         cbam.CBAM(8, spatial_conv="factorized", dims=1)
@@ -108,6 +134,7 @@ def test_factorized_needs_two_dims():
     (lambda: cbam.CBAM(8, order="parallel"), ["order", "'spatial-channel'", "'parallel'"]),
     (lambda: cbam.ParallelCBAM(8, combine="max"), ["combine", "'logits'", "'max'"]),
     (lambda: cbam.SpatialAttention(conv="dilated"), ["conv", "'separable'", "'dilated'"]),
+    (lambda: cbam.SpatialAttention(pool="max"), ["pool", "'concat'", "'mix'", "'max'"]),
     (lambda: cbam.DynamicCBAM(8, kernel_sizes=(3, 4)), ["kernel_size", "odd", "got 4"]),
     (lambda: cbam.DynamicCBAM(8, kernel_sizes=()), ["kernel_sizes", "non-empty", "()"]),
     (lambda: cbam.DynamicCBAM(8, reduction_ratios=(8, 8)), ["reduction_ratios", "distinct", "(8, 8)"]),
@@ -220,6 +247,7 @@ def test_temperature_sharpens_the_choice():
     lambda: cbam.CBAM(4, 2, 3, spatial_conv="factorized", order="spatial-channel", dtype=F64),
     lambda: cbam.CBAM(4, 2, 3, spatial_conv="separable", dims=1, dtype=F64),
     lambda: cbam.DynamicCBAM(4, (1, 3), (2, 4), preset="timm", dtype=F64),
+    lambda: cbam.LightCBAM(4, 2, 3, spatial_conv="separable", dtype=F64),
 ])
 def test_variants_gradcheck(build):
     module = randomise(build())

@@ -6,11 +6,20 @@ torch.Size([2, 64, 32, 32])
 """
 
 from . import convert, functional, presets
-from .nn import CBAM, AttentionMaps, ChannelAttention, CrossLayerCBAM, DynamicCBAM, ParallelCBAM, SpatialAttention
+from .nn import (
+    CBAM,
+    AttentionMaps,
+    ChannelAttention,
+    CrossLayerCBAM,
+    DynamicCBAM,
+    LightCBAM,
+    ParallelCBAM,
+    SpatialAttention,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CBAM", "AttentionMaps", "ChannelAttention", "CrossLayerCBAM", "DynamicCBAM", "ParallelCBAM", "SpatialAttention",
-    "convert", "functional", "presets",
+    "CBAM", "AttentionMaps", "ChannelAttention", "CrossLayerCBAM", "DynamicCBAM", "LightCBAM", "ParallelCBAM",
+    "SpatialAttention", "convert", "functional", "presets",
 ]

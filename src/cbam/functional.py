@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .presets import COMBINES, ORDERS
+from .presets import COMBINES, ORDERS, SPATIAL_POOLS
 from .validation import check_choice, check_gate, check_input, check_pool_types
 
 Norm = Callable[[Tensor], Tensor]
@@ -46,6 +46,7 @@ _POOLS = {
     "max": lambda x, dims: x.amax(dims),
     "lp": lambda x, dims: torch.linalg.vector_norm(x, 2, dim=dims),
     "lse": lambda x, dims: torch.logsumexp(x, dim=dims),
+    "mix": lambda x, dims: (x.mean(dims) + x.amax(dims)) / 2,
 }
 
 
@@ -84,24 +85,32 @@ def channel_attention_map(x: Tensor, *args, gate_kind: str = "sigmoid", **kwargs
     return gate(channel_attention_logits(x, *args, **kwargs), gate_kind)
 
 
-def spatial_pool(x: Tensor) -> Tensor:
-    """Channel-wise mean and max of ``x: (B, C, *spatial)`` -> ``(B, 2, *spatial)``, mean first."""
-    return torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
+def spatial_pool(x: Tensor, kind: str = "concat") -> Tensor:
+    """Channel-wise mean and max of ``x: (B, C, *spatial)``.
+
+    ``"concat"``: ``(B, 2, *spatial)``, mean first (the paper); ``"mix"``: ``(B, 1, *spatial)``,
+    their average (timm's light CBAM).
+    """
+    mean, peak = x.mean(1, keepdim=True), x.amax(1, keepdim=True)
+    if check_choice("spatial pool", kind, SPATIAL_POOLS) == "concat":
+        return torch.cat([mean, peak], dim=1)
+    return (mean + peak) / 2
 
 
 def spatial_attention_logits(
-    x: Tensor, conv_weight: Tensor | Sequence[Tensor], *, norm: Norm | None = None
+    x: Tensor, conv_weight: Tensor | Sequence[Tensor], *, norm: Norm | None = None, pool: str = "concat"
 ) -> Tensor:
     """Spatial logits ``norm(conv([mean_c x, max_c x]))`` for ``x: (B, C, *spatial)`` -> ``(B, 1, *spatial)``.
 
     ``conv_weight`` is one ``(1, 2, k, ..., k)`` weight, or a chain applied in order, each padded to
     keep the size: ``[(1, 2, 1, k), (1, 1, k, 1)]`` is the factorised 1xk-then-kx1 conv,
-    ``[(1, 2, 1, 1), (1, 1, k, k)]`` the separable pointwise-then-depthwise one.
+    ``[(1, 2, 1, 1), (1, 1, k, k)]`` the separable pointwise-then-depthwise one. With
+    ``pool="mix"`` the first weight takes one input map instead of two.
     """
     chain = [conv_weight] if isinstance(conv_weight, Tensor) else list(conv_weight)
     dims = chain[0].dim() - 2
     check_input(x, "cbam.functional.spatial_attention_logits", dims=dims)
-    logits = spatial_pool(x)
+    logits = spatial_pool(x, pool)
     for weight in chain:
         logits = _CONVS[dims](logits, weight, padding=[size // 2 for size in weight.shape[2:]])
     return logits if norm is None else norm(logits)
@@ -132,6 +141,7 @@ def cbam(
     *,
     pool_types: Sequence[str] = ("avg", "max"),
     norm: Norm | None = None,
+    spatial_pool: str = "concat",
     gate_kind: str = "sigmoid",
     order: str = "channel-spatial",
 ) -> Tensor:
@@ -145,7 +155,7 @@ def cbam(
                                  gate_kind=gate_kind)
 
     def spatial(t):
-        return spatial_attention(t, conv_weight, norm=norm, gate_kind=gate_kind)
+        return spatial_attention(t, conv_weight, norm=norm, pool=spatial_pool, gate_kind=gate_kind)
 
     if check_choice("order", order, ORDERS) == "channel-spatial":
         return spatial(channel(x))
@@ -162,6 +172,7 @@ def parallel_cbam(
     *,
     pool_types: Sequence[str] = ("avg", "max"),
     norm: Norm | None = None,
+    spatial_pool: str = "concat",
     gate_kind: str = "sigmoid",
     combine: str = "average",
 ) -> Tensor:
@@ -171,7 +182,7 @@ def parallel_cbam(
     ``"logits"``: one gate over the summed logits, ``x * gate(a_c + a_s)`` (as in BAM).
     """
     a_c = channel_attention_logits(x, fc1_weight, fc2_weight, fc1_bias, fc2_bias, pool_types=pool_types)
-    a_s = spatial_attention_logits(x, conv_weight, norm=norm)
+    a_s = spatial_attention_logits(x, conv_weight, norm=norm, pool=spatial_pool)
     if check_choice("combine", combine, COMBINES) == "average":
         return (x * gate(a_c, gate_kind) + x * gate(a_s, gate_kind)) / 2
     return x * gate(a_c + a_s, gate_kind)

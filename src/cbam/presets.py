@@ -11,11 +11,12 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-POOL_TYPES = ("avg", "max", "lp", "lse")
+POOL_TYPES = ("avg", "max", "lp", "lse", "mix")  # mix: (avg + max) / 2, timm's light form
 GATES = ("sigmoid", "hard-sigmoid")
 ORDERS = ("channel-spatial", "spatial-channel")  # CBAM: which gate comes first
 COMBINES = ("average", "logits")  # ParallelCBAM: mean of the two gated maps, or one gate over summed logits
 SPATIAL_CONVS = ("full", "factorized", "separable")  # SpatialAttention's k x k conv and its light forms
+SPATIAL_POOLS = ("concat", "mix")  # [mean, max] as two maps (paper), or one map (mean + max) / 2 (timm light)
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Preset:
     pool_types: tuple[str, ...] = ("avg", "max")
     mlp_bias: bool = False
     spatial_norm: bool = False
+    spatial_pool: str = "concat"
     gate: str = "sigmoid"
     hidden_rounding: str = "floor"
     bn_momentum: float = 0.1

@@ -4,9 +4,11 @@ from .cbam import CBAM, AttentionMaps
 from .channel_attention import ChannelAttention
 from .cross_layer_cbam import CrossLayerCBAM
 from .dynamic_cbam import DynamicCBAM
+from .light_cbam import LightCBAM
 from .parallel_cbam import ParallelCBAM
 from .spatial_attention import SpatialAttention
 
 __all__ = [
-    "CBAM", "AttentionMaps", "ChannelAttention", "CrossLayerCBAM", "DynamicCBAM", "ParallelCBAM", "SpatialAttention",
+    "CBAM", "AttentionMaps", "ChannelAttention", "CrossLayerCBAM", "DynamicCBAM", "LightCBAM", "ParallelCBAM",
+    "SpatialAttention",
 ]

@@ -45,6 +45,7 @@ class CBAM(nn.Module):
         pool_types: Sequence[str] | None = None,
         mlp_bias: bool | None = None,
         spatial_norm: bool | None = None,
+        spatial_pool: str | None = None,
         gate: str | None = None,
         order: str = "channel-spatial",
         spatial_conv: str = "full",
@@ -61,7 +62,9 @@ class CBAM(nn.Module):
         self.channel_att = ChannelAttention(
             in_channels, reduction_ratio, pool_types=pool_types, mlp_bias=mlp_bias, **factory
         )
-        self.spatial_att = SpatialAttention(kernel_size, norm=spatial_norm, conv=spatial_conv, **factory)
+        self.spatial_att = SpatialAttention(
+            kernel_size, norm=spatial_norm, pool=spatial_pool, conv=spatial_conv, **factory
+        )
 
     def reset_parameters(self) -> None:
         self.channel_att.reset_parameters()

@@ -34,6 +34,7 @@ class ParallelCBAM(nn.Module):
         pool_types: Sequence[str] | None = None,
         mlp_bias: bool | None = None,
         spatial_norm: bool | None = None,
+        spatial_pool: str | None = None,
         gate: str | None = None,
         spatial_conv: str = "full",
         dims: int = 2,
@@ -46,7 +47,9 @@ class ParallelCBAM(nn.Module):
         self.channel_att = ChannelAttention(
             in_channels, reduction_ratio, pool_types=pool_types, mlp_bias=mlp_bias, **factory
         )
-        self.spatial_att = SpatialAttention(kernel_size, norm=spatial_norm, conv=spatial_conv, **factory)
+        self.spatial_att = SpatialAttention(
+            kernel_size, norm=spatial_norm, pool=spatial_pool, conv=spatial_conv, **factory
+        )
 
     def reset_parameters(self) -> None:
         self.channel_att.reset_parameters()
@@ -66,7 +69,7 @@ class ParallelCBAM(nn.Module):
         ca, sa = self.channel_att, self.spatial_att
         return functional.parallel_cbam(
             x, ca.fc1.weight, ca.fc2.weight, sa.conv_weights(), ca.fc1.bias, ca.fc2.bias,
-            pool_types=ca.pool_types, norm=sa.bn, gate_kind=ca.gate, combine=self.combine,
+            pool_types=ca.pool_types, norm=sa.bn, spatial_pool=sa.pool, gate_kind=ca.gate, combine=self.combine,
         )
 
     def extra_repr(self) -> str:
