@@ -69,7 +69,7 @@ def measure(batch: int, channels: int, side: int, repeats: int) -> list[dict]:
     modules = variants(channels)
     runs = {name: (forward(m.eval(), x), forward_backward(m, x)) for name, m in modules.items()}
     times = {name: ([], []) for name in modules}
-    for name, (fwd, fwd_bwd) in runs.items():  # warm-up
+    for fwd, fwd_bwd in runs.values():  # warm-up
         fwd(), fwd_bwd()
     for _ in range(repeats):
         for name, (fwd, fwd_bwd) in runs.items():

@@ -6,14 +6,16 @@ import sys
 
 def test_import_is_light():
     """``import cbam`` pulls in torch only: no torchvision, matplotlib or timm."""
-    code = "import sys, cbam; print(sorted({m.split('.')[0] for m in sys.modules} & {'torchvision', 'matplotlib', 'timm'}))"
-    heavy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert heavy.strip() == "[]"
+    heavy = "{'torchvision', 'matplotlib', 'timm'}"
+    code = f"import sys, cbam; print(sorted({{m.split('.')[0] for m in sys.modules}} & {heavy}))"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert found.strip() == "[]"
 
 
 def test_public_names():
     import cbam
 
-    for name in ("CBAM", "ChannelAttention", "SpatialAttention", "AttentionMaps", "functional", "convert", "presets"):
+    for name in ("CBAM", "ChannelAttention", "SpatialAttention", "AttentionMaps", "ParallelCBAM", "LightCBAM",
+                 "CrossLayerCBAM", "DynamicCBAM", "add_cbam", "models", "functional", "convert", "presets"):
         assert hasattr(cbam, name), name
     assert callable(cbam.convert.from_timm) and callable(cbam.convert.from_official)

@@ -5,7 +5,8 @@
 torch.Size([2, 64, 32, 32])
 """
 
-from . import convert, functional, presets
+from . import convert, functional, models, presets
+from .models import add_cbam
 from .nn import (
     CBAM,
     AttentionMaps,
@@ -21,5 +22,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CBAM", "AttentionMaps", "ChannelAttention", "CrossLayerCBAM", "DynamicCBAM", "LightCBAM", "ParallelCBAM",
-    "SpatialAttention", "convert", "functional", "presets",
+    "SpatialAttention", "add_cbam", "convert", "functional", "models", "presets",
 ]

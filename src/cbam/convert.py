@@ -4,6 +4,8 @@ Both work on a single module's dict or a whole model's: every CBAM found under a
 renamed in place of its keys (``layer1.0.cbam.ChannelGate.mlp.1.weight`` ->
 ``layer1.0.cbam.channel_att.fc1.weight``), every other key passes through unchanged, order kept.
 A CBAM is recognised by its first MLP weight; the input dict is never modified.
+``from_timm(sd, attention_name="cbam")`` also renames the attribute holding each CBAM (timm's
+ResNet blocks call it ``se``, ``cbam.models`` calls it ``cbam``): ``layer1.0.se.`` -> ``layer1.0.cbam.``.
 
 Load the result into ``CBAM(C, preset="official")`` or ``CBAM(C, preset="timm")`` respectively.
 """
@@ -69,24 +71,54 @@ def _split(key: str, suffix: str) -> str | None:
     return None
 
 
-def _convert(state_dict: Mapping[str, Tensor], rules: dict[str, Rule], anchor: str, caller: str) -> OrderedDict:
+def _renamed(prefix: str, attention_name: str | None, caller: str) -> str:
+    """``prefix`` (``"layer1.0.se."``) with its last name replaced by ``attention_name`` (``"layer1.0.cbam."``)."""
+    if attention_name is None:
+        return prefix
+    if not prefix:
+        raise ValueError(
+            f"{caller}(attention_name={attention_name!r}) renames the attribute holding each CBAM, but this dict "
+            "has a CBAM at its top level (keys without a prefix); leave attention_name=None for a single module"
+        )
+    parent, _, _ = prefix[:-1].rpartition(".")
+    return f"{parent}.{attention_name}." if parent else f"{attention_name}."
+
+
+def _check_attention_name(value, caller: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"{caller}: attention_name must be None or a str, got {value!r} ({type(value).__name__})")
+    if not value.isidentifier():
+        raise ValueError(f"{caller}: attention_name must be an attribute name such as 'cbam', got {value!r}")
+
+
+def _convert(
+    state_dict: Mapping[str, Tensor], rules: dict[str, Rule], anchor: str, caller: str,
+    attention_name: str | None = None,
+) -> OrderedDict:
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"{caller} expects a state dict (a mapping of str to Tensor), got {type(state_dict).__name__}")
-    prefixes = {p for key in state_dict if (p := _split(key, anchor)) is not None}
+    _check_attention_name(attention_name, caller)
+    prefixes = {p: _renamed(p, attention_name, caller) for key in state_dict if (p := _split(key, anchor)) is not None}
     converted = OrderedDict()
     for key, value in state_dict.items():
         for suffix, (new_suffix, transform) in rules.items():
             prefix = _split(key, suffix)
             if prefix is not None and prefix in prefixes:
-                key, value = prefix + new_suffix, transform(key, value) if transform else value
+                key, value = prefixes[prefix] + new_suffix, transform(key, value) if transform else value
                 break
         converted[key] = value
     return converted
 
 
-def from_timm(state_dict: Mapping[str, Tensor]) -> OrderedDict:
-    """timm ``CbamModule`` keys (``channel.fc1/fc2`` 1x1 convs, ``spatial.conv.conv``/``.bn``) -> ours."""
-    return _convert(state_dict, _TIMM_RULES, "channel.fc1.weight", "from_timm")
+def from_timm(state_dict: Mapping[str, Tensor], *, attention_name: str | None = None) -> OrderedDict:
+    """timm ``CbamModule`` keys (``channel.fc1/fc2`` 1x1 convs, ``spatial.conv.conv``/``.bn``) -> ours.
+
+    ``attention_name``: if given, the attribute holding each CBAM is renamed to it (``"cbam"`` turns a
+    timm ResNet's ``layer1.0.se.*`` into ``layer1.0.cbam.*`` for ``cbam.models``); ``None`` keeps prefixes.
+    """
+    return _convert(state_dict, _TIMM_RULES, "channel.fc1.weight", "from_timm", attention_name)
 
 
 def from_official(state_dict: Mapping[str, Tensor]) -> OrderedDict:
