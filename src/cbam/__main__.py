@@ -1,0 +1,7 @@
+"""``python -m cbam``: the ``cbam`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
