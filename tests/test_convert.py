@@ -89,7 +89,9 @@ def test_timm_eval_outputs_and_gradients_match(channels, reduction, kernel, mlp_
     got_grads = {name: p.grad for name, p in ours.named_parameters()}
     assert list(got_grads) == list(expected_grads)
     for name, grad in got_grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=1e-5, msg=name)
+        # parameter gradients sum over every position: float32 sums in another order differ by ~1e-6 relative
+        error = ((grad - expected_grads[name]).abs().max() / expected_grads[name].abs().max().clamp(min=1)).item()
+        assert error < 1e-5, f"{name}: relative error {error:.2e}"
 
 
 @pytest.mark.parametrize(TIMM_ARGS, TIMM_CASES)

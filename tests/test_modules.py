@@ -14,12 +14,13 @@ import naive
 
 PRESETS = [None, "paper", "timm", "official"]
 DIMS = [1, 2, 3]
+IMPLS = ["reference", "fused"]
 
 
-def make(preset, dims, channels=12, kernel=3, pools=None, dtype=torch.float64, seed=0):
+def make(preset, dims, channels=12, kernel=3, pools=None, dtype=torch.float64, seed=0, impl="auto"):
     """A CBAM with random weights and, where it has a spatial BN, random running statistics."""
     torch.manual_seed(seed)
-    module = cbam.CBAM(channels, 4, kernel, preset=preset, pool_types=pools, dims=dims, dtype=dtype)
+    module = cbam.CBAM(channels, 4, kernel, preset=preset, pool_types=pools, dims=dims, dtype=dtype, impl=impl)
     with torch.no_grad():
         for p in module.parameters():
             p.normal_()
@@ -39,26 +40,30 @@ def shape(dims, batch=2, channels=12):
     return (batch, channels, *[5, 4, 3][:dims])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dims", DIMS)
 @pytest.mark.parametrize("preset", PRESETS)
-def test_module_equals_functional_and_naive(preset, dims):
-    module = make(preset, dims, pools=("avg", "max", "lp", "lse")).eval()
+def test_module_equals_functional_and_naive(preset, dims, impl):
+    module = make(preset, dims, pools=("avg", "max", "lp", "lse"), impl=impl).eval()
     x = torch.randn(shape(dims), dtype=torch.float64)
     options = {"pool_types": module.channel_att.pool_types, "gate_kind": module.channel_att.gate}
     want = functional.cbam(x, **weights(module), norm=module.spatial_att.bn, **options)
-    torch.testing.assert_close(module(x), want, rtol=0, atol=0)
+    exact = {"rtol": 0, "atol": 0} if impl == "reference" else {}  # fused: the same math, other rounding
+    torch.testing.assert_close(module(x), want, **exact)
     bn = module.spatial_att.bn
     norm = None if bn is None else (
         lambda z: naive.batch_norm_eval(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps))
     torch.testing.assert_close(module(x), naive.cbam(x, **weights(module), norm=norm, **options))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dims", DIMS)
 @pytest.mark.parametrize("preset", PRESETS)
-def test_gradcheck_and_gradgradcheck_in_float64(preset, dims):
+def test_gradcheck_and_gradgradcheck_in_float64(preset, dims, impl):
     """Passes in float64. The tutorial's float32 gradcheck cannot: finite differences in float32
-    have errors far above gradcheck's tolerances (and its lambda builds a fresh random CBAM per call)."""
-    module = make(preset, dims, channels=4, kernel=3, pools=("avg", "max", "lp", "lse")).eval()
+    have errors far above gradcheck's tolerances (and its lambda builds a fresh random CBAM per call).
+    The fused backward is not differentiable again: gradgradcheck is for the reference."""
+    module = make(preset, dims, channels=4, kernel=3, pools=("avg", "max", "lp", "lse"), impl=impl).eval()
     x = torch.randn(2, 4, *[4, 3, 2][:dims], dtype=torch.float64, requires_grad=True)
     names = [name for name, _ in module.named_parameters()]
 
@@ -68,11 +73,16 @@ def test_gradcheck_and_gradgradcheck_in_float64(preset, dims):
     inputs = (x, *module.parameters())
     # fast_mode compares Jacobians along random directions; the full ones cost minutes in 3-D
     assert torch.autograd.gradcheck(f, inputs, fast_mode=dims == 3)
-    assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True)
+    if impl == "reference":
+        assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True)
+    else:
+        with pytest.raises(RuntimeError, match="no double backward.*impl='reference'"):
+            torch.autograd.gradgradcheck(f, inputs, fast_mode=True)
 
 
-def test_gradcheck_in_train_mode_with_batch_norm():
-    module = make("official", 2, channels=4).train()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck_in_train_mode_with_batch_norm(impl):
+    module = make("official", 2, channels=4, impl=impl).train()
     x = torch.randn(3, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(module, (x,))
 
@@ -163,7 +173,7 @@ def test_reset_parameters_is_he_init_fan_out():
 def test_extra_repr_names_the_options():
     text = repr(cbam.CBAM(64, 8, 5, preset="official", pool_types=("avg", "lse"), gate="hard-sigmoid"))
     for piece in ("in_channels=64", "reduction_ratio=8", "hidden_channels=8", "('avg', 'lse')",
-                  "kernel_size=5", "'hard-sigmoid'", "impl='reference'", "BatchNorm2d"):
+                  "kernel_size=5", "'hard-sigmoid'", "impl='auto'", "BatchNorm2d"):
         assert piece in text
 
 

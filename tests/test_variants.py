@@ -245,9 +245,9 @@ def test_temperature_sharpens_the_choice():
 @pytest.mark.parametrize("build", [
     lambda: cbam.ParallelCBAM(4, 2, 3, combine="logits", preset="official", dtype=F64),
     lambda: cbam.CBAM(4, 2, 3, spatial_conv="factorized", order="spatial-channel", dtype=F64),
-    lambda: cbam.CBAM(4, 2, 3, spatial_conv="separable", dims=1, dtype=F64),
+    lambda: cbam.CBAM(4, 2, 3, spatial_conv="separable", dims=1, impl="reference", dtype=F64),
     lambda: cbam.DynamicCBAM(4, (1, 3), (2, 4), preset="timm", dtype=F64),
-    lambda: cbam.LightCBAM(4, 2, 3, spatial_conv="separable", dtype=F64),
+    lambda: cbam.LightCBAM(4, 2, 3, spatial_conv="separable", impl="reference", dtype=F64),
 ])
 def test_variants_gradcheck(build):
     module = randomise(build())
@@ -263,3 +263,26 @@ def test_variants_gradcheck(build):
 
 def module_dims(module):
     return module.dims if isinstance(module, cbam.DynamicCBAM) else module.channel_att.dims
+
+
+@pytest.mark.parametrize("build", [
+    lambda impl: cbam.CBAM(8, 2, 5, spatial_conv="factorized", preset="official", impl=impl, dtype=F64),
+    lambda impl: cbam.CBAM(8, 2, 5, spatial_conv="separable", dims=3, impl=impl, dtype=F64),
+    lambda impl: cbam.LightCBAM(8, 2, 5, preset="timm", impl=impl, dtype=F64),
+    lambda impl: cbam.CBAM(8, 2, 5, gate="hard-sigmoid", pool_types=("lse", "mix"), impl=impl, dtype=F64),
+])
+def test_fused_variants_match_the_reference(build):
+    """Outputs, input and parameter gradients of impl="fused" equal the reference's, in train mode."""
+    fused, reference = build("fused").train(), build("reference").train()
+    reference.load_state_dict(randomise(fused).train().state_dict())
+    dims = fused.channel_att.dims
+    x = torch.randn(3, 8, *[6, 5, 4][:dims], dtype=F64, requires_grad=True)
+    upstream = torch.randn(x.shape, dtype=F64)
+    results = []
+    for module in (fused, reference):
+        out = module(x)
+        results.append([out, *torch.autograd.grad(out, [x, *module.parameters()], upstream)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+    if fused.spatial_att.bn is not None:
+        torch.testing.assert_close(fused.spatial_att.bn.running_var, reference.spatial_att.bn.running_var)

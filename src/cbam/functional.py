@@ -56,6 +56,24 @@ def pool(x: Tensor, kind: str) -> Tensor:
     return _POOLS[kind](x, tuple(range(2, x.dim())))
 
 
+def channel_mlp(
+    pooled: Tensor,
+    fc1_weight: Tensor,
+    fc2_weight: Tensor,
+    fc1_bias: Tensor | None = None,
+    fc2_bias: Tensor | None = None,
+    hidden_mask: Tensor | None = None,
+) -> Tensor:
+    """The shared MLP on each pooled descriptor ``pooled: (P, B, C)``, summed over P -> ``(B, C)``.
+
+    ``hidden_mask (hidden,)`` scales the hidden units after the ReLU (DynamicCBAM's widths).
+    """
+    hidden = F.relu(F.linear(pooled, fc1_weight, fc1_bias))
+    if hidden_mask is not None:
+        hidden = hidden * hidden_mask
+    return F.linear(hidden, fc2_weight, fc2_bias).sum(0)
+
+
 def channel_attention_logits(
     x: Tensor,
     fc1_weight: Tensor,
@@ -73,10 +91,7 @@ def channel_attention_logits(
     check_input(x, "cbam.functional.channel_attention_logits", channels=fc1_weight.shape[1])
     spatial = tuple(range(2, x.dim()))
     pooled = torch.stack([_POOLS[kind](x, spatial) for kind in check_pool_types(pool_types)])  # (P, B, C)
-    hidden = F.relu(F.linear(pooled, fc1_weight, fc1_bias))
-    if hidden_mask is not None:
-        hidden = hidden * hidden_mask
-    logits = F.linear(hidden, fc2_weight, fc2_bias).sum(0)  # (B, C)
+    logits = channel_mlp(pooled, fc1_weight, fc2_weight, fc1_bias, fc2_bias, hidden_mask)
     return logits.view(*logits.shape, *([1] * len(spatial)))
 
 
@@ -91,10 +106,21 @@ def spatial_pool(x: Tensor, kind: str = "concat") -> Tensor:
     ``"concat"``: ``(B, 2, *spatial)``, mean first (the paper); ``"mix"``: ``(B, 1, *spatial)``,
     their average (timm's light CBAM).
     """
-    mean, peak = x.mean(1, keepdim=True), x.amax(1, keepdim=True)
+    return spatial_maps(x.mean(1, keepdim=True), x.amax(1, keepdim=True), kind)
+
+
+def spatial_maps(mean: Tensor, peak: Tensor, kind: str = "concat") -> Tensor:
+    """The spatial conv's input from the channel-wise ``mean`` and ``peak``, each ``(B, 1, *spatial)``."""
     if check_choice("spatial pool", kind, SPATIAL_POOLS) == "concat":
         return torch.cat([mean, peak], dim=1)
     return (mean + peak) / 2
+
+
+def spatial_conv(maps: Tensor, conv_weight: Tensor | Sequence[Tensor]) -> Tensor:
+    """``maps: (B, 2 or 1, *spatial)`` through one conv weight or a chain, each size-keeping -> ``(B, 1, *spatial)``."""
+    for weight in [conv_weight] if isinstance(conv_weight, Tensor) else conv_weight:
+        maps = _CONVS[weight.dim() - 2](maps, weight, padding=[size // 2 for size in weight.shape[2:]])
+    return maps
 
 
 def spatial_attention_logits(
@@ -107,12 +133,9 @@ def spatial_attention_logits(
     ``[(1, 2, 1, 1), (1, 1, k, k)]`` the separable pointwise-then-depthwise one. With
     ``pool="mix"`` the first weight takes one input map instead of two.
     """
-    chain = [conv_weight] if isinstance(conv_weight, Tensor) else list(conv_weight)
-    dims = chain[0].dim() - 2
-    check_input(x, "cbam.functional.spatial_attention_logits", dims=dims)
-    logits = spatial_pool(x, pool)
-    for weight in chain:
-        logits = _CONVS[dims](logits, weight, padding=[size // 2 for size in weight.shape[2:]])
+    first = conv_weight if isinstance(conv_weight, Tensor) else conv_weight[0]
+    check_input(x, "cbam.functional.spatial_attention_logits", dims=first.dim() - 2)
+    logits = spatial_conv(spatial_pool(x, pool), conv_weight)
     return logits if norm is None else norm(logits)
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
+from ..ops import IMPLS, FusedCBAM, FusedSpec, fused_applies
 from ..presets import ORDERS
 from ..validation import check_choice, check_input
 from .channel_attention import ChannelAttention
 from .spatial_attention import SpatialAttention
-
-IMPLS = ("auto", "reference")
 
 
 class AttentionMaps(NamedTuple):
@@ -31,8 +31,9 @@ class CBAM(nn.Module):
     given come from ``preset`` (``None``/``"paper"``, ``"timm"``, ``"official"``; see
     ``cbam.presets``). ``spatial_conv`` picks the spatial conv: ``"full"`` k x k, or the tutorial's
     lightweight ``"factorized"`` / ``"separable"`` forms (see ``SpatialAttention``). ``dims`` picks
-    1-D, 2-D or 3-D inputs. ``impl`` selects the implementation; ``"auto"`` and ``"reference"``
-    (the eager composition of ``cbam.functional``) exist today.
+    1-D, 2-D or 3-D inputs. ``impl`` selects the implementation (see ``cbam.ops``): ``"reference"``,
+    the eager composition of ``cbam.functional``; ``"fused"``, one autograd.Function with a
+    hand-derived backward; ``"auto"`` (default), fused wherever it computes the same function.
     """
 
     def __init__(
@@ -55,9 +56,10 @@ class CBAM(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        check_choice("impl", impl, IMPLS)
-        self.impl = "reference"
+        self.impl = check_choice("impl", impl, IMPLS)
         self.order = check_choice("order", order, ORDERS)
+        if impl == "fused" and self.order != "channel-spatial":
+            raise ValueError(f"impl='fused' computes order='channel-spatial' only, got order={order!r}")
         factory = {"preset": preset, "gate": gate, "dims": dims, "device": device, "dtype": dtype}
         self.channel_att = ChannelAttention(
             in_channels, reduction_ratio, pool_types=pool_types, mlp_bias=mlp_bias, **factory
@@ -85,9 +87,19 @@ class CBAM(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
+        if fused_applies(self.impl, self.order, x):
+            return self._fused(x)
         if self.order == "channel-spatial":
             return self.spatial_att(self.channel_att(x))
         return self.channel_att(self.spatial_att(x))
+
+    def _fused(self, x: Tensor) -> Tensor:
+        ca, sa = self.channel_att, self.spatial_att
+        spec = FusedSpec(ca.pool_types, ca.gate, sa.pool, sa.bn)
+        bn_weight, bn_bias = (None, None) if sa.bn is None else (sa.bn.weight, sa.bn.bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return FusedCBAM.apply(x, spec, ca.fc1.weight, ca.fc1.bias, ca.fc2.weight, ca.fc2.bias,
+                                   bn_weight, bn_bias, *sa.conv_weights())
 
     def extra_repr(self) -> str:
         return f"order={self.order!r}, impl={self.impl!r}"

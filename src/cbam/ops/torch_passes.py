@@ -1,0 +1,62 @@
+"""The large-tensor passes of the fused CBAM, in plain torch ops: the portable engine.
+
+Every function works on ``x: (B, C, S)`` (spatial dims flattened) and per-channel ``(B, C)`` or
+per-position ``(B, S)`` vectors. A compiled engine provides the same functions with fewer passes
+over memory; this one is the definition they are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def pool(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Spatial mean, max and arg-max of each channel: three ``(B, C)`` tensors."""
+    peak, index = x.max(2)
+    return x.mean(2), peak, index
+
+
+def gated_stats(x: Tensor, mc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Channel-wise mean, max and arg-max of ``y = x * mc`` at each position: three ``(B, S)``."""
+    mean = torch.bmm(mc.unsqueeze(1), x).squeeze(1) / x.shape[1]
+    peak, index = (x * mc.unsqueeze(2)).max(1)
+    return mean, peak, index
+
+
+def apply(x: Tensor, mc: Tensor, ms: Tensor) -> Tensor:
+    """``x * mc * ms`` for ``x: (B, C, *spatial)`` (not flattened: the output is no view), ``mc (B, C)``,
+    ``ms (B, S)``."""
+    ones = [1] * (x.dim() - 2)
+    return x * mc.view(*mc.shape, *ones) * ms.view(ms.shape[0], 1, *x.shape[2:])
+
+
+def gate_grads(grad: Tensor, x: Tensor, mc: Tensor, ms: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of ``sum(grad * x * mc * ms)`` for ``ms (B, S)`` and ``mc (B, C)``."""
+    gx = grad * x
+    return torch.bmm(mc.unsqueeze(1), gx).squeeze(1), torch.bmm(gx, ms.unsqueeze(2)).squeeze(2)
+
+
+def stats_grad(x: Tensor, d_mean: Tensor, d_peak: Tensor, index: Tensor) -> Tensor:
+    """Gradient for ``mc (B, C)`` of ``gated_stats``, given the gradients of its mean and peak ``(B, S)``."""
+    d_mc = torch.bmm(x, d_mean.unsqueeze(2)).squeeze(2) / x.shape[1]
+    at_peak = x.gather(1, index.unsqueeze(1)).squeeze(1)
+    return d_mc.scatter_add_(1, index, d_peak * at_peak)
+
+
+def input_grad(
+    grad: Tensor, x: Tensor, mc: Tensor, ms: Tensor,
+    d_mean: Tensor, d_peak: Tensor, index: Tensor, d_avg: Tensor, d_max: Tensor, channel_index: Tensor,
+) -> Tensor:
+    """Gradient for ``x (B, C, S)`` through the output, the gated statistics and the pooling.
+
+    ``d_mean``/``d_peak``/``index`` ``(B, S)`` belong to ``gated_stats``; ``d_avg``/``d_max``/
+    ``channel_index`` ``(B, C)`` to ``pool``. Each max routes its gradient to the one arg-max.
+    """
+    channels, positions = x.shape[1], x.shape[2]
+    dx = grad * mc.unsqueeze(2) * ms.unsqueeze(1)
+    rows = torch.stack([mc / channels, d_avg / positions], dim=2)  # (B, C, 2)
+    cols = torch.stack([d_mean, torch.ones_like(d_mean)], dim=1)  # (B, 2, S)
+    dx.baddbmm_(rows, cols)
+    dx.scatter_add_(1, index.unsqueeze(1), (d_peak * mc.gather(1, index)).unsqueeze(1))
+    return dx.scatter_add_(2, channel_index.unsqueeze(2), d_max.unsqueeze(2))
