@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional
-from . import torch_passes
+from . import cpu_extension, torch_passes
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,13 @@ class FusedSpec:
     gate: str
     spatial_pool: str
     norm: nn.Module | None  # the spatial BatchNorm, called with our weight/bias leaves
+
+
+def _engine(x: Tensor):
+    """The compiled CPU passes for contiguous CPU input when they build, else ``torch_passes``."""
+    if x.device.type == "cpu" and x.is_contiguous():
+        return cpu_extension.engine() or torch_passes
+    return torch_passes
 
 
 def _leaf(t: Tensor | None) -> Tensor | None:
@@ -74,18 +81,19 @@ class FusedCBAM(torch.autograd.Function):
     def forward(ctx, x, spec: FusedSpec, fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b, *chain):
         batch, channels, spatial = x.shape[0], x.shape[1], x.shape[2:]
         x3 = x.reshape(batch, channels, spatial.numel())
-        avg, peak, channel_index = torch_passes.pool(x3)
+        engine = ctx.engine = _engine(x)
+        avg, peak, channel_index = engine.pool(x3)
         pooled = _descriptors(x3, avg, peak, spec.pool_types)
         weights = [_leaf(w) for w in (fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b, *chain)]
         with torch.enable_grad():
             mc = _channel_gate(pooled, spec, *weights[:4])
-        mean, speak, spatial_index = torch_passes.gated_stats(x3, mc.detach())
+        mean, speak, spatial_index = engine.gated_stats(x3, mc.detach().contiguous())
         stats = [mean.requires_grad_(), speak.requires_grad_()]
         with torch.enable_grad():
             ms = _spatial_gate(*stats, spatial, spec, *weights[4:6], weights[6:])
         ctx.save_for_backward(x, channel_index, spatial_index)
         ctx.graph = (mc, ms, pooled, stats, weights)
-        return torch_passes.apply(x, mc.detach(), ms.detach())
+        return engine.apply(x, mc.detach().contiguous(), ms.detach().contiguous())
 
     @staticmethod
     def backward(ctx, grad):
@@ -94,18 +102,19 @@ class FusedCBAM(torch.autograd.Function):
         x, channel_index, spatial_index = ctx.saved_tensors
         mc, ms, pooled, stats, weights = ctx.graph
         flat = (*x.shape[:2], x.shape[2:].numel())
-        x3, g3 = x.reshape(flat), grad.reshape(flat)
-        mc_value, ms_value = mc.detach(), ms.detach()
+        x3, g3 = x.reshape(flat), grad.reshape(flat).contiguous()
+        mc_value, ms_value = mc.detach().contiguous(), ms.detach().contiguous()
+        engine = ctx.engine
 
-        d_ms, d_mc = torch_passes.gate_grads(g3, x3, mc_value, ms_value)
+        d_ms, d_mc = engine.gate_grads(g3, x3, mc_value, ms_value)
         spatial_weights = [w for w in weights[4:] if w is not None]
-        d_mean, d_speak, *d_spatial_weights = _grads(ms, [*stats, *spatial_weights], d_ms)
-        d_mc = d_mc + torch_passes.stats_grad(x3, d_mean, d_speak, spatial_index)
+        d_mean, d_speak, *d_spatial_weights = [g.contiguous() for g in _grads(ms, [*stats, *spatial_weights], d_ms)]
+        d_mc = d_mc + engine.stats_grad(x3, d_mean, d_speak, spatial_index)
         channel_weights = [w for w in weights[:4] if w is not None]
         d_channel = _grads(mc, [*pooled.values(), *channel_weights], d_mc)
-        d_pooled = dict(zip(pooled, d_channel))
+        d_pooled = dict(zip(pooled, (g.contiguous() for g in d_channel)))
 
-        dx = torch_passes.input_grad(g3, x3, mc_value, ms_value, d_mean, d_speak, spatial_index,
+        dx = engine.input_grad(g3, x3, mc_value, ms_value, d_mean, d_speak, spatial_index,
                                      d_pooled["avg"], d_pooled["max"], channel_index)
         if "lp" in pooled:
             norm = pooled["lp"].detach().unsqueeze(2)
