@@ -4,8 +4,9 @@
 
 Latency is the median over interleaved repeats (every variant once per round, so drift hits all
 alike), fp32 on the CPU: forward in eval mode without autograd, forward+backward in train mode
-with a gradient for the input. FLOPs come from torch's FlopCounterMode (convolutions and matrix
-products, a multiply-add counting 2); pooling and the elementwise gating are not in them.
+with a gradient for the input, each variant on its default implementation. FLOPs come from
+torch's FlopCounterMode (convolutions and matrix products, a multiply-add counting 2); pooling
+and the elementwise gating are not in them.
 Ratios are against the paper's CBAM (7x7 full conv) measured in the same run.
 """
 
@@ -13,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
+from timing import interleaved_medians
 from torch.utils.flop_counter import FlopCounterMode
 
 import cbam
@@ -34,12 +34,6 @@ def variants(channels: int) -> dict[str, torch.nn.Module]:
         "LightCBAM 7x7": cbam.LightCBAM(channels),
         "DynamicCBAM (3,5,7)": cbam.DynamicCBAM(channels),
     }
-
-
-def seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def forward(module: torch.nn.Module, x: torch.Tensor):
@@ -67,26 +61,19 @@ def measure(batch: int, channels: int, side: int, repeats: int) -> list[dict]:
     torch.manual_seed(0)
     x = torch.randn(batch, channels, side, side)
     modules = variants(channels)
-    runs = {name: (forward(m.eval(), x), forward_backward(m, x)) for name, m in modules.items()}
-    times = {name: ([], []) for name in modules}
-    for fwd, fwd_bwd in runs.values():  # warm-up
-        fwd(), fwd_bwd()
-    for _ in range(repeats):
-        for name, (fwd, fwd_bwd) in runs.items():
-            modules[name].eval()
-            times[name][0].append(seconds(fwd))
-            modules[name].train()
-            times[name][1].append(seconds(fwd_bwd))
-    rows = []
-    for name, module in modules.items():
-        rows.append({
-            "variant": name,
-            "params": sum(p.numel() for p in module.parameters()),
-            "flops": flops(module.eval(), x),
-            "forward_ms": 1e3 * statistics.median(times[name][0]),
-            "forward_backward_ms": 1e3 * statistics.median(times[name][1]),
-        })
-    return rows
+    for module in modules.values():
+        module.eval()
+    fwd = interleaved_medians({name: forward(m, x) for name, m in modules.items()}, repeats)
+    for module in modules.values():
+        module.train()
+    fwd_bwd = interleaved_medians({name: forward_backward(m, x) for name, m in modules.items()}, repeats)
+    return [{
+        "variant": name,
+        "params": sum(p.numel() for p in module.parameters()),
+        "flops": flops(module.eval(), x),
+        "forward_ms": 1e3 * fwd[name],
+        "forward_backward_ms": 1e3 * fwd_bwd[name],
+    } for name, module in modules.items()]
 
 
 def main() -> None:

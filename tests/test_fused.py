@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import cbam
@@ -62,6 +62,8 @@ def cases(draw):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=cases())
 def test_fused_equals_reference_on_random_shapes(engine, case):
+    batch, _, *spatial = case["shape"]
+    assume(not (case["train"] and case["preset"] and batch * torch.Size(spatial).numel() == 1))  # BN needs 2 values
     fast, slow = pair(case["shape"][1], case["kernel"], case["dims"], case["seed"], preset=case["preset"],
                       pool_types=case["pools"], gate=case["gate"], spatial_pool=case["spatial_pool"])
     fast.train(case["train"])

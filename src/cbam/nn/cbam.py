@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..ops import IMPLS, FusedCBAM, FusedSpec, fused_applies
+from ..ops import IMPLS, FusedSpec, fused_applies, fused_cbam
 from ..presets import ORDERS
 from ..validation import check_choice, check_input
 from .channel_attention import ChannelAttention
@@ -98,8 +98,8 @@ class CBAM(nn.Module):
         spec = FusedSpec(ca.pool_types, ca.gate, sa.pool, sa.bn)
         bn_weight, bn_bias = (None, None) if sa.bn is None else (sa.bn.weight, sa.bn.bias)
         with torch.autocast(x.device.type, enabled=False):
-            return FusedCBAM.apply(x, spec, ca.fc1.weight, ca.fc1.bias, ca.fc2.weight, ca.fc2.bias,
-                                   bn_weight, bn_bias, *sa.conv_weights())
+            return fused_cbam(x, spec, ca.fc1.weight, ca.fc1.bias, ca.fc2.weight, ca.fc2.bias,
+                              bn_weight, bn_bias, *sa.conv_weights())
 
     def extra_repr(self) -> str:
         return f"order={self.order!r}, impl={self.impl!r}"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .fused import FusedCBAM, FusedSpec
+from .fused import FusedCBAM, FusedSpec, fused_cbam
 
 IMPLS = ("auto", "reference", "fused")
 FUSED_DTYPES = (torch.float32, torch.float64)
@@ -31,4 +31,4 @@ def fused_applies(impl: str, order: str, x: Tensor) -> bool:
     )
 
 
-__all__ = ["IMPLS", "FusedCBAM", "FusedSpec", "fused_applies"]
+__all__ = ["IMPLS", "FusedCBAM", "FusedSpec", "fused_applies", "fused_cbam"]

@@ -35,7 +35,7 @@ class FusedSpec:
     pool_types: tuple[str, ...]
     gate: str
     spatial_pool: str
-    norm: nn.Module | None  # the spatial BatchNorm, called with our weight/bias leaves
+    norm: nn.Module | None  # the spatial BatchNorm (its buffers; weight and bias come as arguments)
 
 
 def _engine(x: Tensor):
@@ -50,13 +50,13 @@ def _leaf(t: Tensor | None) -> Tensor | None:
 
 
 def _descriptors(x: Tensor, avg: Tensor, peak: Tensor, pool_types) -> dict[str, Tensor]:
-    """The pooled ``(B, C)`` vectors the pool types need, as autograd leaves."""
+    """The pooled ``(B, C)`` vectors the pool types need."""
     found = {"avg": avg, "max": peak}
     if "lp" in pool_types:
         found["lp"] = torch.linalg.vector_norm(x, 2, dim=2)
     if "lse" in pool_types:
         found["lse"] = torch.logsumexp(x, dim=2)
-    return {kind: value.requires_grad_() for kind, value in found.items()}
+    return found
 
 
 def _channel_gate(pooled: dict[str, Tensor], spec: FusedSpec, fc1_w, fc1_b, fc2_w, fc2_b) -> Tensor:
@@ -69,9 +69,27 @@ def _spatial_gate(mean: Tensor, peak: Tensor, spatial: torch.Size, spec: FusedSp
     shape = (mean.shape[0], 1, *spatial)
     logits = functional.spatial_conv(functional.spatial_maps(mean.view(shape), peak.view(shape), spec.spatial_pool),
                                      chain)
-    if spec.norm is not None:
+    if spec.norm is not None:  # the module's BatchNorm logic and buffers, with these weight/bias tensors
         logits = torch.func.functional_call(spec.norm, {"weight": bn_w, "bias": bn_b}, (logits,))
     return functional.gate(logits, spec.gate).view(mean.shape)
+
+
+def fused_cbam(x: Tensor, spec: FusedSpec, *weights: Tensor | None) -> Tensor:
+    """CBAM of ``x: (B, C, *spatial)`` on the fused passes; ``weights`` as ``FusedCBAM.forward`` takes them.
+
+    Where no gradient is wanted this skips the autograd bookkeeping (recorded small graphs, saved
+    tensors), which at small sizes costs more than the passes themselves.
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or any(w is not None and w.requires_grad for w in weights)):
+        return FusedCBAM.apply(x, spec, *weights)
+    batch, channels, spatial = x.shape[0], x.shape[1], x.shape[2:]
+    x3 = x.reshape(batch, channels, spatial.numel())
+    engine = _engine(x)
+    avg, peak, _ = engine.pool(x3)
+    mc = _channel_gate(_descriptors(x3, avg, peak, spec.pool_types), spec, *weights[:4]).contiguous()
+    mean, speak, _ = engine.gated_stats(x3, mc)
+    ms = _spatial_gate(mean, speak, spatial, spec, *weights[4:6], weights[6:])
+    return engine.apply(x, mc, ms.contiguous())
 
 
 class FusedCBAM(torch.autograd.Function):
@@ -83,7 +101,7 @@ class FusedCBAM(torch.autograd.Function):
         x3 = x.reshape(batch, channels, spatial.numel())
         engine = ctx.engine = _engine(x)
         avg, peak, channel_index = engine.pool(x3)
-        pooled = _descriptors(x3, avg, peak, spec.pool_types)
+        pooled = {kind: value.requires_grad_() for kind, value in _descriptors(x3, avg, peak, spec.pool_types).items()}
         weights = [_leaf(w) for w in (fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b, *chain)]
         with torch.enable_grad():
             mc = _channel_gate(pooled, spec, *weights[:4])
