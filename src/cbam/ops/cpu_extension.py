@@ -17,7 +17,10 @@ from pathlib import Path
 from types import ModuleType
 
 SOURCE = Path(__file__).with_name("cpu_passes.cpp")
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros"]
+FLAGS = [  # -fopenmp: at::parallel_for uses torch's OpenMP runtime; the math flags let reductions vectorise
+    "-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
+    "-fno-signed-zeros",
+]
 
 
 @functools.cache
@@ -31,7 +34,8 @@ def engine() -> ModuleType | None:
     try:
         from torch.utils import cpp_extension
 
-        return cpp_extension.load(name="cbam_cpu_passes", sources=[str(SOURCE)], extra_cflags=FLAGS)
+        return cpp_extension.load(name="cbam_cpu_passes", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                                  extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no ninja, a failed build: fall back, say so once
         warnings.warn(f"cbam: the fused CPU kernels are unavailable ({str(error).splitlines()[0]}); "
                       "using plain torch ops", RuntimeWarning, stacklevel=2)

@@ -11,6 +11,7 @@
 namespace {
 
 constexpr int64_t kChunk = 512;  // positions per task in the position-major passes
+constexpr int kLanes = 16;       // independent accumulators per row in the row reductions
 
 int64_t chunks(int64_t positions) { return (positions + kChunk - 1) / kChunk; }
 
@@ -28,10 +29,24 @@ std::vector<at::Tensor> pool(const at::Tensor& x) {
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* row = xp + r * S;
+        // kLanes independent partial sums and maxima: vectorisable without reordering any one of them
+        scalar_t sums[kLanes] = {}, bests[kLanes];
+        std::fill(bests, bests + kLanes, row[0]);
+        int64_t s = 0;
+        for (; s + kLanes <= S; s += kLanes) {
+          for (int l = 0; l < kLanes; ++l) {
+            sums[l] += row[s + l];
+            bests[l] = row[s + l] > bests[l] ? row[s + l] : bests[l];
+          }
+        }
         scalar_t sum = 0, best = row[0];
-        for (int64_t s = 0; s < S; ++s) {
+        for (; s < S; ++s) {
           sum += row[s];
-          best = std::max(best, row[s]);
+          best = row[s] > best ? row[s] : best;
+        }
+        for (int l = 0; l < kLanes; ++l) {
+          sum += sums[l];
+          best = bests[l] > best ? bests[l] : best;
         }
         int64_t at = 0;
         while (at < S - 1 && row[at] != best) ++at;  // the row is in cache now: first index of the maximum
