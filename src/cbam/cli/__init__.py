@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS: list[str] = []  # module names under cbam.cli, in --help order
+SUBCOMMANDS: list[str] = ["trace", "check", "profile", "visualize"]  # module names under cbam.cli, in --help order
 
 
 class _Parser(argparse.ArgumentParser):

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
+import sys
 
+import torch
 from torch import nn
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -30,6 +34,8 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     if not factory_name:
         raise ValueError(f"--model must be one of {', '.join(RESNETS)} or pkg.module:factory, got {args.model!r}")
     try:
+        if os.getcwd() not in sys.path:  # as `python -m cbam` would: the installed script lacks the cwd
+            sys.path.insert(0, os.getcwd())
         factory = getattr(importlib.import_module(module_name), factory_name)
     except (ImportError, AttributeError) as error:
         raise ValueError(f"--model {args.model!r}: cannot load the factory ({error})") from None
@@ -48,3 +54,30 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if len(shape) < 3 or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"expected at least 3 positive sizes (B,C,...), got {text!r}")
     return shape
+
+
+def add_input_arguments(parser: argparse.ArgumentParser, default: str = "1,3,224,224") -> None:
+    """``--input B,C,H,W`` (a random tensor), ``--device``, ``--seed`` and ``--json``."""
+    parser.add_argument("--input", type=parse_shape, default=parse_shape(default), metavar="B,C,H,W",
+                        help=f"input shape, a random tensor (default {default})")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the input and the model's initialisation")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def build_model_and_input(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
+    """The model (``build_model``, in eval mode, on ``--device``) and a ``randn(--input)`` tensor."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device expects a torch device such as cpu or cuda, got {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    torch.manual_seed(args.seed)
+    model = build_model(args).eval().to(device)
+    return model, torch.randn(args.input, device=device)
+
+
+def print_report(args: argparse.Namespace, text: str, data: dict) -> None:
+    """``data`` as JSON with ``--json``, else ``text``."""
+    print(json.dumps(data, indent=2) if args.json else text)

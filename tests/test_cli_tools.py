@@ -1,0 +1,135 @@
+"""``cbam trace``, ``cbam check`` and ``cbam profile``: happy paths, failures, and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import cbam
+from cbam.cli import main
+
+SMALL = ["--model", "resnet18", "--input", "1,3,64,64"]
+
+
+class Cancel(nn.Module):
+    """``1 / (x - 1)``: finite in float32 for x = 1.001, infinite once autocast rounds x to 1."""
+
+    def forward(self, x):
+        return 1 / (x - 1)
+
+
+def cancelling_model() -> nn.Module:
+    """A ``--model`` factory (``test_cli_tools:cancelling_model``): a Linear that outputs 1.001 whatever
+    its input (zero weight), which bfloat16 rounds to 1, then ``Cancel``."""
+    linear = nn.Linear(12, 4)
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.fill_(1.001)
+    return nn.Sequential(nn.Flatten(), linear, Cancel())
+
+
+def tiny_model() -> nn.Module:
+    """A ``--model`` factory (``test_cli_tools:tiny_model``): a conv, then a CBAM with a double backward."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), cbam.CBAM(8, 4, 3, impl="reference"))
+
+
+def run(capsys, *argv):
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_trace_prints_every_block_and_cbam_steps(capsys):
+    status, out, err = run(capsys, "trace", *SMALL)
+    assert status == 0 and err == ""
+    assert "layer1.0.cbam.spatial_att:gate" in out and "(1, 1, 16, 16)" in out and "(1, 1000)" in out
+
+
+def test_trace_json_and_a_failing_forward(capsys):
+    status, out, _ = run(capsys, "trace", *SMALL, "--attention", "none", "--json")
+    rows = json.loads(out)["rows"]
+    assert status == 0 and rows[-1]["path"] == "fc" and not any("cbam" in row["path"] for row in rows)
+    status, out, _ = run(capsys, "trace", "--model", "resnet18", "--input", "1,4,64,64")
+    assert status == 1 and "failed in conv1 (Conv2d)" in out and "(1, 4, 64, 64)" in out
+
+
+def test_check_passes_resnet18_with_cbam(capsys):
+    status, out, _ = run(capsys, "check", *SMALL, "--json")
+    data = json.loads(out)
+    assert status == 0 and data["ok"] and data["amp"]["dtype"] == "bfloat16"
+    assert sorted(data["gradients"]) == sorted(f"layer{s}.{b}.cbam" for s in range(1, 5) for b in range(2))
+    assert data["gradients"]["layer1.0.cbam"]["tensors"][0]["shape"] == [1, 64, 5, 5]  # cropped to 5x5
+
+
+def test_check_full_jacobians_and_whole_model(capsys):
+    status, out, _ = run(capsys, "check", "--model", "test_cli_tools:tiny_model", "--input", "2,3,7,7", "--full",
+                         "--gradgrad", "--json")
+    data = json.loads(out)
+    assert status == 0 and list(data["gradients"]) == ["1"]
+    assert data["gradients"]["1"]["mode"] == "full" and data["gradients"]["1"]["tensors"][0]["shape"] == [1, 8, 5, 5]
+    assert [c["name"] for c in data["gradients"]["1"]["checks"]] == ["gradcheck", "gradgradcheck"]
+    status, out, _ = run(capsys, "check", "--model", "test_cli_tools:tiny_model", "--input", "1,3,4,4",
+                         "--whole-model")
+    assert status == 0 and "(model)" in out and "(1, 3, 4, 4)" in out
+
+
+def test_check_fails_and_names_the_module(capsys):
+    status, out, _ = run(capsys, "check", "--model", "test_cli_tools:cancelling_model", "--input", "1,3,2,2")
+    assert status == 1
+    assert "no attention modules" in out and "first non-finite output under autocast: 2 (Cancel)" in out
+
+
+def test_profile_text_and_json(capsys):
+    status, out, _ = run(capsys, "profile", *SMALL, "--depth", "1", "--benchmark", "--warmup", "0",
+                         "--repeats", "1")
+    assert status == 0 and "multiply-adds" in out and "layer4" in out and "layer4.0" not in out
+    assert "train step ms" in out
+    status, out, _ = run(capsys, "profile", *SMALL, "--attention", "none", "--json")
+    data = json.loads(out)
+    assert status == 0 and data["cost"]["attention_flops"] == 0 and "benchmark" not in data
+
+
+@pytest.mark.parametrize("command", ["trace", "check", "profile"])
+@pytest.mark.parametrize("argv, message", [
+    (["--input", "1,3,x"], "argument --input: expected comma-separated sizes"),
+    (["--input", "3,64"], "expected at least 3 positive sizes"),
+    (["--input", "0,3,64,64"], "expected at least 3 positive sizes"),
+    (["--model", "no_such_module:factory"], "cannot load the factory"),
+    (["--model", "vgg16"], "--model must be one of resnet18"),
+    (["--device", "tpu9"], "--device expects a torch device"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(capsys, command, argv, message):
+    status, out, err = run_or_exit(capsys, command, *argv)
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_bad_numbers_and_shapes_are_one_line_too(capsys):
+    for argv in (["profile", *SMALL, "--depth", "-1"], ["profile", *SMALL, "--benchmark", "--repeats", "0"],
+                 ["profile", "--model", "resnet18", "--input", "1,4,64,64"],
+                 ["check", "--model", "resnet18", "--input", "1,4,64,64"]):
+        status, out, err = run_or_exit(capsys, *argv)
+        assert status == 2 and err.count("\n") == 1 and "Traceback" not in err, argv
+
+
+def run_or_exit(capsys, *argv):
+    """``main`` turns errors into status 2; argparse exits with it (SystemExit)."""
+    try:
+        status = main(list(argv))
+    except SystemExit as exit_:
+        status = exit_.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_python_dash_m_cbam_profile():
+    result = subprocess.run(
+        [sys.executable, "-m", "cbam", "profile", "--model", "resnet18", "--input", "1,3,32,32", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)["cost"]
+    assert report["params"] == 11_777_336 and 0 < report["attention_flops"] < report["flops"]
