@@ -19,3 +19,10 @@ def test_public_names():
                  "CrossLayerCBAM", "DynamicCBAM", "add_cbam", "models", "functional", "convert", "presets"):
         assert hasattr(cbam, name), name
     assert callable(cbam.convert.from_timm) and callable(cbam.convert.from_official)
+
+
+def test_tools_load_on_first_use():
+    code = ("import sys, cbam; assert 'cbam.viz' not in sys.modules; "
+            "assert callable(cbam.viz.capture_attention) and callable(cbam.debug.trace_shapes) "
+            "and callable(cbam.profile.cost)")
+    subprocess.run([sys.executable, "-c", code], check=True)

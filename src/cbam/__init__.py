@@ -20,6 +20,16 @@ from .nn import (
 
 __version__ = "0.1.0"
 
+_TOOLS = ("debug", "profile", "viz")  # imported on first use: `import cbam` stays light
+
+
+def __getattr__(name: str):
+    if name in _TOOLS:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'cbam' has no attribute {name!r}")
+
 __all__ = [
     "CBAM", "AttentionMaps", "ChannelAttention", "CrossLayerCBAM", "DynamicCBAM", "LightCBAM", "ParallelCBAM",
     "SpatialAttention", "add_cbam", "convert", "functional", "models", "presets",
