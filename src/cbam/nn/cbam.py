@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..ops import IMPLS, FusedSpec, fused_applies, fused_cbam
 from ..presets import ORDERS
-from ..validation import check_choice, check_input
-from .channel_attention import ChannelAttention
-from .spatial_attention import SpatialAttention
+from ..validation import check_choice
+from .gate_pair import AttentionMaps, GatePair
 
 
-class AttentionMaps(NamedTuple):
-    """CBAM's two gates for one input: ``channel (B, C, 1, ...)`` and ``spatial (B, 1, *spatial)``."""
-
-    channel: Tensor
-    spatial: Tensor
-
-
-class CBAM(nn.Module):
+class CBAM(GatePair):
     """Convolutional Block Attention Module (Woo et al., ECCV 2018) for ``x: (B, C, *spatial)``.
 
     ``y = x * Mc(x)``, then ``out = y * Ms(y)`` (``order="spatial-channel"`` swaps the two, the
@@ -55,26 +46,15 @@ class CBAM(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            in_channels, reduction_ratio, kernel_size, preset=preset, pool_types=pool_types, mlp_bias=mlp_bias,
+            spatial_norm=spatial_norm, spatial_pool=spatial_pool, gate=gate, spatial_conv=spatial_conv, dims=dims,
+            device=device, dtype=dtype,
+        )
         self.impl = check_choice("impl", impl, IMPLS)
         self.order = check_choice("order", order, ORDERS)
         if impl == "fused" and self.order != "channel-spatial":
             raise ValueError(f"impl='fused' computes order='channel-spatial' only, got order={order!r}")
-        factory = {"preset": preset, "gate": gate, "dims": dims, "device": device, "dtype": dtype}
-        self.channel_att = ChannelAttention(
-            in_channels, reduction_ratio, pool_types=pool_types, mlp_bias=mlp_bias, **factory
-        )
-        self.spatial_att = SpatialAttention(
-            kernel_size, norm=spatial_norm, pool=spatial_pool, conv=spatial_conv, **factory
-        )
-
-    def reset_parameters(self) -> None:
-        self.channel_att.reset_parameters()
-        self.spatial_att.reset_parameters()
-
-    def _check(self, x: Tensor) -> None:
-        channels, dims = self.channel_att.in_channels, self.channel_att.dims
-        check_input(x, f"CBAM(in_channels={channels}, dims={dims})", dims=dims, channels=channels)
 
     def attention(self, x: Tensor) -> AttentionMaps:
         """Both gates as applied: the first gate of ``x``, the second of ``x`` times the first."""

@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor, nn
 
 from ..validation import check_input, check_int
-from .cbam import CBAM, AttentionMaps
+from .cbam import CBAM
+from .gate_pair import AttentionMaps
 
 
 class CrossLayerCBAM(nn.Module):

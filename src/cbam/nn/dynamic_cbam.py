@@ -38,7 +38,8 @@ from ..validation import (
     check_pool_types,
     check_preset,
 )
-from .cbam import CBAM, AttentionMaps
+from .cbam import CBAM
+from .gate_pair import AttentionMaps
 from .spatial_attention import _NORM
 
 

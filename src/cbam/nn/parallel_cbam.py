@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import functional
 from ..presets import COMBINES
-from ..validation import check_choice, check_input
-from .cbam import AttentionMaps
-from .channel_attention import ChannelAttention
-from .spatial_attention import SpatialAttention
+from ..validation import check_choice
+from .gate_pair import AttentionMaps, GatePair
 
 
-class ParallelCBAM(nn.Module):
+class ParallelCBAM(GatePair):
     """Both gates from ``x: (B, C, *spatial)``; output shaped like ``x``.
 
     ``combine="average"`` is the tutorial's section-6 module: ``(x * Mc(x) + x * Ms(x)) / 2``.
@@ -41,23 +39,12 @@ class ParallelCBAM(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            in_channels, reduction_ratio, kernel_size, preset=preset, pool_types=pool_types, mlp_bias=mlp_bias,
+            spatial_norm=spatial_norm, spatial_pool=spatial_pool, gate=gate, spatial_conv=spatial_conv, dims=dims,
+            device=device, dtype=dtype,
+        )
         self.combine = check_choice("combine", combine, COMBINES)
-        factory = {"preset": preset, "gate": gate, "dims": dims, "device": device, "dtype": dtype}
-        self.channel_att = ChannelAttention(
-            in_channels, reduction_ratio, pool_types=pool_types, mlp_bias=mlp_bias, **factory
-        )
-        self.spatial_att = SpatialAttention(
-            kernel_size, norm=spatial_norm, pool=spatial_pool, conv=spatial_conv, **factory
-        )
-
-    def reset_parameters(self) -> None:
-        self.channel_att.reset_parameters()
-        self.spatial_att.reset_parameters()
-
-    def _check(self, x: Tensor) -> None:
-        channels, dims = self.channel_att.in_channels, self.channel_att.dims
-        check_input(x, f"ParallelCBAM(in_channels={channels}, dims={dims})", dims=dims, channels=channels)
 
     def attention(self, x: Tensor) -> AttentionMaps:
         """Both gates of the same ``x``: channel ``(B, C, 1, ...)``, spatial ``(B, 1, *spatial)``."""
