@@ -16,12 +16,13 @@ import os
 import platform
 
 import torch
-from timing import interleaved_medians, saved_bytes
+from timing import interleaved_medians
 from timm.layers.cbam import CbamModule
 
 import cbam
 from cbam.convert import from_timm
 from cbam.ops import cpu_extension, fused, torch_passes
+from cbam.profile.benchmark import saved_bytes
 
 SHAPES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
 

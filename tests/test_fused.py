@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 import cbam
 from cbam.ops import cpu_extension, fused, torch_passes
+from cbam.profile.benchmark import saved_bytes
 
 F64 = torch.float64
 ENGINES = {"torch": torch_passes}
@@ -128,21 +129,9 @@ def test_saved_bytes_stay_near_the_input(engine):
     """Saved for backward: x itself, two index tensors and small vectors: <= 1.1 x the input's bytes
     at ResNet-50's channel counts (C >= 256; the per-position extras are ~24 bytes against 4 C)."""
     torch.manual_seed(0)
-    results = {}
-    for impl in ("fused", "reference"):
-        module = cbam.CBAM(256, impl=impl, preset="timm").train()
-        x = torch.randn(2, 256, 14, 14, requires_grad=True)
-        storages = {}
-        weights = {p.untyped_storage().data_ptr() for p in module.parameters()}  # resident anyway
-
-        def pack(t, storages=storages, weights=weights):
-            if t.untyped_storage().data_ptr() not in weights:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            module(x)
-        results[impl] = sum(storages.values()) / (x.numel() * x.element_size())
+    x = torch.randn(2, 256, 14, 14)
+    results = {impl: saved_bytes(cbam.CBAM(256, impl=impl, preset="timm").train(), x) / (x.numel() * 4)
+               for impl in ("fused", "reference")}
     assert results["fused"] <= 1.1 < results["reference"]
 
 
