@@ -11,7 +11,9 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS: list[str] = ["trace", "check", "profile", "visualize"]  # module names under cbam.cli, in --help order
+SUBCOMMANDS: list[str] = [  # module names under cbam.cli, in --help order
+    "trace", "check", "profile", "visualize", "train", "eval", "demo",
+]
 
 
 class _Parser(argparse.ArgumentParser):

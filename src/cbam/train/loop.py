@@ -1,0 +1,270 @@
+"""``train``: the training loop (single process or DDP), with resumable checkpoints, metrics and curves.
+
+Every epoch rank 0 writes ``OUT/checkpoint.pt`` atomically (model, optimizer, scheduler, grad
+scaler, RNG state, metrics history, configuration), then ``metrics.json``/``metrics.csv`` and
+``curves.png``. Resuming restores all of it, and the data order is a function of ``(seed, epoch)``
+(``DistributedSampler``), so on the CPU a run interrupted at any moment and resumed ends bitwise
+equal to an uninterrupted one (same world size, same machine).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from .. import models
+from ..validation import check_choice, check_int
+from . import distributed
+from .checkpoint import load_state, read_checkpoint, save_checkpoint
+from .data import load_split
+from .metrics import curves_figure, write_metrics
+
+MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+OPTIMIZERS = {"sgd": 0.05, "adamw": 2e-3}  # name -> default learning rate
+FORMAT = "cbam-train-1"
+CHECKPOINT = "checkpoint.pt"
+# What changes a run's trajectory; a resumed run must keep them.
+_RUN_KEYS = ("model", "attention", "preset", "stem", "data", "image_size", "epochs", "batch_size", "optimizer",
+             "lr", "weight_decay", "seed", "amp", "channels_last")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. ``batch_size`` is the global batch (split evenly over ranks); ``lr=None``
+    takes the optimizer's default (``OPTIMIZERS``); ``attention`` is ``"cbam"`` or ``"none"``."""
+
+    out: str
+    model: str = "resnet18"
+    attention: str = "cbam"
+    preset: str | None = None
+    stem: str = "imagenet"
+    data: str = "synthetic"
+    image_size: int = 64
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float | None = None
+    weight_decay: float = 5e-4
+    seed: int = 0
+    amp: bool = False
+    channels_last: bool = False
+    device: str = "cpu"
+    workers: int = 0
+    resume: bool = False
+    stop_after: int | None = None  # epochs to run in this call (a time-sliced job), then exit
+    dist_timeout: float = 300.0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("model", self.model, MODELS)
+        check_choice("attention", self.attention, ("cbam", "none"))
+        check_choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
+        for name in ("epochs", "batch_size"):
+            check_int(name, getattr(self, name))
+        check_int("seed", self.seed, minimum=0)
+        check_int("workers", self.workers, minimum=0)
+        if self.stop_after is not None:
+            check_int("stop_after", self.stop_after)
+        if self.lr is None:
+            object.__setattr__(self, "lr", OPTIMIZERS[self.optimizer])
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.attention == "none" and self.preset is not None:
+            raise ValueError(f"--attention none builds a plain ResNet and takes no --preset; got {self.preset!r}")
+
+    def run_settings(self) -> dict:
+        return {key: getattr(self, key) for key in _RUN_KEYS}
+
+
+class TrainResult(NamedTuple):
+    """The trained model (unwrapped, eval mode, on its device), the metrics of every epoch, the output folder."""
+
+    model: nn.Module
+    history: list[dict]
+    out: Path
+
+
+def build_model(settings: dict, num_classes: int) -> nn.Module:
+    """The ResNet named in ``settings`` (a ``TrainConfig.run_settings()``) for ``num_classes`` classes."""
+    attention = None if settings["attention"] == "none" else settings["attention"]
+    return getattr(models, settings["model"])(num_classes, attention=attention, preset=settings["preset"],
+                                              stem=settings["stem"])
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if not config.amp:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+
+
+def _batches(loader: DataLoader, config: TrainConfig, device: torch.device):
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    for x, y in loader:
+        yield x.to(device, memory_format=memory_format, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def evaluate(model: nn.Module, dataset: Dataset, config: TrainConfig,
+             context: distributed.Context) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over all of ``dataset``; each rank takes every ``world_size``-th image."""
+    shard = Subset(dataset, range(context.rank, len(dataset), context.world_size))
+    loader = DataLoader(shard, batch_size=config.batch_size, num_workers=config.workers)
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    with torch.no_grad(), _autocast(config, context.device):
+        for x, y in _batches(loader, config, context.device):
+            logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += int((logits.argmax(1) == y).sum())
+    loss_sum, correct = distributed.sum_over_ranks(context, [loss_sum, correct])
+    return loss_sum / len(dataset), correct / len(dataset)
+
+
+def _progress(iterable, total: int, enabled: bool, description: str):
+    """A tqdm bar on stderr where tqdm is installed and ``enabled`` (it turns itself off off a terminal)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(iterable, total=total, desc=description, unit="batch", leave=False, disable=None, dynamic_ncols=True)
+
+
+def _resume_state(config: TrainConfig, path: Path):
+    """The checkpoint to continue from (``None``: start afresh), checked against ``config``."""
+    if not path.exists():
+        return None
+    if not config.resume:
+        raise FileExistsError(f"{str(path)!r} exists: pass --resume to continue that run, or choose another --out")
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {str(path)!r} is not a cbam train checkpoint ({FORMAT})")
+    saved = checkpoint["config"]
+    changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in config.run_settings().items()
+               if saved.get(key) != value]
+    if changed:
+        raise ValueError(f"--resume must keep the run's settings; changed: {', '.join(changed)}")
+    return checkpoint
+
+
+def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
+    """Run (or continue, with ``config.resume``) the training ``config`` describes; see the module docstring."""
+    context = distributed.setup(config.device, config.dist_timeout)
+    try:
+        with distributed.failures(context, config.dist_timeout):
+            return _train(config, context, log if context.main else (lambda message: None))
+    finally:
+        distributed.teardown(context)
+
+
+def _train(config: TrainConfig, context: distributed.Context, log: Callable[[str], None]) -> TrainResult:
+    out = Path(config.out)
+    if context.main:
+        out.mkdir(parents=True, exist_ok=True)
+    checkpoint = _resume_state(config, out / CHECKPOINT)
+    train_split, test_split = load_split(config.data, True, image_size=config.image_size), \
+        load_split(config.data, False, image_size=config.image_size)
+    if train_split.classes != test_split.classes:
+        raise ValueError(f"--data {config.data}: the training and test splits have different classes")
+    if config.batch_size % context.world_size:
+        raise ValueError(f"--batch-size (global) must be divisible by the {context.world_size} processes, "
+                         f"got {config.batch_size}")
+    sampler = DistributedSampler(train_split.dataset, num_replicas=context.world_size, rank=context.rank,
+                                 shuffle=True, seed=config.seed)
+    loader = DataLoader(train_split.dataset, batch_size=config.batch_size // context.world_size, sampler=sampler,
+                        num_workers=config.workers, drop_last=True)
+    if len(loader) == 0:
+        raise ValueError(f"--batch-size {config.batch_size} is larger than the {len(train_split.dataset)} "
+                         f"training images")
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.run_settings(), len(train_split.classes)).to(context.device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * len(loader))
+    scaler = torch.amp.GradScaler(context.device.type, enabled=config.amp and context.device.type == "cuda")
+    history: list[dict] = []
+    if checkpoint is not None:
+        load_state(model, checkpoint["model"], out / CHECKPOINT)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["rng"])
+        history = list(checkpoint["history"])
+        log(f"resuming {out / CHECKPOINT} after epoch {checkpoint['epoch']} of {config.epochs}")
+    network = DistributedDataParallel(model) if context.world_size > 1 else model
+
+    first = len(history)
+    last = config.epochs if config.stop_after is None else min(config.epochs, first + config.stop_after)
+    for epoch in range(first, last):
+        sampler.set_epoch(epoch)
+        network.train()
+        lr = optimizer.param_groups[0]["lr"]
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = _progress(loader, len(loader), config.progress and context.main, f"epoch {epoch + 1}/{config.epochs}")
+        start = time.perf_counter()
+        for x, y in _batches(bar if bar is not None else loader, config, context.device):
+            with _autocast(config, context.device):
+                logits = network(x)
+                loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            if bar is not None:
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}",
+                                img_s=f"{seen * context.world_size / elapsed:.0f}")
+        seconds = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        loss_sum, correct, seen = distributed.sum_over_ranks(context, [loss_sum, correct, seen])
+        test_loss, test_accuracy = evaluate(model, test_split.dataset, config, context)
+        history.append({
+            "epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+            "test_loss": test_loss, "test_accuracy": test_accuracy, "train_seconds": seconds,
+            "images_per_second": seen / seconds,
+        })
+        if context.main:
+            _write_outputs(config, out, model, optimizer, scheduler, scaler, history, train_split.classes)
+        log(f"epoch {epoch + 1}/{config.epochs}  loss {loss_sum / seen:.3f}  accuracy {correct / seen:.1%}  "
+            f"test loss {test_loss:.3f}  test accuracy {test_accuracy:.1%}  {seen / seconds:.0f} images/s  "
+            f"{seconds:.1f} s")
+    return TrainResult(model.eval(), history, out)
+
+
+def _write_outputs(config, out, model, optimizer, scheduler, scaler, history, classes) -> None:
+    """The checkpoint first (what ``--resume`` needs), then metrics and curves (rank 0 only)."""
+    save_checkpoint(out / CHECKPOINT, {
+        "format": FORMAT, "config": config.run_settings(), "classes": list(classes), "epoch": len(history),
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "history": history,
+    })
+    write_metrics(out, history, {"config": config.run_settings(), "classes": list(classes)})
+    try:
+        figure = curves_figure({config.attention: history})
+    except ImportError:  # matplotlib is optional: the metrics files hold the same numbers
+        return
+    from ..viz.save import save_figure
+
+    save_figure(figure, out / "curves.png", dpi=100)

@@ -1,0 +1,44 @@
+"""``cbam demo --quick``: both runs, the table, and numbers checked against independent counts."""
+
+import json
+
+import pytest
+import torch
+
+import cbam
+from cbam.cli import main
+from cbam.train import load_split
+
+torch.set_num_threads(2)
+
+
+def test_quick_demo(tmp_path, capsys):
+    assert main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "demo.json").read_text())
+    plain, attended = summary["runs"]["plain"], summary["runs"]["cbam"]
+
+    for name, attention in (("plain", None), ("cbam", "cbam")):
+        model = cbam.models.resnet18(10, attention=attention)
+        assert summary["runs"][name]["params"] == sum(p.numel() for p in model.parameters())
+    assert attended["flops"] > plain["flops"] and plain["attention_flops"] == 0
+    assert summary["time_overhead"] == pytest.approx(attended["train_seconds"] / plain["train_seconds"] - 1)
+    assert attended["test_accuracy"] == attended["history"][-1]["test_accuracy"]
+
+    boxes = load_split("synthetic:96,48", False).boxes.double()
+    chance = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).mean().item() / 64 ** 2
+    pointing = summary["pointing_game"]
+    assert len(pointing) == 8 and all(layer["chance"] == pytest.approx(chance) for layer in pointing.values())
+    assert all(round(layer["accuracy"] * 48) == pytest.approx(layer["accuracy"] * 48) for layer in pointing.values())
+
+    for row in ("parameters", "FLOPs (1 image)", "training time", "CBAM time overhead", "test accuracy",
+                "pointing game", "layer4.1.cbam"):
+        assert row in printed
+    assert f"{plain['test_accuracy']:.1%}" in printed
+    for name in ("curves.png", "attention_0.png", "attention_3.png", "plain/checkpoint.pt", "cbam/metrics.csv"):
+        assert (tmp_path / name).stat().st_size > 100, name
+
+    # a second call resumes both finished runs: same numbers, no training
+    assert main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "demo.json").read_text())
+    assert again["runs"] == summary["runs"] and again["pointing_game"] == summary["pointing_game"]
