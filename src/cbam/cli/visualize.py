@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import pickle
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
 
+from ..train.checkpoint import load_checkpoint
 from ..viz.image import MIN_SIDE
 from .model_spec import add_model_arguments, build_model
 
@@ -40,48 +38,6 @@ def _side(text: str) -> int:
     if side < MIN_SIDE:
         raise argparse.ArgumentTypeError(f"expected an int >= {MIN_SIDE}, got {text!r}")
     return side
-
-
-def _first_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else ""
-
-
-def _load_error(error: Exception) -> str:
-    """One line for why ``torch.load`` failed; torch's weights-only refusal is a paragraph with the cause inside."""
-    marker = "WeightsUnpickler error:"
-    if isinstance(error, pickle.UnpicklingError) and marker in str(error):
-        cause = _first_line(str(error).split(marker, 1)[1]).split(". ")[0]
-        return f"weights-only loading (tensors and plain containers, never code) refused it: {cause}"
-    return _first_line(str(error)) or type(error).__name__
-
-
-def load_checkpoint(model: nn.Module, path: Path) -> None:
-    """Load weights from ``path`` into ``model``, strictly; only tensors are unpickled (``weights_only``).
-
-    Accepts a bare state dict or a dict with the state dict under ``"model"``. Every key must match:
-    attention maps from a model whose CBAMs kept their random initialisation would mislead.
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
-    try:
-        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as error:  # torch.load raises pickle, zip, EOF and runtime errors for a bad file
-        raise ValueError(f"cannot read checkpoint {str(path)!r}: {_load_error(error)}") from None
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
-    if not isinstance(state, Mapping) or not all(isinstance(value, Tensor) for value in state.values()):
-        raise ValueError(f"checkpoint {str(path)!r} holds no state dict: expected a dict of tensors, or a dict "
-                         f"with one under 'model'; got {type(state).__name__}")
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shape mismatches: one line per key after a header line
-        details = "; ".join(line.strip() for line in str(error).splitlines()[1:] if line.strip())
-        raise ValueError(f"checkpoint {str(path)!r} does not fit the model: {details}") from None
-    if missing or unexpected:
-        first = ", ".join(f"{kind} {keys[0]!r}" for kind, keys in (("missing", missing), ("unexpected", unexpected))
-                          if keys)
-        raise ValueError(f"checkpoint {str(path)!r} does not fit the model: {len(missing)} missing and "
-                         f"{len(unexpected)} unexpected keys (first: {first})")
 
 
 def run(args: argparse.Namespace) -> int:
