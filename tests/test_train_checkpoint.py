@@ -5,8 +5,8 @@ import pathlib
 import pytest
 import torch
 
+from cbam.atomic import write_text_atomic
 from cbam.train import checkpoint as checkpoints
-from cbam.train.atomic import write_text_atomic
 from cbam.train.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 
 torch.set_num_threads(2)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .atomic import write_atomic
+from ..atomic import write_atomic
 
 
 def save_checkpoint(path, checkpoint: Mapping) -> Path:

@@ -17,10 +17,10 @@ from typing import NamedTuple
 
 import torch
 
+from ..atomic import write_text_atomic
 from ..ops.cpu_extension import engine
 from ..profile import cost
 from ..tables import format_count, format_table
-from .atomic import write_text_atomic
 from .data import load_split
 from .inference import Pointing, predict
 from .loop import TrainConfig, train

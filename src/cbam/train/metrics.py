@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .atomic import write_text_atomic
+from ..atomic import write_text_atomic
 
 EPOCH_FIELDS = ("epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "train_seconds",
                 "images_per_second")
