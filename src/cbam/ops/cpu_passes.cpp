@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -14,6 +16,64 @@ constexpr int64_t kChunk = 512;  // positions per task in the position-major pas
 constexpr int kLanes = 16;       // independent accumulators per row in the row reductions
 
 int64_t chunks(int64_t positions) { return (positions + kChunk - 1) / kChunk; }
+
+// Mean, max and first arg-max of one row of S values.
+template <typename scalar_t>
+void pool_row(const scalar_t* row, int64_t S, scalar_t& mean, scalar_t& peak, int64_t& index) {
+  // kLanes independent partial sums and maxima: vectorisable without reordering any one of them
+  scalar_t sums[kLanes] = {}, bests[kLanes];
+  std::fill(bests, bests + kLanes, row[0]);
+  int64_t s = 0;
+  for (; s + kLanes <= S; s += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      sums[l] += row[s + l];
+      bests[l] = row[s + l] > bests[l] ? row[s + l] : bests[l];
+    }
+  }
+  scalar_t sum = 0, best = row[0];
+  for (; s < S; ++s) {
+    sum += row[s];
+    best = row[s] > best ? row[s] : best;
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    sum += sums[l];
+    best = bests[l] > best ? bests[l] : best;
+  }
+  int64_t at = 0;
+  while (at < S - 1 && row[at] != best) ++at;  // the row is in cache now: first index of the maximum
+  mean = sum / S;
+  peak = best;
+  index = at;
+}
+
+// Channel-wise mean, max and first arg-max of mc[c] * x[c, s] for n positions of one sample;
+// x points at the chunk's first position of channel 0, rows are S apart.
+template <typename scalar_t>
+void gated_chunk(const scalar_t* x, const scalar_t* mc, int64_t C, int64_t S, int64_t n, scalar_t* mean,
+                 scalar_t* peak, int64_t* index) {
+  scalar_t sum[kChunk], best[kChunk];
+  int32_t arg[kChunk];
+  for (int64_t s = 0; s < n; ++s) {
+    sum[s] = best[s] = mc[0] * x[s];
+    arg[s] = 0;
+  }
+  for (int64_t c = 1; c < C; ++c) {
+    const scalar_t m = mc[c];
+    const scalar_t* row = x + c * S;
+    for (int64_t s = 0; s < n; ++s) {
+      const scalar_t v = m * row[s];
+      const bool above = v > best[s];
+      sum[s] += v;
+      best[s] = above ? v : best[s];
+      arg[s] = above ? static_cast<int32_t>(c) : arg[s];
+    }
+  }
+  for (int64_t s = 0; s < n; ++s) {
+    mean[s] = sum[s] / C;
+    peak[s] = best[s];
+    index[s] = arg[s];
+  }
+}
 
 // Spatial mean, max and first arg-max of every row (b, c).
 std::vector<at::Tensor> pool(const at::Tensor& x) {
@@ -27,33 +87,7 @@ std::vector<at::Tensor> pool(const at::Tensor& x) {
     scalar_t* pp = peak.data_ptr<scalar_t>();
     int64_t* ip = index.data_ptr<int64_t>();
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* row = xp + r * S;
-        // kLanes independent partial sums and maxima: vectorisable without reordering any one of them
-        scalar_t sums[kLanes] = {}, bests[kLanes];
-        std::fill(bests, bests + kLanes, row[0]);
-        int64_t s = 0;
-        for (; s + kLanes <= S; s += kLanes) {
-          for (int l = 0; l < kLanes; ++l) {
-            sums[l] += row[s + l];
-            bests[l] = row[s + l] > bests[l] ? row[s + l] : bests[l];
-          }
-        }
-        scalar_t sum = 0, best = row[0];
-        for (; s < S; ++s) {
-          sum += row[s];
-          best = row[s] > best ? row[s] : best;
-        }
-        for (int l = 0; l < kLanes; ++l) {
-          sum += sums[l];
-          best = bests[l] > best ? bests[l] : best;
-        }
-        int64_t at = 0;
-        while (at < S - 1 && row[at] != best) ++at;  // the row is in cache now: first index of the maximum
-        ap[r] = sum / S;
-        pp[r] = best;
-        ip[r] = at;
-      }
+      for (int64_t r = begin; r < end; ++r) pool_row(xp + r * S, S, ap[r], pp[r], ip[r]);
     });
   });
   return {avg, peak, index};
@@ -69,35 +103,10 @@ std::vector<at::Tensor> gated_stats(const at::Tensor& x, const at::Tensor& mc) {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* mp = mc.data_ptr<scalar_t>();
     at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> sum(kChunk), best(kChunk);
-      std::vector<int32_t> arg(kChunk);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / K, s0 = (task % K) * kChunk, n = std::min(kChunk, S - s0);
-        const scalar_t* base = xp + b * C * S + s0;
-        const scalar_t m0 = mp[b * C];
-        for (int64_t s = 0; s < n; ++s) {
-          sum[s] = best[s] = m0 * base[s];
-          arg[s] = 0;
-        }
-        for (int64_t c = 1; c < C; ++c) {
-          const scalar_t m = mp[b * C + c];
-          const scalar_t* row = base + c * S;
-          for (int64_t s = 0; s < n; ++s) {
-            const scalar_t v = m * row[s];
-            const bool above = v > best[s];
-            sum[s] += v;
-            best[s] = above ? v : best[s];
-            arg[s] = above ? static_cast<int32_t>(c) : arg[s];
-          }
-        }
-        scalar_t* mean_out = mean.data_ptr<scalar_t>() + b * S + s0;
-        scalar_t* peak_out = peak.data_ptr<scalar_t>() + b * S + s0;
-        int64_t* index_out = index.data_ptr<int64_t>() + b * S + s0;
-        for (int64_t s = 0; s < n; ++s) {
-          mean_out[s] = sum[s] / C;
-          peak_out[s] = best[s];
-          index_out[s] = arg[s];
-        }
+        const int64_t b = task / K, s0 = (task % K) * kChunk, offset = b * S + s0;
+        gated_chunk(xp + b * C * S + s0, mp + b * C, C, S, std::min(kChunk, S - s0), mean.data_ptr<scalar_t>() + offset,
+                    peak.data_ptr<scalar_t>() + offset, index.data_ptr<int64_t>() + offset);
       }
     });
   });
@@ -229,6 +238,139 @@ at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& x, const at::Ten
   return dx;
 }
 
+
+template <typename scalar_t>
+scalar_t squash(scalar_t z, bool hard) {
+  if (hard) return std::min(std::max(z + scalar_t(3), scalar_t(0)), scalar_t(6)) / scalar_t(6);
+  return scalar_t(1) / (scalar_t(1) + std::exp(-z));
+}
+
+template <typename scalar_t>
+scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  scalar_t sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// Size-keeping correlation of maps (I, D, H, W) with weight (I, kd, kh, kw), zero padding k // 2.
+template <typename scalar_t>
+void spatial_conv(const scalar_t* maps, const scalar_t* weight, int64_t I, const int64_t* size,
+                  const int64_t* kernel, scalar_t* out) {
+  const int64_t D = size[0], H = size[1], W = size[2], S = D * H * W;
+  std::fill(out, out + S, scalar_t(0));
+  for (int64_t od = 0; od < D; ++od)
+    for (int64_t oh = 0; oh < H; ++oh) {
+      scalar_t* row = out + (od * H + oh) * W;
+      for (int64_t i = 0; i < I; ++i)
+        for (int64_t a = 0; a < kernel[0]; ++a) {
+          const int64_t id = od + a - kernel[0] / 2;
+          if (id < 0 || id >= D) continue;
+          for (int64_t e = 0; e < kernel[1]; ++e) {
+            const int64_t ih = oh + e - kernel[1] / 2;
+            if (ih < 0 || ih >= H) continue;
+            const scalar_t* in = maps + i * S + (id * H + ih) * W;
+            const scalar_t* w = weight + ((i * kernel[0] + a) * kernel[1] + e) * kernel[2];
+            for (int64_t f = 0; f < kernel[2]; ++f) {
+              const int64_t shift = f - kernel[2] / 2;
+              const int64_t lo = std::max<int64_t>(0, -shift), hi = std::min(W, W - shift);
+              for (int64_t ow = lo; ow < hi; ++ow) row[ow] += w[f] * in[ow + shift];
+            }
+          }
+        }
+    }
+}
+
+// The whole CBAM forward, one sample at a time so that its x stays in the core's cache between the
+// pooling, gated-statistics and output passes. Descriptor k of the channel MLP is
+// avg_coef[k] * mean + max_coef[k] * max over positions. The spatial logits get scale * z + shift
+// (an eval-mode BatchNorm) before the gate. With finish = false it stops at the spatial logits
+// (a BatchNorm on batch statistics comes next, in Python); out and ms are then empty.
+// x is (B, C, *spatial), contiguous. Returns out (shaped like x), mc, ms, avg, peak, channel_index,
+// mean, speak, spatial_index, logits.
+std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, std::vector<double> avg_coef,
+                                std::vector<double> max_coef, const at::Tensor& fc1_w,
+                                const std::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
+                                const std::optional<at::Tensor>& fc2_b, const at::Tensor& conv_w,
+                                std::vector<int64_t> kernel, double scale, double shift, bool hard, bool finish) {
+  const int64_t B = x.size(0), C = x.size(1), S = size[0] * size[1] * size[2];
+  const int64_t hidden = fc1_w.size(0), I = conv_w.size(0);
+  const int64_t K = chunks(S), P = static_cast<int64_t>(avg_coef.size());
+  auto vec = [&](int64_t n) { return at::empty({B, n}, x.options()); };
+  auto idx = [&](int64_t n) { return at::empty({B, n}, x.options().dtype(at::kLong)); };
+  at::Tensor out = finish ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor ms = finish ? vec(S) : at::empty({0}, x.options());
+  at::Tensor mc = vec(C), avg = vec(C), peak = vec(C), channel_index = idx(C);
+  at::Tensor mean = vec(S), speak = vec(S), spatial_index = idx(S), logits = vec(S);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_forward", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* w1 = fc1_w.data_ptr<scalar_t>();
+    const scalar_t* w2 = fc2_w.data_ptr<scalar_t>();
+    const scalar_t* b1 = fc1_b ? fc1_b->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b2 = fc2_b ? fc2_b->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* cw = conv_w.data_ptr<scalar_t>();
+    auto sample = [&](int64_t b) {
+      const scalar_t* xb = xp + b * C * S;
+      scalar_t* avg_b = avg.data_ptr<scalar_t>() + b * C;
+      scalar_t* peak_b = peak.data_ptr<scalar_t>() + b * C;
+      int64_t* channel_b = channel_index.data_ptr<int64_t>() + b * C;
+      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) pool_row(xb + c * S, S, avg_b[c], peak_b[c], channel_b[c]);
+      });
+      // the shared MLP over the P descriptors, summed: W2 (sum_k relu(W1 d_k + b1)) + P b2
+      std::vector<scalar_t> descriptor(C), hidden_sum(hidden, scalar_t(0));
+      for (int64_t k = 0; k < P; ++k) {
+        for (int64_t c = 0; c < C; ++c)
+          descriptor[c] = scalar_t(avg_coef[k]) * avg_b[c] + scalar_t(max_coef[k]) * peak_b[c];
+        for (int64_t j = 0; j < hidden; ++j) {
+          const scalar_t v = dot(w1 + j * C, descriptor.data(), C) + (b1 ? b1[j] : scalar_t(0));
+          hidden_sum[j] += v > 0 ? v : scalar_t(0);
+        }
+      }
+      scalar_t* mc_b = mc.data_ptr<scalar_t>() + b * C;
+      for (int64_t c = 0; c < C; ++c)
+        mc_b[c] = squash(dot(w2 + c * hidden, hidden_sum.data(), hidden) + (b2 ? P * b2[c] : scalar_t(0)), hard);
+      scalar_t* mean_b = mean.data_ptr<scalar_t>() + b * S;
+      scalar_t* speak_b = speak.data_ptr<scalar_t>() + b * S;
+      int64_t* spatial_b = spatial_index.data_ptr<int64_t>() + b * S;
+      at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          const int64_t s0 = k * kChunk;
+          gated_chunk(xb + s0, mc_b, C, S, std::min(kChunk, S - s0), mean_b + s0, speak_b + s0, spatial_b + s0);
+        }
+      });
+      std::vector<scalar_t> maps(I * S);
+      for (int64_t s = 0; s < S; ++s) {
+        if (I == 2) {
+          maps[s] = mean_b[s];
+          maps[S + s] = speak_b[s];
+        } else {
+          maps[s] = (mean_b[s] + speak_b[s]) / 2;
+        }
+      }
+      scalar_t* logits_b = logits.data_ptr<scalar_t>() + b * S;
+      spatial_conv(maps.data(), cw, I, size.data(), kernel.data(), logits_b);
+      if (!finish) return;
+      scalar_t* ms_b = ms.data_ptr<scalar_t>() + b * S;
+      for (int64_t s = 0; s < S; ++s) ms_b[s] = squash(scalar_t(scale) * logits_b[s] + scalar_t(shift), hard);
+      scalar_t* ob = out.data_ptr<scalar_t>() + b * C * S;
+      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          const scalar_t m = mc_b[c];
+          for (int64_t s = 0; s < S; ++s) ob[c * S + s] = xb[c * S + s] * m * ms_b[s];
+        }
+      });
+    };
+    if (B >= at::get_num_threads()) {  // a sample per thread; the passes inside run serially
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) sample(b);
+      });
+    } else {
+      for (int64_t b = 0; b < B; ++b) sample(b);
+    }
+  });
+  return {out, mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -238,4 +380,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gate_grads", &gate_grads);
   m.def("stats_grad", &stats_grad);
   m.def("input_grad", &input_grad);
+  m.def("forward", &forward);
 }

@@ -2,19 +2,24 @@
 
 Only three things touch the full ``x: (B, C, S)`` (spatial dims flattened): the spatial pooling
 (mean and max of each channel), the channel-wise mean and max of ``y = x * Mc`` (without
-materialising ``y``), and the output ``x * Mc * Ms``. These run in an engine (``torch_passes``,
-or a compiled one). Everything between them works on ``(B, C)`` and ``(B, S)`` vectors — the
-shared MLP, the spatial conv, its BatchNorm and the gates — and is left to autograd, as a small
-graph recorded during the forward and differentiated in the backward.
+materialising ``y``), and the output ``x * Mc * Ms``. Everything between them works on ``(B, C)``
+and ``(B, S)`` vectors: the shared MLP, the spatial conv, its BatchNorm and the gates.
 
-Saved for backward: ``x`` itself, the two arg-max index tensors ``(B, C)`` and ``(B, S)``, and the
-small graph's vectors: about ``1 + (2 + k) / C`` times the input's bytes instead of the ~2x of
-the eager composition.
+The forward runs without autograd. Where the C++ engine has it (``cpu_passes.forward``: avg/max/mix
+pooling, one spatial conv weight, a BatchNorm that is an affine map or none) the whole forward is one
+call that keeps each sample's ``x`` in cache between its passes; otherwise the passes run one by one
+with the small steps in torch. The backward recomputes the small graph from the saved vectors and
+differentiates it with autograd; only a BatchNorm on batch statistics is recorded in the forward
+(it updates running statistics, so it must run exactly once).
 
-Max pooling routes its gradient to the single arg-max ``torch.max`` reports (as ``max_pool``
-does); the reference's ``amax`` splits it evenly among ties. Both are valid subgradients and agree
-wherever the maximum is unique. The backward is not itself differentiable (no double backward):
-use ``impl="reference"`` for ``gradgradcheck``.
+Saved for backward: ``x`` itself, the two arg-max index tensors ``(B, C)`` and ``(B, S)``, and a few
+``(B, C)``/``(B, S)`` vectors: about ``1 + (6 + 8) / S + 28 / C`` times the input's bytes (fp32)
+instead of the ~2x of the eager composition.
+
+Max pooling routes its gradient to the single arg-max (the first one, as ``torch.max`` reports);
+the reference's ``amax`` splits it evenly among ties. Both are valid subgradients and agree wherever
+the maximum is unique. The backward is not itself differentiable (no double backward): use
+``impl="reference"`` for ``gradgradcheck``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from torch import Tensor, nn
 
 from .. import functional
 from . import cpu_extension, torch_passes
+
+NATIVE_POOLS = {"avg": (1.0, 0.0), "max": (0.0, 1.0), "mix": (0.5, 0.5)}  # (mean, max) coefficients
+PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass(frozen=True)
@@ -65,31 +73,115 @@ def _channel_gate(pooled: dict[str, Tensor], spec: FusedSpec, fc1_w, fc1_b, fc2_
     return functional.gate(functional.channel_mlp(stacked, fc1_w, fc2_w, fc1_b, fc2_b), spec.gate)
 
 
-def _spatial_gate(mean: Tensor, peak: Tensor, spatial: torch.Size, spec: FusedSpec, bn_w, bn_b, chain) -> Tensor:
+def _spatial_logits(mean: Tensor, peak: Tensor, spatial: torch.Size, spec: FusedSpec, chain) -> Tensor:
+    """The spatial conv of the gated statistics ``(B, S)`` -> ``(B, S)``."""
     shape = (mean.shape[0], 1, *spatial)
-    logits = functional.spatial_conv(functional.spatial_maps(mean.view(shape), peak.view(shape), spec.spatial_pool),
-                                     chain)
-    if spec.norm is not None:  # the module's BatchNorm logic and buffers, with these weight/bias tensors
-        logits = torch.func.functional_call(spec.norm, {"weight": bn_w, "bias": bn_b}, (logits,))
-    return functional.gate(logits, spec.gate).view(mean.shape)
+    maps = functional.spatial_maps(mean.view(shape), peak.view(shape), spec.spatial_pool)
+    return functional.spatial_conv(maps, chain).view(mean.shape)
+
+
+def _spatial_gate(logits: Tensor, spatial: torch.Size, spec: FusedSpec, bn_w, bn_b) -> Tensor:
+    """``gate(norm(logits))`` for ``logits (B, S)``, the module's BatchNorm logic and buffers with these
+    weight/bias tensors."""
+    if spec.norm is not None:
+        shaped = logits.view(logits.shape[0], 1, *spatial)
+        logits = torch.func.functional_call(spec.norm, {"weight": bn_w, "bias": bn_b}, (shaped,)).view(logits.shape)
+    return functional.gate(logits, spec.gate)
+
+
+def _norm_as_affine(spec: FusedSpec, bn_w, bn_b) -> tuple[float, float] | None:
+    """The spatial BatchNorm as ``(scale, shift)`` where it is one (none, or a plain one on running
+    statistics in eval mode); ``None`` where it uses batch statistics or is another kind of norm."""
+    norm = spec.norm
+    if norm is None:
+        return 1.0, 0.0
+    if type(norm) not in PLAIN_NORMS or norm.training or norm.running_mean is None:
+        return None
+    scale = float(torch.rsqrt(norm.running_var[0] + norm.eps)) * (1.0 if bn_w is None else float(bn_w[0]))
+    return scale, (0.0 if bn_b is None else float(bn_b[0])) - float(norm.running_mean[0]) * scale
+
+
+def _native_forward(x: Tensor, spec: FusedSpec, affine, weights):
+    """``cpu_passes.forward`` where it computes this CBAM, else ``None``."""
+    fc1_w, fc1_b, fc2_w, fc2_b, _, _, *chain = weights
+    engine, spatial = _engine(x), x.shape[2:]
+    if engine is torch_passes or len(chain) != 1 or not set(spec.pool_types) <= NATIVE_POOLS.keys():
+        return None
+    conv = chain[0][0].contiguous()  # (inputs, *kernel) -> padded to (inputs, kd, kh, kw)
+    conv = conv.view(conv.shape[0], *[1] * (4 - conv.dim()), *conv.shape[1:])
+    size = [1] * (3 - len(spatial)) + list(spatial)
+    coefficients = list(zip(*(NATIVE_POOLS[kind] for kind in spec.pool_types)))
+    finish = affine is not None
+    scale, shift = affine if finish else (1.0, 0.0)
+    return engine.forward(x, size, *coefficients, fc1_w.contiguous(), _contiguous(fc1_b), fc2_w.contiguous(),
+                          _contiguous(fc2_b), conv, list(conv.shape[1:]), scale, shift,
+                          spec.gate == "hard-sigmoid", finish)
+
+
+def _with_nones(found: list[Tensor], like) -> list[Tensor | None]:
+    """``found`` in the places of ``like`` that are not ``None``."""
+    values = iter(found)
+    return [None if t is None else next(values) for t in like]
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+@dataclass
+class _Forward:
+    """One forward's results, computed without autograd; ``ms_graph`` is ``([logits, *norm weights]
+    leaves, ms)`` where the BatchNorm on batch statistics was recorded."""
+
+    out: Tensor
+    mc: Tensor
+    ms: Tensor
+    pooled: dict[str, Tensor]
+    stats: tuple[Tensor, Tensor]
+    indices: tuple[Tensor, Tensor]
+    logits: Tensor
+    ms_graph: tuple[list[Tensor], Tensor] | None
+
+
+def _forward(x: Tensor, spec: FusedSpec, weights, record: bool) -> _Forward:
+    """The fused forward; ``record`` keeps the autograd graph of a BatchNorm on batch statistics."""
+    batch, channels, spatial = x.shape[0], x.shape[1], x.shape[2:]
+    x3 = x.reshape(batch, channels, spatial.numel())
+    engine = _engine(x)
+    affine = _norm_as_affine(spec, *weights[4:6])
+    with torch.no_grad():
+        native = _native_forward(x, spec, affine, weights)
+        if native is not None:
+            out, mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits = native
+            pooled = {"avg": avg, "max": peak}
+        else:
+            avg, peak, channel_index = engine.pool(x3)
+            pooled = _descriptors(x3, avg, peak, spec.pool_types)
+            mc = _channel_gate(pooled, spec, *weights[:4]).contiguous()
+            mean, speak, spatial_index = engine.gated_stats(x3, mc)
+            logits = _spatial_logits(mean, speak, spatial, spec, weights[6:]).contiguous()
+            if affine is not None:
+                ms = _spatial_gate(logits, spatial, spec, *weights[4:6]).contiguous()
+    ms_graph = None
+    if affine is None:  # a BatchNorm on batch statistics: run once, recorded when a backward will follow
+        with torch.set_grad_enabled(record):
+            leaves = [logits.detach().requires_grad_(record), *(_leaf(w) for w in weights[4:6] if w is not None)]
+            ms_graph = (leaves, _spatial_gate(leaves[0], spatial, spec, *_with_nones(leaves[1:], weights[4:6])))
+        ms = ms_graph[1].detach().contiguous()
+    if native is None or affine is None:
+        out = engine.apply(x, mc, ms)
+    return _Forward(out, mc, ms, pooled, (mean, speak), (channel_index, spatial_index), logits,
+                    ms_graph if record else None)
 
 
 def fused_cbam(x: Tensor, spec: FusedSpec, *weights: Tensor | None) -> Tensor:
     """CBAM of ``x: (B, C, *spatial)`` on the fused passes; ``weights`` as ``FusedCBAM.forward`` takes them.
 
-    Where no gradient is wanted this skips the autograd bookkeeping (recorded small graphs, saved
-    tensors), which at small sizes costs more than the passes themselves.
+    Where no gradient is wanted this skips the autograd function and what it saves.
     """
     if torch.is_grad_enabled() and (x.requires_grad or any(w is not None and w.requires_grad for w in weights)):
         return FusedCBAM.apply(x, spec, *weights)
-    batch, channels, spatial = x.shape[0], x.shape[1], x.shape[2:]
-    x3 = x.reshape(batch, channels, spatial.numel())
-    engine = _engine(x)
-    avg, peak, _ = engine.pool(x3)
-    mc = _channel_gate(_descriptors(x3, avg, peak, spec.pool_types), spec, *weights[:4]).contiguous()
-    mean, speak, _ = engine.gated_stats(x3, mc)
-    ms = _spatial_gate(mean, speak, spatial, spec, *weights[4:6], weights[6:])
-    return engine.apply(x, mc, ms.contiguous())
+    return _forward(x, spec, weights, record=False).out
 
 
 class FusedCBAM(torch.autograd.Function):
@@ -97,57 +189,63 @@ class FusedCBAM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, spec: FusedSpec, fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b, *chain):
-        batch, channels, spatial = x.shape[0], x.shape[1], x.shape[2:]
-        x3 = x.reshape(batch, channels, spatial.numel())
-        engine = ctx.engine = _engine(x)
-        avg, peak, channel_index = engine.pool(x3)
-        pooled = {kind: value.requires_grad_() for kind, value in _descriptors(x3, avg, peak, spec.pool_types).items()}
-        weights = [_leaf(w) for w in (fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b, *chain)]
-        with torch.enable_grad():
-            mc = _channel_gate(pooled, spec, *weights[:4])
-        mean, speak, spatial_index = engine.gated_stats(x3, mc.detach().contiguous())
-        stats = [mean.requires_grad_(), speak.requires_grad_()]
-        with torch.enable_grad():
-            ms = _spatial_gate(*stats, spatial, spec, *weights[4:6], weights[6:])
-        ctx.save_for_backward(x, channel_index, spatial_index)
-        ctx.graph = (mc, ms, pooled, stats, weights)
-        return engine.apply(x, mc.detach().contiguous(), ms.detach().contiguous())
+        weights = (fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b, *chain)
+        result = _forward(x, spec, weights, record=True)
+        ctx.spec, ctx.engine, ctx.ms_graph, ctx.pool_names = spec, _engine(x), result.ms_graph, list(result.pooled)
+        ctx.save_for_backward(x, result.mc, result.ms, result.logits, *result.stats, *result.indices,
+                              *result.pooled.values(), *weights)
+        return result.out
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():
             raise RuntimeError("FusedCBAM has no double backward (create_graph=True); use CBAM(impl='reference')")
-        x, channel_index, spatial_index = ctx.saved_tensors
-        mc, ms, pooled, stats, weights = ctx.graph
-        flat = (*x.shape[:2], x.shape[2:].numel())
+        x, mc, ms, logits, mean, speak, channel_index, spatial_index, *rest = ctx.saved_tensors
+        pooled = dict(zip(ctx.pool_names, rest))
+        weights = [_leaf(w) for w in rest[len(pooled):]]
+        spec, engine, spatial = ctx.spec, ctx.engine, x.shape[2:]
+        flat = (*x.shape[:2], spatial.numel())
         x3, g3 = x.reshape(flat), grad.reshape(flat).contiguous()
-        mc_value, ms_value = mc.detach().contiguous(), ms.detach().contiguous()
-        engine = ctx.engine
 
-        d_ms, d_mc = engine.gate_grads(g3, x3, mc_value, ms_value)
-        spatial_weights = [w for w in weights[4:] if w is not None]
-        d_mean, d_speak, *d_spatial_weights = [g.contiguous() for g in _grads(ms, [*stats, *spatial_weights], d_ms)]
+        d_ms, d_mc = engine.gate_grads(g3, x3, mc, ms)
+        stats = [_leaf(mean), _leaf(speak)]
+        chain = [w for w in weights[6:] if w is not None]
+        norm_weights = [w for w in weights[4:6] if w is not None]
+        with torch.enable_grad():
+            conv_logits = _spatial_logits(*stats, spatial, spec, chain)
+            if ctx.ms_graph is None:  # a pure gate (no norm, or one on running statistics): recompute it
+                d_found = _grads(_spatial_gate(conv_logits, spatial, spec, *weights[4:6]),
+                                 [*stats, *norm_weights, *chain], d_ms)
+            else:
+                leaves, recorded = ctx.ms_graph
+                d_logits, *d_norm = _grads(recorded, leaves, d_ms)
+                d_mean, d_speak, *d_chain = _grads(conv_logits, [*stats, *chain], d_logits)
+                d_found = [d_mean, d_speak, *d_norm, *d_chain]
+        d_mean, d_speak = (g.contiguous() for g in d_found[:2])
         d_mc = d_mc + engine.stats_grad(x3, d_mean, d_speak, spatial_index)
+        pooled_leaves = {kind: _leaf(value) for kind, value in pooled.items()}
         channel_weights = [w for w in weights[:4] if w is not None]
-        d_channel = _grads(mc, [*pooled.values(), *channel_weights], d_mc)
+        with torch.enable_grad():
+            d_channel = _grads(_channel_gate(pooled_leaves, spec, *weights[:4]),
+                               [*pooled_leaves.values(), *channel_weights], d_mc)
         d_pooled = dict(zip(pooled, (g.contiguous() for g in d_channel)))
 
-        dx = engine.input_grad(g3, x3, mc_value, ms_value, d_mean, d_speak, spatial_index,
-                                     d_pooled["avg"], d_pooled["max"], channel_index)
+        dx = engine.input_grad(g3, x3, mc, ms, d_mean, d_speak, spatial_index,
+                               d_pooled["avg"], d_pooled["max"], channel_index)
         if "lp" in pooled:
-            norm = pooled["lp"].detach().unsqueeze(2)
+            norm = pooled["lp"].unsqueeze(2)
             dx.addcmul_(d_pooled["lp"].unsqueeze(2), torch.where(norm > 0, x3 / norm, 0))
         if "lse" in pooled:
-            dx.addcmul_(d_pooled["lse"].unsqueeze(2), (x3 - pooled["lse"].detach().unsqueeze(2)).exp())
-        found = iter([*d_channel[len(pooled):], *d_spatial_weights])
+            dx.addcmul_(d_pooled["lse"].unsqueeze(2), (x3 - pooled["lse"].unsqueeze(2)).exp())
+        found = iter([*d_channel[len(pooled):], *d_found[2:]])  # in the order of weights, Nones skipped
         return (dx.view_as(x), None, *(None if w is None else next(found) for w in weights))
 
 
 def _grads(output: Tensor, inputs: list[Tensor], grad: Tensor) -> list[Tensor]:
     """``d output / d inputs`` contracted with ``grad``; zeros for inputs the output does not use.
 
-    The small graph is kept (``retain_graph``) because the outer graph may be differentiated again
-    with ``retain_graph=True``; it goes when the outer graph does.
+    A recorded BatchNorm graph is kept (``retain_graph``) because the outer graph may be
+    differentiated again with ``retain_graph=True``; it goes when the outer graph does.
     """
     found = torch.autograd.grad(output, inputs, grad, allow_unused=True, retain_graph=True)
     return [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, found)]
