@@ -7,40 +7,75 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
 #include <optional>
 #include <vector>
+
+namespace output_cache {  // output_cache.cpp
+at::Tensor empty_like(const at::Tensor& x);
+void set_limit(size_t bytes);
+size_t cached();
+}  // namespace output_cache
 
 namespace {
 
 constexpr int64_t kChunk = 512;  // positions per task in the position-major passes
-constexpr int kLanes = 16;       // independent accumulators per row in the row reductions
 
 int64_t chunks(int64_t positions) { return (positions + kChunk - 1) / kChunk; }
 
-// Mean, max and first arg-max of one row of S values.
+// 64-byte vectors of values and of same-width integer positions (GCC/Clang vector extensions).
+template <typename scalar_t>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  typedef float Values __attribute__((vector_size(64)));
+  typedef int32_t Positions __attribute__((vector_size(64)));
+};
+template <>
+struct Lanes<double> {
+  typedef double Values __attribute__((vector_size(64)));
+  typedef int64_t Positions __attribute__((vector_size(64)));
+};
+
+// Mean, max and first arg-max of one row of S values (S < 2^31), in one read: every lane keeps its
+// own sum, maximum and the first position of that maximum.
 template <typename scalar_t>
 void pool_row(const scalar_t* row, int64_t S, scalar_t& mean, scalar_t& peak, int64_t& index) {
-  // kLanes independent partial sums and maxima: vectorisable without reordering any one of them
-  scalar_t sums[kLanes] = {}, bests[kLanes];
-  std::fill(bests, bests + kLanes, row[0]);
+  using Values = typename Lanes<scalar_t>::Values;
+  using Positions = typename Lanes<scalar_t>::Positions;
+  constexpr int kWidth = sizeof(Values) / sizeof(scalar_t);
+  Values sums = {}, bests = row[0] + Values{};
+  Positions ats = {}, positions;
+  for (int l = 0; l < kWidth; ++l) positions[l] = l;
   int64_t s = 0;
-  for (; s + kLanes <= S; s += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      sums[l] += row[s + l];
-      bests[l] = row[s + l] > bests[l] ? row[s + l] : bests[l];
-    }
+  for (; s + kWidth <= S; s += kWidth) {
+    Values v;
+    std::memcpy(&v, row + s, sizeof(Values));
+    const Positions above = v > bests;
+    bests = above ? v : bests;
+    ats = above ? positions : ats;
+    sums += v;
+    positions += kWidth;
   }
   scalar_t sum = 0, best = row[0];
-  for (; s < S; ++s) {
-    sum += row[s];
-    best = row[s] > best ? row[s] : best;
-  }
-  for (int l = 0; l < kLanes; ++l) {
+  for (int l = 0; l < kWidth; ++l) {
     sum += sums[l];
     best = bests[l] > best ? bests[l] : best;
   }
-  int64_t at = 0;
-  while (at < S - 1 && row[at] != best) ++at;  // the row is in cache now: first index of the maximum
+  const auto none = std::numeric_limits<typename std::remove_reference<decltype(ats[0])>::type>::max();
+  const Positions candidates = bests == best + Values{} ? ats : none + Positions{};
+  int64_t at = none;
+  for (int l = 0; l < kWidth; ++l) at = candidates[l] < at ? candidates[l] : at;  // the first among equal maxima
+  if (s == 0) at = 0;
+  for (; s < S; ++s) {  // the tail, after every earlier position
+    sum += row[s];
+    if (row[s] > best) {
+      best = row[s];
+      at = s;
+    }
+  }
   mean = sum / S;
   peak = best;
   index = at;
@@ -78,6 +113,7 @@ void gated_chunk(const scalar_t* x, const scalar_t* mc, int64_t C, int64_t S, in
 // Spatial mean, max and first arg-max of every row (b, c).
 std::vector<at::Tensor> pool(const at::Tensor& x) {
   const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
+  TORCH_CHECK(S < std::numeric_limits<int32_t>::max(), "cbam: at most 2^31 - 1 positions per sample, got ", S);
   auto avg = at::empty({B, C}, x.options());
   auto peak = at::empty({B, C}, x.options());
   auto index = at::empty({B, C}, x.options().dtype(at::kLong));
@@ -116,7 +152,7 @@ std::vector<at::Tensor> gated_stats(const at::Tensor& x, const at::Tensor& mc) {
 // out = x * mc * ms; out has x's shape (the caller passes x unflattened but contiguous).
 at::Tensor apply(const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms) {
   const int64_t B = x.size(0), C = x.size(1), S = x.numel() / std::max<int64_t>(B * C, 1);
-  auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto out = output_cache::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_apply", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* mp = mc.data_ptr<scalar_t>();
@@ -204,7 +240,7 @@ at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& x, const at::Ten
                       const at::Tensor& d_mean, const at::Tensor& d_peak, const at::Tensor& index,
                       const at::Tensor& d_avg, const at::Tensor& d_max, const at::Tensor& channel_index) {
   const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
-  auto dx = at::empty_like(x);
+  auto dx = output_cache::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_input_grad", [&] {
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     const scalar_t* mp = mc.data_ptr<scalar_t>();
@@ -245,11 +281,23 @@ scalar_t squash(scalar_t z, bool hard) {
   return scalar_t(1) / (scalar_t(1) + std::exp(-z));
 }
 
+// out[r] = W[r, :] . v for W (rows, cols) row-major; kRows rows at a time so that their sums are
+// independent chains (one dot product at a time waits on its own additions).
 template <typename scalar_t>
-scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
-  scalar_t sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
-  return sum;
+void matvec(const scalar_t* W, int64_t rows, int64_t cols, const scalar_t* v, scalar_t* out) {
+  constexpr int kRows = 8;
+  int64_t r = 0;
+  for (; r + kRows <= rows; r += kRows) {
+    scalar_t sums[kRows] = {};
+    for (int64_t i = 0; i < cols; ++i)
+      for (int k = 0; k < kRows; ++k) sums[k] += W[(r + k) * cols + i] * v[i];
+    for (int k = 0; k < kRows; ++k) out[r + k] = sums[k];
+  }
+  for (; r < rows; ++r) {
+    scalar_t sum = 0;
+    for (int64_t i = 0; i < cols; ++i) sum += W[r * cols + i] * v[i];
+    out[r] = sum;
+  }
 }
 
 // Size-keeping correlation of maps (I, D, H, W) with weight (I, kd, kh, kw), zero padding k // 2.
@@ -294,10 +342,11 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
                                 std::vector<int64_t> kernel, double scale, double shift, bool hard, bool finish) {
   const int64_t B = x.size(0), C = x.size(1), S = size[0] * size[1] * size[2];
   const int64_t hidden = fc1_w.size(0), I = conv_w.size(0);
+  TORCH_CHECK(S < std::numeric_limits<int32_t>::max(), "cbam: at most 2^31 - 1 positions per sample, got ", S);
   const int64_t K = chunks(S), P = static_cast<int64_t>(avg_coef.size());
   auto vec = [&](int64_t n) { return at::empty({B, n}, x.options()); };
   auto idx = [&](int64_t n) { return at::empty({B, n}, x.options().dtype(at::kLong)); };
-  at::Tensor out = finish ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor out = finish ? output_cache::empty_like(x) : at::empty({0}, x.options());
   at::Tensor ms = finish ? vec(S) : at::empty({0}, x.options());
   at::Tensor mc = vec(C), avg = vec(C), peak = vec(C), channel_index = idx(C);
   at::Tensor mean = vec(S), speak = vec(S), spatial_index = idx(S), logits = vec(S);
@@ -317,18 +366,19 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
         for (int64_t c = begin; c < end; ++c) pool_row(xb + c * S, S, avg_b[c], peak_b[c], channel_b[c]);
       });
       // the shared MLP over the P descriptors, summed: W2 (sum_k relu(W1 d_k + b1)) + P b2
-      std::vector<scalar_t> descriptor(C), hidden_sum(hidden, scalar_t(0));
+      std::vector<scalar_t> descriptor(C), hidden_one(hidden), hidden_sum(hidden, scalar_t(0));
       for (int64_t k = 0; k < P; ++k) {
         for (int64_t c = 0; c < C; ++c)
           descriptor[c] = scalar_t(avg_coef[k]) * avg_b[c] + scalar_t(max_coef[k]) * peak_b[c];
+        matvec(w1, hidden, C, descriptor.data(), hidden_one.data());
         for (int64_t j = 0; j < hidden; ++j) {
-          const scalar_t v = dot(w1 + j * C, descriptor.data(), C) + (b1 ? b1[j] : scalar_t(0));
+          const scalar_t v = hidden_one[j] + (b1 ? b1[j] : scalar_t(0));
           hidden_sum[j] += v > 0 ? v : scalar_t(0);
         }
       }
       scalar_t* mc_b = mc.data_ptr<scalar_t>() + b * C;
-      for (int64_t c = 0; c < C; ++c)
-        mc_b[c] = squash(dot(w2 + c * hidden, hidden_sum.data(), hidden) + (b2 ? P * b2[c] : scalar_t(0)), hard);
+      matvec(w2, C, hidden, hidden_sum.data(), mc_b);
+      for (int64_t c = 0; c < C; ++c) mc_b[c] = squash(mc_b[c] + (b2 ? P * b2[c] : scalar_t(0)), hard);
       scalar_t* mean_b = mean.data_ptr<scalar_t>() + b * S;
       scalar_t* speak_b = speak.data_ptr<scalar_t>() + b * S;
       int64_t* spatial_b = spatial_index.data_ptr<int64_t>() + b * S;
@@ -381,4 +431,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stats_grad", &stats_grad);
   m.def("input_grad", &input_grad);
   m.def("forward", &forward);
+  m.def("set_output_cache_limit", &output_cache::set_limit);
+  m.def("output_cache_bytes", &output_cache::cached);
 }
