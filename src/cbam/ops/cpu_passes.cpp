@@ -328,6 +328,57 @@ void spatial_conv(const scalar_t* maps, const scalar_t* weight, int64_t I, const
     }
 }
 
+// Gradients of spatial_conv for one sample: d_maps (I, S) = conv^T(d_out), d_weight (I, kd, kh, kw)
+// += correlation of maps with d_out.
+template <typename scalar_t>
+void spatial_conv_backward(const scalar_t* maps, const scalar_t* d_out, const scalar_t* weight, int64_t I,
+                           const int64_t* size, const int64_t* kernel, scalar_t* d_maps, scalar_t* d_weight) {
+  const int64_t D = size[0], H = size[1], W = size[2], S = D * H * W;
+  std::fill(d_maps, d_maps + I * S, scalar_t(0));
+  for (int64_t od = 0; od < D; ++od)
+    for (int64_t oh = 0; oh < H; ++oh) {
+      const scalar_t* row = d_out + (od * H + oh) * W;
+      for (int64_t i = 0; i < I; ++i)
+        for (int64_t a = 0; a < kernel[0]; ++a) {
+          const int64_t id = od + a - kernel[0] / 2;
+          if (id < 0 || id >= D) continue;
+          for (int64_t e = 0; e < kernel[1]; ++e) {
+            const int64_t ih = oh + e - kernel[1] / 2;
+            if (ih < 0 || ih >= H) continue;
+            const int64_t offset = i * S + (id * H + ih) * W, tap = ((i * kernel[0] + a) * kernel[1] + e) * kernel[2];
+            for (int64_t f = 0; f < kernel[2]; ++f) {
+              const int64_t shift = f - kernel[2] / 2;
+              const int64_t lo = std::max<int64_t>(0, -shift), hi = std::min(W, W - shift);
+              const scalar_t w = weight[tap + f];
+              scalar_t sum = 0;
+              for (int64_t ow = lo; ow < hi; ++ow) {
+                d_maps[offset + ow + shift] += w * row[ow];
+                sum += row[ow] * maps[offset + ow + shift];
+              }
+              d_weight[tap + f] += sum;
+            }
+          }
+        }
+    }
+}
+
+// spatial_conv's backward for a batch: maps (B, I, S), d_out (B, S), weight (I, kd, kh, kw).
+std::vector<at::Tensor> conv_backward(const at::Tensor& maps, const at::Tensor& d_out, const at::Tensor& weight,
+                                      std::vector<int64_t> size, std::vector<int64_t> kernel) {
+  const int64_t B = maps.size(0), I = maps.size(1), S = maps.size(2), taps = weight.numel();
+  auto d_maps = at::empty_like(maps);
+  auto partial = at::zeros({B, taps}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "cbam_conv_backward", [&] {
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        spatial_conv_backward(maps.data_ptr<scalar_t>() + b * I * S, d_out.data_ptr<scalar_t>() + b * S,
+                              weight.data_ptr<scalar_t>(), I, size.data(), kernel.data(),
+                              d_maps.data_ptr<scalar_t>() + b * I * S, partial.data_ptr<scalar_t>() + b * taps);
+    });
+  });
+  return {d_maps, partial.sum(0).view(weight.sizes())};
+}
+
 // The whole CBAM forward, one sample at a time so that its x stays in the core's cache between the
 // pooling, gated-statistics and output passes. Descriptor k of the channel MLP is
 // avg_coef[k] * mean + max_coef[k] * max over positions. The spatial logits get scale * z + shift
@@ -431,6 +482,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stats_grad", &stats_grad);
   m.def("input_grad", &input_grad);
   m.def("forward", &forward);
+  m.def("conv_backward", &conv_backward);
   m.def("set_output_cache_limit", &output_cache::set_limit);
   m.def("output_cache_bytes", &output_cache::cached);
 }

@@ -101,21 +101,41 @@ def _norm_as_affine(spec: FusedSpec, bn_w, bn_b) -> tuple[float, float] | None:
     return scale, (0.0 if bn_b is None else float(bn_b[0])) - float(norm.running_mean[0]) * scale
 
 
+def _conv_geometry(weight: Tensor, spatial) -> tuple[Tensor, list[int], list[int]]:
+    """One spatial conv weight ``(1, I, *kernel)`` as ``(I, kd, kh, kw)``, the spatial size as
+    ``[D, H, W]`` and the kernel as ``[kd, kh, kw]`` (1-D and 2-D padded with ones in front)."""
+    taps = weight[0].contiguous()
+    taps = taps.view(taps.shape[0], *[1] * (4 - taps.dim()), *taps.shape[1:])
+    return taps, [1] * (3 - len(spatial)) + list(spatial), list(taps.shape[1:])
+
+
 def _native_forward(x: Tensor, spec: FusedSpec, affine, weights):
     """``cpu_passes.forward`` where it computes this CBAM, else ``None``."""
     fc1_w, fc1_b, fc2_w, fc2_b, _, _, *chain = weights
-    engine, spatial = _engine(x), x.shape[2:]
+    engine = _engine(x)
     if engine is torch_passes or len(chain) != 1 or not set(spec.pool_types) <= NATIVE_POOLS.keys():
         return None
-    conv = chain[0][0].contiguous()  # (inputs, *kernel) -> padded to (inputs, kd, kh, kw)
-    conv = conv.view(conv.shape[0], *[1] * (4 - conv.dim()), *conv.shape[1:])
-    size = [1] * (3 - len(spatial)) + list(spatial)
+    taps, size, kernel = _conv_geometry(chain[0], x.shape[2:])
     coefficients = list(zip(*(NATIVE_POOLS[kind] for kind in spec.pool_types)))
     finish = affine is not None
     scale, shift = affine if finish else (1.0, 0.0)
     return engine.forward(x, size, *coefficients, fc1_w.contiguous(), _contiguous(fc1_b), fc2_w.contiguous(),
-                          _contiguous(fc2_b), conv, list(conv.shape[1:]), scale, shift,
-                          spec.gate == "hard-sigmoid", finish)
+                          _contiguous(fc2_b), taps, kernel, scale, shift, spec.gate == "hard-sigmoid", finish)
+
+
+def _spatial_grads(engine, mean: Tensor, speak: Tensor, spatial, spec: FusedSpec, chain, d_logits: Tensor):
+    """Gradients for the gated statistics ``mean, speak (B, S)`` and the conv weights, given the
+    spatial logits' gradient ``d_logits (B, S)``: on the engine for one conv weight, else autograd."""
+    if len(chain) == 1:
+        taps, size, kernel = _conv_geometry(chain[0], spatial)
+        maps = torch.stack([mean, speak], 1) if spec.spatial_pool == "concat" else ((mean + speak) / 2).unsqueeze(1)
+        d_maps, d_taps = engine.conv_backward(maps, d_logits.contiguous(), taps, size, kernel)
+        d_stats = d_maps.unbind(1) if spec.spatial_pool == "concat" else [d_maps[:, 0] / 2] * 2
+        return [*d_stats, d_taps.view_as(chain[0])]
+    stats = [_leaf(mean), _leaf(speak)]
+    leaves = [_leaf(w) for w in chain]
+    with torch.enable_grad():
+        return _grads(_spatial_logits(*stats, spatial, spec, leaves), [*stats, *leaves], d_logits)
 
 
 def _with_nones(found: list[Tensor], like) -> list[Tensor | None]:
@@ -192,52 +212,46 @@ class FusedCBAM(torch.autograd.Function):
         weights = (fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b, *chain)
         result = _forward(x, spec, weights, record=True)
         ctx.spec, ctx.engine, ctx.ms_graph, ctx.pool_names = spec, _engine(x), result.ms_graph, list(result.pooled)
-        ctx.save_for_backward(x, result.mc, result.ms, result.logits, *result.stats, *result.indices,
-                              *result.pooled.values(), *weights)
+        ctx.save_for_backward(x, result.logits, *result.stats, *result.indices, *result.pooled.values(), *weights)
         return result.out
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():
             raise RuntimeError("FusedCBAM has no double backward (create_graph=True); use CBAM(impl='reference')")
-        x, mc, ms, logits, mean, speak, channel_index, spatial_index, *rest = ctx.saved_tensors
-        pooled = dict(zip(ctx.pool_names, rest))
+        x, logits, mean, speak, channel_index, spatial_index, *rest = ctx.saved_tensors
+        pooled = {kind: _leaf(value) for kind, value in zip(ctx.pool_names, rest)}
         weights = [_leaf(w) for w in rest[len(pooled):]]
         spec, engine, spatial = ctx.spec, ctx.engine, x.shape[2:]
         flat = (*x.shape[:2], spatial.numel())
         x3, g3 = x.reshape(flat), grad.reshape(flat).contiguous()
-
-        d_ms, d_mc = engine.gate_grads(g3, x3, mc, ms)
-        stats = [_leaf(mean), _leaf(speak)]
-        chain = [w for w in weights[6:] if w is not None]
-        norm_weights = [w for w in weights[4:6] if w is not None]
-        with torch.enable_grad():
-            conv_logits = _spatial_logits(*stats, spatial, spec, chain)
-            if ctx.ms_graph is None:  # a pure gate (no norm, or one on running statistics): recompute it
-                d_found = _grads(_spatial_gate(conv_logits, spatial, spec, *weights[4:6]),
-                                 [*stats, *norm_weights, *chain], d_ms)
+        with torch.enable_grad():  # the small graph again, from the saved vectors
+            mc = _channel_gate(pooled, spec, *weights[:4])
+            if ctx.ms_graph is None:  # a pure gate (no norm, or one on running statistics)
+                spatial_leaves = [_leaf(logits), *(w for w in weights[4:6] if w is not None)]
+                ms = _spatial_gate(spatial_leaves[0], spatial, spec, *_with_nones(spatial_leaves[1:], weights[4:6]))
             else:
-                leaves, recorded = ctx.ms_graph
-                d_logits, *d_norm = _grads(recorded, leaves, d_ms)
-                d_mean, d_speak, *d_chain = _grads(conv_logits, [*stats, *chain], d_logits)
-                d_found = [d_mean, d_speak, *d_norm, *d_chain]
-        d_mean, d_speak = (g.contiguous() for g in d_found[:2])
+                spatial_leaves, ms = ctx.ms_graph
+        mc_value, ms_value = mc.detach().contiguous(), ms.detach().contiguous()
+
+        d_ms, d_mc = engine.gate_grads(g3, x3, mc_value, ms_value)
+        d_logits, *d_norm = _grads(ms, spatial_leaves, d_ms)
+        chain = [w for w in weights[6:] if w is not None]
+        d_mean, d_speak, *d_chain = _spatial_grads(engine, mean, speak, spatial, spec, chain, d_logits)
+        d_mean, d_speak = d_mean.contiguous(), d_speak.contiguous()
         d_mc = d_mc + engine.stats_grad(x3, d_mean, d_speak, spatial_index)
-        pooled_leaves = {kind: _leaf(value) for kind, value in pooled.items()}
         channel_weights = [w for w in weights[:4] if w is not None]
-        with torch.enable_grad():
-            d_channel = _grads(_channel_gate(pooled_leaves, spec, *weights[:4]),
-                               [*pooled_leaves.values(), *channel_weights], d_mc)
+        d_channel = _grads(mc, [*pooled.values(), *channel_weights], d_mc)
         d_pooled = dict(zip(pooled, (g.contiguous() for g in d_channel)))
 
-        dx = engine.input_grad(g3, x3, mc, ms, d_mean, d_speak, spatial_index,
+        dx = engine.input_grad(g3, x3, mc_value, ms_value, d_mean, d_speak, spatial_index,
                                d_pooled["avg"], d_pooled["max"], channel_index)
         if "lp" in pooled:
-            norm = pooled["lp"].unsqueeze(2)
+            norm = pooled["lp"].detach().unsqueeze(2)
             dx.addcmul_(d_pooled["lp"].unsqueeze(2), torch.where(norm > 0, x3 / norm, 0))
         if "lse" in pooled:
-            dx.addcmul_(d_pooled["lse"].unsqueeze(2), (x3 - pooled["lse"].unsqueeze(2)).exp())
-        found = iter([*d_channel[len(pooled):], *d_found[2:]])  # in the order of weights, Nones skipped
+            dx.addcmul_(d_pooled["lse"].unsqueeze(2), (x3 - pooled["lse"].detach().unsqueeze(2)).exp())
+        found = iter([*d_channel[len(pooled):], *d_norm, *d_chain])  # in the order of weights, Nones skipped
         return (dx.view_as(x), None, *(None if w is None else next(found) for w in weights))
 
 

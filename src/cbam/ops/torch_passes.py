@@ -60,3 +60,14 @@ def input_grad(
     dx.baddbmm_(rows, cols)
     dx.scatter_add_(1, index.unsqueeze(1), (d_peak * mc.gather(1, index)).unsqueeze(1))
     return dx.scatter_add_(2, channel_index.unsqueeze(2), d_max.unsqueeze(2))
+
+
+def conv_backward(maps: Tensor, d_out: Tensor, weight: Tensor, size: list[int], kernel: list[int]):
+    """Gradients for ``maps (B, I, S)`` and ``weight (I, kd, kh, kw)`` of the size-keeping correlation
+    ``out (B, S)`` of the maps (spatial ``size = [D, H, W]``) with the weight, given ``d_out (B, S)``."""
+    batch, inputs = maps.shape[:2]
+    with torch.enable_grad():
+        maps_leaf, weight_leaf = maps.detach().requires_grad_(), weight.detach().requires_grad_()
+        out = torch.nn.functional.conv3d(maps_leaf.view(batch, inputs, *size), weight_leaf.unsqueeze(0),
+                                         padding=[k // 2 for k in kernel])
+        return list(torch.autograd.grad(out, [maps_leaf, weight_leaf], d_out.view(out.shape)))
