@@ -169,10 +169,14 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms
   return out;
 }
 
-// d/d ms (B, S) and d/d mc (B, C) of sum(grad * x * mc * ms), in one read of grad and x.
+// d/d ms (B, S) and d/d mc (B, C) of sum(grad * x * mc * ms), in one read of grad and x: row by
+// row within a sample (streaming reads); threads split samples, or a sample's positions when there
+// are fewer samples than threads.
 std::vector<at::Tensor> gate_grads(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mc,
                                    const at::Tensor& ms) {
-  const int64_t B = x.size(0), C = x.size(1), S = x.size(2), K = chunks(S);
+  const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
+  const bool by_sample = B >= at::get_num_threads();
+  const int64_t K = by_sample ? 1 : chunks(S), span = by_sample ? S : kChunk;
   auto d_ms = at::empty({B, S}, x.options());
   auto partial = at::empty({B, K, C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_gate_grads", [&] {
@@ -181,11 +185,11 @@ std::vector<at::Tensor> gate_grads(const at::Tensor& grad, const at::Tensor& x, 
     const scalar_t* mp = mc.data_ptr<scalar_t>();
     const scalar_t* sp = ms.data_ptr<scalar_t>();
     at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> acc(kChunk);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / K, k = task % K, s0 = k * kChunk, n = std::min(kChunk, S - s0);
+        const int64_t b = task / K, k = task % K, s0 = k * span, n = std::min(span, S - s0);
         const scalar_t* gate = sp + b * S + s0;
-        std::fill(acc.begin(), acc.begin() + n, scalar_t(0));
+        scalar_t* acc = d_ms.data_ptr<scalar_t>() + b * S + s0;
+        std::fill(acc, acc + n, scalar_t(0));
         for (int64_t c = 0; c < C; ++c) {
           const scalar_t m = mp[b * C + c];
           const scalar_t* g = gp + (b * C + c) * S + s0;
@@ -198,7 +202,6 @@ std::vector<at::Tensor> gate_grads(const at::Tensor& grad, const at::Tensor& x, 
           }
           partial.data_ptr<scalar_t>()[(b * K + k) * C + c] = dot;
         }
-        std::copy(acc.begin(), acc.begin() + n, d_ms.data_ptr<scalar_t>() + b * S + s0);
       }
     });
   });
@@ -275,29 +278,39 @@ at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& x, const at::Ten
 }
 
 
+
 template <typename scalar_t>
 scalar_t squash(scalar_t z, bool hard) {
   if (hard) return std::min(std::max(z + scalar_t(3), scalar_t(0)), scalar_t(6)) / scalar_t(6);
   return scalar_t(1) / (scalar_t(1) + std::exp(-z));
 }
 
-// out[r] = W[r, :] . v for W (rows, cols) row-major; kRows rows at a time so that their sums are
-// independent chains (one dot product at a time waits on its own additions).
+// a . b over n values, in four independent vector accumulators.
 template <typename scalar_t>
-void matvec(const scalar_t* W, int64_t rows, int64_t cols, const scalar_t* v, scalar_t* out) {
-  constexpr int kRows = 8;
-  int64_t r = 0;
-  for (; r + kRows <= rows; r += kRows) {
-    scalar_t sums[kRows] = {};
-    for (int64_t i = 0; i < cols; ++i)
-      for (int k = 0; k < kRows; ++k) sums[k] += W[(r + k) * cols + i] * v[i];
-    for (int k = 0; k < kRows; ++k) out[r + k] = sums[k];
+scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  using Values = typename Lanes<scalar_t>::Values;
+  constexpr int kWidth = sizeof(Values) / sizeof(scalar_t);
+  Values sums[4] = {};
+  int64_t i = 0;
+  for (; i + 4 * kWidth <= n; i += 4 * kWidth) {
+    for (int k = 0; k < 4; ++k) {
+      Values u, v;
+      std::memcpy(&u, a + i + k * kWidth, sizeof(Values));
+      std::memcpy(&v, b + i + k * kWidth, sizeof(Values));
+      sums[k] += u * v;
+    }
   }
-  for (; r < rows; ++r) {
-    scalar_t sum = 0;
-    for (int64_t i = 0; i < cols; ++i) sum += W[r * cols + i] * v[i];
-    out[r] = sum;
+  for (; i + kWidth <= n; i += kWidth) {
+    Values u, v;
+    std::memcpy(&u, a + i, sizeof(Values));
+    std::memcpy(&v, b + i, sizeof(Values));
+    sums[0] += u * v;
   }
+  const Values total = (sums[0] + sums[1]) + (sums[2] + sums[3]);
+  scalar_t sum = 0;
+  for (int l = 0; l < kWidth; ++l) sum += total[l];
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
 }
 
 // Size-keeping correlation of maps (I, D, H, W) with weight (I, kd, kh, kw), zero padding k // 2.
@@ -379,8 +392,7 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& maps, const at::Tensor& 
   return {d_maps, partial.sum(0).view(weight.sizes())};
 }
 
-// The whole CBAM forward, one sample at a time so that its x stays in the core's cache between the
-// pooling, gated-statistics and output passes. Descriptor k of the channel MLP is
+// The whole CBAM forward: pooling, channel MLP, gated statistics, spatial conv, gate and output. Descriptor k of the channel MLP is
 // avg_coef[k] * mean + max_coef[k] * max over positions. The spatial logits get scale * z + shift
 // (an eval-mode BatchNorm) before the gate. With finish = false it stops at the spatial logits
 // (a BatchNorm on batch statistics comes next, in Python); out and ms are then empty.
@@ -408,28 +420,41 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
     const scalar_t* b1 = fc1_b ? fc1_b->data_ptr<scalar_t>() : nullptr;
     const scalar_t* b2 = fc2_b ? fc2_b->data_ptr<scalar_t>() : nullptr;
     const scalar_t* cw = conv_w.data_ptr<scalar_t>();
-    auto sample = [&](int64_t b) {
-      const scalar_t* xb = xp + b * C * S;
-      scalar_t* avg_b = avg.data_ptr<scalar_t>() + b * C;
-      scalar_t* peak_b = peak.data_ptr<scalar_t>() + b * C;
-      int64_t* channel_b = channel_index.data_ptr<int64_t>() + b * C;
-      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) pool_row(xb + c * S, S, avg_b[c], peak_b[c], channel_b[c]);
+    // Samples [first, last): their pooling, then the MLP with each weight row read once for all of them.
+    auto pool_and_mlp = [&](int64_t first, int64_t last) {
+      const int64_t n = last - first;
+      scalar_t* avg_g = avg.data_ptr<scalar_t>() + first * C;
+      scalar_t* peak_g = peak.data_ptr<scalar_t>() + first * C;
+      int64_t* channel_g = channel_index.data_ptr<int64_t>() + first * C;
+      const scalar_t* xg = xp + first * C * S;
+      at::parallel_for(0, n * C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) pool_row(xg + r * S, S, avg_g[r], peak_g[r], channel_g[r]);
       });
       // the shared MLP over the P descriptors, summed: W2 (sum_k relu(W1 d_k + b1)) + P b2
-      std::vector<scalar_t> descriptor(C), hidden_one(hidden), hidden_sum(hidden, scalar_t(0));
+      std::vector<scalar_t> descriptors(n * C), hidden_sum(n * hidden, scalar_t(0));
       for (int64_t k = 0; k < P; ++k) {
-        for (int64_t c = 0; c < C; ++c)
-          descriptor[c] = scalar_t(avg_coef[k]) * avg_b[c] + scalar_t(max_coef[k]) * peak_b[c];
-        matvec(w1, hidden, C, descriptor.data(), hidden_one.data());
-        for (int64_t j = 0; j < hidden; ++j) {
-          const scalar_t v = hidden_one[j] + (b1 ? b1[j] : scalar_t(0));
-          hidden_sum[j] += v > 0 ? v : scalar_t(0);
-        }
+        for (int64_t r = 0; r < n * C; ++r)
+          descriptors[r] = scalar_t(avg_coef[k]) * avg_g[r] + scalar_t(max_coef[k]) * peak_g[r];
+        at::parallel_for(0, hidden, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t j = begin; j < end; ++j)
+            for (int64_t i = 0; i < n; ++i) {
+              const scalar_t v = dot(w1 + j * C, descriptors.data() + i * C, C) + (b1 ? b1[j] : scalar_t(0));
+              hidden_sum[i * hidden + j] += v > 0 ? v : scalar_t(0);
+            }
+        });
       }
-      scalar_t* mc_b = mc.data_ptr<scalar_t>() + b * C;
-      matvec(w2, C, hidden, hidden_sum.data(), mc_b);
-      for (int64_t c = 0; c < C; ++c) mc_b[c] = squash(mc_b[c] + (b2 ? P * b2[c] : scalar_t(0)), hard);
+      scalar_t* mc_g = mc.data_ptr<scalar_t>() + first * C;
+      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c)
+          for (int64_t i = 0; i < n; ++i)
+            mc_g[i * C + c] = squash(dot(w2 + c * hidden, hidden_sum.data() + i * hidden, hidden) +
+                                     (b2 ? P * b2[c] : scalar_t(0)), hard);
+      });
+    };
+    // The rest for sample b: gated statistics, spatial conv, gate and output.
+    auto sample = [&](int64_t b) {
+      const scalar_t* xb = xp + b * C * S;
+      const scalar_t* mc_b = mc.data_ptr<scalar_t>() + b * C;
       scalar_t* mean_b = mean.data_ptr<scalar_t>() + b * S;
       scalar_t* speak_b = speak.data_ptr<scalar_t>() + b * S;
       int64_t* spatial_b = spatial_index.data_ptr<int64_t>() + b * S;
@@ -461,12 +486,21 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
         }
       });
     };
-    if (B >= at::get_num_threads()) {  // a sample per thread; the passes inside run serially
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) sample(b);
-      });
+    // Samples go through in groups: one sample at a time keeps its x in cache from the pooling to the
+    // output; where the MLP weights outweigh a sample's x, a thread's samples share one read of them.
+    const bool share_weights = (fc1_w.numel() + fc2_w.numel()) > C * S;
+    auto run = [&](int64_t begin, int64_t end) {
+      for (int64_t first = begin; first < end;) {
+        const int64_t last = share_weights ? end : first + 1;
+        pool_and_mlp(first, last);
+        for (int64_t b = first; b < last; ++b) sample(b);
+        first = last;
+      }
+    };
+    if (B >= at::get_num_threads()) {  // samples split among threads; the passes inside run serially
+      at::parallel_for(0, B, 1, run);
     } else {
-      for (int64_t b = 0; b < B; ++b) sample(b);
+      run(0, B);
     }
   });
   return {out, mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits};
