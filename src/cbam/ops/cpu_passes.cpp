@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <type_traits>
 #include <optional>
@@ -313,6 +314,85 @@ scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   return sum;
 }
 
+// The P descriptors d_k = avg_coef[k] * avg + max_coef[k] * peak of avg, peak (B, C), stacked: (P * B, C).
+at::Tensor descriptors(const at::Tensor& avg, const at::Tensor& peak, const std::vector<double>& avg_coef,
+                       const std::vector<double>& max_coef) {
+  std::vector<at::Tensor> found;
+  for (size_t k = 0; k < avg_coef.size(); ++k) found.push_back(avg * avg_coef[k] + peak * max_coef[k]);
+  return at::cat(found);
+}
+
+// The channel MLP's gate for a batch, on BLAS: mc = gate(W2 sum_k relu(W1 d_k + b1) + P b2) (B, C).
+at::Tensor channel_gate(const at::Tensor& avg, const at::Tensor& peak, std::vector<double> avg_coef,
+                        std::vector<double> max_coef, const at::Tensor& fc1_w, const std::optional<at::Tensor>& fc1_b,
+                        const at::Tensor& fc2_w, const std::optional<at::Tensor>& fc2_b, bool hard) {
+  const int64_t P = static_cast<int64_t>(avg_coef.size());
+  const auto hidden = at::relu(at::linear(descriptors(avg, peak, avg_coef, max_coef), fc1_w, fc1_b));
+  auto z = at::linear(hidden.view({P, avg.size(0), fc1_w.size(0)}).sum(0), fc2_w);
+  if (fc2_b) z.add_(*fc2_b, static_cast<double>(P));
+  return (hard ? at::relu6(z + 3) / 6 : at::sigmoid(z)).contiguous();
+}
+
+// The channel MLP's backward, given mc = channel_gate(...) and d_mc (B, C): the gradients for avg,
+// peak, W1, b1, W2, b2 (b1/b2 whether or not the MLP has them).
+std::vector<at::Tensor> channel_backward(const at::Tensor& avg, const at::Tensor& peak, std::vector<double> avg_coef,
+                                         std::vector<double> max_coef, const at::Tensor& fc1_w,
+                                         const std::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
+                                         const at::Tensor& mc, const at::Tensor& d_mc, bool hard) {
+  const int64_t P = static_cast<int64_t>(avg_coef.size()), B = avg.size(0);
+  const auto stacked = descriptors(avg, peak, avg_coef, max_coef);   // (P * B, C)
+  const auto pre = at::linear(stacked, fc1_w, fc1_b);                 // (P * B, H)
+  const auto hidden_sum = at::relu(pre).view({P, B, fc1_w.size(0)}).sum(0);  // (B, H)
+  const auto slope = hard ? ((mc > 0) & (mc < 1)).to(mc.scalar_type()) / 6 : mc * (1 - mc);
+  const auto d_z = d_mc * slope;                                      // (B, C)
+  const auto d_pre = d_z.mm(fc2_w).repeat({P, 1}) * (pre > 0);       // (P * B, H)
+  const auto d_descriptors = d_pre.mm(fc1_w).view({P, B, avg.size(1)});  // (P, B, C)
+  auto d_avg = at::zeros_like(avg), d_peak = at::zeros_like(peak);
+  for (int64_t k = 0; k < P; ++k) {
+    d_avg.add_(d_descriptors[k], avg_coef[k]);
+    d_peak.add_(d_descriptors[k], max_coef[k]);
+  }
+  return {d_avg, d_peak, d_pre.t().mm(stacked), d_pre.sum(0), d_z.t().mm(hidden_sum), d_z.sum(0) * P};
+}
+
+// The channel MLP's gate mc = gate(W2 sum_k relu(W1 d_k + b1) + P b2) of one sample, descriptor
+// d_k = avg_coef[k] * avg + max_coef[k] * peak (each (C)), in plain loops: for small MLPs, where a
+// BLAS call costs more than the product.
+template <typename scalar_t>
+struct ChannelMLP {
+  const std::vector<double>& avg_coef;
+  const std::vector<double>& max_coef;
+  const scalar_t* w1;  // (H, C)
+  const scalar_t* b1;  // (H) or null
+  const scalar_t* w2;  // (C, H)
+  const scalar_t* b2;  // (C) or null
+  int64_t C, H;
+  bool hard;
+
+  void gate(const scalar_t* avg, const scalar_t* peak, scalar_t* mc) const {
+    const int64_t P = static_cast<int64_t>(avg_coef.size());
+    std::vector<scalar_t> descriptor(C), hidden_sum(H, scalar_t(0));
+    for (int64_t k = 0; k < P; ++k) {
+      for (int64_t c = 0; c < C; ++c) descriptor[c] = scalar_t(avg_coef[k]) * avg[c] + scalar_t(max_coef[k]) * peak[c];
+      for (int64_t j = 0; j < H; ++j) {
+        const scalar_t v = dot(w1 + j * C, descriptor.data(), C) + (b1 ? b1[j] : scalar_t(0));
+        hidden_sum[j] += v > 0 ? v : scalar_t(0);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c)
+      mc[c] = squash(dot(w2 + c * H, hidden_sum.data(), H) + (b2 ? P * b2[c] : scalar_t(0)), hard);
+  }
+};
+
+template <typename scalar_t>
+ChannelMLP<scalar_t> channel_mlp(const std::vector<double>& avg_coef, const std::vector<double>& max_coef,
+                                 const at::Tensor& fc1_w, const std::optional<at::Tensor>& fc1_b,
+                                 const at::Tensor& fc2_w, const std::optional<at::Tensor>& fc2_b, bool hard) {
+  return {avg_coef, max_coef, fc1_w.data_ptr<scalar_t>(), fc1_b ? fc1_b->data_ptr<scalar_t>() : nullptr,
+          fc2_w.data_ptr<scalar_t>(), fc2_b ? fc2_b->data_ptr<scalar_t>() : nullptr, fc1_w.size(1), fc1_w.size(0),
+          hard};
+}
+
 // Size-keeping correlation of maps (I, D, H, W) with weight (I, kd, kh, kw), zero padding k // 2.
 template <typename scalar_t>
 void spatial_conv(const scalar_t* maps, const scalar_t* weight, int64_t I, const int64_t* size,
@@ -404,9 +484,9 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
                                 const std::optional<at::Tensor>& fc2_b, const at::Tensor& conv_w,
                                 std::vector<int64_t> kernel, double scale, double shift, bool hard, bool finish) {
   const int64_t B = x.size(0), C = x.size(1), S = size[0] * size[1] * size[2];
-  const int64_t hidden = fc1_w.size(0), I = conv_w.size(0);
+  const int64_t I = conv_w.size(0);
   TORCH_CHECK(S < std::numeric_limits<int32_t>::max(), "cbam: at most 2^31 - 1 positions per sample, got ", S);
-  const int64_t K = chunks(S), P = static_cast<int64_t>(avg_coef.size());
+  const int64_t K = chunks(S);
   auto vec = [&](int64_t n) { return at::empty({B, n}, x.options()); };
   auto idx = [&](int64_t n) { return at::empty({B, n}, x.options().dtype(at::kLong)); };
   at::Tensor out = finish ? output_cache::empty_like(x) : at::empty({0}, x.options());
@@ -415,41 +495,18 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
   at::Tensor mean = vec(S), speak = vec(S), spatial_index = idx(S), logits = vec(S);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_forward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* w1 = fc1_w.data_ptr<scalar_t>();
-    const scalar_t* w2 = fc2_w.data_ptr<scalar_t>();
-    const scalar_t* b1 = fc1_b ? fc1_b->data_ptr<scalar_t>() : nullptr;
-    const scalar_t* b2 = fc2_b ? fc2_b->data_ptr<scalar_t>() : nullptr;
     const scalar_t* cw = conv_w.data_ptr<scalar_t>();
-    // Samples [first, last): their pooling, then the MLP with each weight row read once for all of them.
-    auto pool_and_mlp = [&](int64_t first, int64_t last) {
-      const int64_t n = last - first;
-      scalar_t* avg_g = avg.data_ptr<scalar_t>() + first * C;
-      scalar_t* peak_g = peak.data_ptr<scalar_t>() + first * C;
-      int64_t* channel_g = channel_index.data_ptr<int64_t>() + first * C;
-      const scalar_t* xg = xp + first * C * S;
-      at::parallel_for(0, n * C, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) pool_row(xg + r * S, S, avg_g[r], peak_g[r], channel_g[r]);
-      });
-      // the shared MLP over the P descriptors, summed: W2 (sum_k relu(W1 d_k + b1)) + P b2
-      std::vector<scalar_t> descriptors(n * C), hidden_sum(n * hidden, scalar_t(0));
-      for (int64_t k = 0; k < P; ++k) {
-        for (int64_t r = 0; r < n * C; ++r)
-          descriptors[r] = scalar_t(avg_coef[k]) * avg_g[r] + scalar_t(max_coef[k]) * peak_g[r];
-        at::parallel_for(0, hidden, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t j = begin; j < end; ++j)
-            for (int64_t i = 0; i < n; ++i) {
-              const scalar_t v = dot(w1 + j * C, descriptors.data() + i * C, C) + (b1 ? b1[j] : scalar_t(0));
-              hidden_sum[i * hidden + j] += v > 0 ? v : scalar_t(0);
-            }
-        });
-      }
-      scalar_t* mc_g = mc.data_ptr<scalar_t>() + first * C;
+    const auto mlp = channel_mlp<scalar_t>(avg_coef, max_coef, fc1_w, fc1_b, fc2_w, fc2_b, hard);
+    // Sample b's pooling, then its MLP.
+    auto pool_and_mlp = [&](int64_t b) {
+      scalar_t* avg_b = avg.data_ptr<scalar_t>() + b * C;
+      scalar_t* peak_b = peak.data_ptr<scalar_t>() + b * C;
+      int64_t* channel_b = channel_index.data_ptr<int64_t>() + b * C;
+      const scalar_t* xb = xp + b * C * S;
       at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c)
-          for (int64_t i = 0; i < n; ++i)
-            mc_g[i * C + c] = squash(dot(w2 + c * hidden, hidden_sum.data() + i * hidden, hidden) +
-                                     (b2 ? P * b2[c] : scalar_t(0)), hard);
+        for (int64_t c = begin; c < end; ++c) pool_row(xb + c * S, S, avg_b[c], peak_b[c], channel_b[c]);
       });
+      mlp.gate(avg_b, peak_b, mc.data_ptr<scalar_t>() + b * C);
     };
     // The rest for sample b: gated statistics, spatial conv, gate and output.
     auto sample = [&](int64_t b) {
@@ -486,21 +543,27 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
         }
       });
     };
-    // Samples go through in groups: one sample at a time keeps its x in cache from the pooling to the
-    // output; where the MLP weights outweigh a sample's x, a thread's samples share one read of them.
-    const bool share_weights = (fc1_w.numel() + fc2_w.numel()) > C * S;
-    auto run = [&](int64_t begin, int64_t end) {
-      for (int64_t first = begin; first < end;) {
-        const int64_t last = share_weights ? end : first + 1;
-        pool_and_mlp(first, last);
-        for (int64_t b = first; b < last; ++b) sample(b);
-        first = last;
+    auto each_sample = [&](const std::function<void(int64_t)>& work) {
+      if (B >= at::get_num_threads()) {  // samples split among threads; the passes inside run serially
+        at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t b = begin; b < end; ++b) work(b);
+        });
+      } else {
+        for (int64_t b = 0; b < B; ++b) work(b);
       }
     };
-    if (B >= at::get_num_threads()) {  // samples split among threads; the passes inside run serially
-      at::parallel_for(0, B, 1, run);
-    } else {
-      run(0, B);
+    if ((fc1_w.numel() + fc2_w.numel()) > C * S) {  // MLP weights outweigh a sample's x: pool all, one BLAS MLP
+      const auto pooled = pool(x.view({B, C, S}));
+      avg.copy_(pooled[0]);
+      peak.copy_(pooled[1]);
+      channel_index.copy_(pooled[2]);
+      mc.copy_(channel_gate(avg, peak, avg_coef, max_coef, fc1_w, fc1_b, fc2_w, fc2_b, hard));
+      each_sample(sample);
+    } else {  // sample by sample: its x stays in cache from the pooling to the output
+      each_sample([&](int64_t b) {
+        pool_and_mlp(b);
+        sample(b);
+      });
     }
   });
   return {out, mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits};
@@ -517,6 +580,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("input_grad", &input_grad);
   m.def("forward", &forward);
   m.def("conv_backward", &conv_backward);
+  m.def("channel_gate", &channel_gate);
+  m.def("channel_backward", &channel_backward);
   m.def("set_output_cache_limit", &output_cache::set_limit);
   m.def("output_cache_bytes", &output_cache::cached);
 }

@@ -116,7 +116,7 @@ def _native_forward(x: Tensor, spec: FusedSpec, affine, weights):
     if engine is torch_passes or len(chain) != 1 or not set(spec.pool_types) <= NATIVE_POOLS.keys():
         return None
     taps, size, kernel = _conv_geometry(chain[0], x.shape[2:])
-    coefficients = list(zip(*(NATIVE_POOLS[kind] for kind in spec.pool_types)))
+    coefficients = _pool_coefficients(spec)
     finish = affine is not None
     scale, shift = affine if finish else (1.0, 0.0)
     return engine.forward(x, size, *coefficients, fc1_w.contiguous(), _contiguous(fc1_b), fc2_w.contiguous(),
@@ -220,19 +220,19 @@ class FusedCBAM(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("FusedCBAM has no double backward (create_graph=True); use CBAM(impl='reference')")
         x, logits, mean, speak, channel_index, spatial_index, *rest = ctx.saved_tensors
-        pooled = {kind: _leaf(value) for kind, value in zip(ctx.pool_names, rest)}
+        pooled = dict(zip(ctx.pool_names, rest))
         weights = [_leaf(w) for w in rest[len(pooled):]]
         spec, engine, spatial = ctx.spec, ctx.engine, x.shape[2:]
         flat = (*x.shape[:2], spatial.numel())
         x3, g3 = x.reshape(flat), grad.reshape(flat).contiguous()
-        with torch.enable_grad():  # the small graph again, from the saved vectors
-            mc = _channel_gate(pooled, spec, *weights[:4])
+        channel = (_NativeChannel if _native_channel(engine, spec) else _AutogradChannel)(engine, spec, weights[:4], pooled)
+        with torch.enable_grad():  # the spatial gate again, from the saved logits
             if ctx.ms_graph is None:  # a pure gate (no norm, or one on running statistics)
                 spatial_leaves = [_leaf(logits), *(w for w in weights[4:6] if w is not None)]
                 ms = _spatial_gate(spatial_leaves[0], spatial, spec, *_with_nones(spatial_leaves[1:], weights[4:6]))
             else:
                 spatial_leaves, ms = ctx.ms_graph
-        mc_value, ms_value = mc.detach().contiguous(), ms.detach().contiguous()
+        mc_value, ms_value = channel.gate(), ms.detach().contiguous()
 
         d_ms, d_mc = engine.gate_grads(g3, x3, mc_value, ms_value)
         d_logits, *d_norm = _grads(ms, spatial_leaves, d_ms)
@@ -240,19 +240,63 @@ class FusedCBAM(torch.autograd.Function):
         d_mean, d_speak, *d_chain = _spatial_grads(engine, mean, speak, spatial, spec, chain, d_logits)
         d_mean, d_speak = d_mean.contiguous(), d_speak.contiguous()
         d_mc = d_mc + engine.stats_grad(x3, d_mean, d_speak, spatial_index)
-        channel_weights = [w for w in weights[:4] if w is not None]
-        d_channel = _grads(mc, [*pooled.values(), *channel_weights], d_mc)
-        d_pooled = dict(zip(pooled, (g.contiguous() for g in d_channel)))
+        d_pooled, d_channel_weights = channel.grads(mc_value, d_mc)
 
         dx = engine.input_grad(g3, x3, mc_value, ms_value, d_mean, d_speak, spatial_index,
                                d_pooled["avg"], d_pooled["max"], channel_index)
         if "lp" in pooled:
-            norm = pooled["lp"].detach().unsqueeze(2)
+            norm = pooled["lp"].unsqueeze(2)
             dx.addcmul_(d_pooled["lp"].unsqueeze(2), torch.where(norm > 0, x3 / norm, 0))
         if "lse" in pooled:
-            dx.addcmul_(d_pooled["lse"].unsqueeze(2), (x3 - pooled["lse"].detach().unsqueeze(2)).exp())
-        found = iter([*d_channel[len(pooled):], *d_norm, *d_chain])  # in the order of weights, Nones skipped
+            dx.addcmul_(d_pooled["lse"].unsqueeze(2), (x3 - pooled["lse"].unsqueeze(2)).exp())
+        found = iter([*d_channel_weights, *d_norm, *d_chain])  # in the order of weights, Nones skipped
         return (dx.view_as(x), None, *(None if w is None else next(found) for w in weights))
+
+
+def _native_channel(engine, spec: FusedSpec) -> bool:
+    return engine is not torch_passes and set(spec.pool_types) <= NATIVE_POOLS.keys()
+
+
+def _pool_coefficients(spec: FusedSpec) -> list[list[float]]:
+    """The (mean, max) coefficients of each pool type: ``[avg coefficients, max coefficients]``."""
+    return [list(column) for column in zip(*(NATIVE_POOLS[kind] for kind in spec.pool_types))]
+
+
+class _NativeChannel:
+    """The channel MLP's gate and backward on the compiled engine (avg/max/mix pooling)."""
+
+    def __init__(self, engine, spec: FusedSpec, weights, pooled: dict[str, Tensor]):
+        fc1_w, fc1_b, fc2_w, fc2_b = (None if w is None else w.detach().contiguous() for w in weights)
+        self.engine, self.weights, self.pooled = engine, weights, pooled
+        self.args = (*_pool_coefficients(spec), fc1_w, fc1_b, fc2_w)
+        self.fc2_b, self.hard = fc2_b, spec.gate == "hard-sigmoid"
+
+    def gate(self) -> Tensor:
+        """``mc (B, C)``."""
+        return self.engine.channel_gate(self.pooled["avg"], self.pooled["max"], *self.args, self.fc2_b, self.hard)
+
+    def grads(self, mc: Tensor, d_mc: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
+        """Gradients for the pooled vectors and the MLP weights that exist, given ``mc`` and ``d_mc (B, C)``."""
+        d_avg, d_max, *d_weights = self.engine.channel_backward(self.pooled["avg"], self.pooled["max"], *self.args,
+                                                                mc, d_mc.contiguous(), self.hard)
+        return {"avg": d_avg, "max": d_max}, [g for g, w in zip(d_weights, self.weights) if w is not None]
+
+
+class _AutogradChannel:
+    """The channel MLP's gate and backward through autograd (any pool types, any engine)."""
+
+    def __init__(self, engine, spec: FusedSpec, weights, pooled: dict[str, Tensor]):
+        self.weights = [w for w in weights if w is not None]
+        self.leaves = {kind: _leaf(value) for kind, value in pooled.items()}
+        with torch.enable_grad():
+            self.mc = _channel_gate(self.leaves, spec, *weights)
+
+    def gate(self) -> Tensor:
+        return self.mc.detach().contiguous()
+
+    def grads(self, mc: Tensor, d_mc: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
+        found = _grads(self.mc, [*self.leaves.values(), *self.weights], d_mc)
+        return dict(zip(self.leaves, (g.contiguous() for g in found))), found[len(self.leaves):]
 
 
 def _grads(output: Tensor, inputs: list[Tensor], grad: Tensor) -> list[Tensor]:
