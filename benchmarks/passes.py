@@ -10,11 +10,11 @@ which shows how much of a forward is page faults on freshly allocated outputs.
 from __future__ import annotations
 
 import torch
-from timing import interleaved_medians
 from timm.layers.cbam import CbamModule
 
 import cbam
 from cbam.ops import cpu_extension, torch_passes
+from cbam.profile.benchmark import interleaved_medians
 
 
 def main() -> None:

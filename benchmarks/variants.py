@@ -16,10 +16,10 @@ import argparse
 import platform
 
 import torch
-from timing import interleaved_medians
 from torch.utils.flop_counter import FlopCounterMode
 
 import cbam
+from cbam.profile.benchmark import interleaved_medians
 
 SHAPES = [(256, 56), (1024, 14)]  # (channels, side): ResNet-50's first and third stages
 

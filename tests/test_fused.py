@@ -135,7 +135,10 @@ def test_saved_bytes_stay_near_the_input(engine):
     assert results["fused"] <= 1.1 < results["reference"]
 
 
-@pytest.mark.skipif("compiled" not in ENGINES, reason="the C++ engine did not build here")
+needs_compiled = pytest.mark.skipif("compiled" not in ENGINES, reason="the C++ engine did not build here")
+
+
+@needs_compiled
 def test_compiled_passes_equal_the_torch_passes():
     torch.manual_seed(0)
     compiled = ENGINES["compiled"]
@@ -151,6 +154,115 @@ def test_compiled_passes_equal_the_torch_passes():
     channel = [torch.randn(2, 5, dtype=F64), torch.randn(2, 5, dtype=F64), torch.randint(0, 1100, (2, 5))]
     args = (g, x, mc, ms, *vectors, index, *channel)
     torch.testing.assert_close(compiled.input_grad(*args), torch_passes.input_grad(*args))
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("length", [1, 7, 8, 16, 17, 49, 100])
+def test_compiled_pool_finds_the_first_maximum(dtype, length):
+    """Lane-wise maxima with their first positions: with many ties (values from a few integers) the
+    index is the first occurrence, as torch.argmax documents."""
+    x = torch.randint(0, 3, (3, 40, length), generator=torch.Generator().manual_seed(length)).to(dtype)
+    avg, peak, index = ENGINES["compiled"].pool(x)
+    torch.testing.assert_close(avg, x.mean(2))
+    torch.testing.assert_close(peak, x.amax(2))
+    torch.testing.assert_close(index, x.argmax(2))
+
+
+@needs_compiled
+@pytest.mark.parametrize("kernel", [(1, 1, 5), (1, 3, 5), (3, 3, 1), (5, 3, 3)])
+@pytest.mark.parametrize("inputs", [1, 2])
+def test_compiled_conv_backward_equals_autograd(kernel, inputs):
+    torch.manual_seed(0)
+    size = [2, 6, 9] if kernel[0] > 1 else [1, 6, 9]
+    maps = torch.randn(3, inputs, int(torch.tensor(size).prod()), dtype=F64)
+    weight, d_out = torch.randn(inputs, *kernel, dtype=F64), torch.randn(3, maps.shape[2], dtype=F64)
+    got = ENGINES["compiled"].conv_backward(maps, d_out, weight, size, list(kernel))
+    for found, want in zip(got, torch_passes.conv_backward(maps, d_out, weight, size, list(kernel))):
+        torch.testing.assert_close(found, want)
+
+
+@needs_compiled
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("pools", [("avg", "max"), ("max",), ("mix", "avg")])
+@pytest.mark.parametrize("biases", [False, True])
+def test_compiled_channel_mlp_equals_autograd(hard, pools, biases):
+    """channel_gate and channel_backward against torch's linear/relu/gate and autograd, in float64."""
+    torch.manual_seed(0)
+    avg, peak = torch.randn(3, 37, dtype=F64), torch.randn(3, 37, dtype=F64)
+    weights = [torch.randn(5, 37, dtype=F64), torch.randn(5, dtype=F64) if biases else None,
+               torch.randn(37, 5, dtype=F64), torch.randn(37, dtype=F64) if biases else None]
+    leaves = [avg.clone().requires_grad_(), peak.clone().requires_grad_(), *(fused._leaf(w) for w in weights)]
+    spec = fused.FusedSpec(pools, "hard-sigmoid" if hard else "sigmoid", "concat", None)
+    want = fused._channel_gate({"avg": leaves[0], "max": leaves[1]}, spec, *leaves[2:])
+    d_mc = torch.randn_like(want)
+    want_grads = fused._grads(want, [leaf for leaf in leaves if leaf is not None], d_mc)  # zeros where unused
+    coefficients = fused._pool_coefficients(spec)
+    mc = ENGINES["compiled"].channel_gate(avg, peak, *coefficients, *weights, hard)
+    torch.testing.assert_close(mc, want.detach())
+    got = ENGINES["compiled"].channel_backward(avg, peak, *coefficients, *weights[:3], mc, d_mc, hard)
+    d_avg, d_peak, d_w1, d_b1, d_w2, d_b2 = got
+    found = [d_avg, d_peak, d_w1, *([d_b1] if biases else []), d_w2, *([d_b2] if biases else [])]
+    for g, w in zip(found, want_grads):
+        torch.testing.assert_close(g, w)
+
+
+@needs_compiled
+def test_output_blocks_are_reused_only_once_freed():
+    cpu_extension.empty_cache()
+    module = cbam.CBAM(32, preset="timm").eval()
+    x = torch.randn(2, 32, 12, 12)
+    with torch.no_grad():
+        first, second = module(x), module(x)
+        assert first.data_ptr() != second.data_ptr()  # both alive: two blocks
+        torch.testing.assert_close(first, second)
+        pointer = first.data_ptr()
+        del first
+        assert cpu_extension.cached_bytes() == x.numel() * 4
+        third = module(x * 2)  # reuses the freed block, with new values
+    assert third.data_ptr() == pointer and cpu_extension.cached_bytes() == 0
+    reference = cbam.CBAM(32, preset="timm", impl="reference").eval()
+    reference.load_state_dict(module.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(third, reference(x * 2))
+    del second, third
+    assert cpu_extension.cached_bytes() > 0
+    cpu_extension.empty_cache()
+    assert cpu_extension.cached_bytes() == 0
+
+
+def test_output_cache_limit_must_be_a_whole_number(monkeypatch):
+    monkeypatch.setenv("CBAM_OUTPUT_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="CBAM_OUTPUT_CACHE_MB.*whole number.*'lots'"):
+        cpu_extension.cache_limit_bytes()
+    monkeypatch.setenv("CBAM_OUTPUT_CACHE_MB", "3")
+    assert cpu_extension.cache_limit_bytes() == 3 << 20
+
+
+@pytest.mark.parametrize("preset", [None, "timm"])
+def test_fused_float32_matches_the_float64_reference(preset):
+    """float32 runs other vector lanes than float64: the module against the float64 reference."""
+    fast, slow = pair(64, 7, 2, preset=preset)
+    fast = fast.float()
+    x = torch.randn(3, 64, 20, 20, dtype=F64)
+    upstream = torch.randn_like(x)
+    for got, want in zip(outputs_and_grads(fast, x.float(), upstream.float()), outputs_and_grads(slow, x, upstream)):
+        assert got.dtype == torch.float32
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-5  # float32 rounding, summed
+
+
+def test_fused_output_may_be_modified_in_place():
+    """A residual block does ``out += identity`` on CBAM's output: allowed, and the gradients hold."""
+    fast, slow = pair(8, 3, 2, preset="timm")
+    x = torch.randn(2, 8, 6, 6, dtype=F64)
+    grads = []
+    for module in (fast, slow):
+        leaf = x.clone().requires_grad_()
+        out = module(leaf)
+        out += leaf
+        out.relu_().sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(*grads)
 
 
 def test_auto_picks_fused_only_where_it_is_exact():

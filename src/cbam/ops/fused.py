@@ -225,7 +225,8 @@ class FusedCBAM(torch.autograd.Function):
         spec, engine, spatial = ctx.spec, ctx.engine, x.shape[2:]
         flat = (*x.shape[:2], spatial.numel())
         x3, g3 = x.reshape(flat), grad.reshape(flat).contiguous()
-        channel = (_NativeChannel if _native_channel(engine, spec) else _AutogradChannel)(engine, spec, weights[:4], pooled)
+        channel_kind = _NativeChannel if _native_channel(engine, spec) else _AutogradChannel
+        channel = channel_kind(engine, spec, weights[:4], pooled)
         with torch.enable_grad():  # the spatial gate again, from the saved logits
             if ctx.ms_graph is None:  # a pure gate (no norm, or one on running statistics)
                 spatial_leaves = [_leaf(logits), *(w for w in weights[4:6] if w is not None)]

@@ -6,9 +6,10 @@
 (610, 610)
 """
 
-from .benchmark import BenchmarkReport, BenchmarkRow, benchmark, saved_bytes
+from .benchmark import BenchmarkReport, BenchmarkRow, benchmark, interleaved_medians, saved_bytes
 from .cost import CostReport, ModuleCost, cost, is_attention
 
 __all__ = [
-    "BenchmarkReport", "BenchmarkRow", "CostReport", "ModuleCost", "benchmark", "cost", "is_attention", "saved_bytes",
+    "BenchmarkReport", "BenchmarkRow", "CostReport", "ModuleCost", "benchmark", "cost", "interleaved_medians",
+    "is_attention", "saved_bytes",
 ]

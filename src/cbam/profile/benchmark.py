@@ -113,6 +113,22 @@ class BenchmarkReport:
         return f"{head}\n{table}"
 
 
+def interleaved_medians(runs: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each of ``runs`` (``{name: callable}``, CPU work) over ``repeats`` rounds after
+    ``warmup`` rounds, every run once per round so that drift hits all alike."""
+    repeats, warmup = check_int("repeats", repeats), check_int("warmup", warmup, minimum=0)
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
 def _clock(fn: Callable[[], None], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

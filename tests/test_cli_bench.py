@@ -1,0 +1,165 @@
+"""``cbam bench`` and ``cbam.profile.fused_bench``: table rows and columns, strict JSON whose ratios
+match its times, one-line errors, the optional peers (timm, C++ engine). No timing thresholds."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import cbam
+from cbam.cli import main
+from cbam.ops import cpu_extension
+from cbam.ops import fused as fused_ops
+from cbam.profile import fused_bench
+
+TINY = ["bench", "--repeats", "1", "--batch", "1", "--shapes", "16x8"]
+
+
+def run(capsys, *argv):
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def expected_modules() -> list[str]:
+    names = ["timm CbamModule"] if fused_bench._timm_cbam() is not None else []
+    names += ["cbam reference", "cbam fused, torch ops"]
+    return names + (["cbam fused, C++"] if cpu_extension.engine() is not None else []) + ["copy"]
+
+
+def table_rows(out: str) -> list[list[str]]:
+    """The cells of each Markdown table line of ``out``."""
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("|")]
+
+
+def strict_json(text: str):
+    def refuse(constant):
+        raise AssertionError(f"not strict JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_bench_prints_one_row_per_module_and_the_copy(capsys):
+    status, out, err = run(capsys, *TINY)
+    assert status == 0 and err == ""
+    header, rule, *rows = table_rows(out)
+    label = "timm" if fused_bench._timm_cbam() is not None else "reference"
+    assert header == ["shape C×H²", "module", "forward ms", f"× {label}", "× copy", "fwd+bwd ms", f"× {label}",
+                      "× copy", "saved / input"]
+    assert len(rule) == len(header) and all(len(row) == len(header) for row in rows)
+    assert [row[1] for row in rows] == expected_modules()
+    assert all(row[0] == "16×8²" for row in rows)
+    copy = rows[-1]
+    assert copy[4] == "1.0" and copy[5:] == ["", "", "", ""]
+    for row in rows[:-1]:
+        assert all(cell for cell in row), row  # every module has every number
+    means = [line for line in out.splitlines() if line.startswith("- ")]
+    assert [line.split(":")[0][2:] for line in means] == expected_modules()[:-1]
+    assert "ResNet-50" not in out
+
+
+def test_bench_json_is_strict_with_ratios_of_its_times(capsys):
+    status, out, err = run(capsys, "bench", "--repeats", "1", "--batch", "1", "--shapes", "16x8, 8X4", "--json")
+    assert status == 0 and err == ""
+    data = strict_json(out)
+    modules = data["modules"]
+    assert data["resnet"] is None and modules["batch"] == 1 and modules["repeats"] == 1
+    rows = modules["rows"]
+    by_shape = {}
+    for row in rows:
+        by_shape.setdefault((row["channels"], row["side"]), {})[row["name"]] = row
+    assert list(by_shape) == [(16, 8), (8, 4)]
+    speedups = {}
+    for found in by_shape.values():
+        assert list(found) == expected_modules()
+        peer, copy = found[modules["peer"]], found["copy"]
+        assert copy["forward_ms"] > 0 and copy["train_ms"] is None and copy["forward_vs_copy"] == 1.0
+        for name, row in found.items():
+            if name == "copy":
+                continue
+            assert row["forward_ms"] > 0 and row["train_ms"] > 0 and row["saved_per_input"] > 0
+            assert row["forward_speedup"] == pytest.approx(peer["forward_ms"] / row["forward_ms"], rel=1e-9)
+            assert row["train_speedup"] == pytest.approx(peer["train_ms"] / row["train_ms"], rel=1e-9)
+            assert row["forward_vs_copy"] == pytest.approx(row["forward_ms"] / copy["forward_ms"], rel=1e-9)
+            assert row["train_vs_copy"] == pytest.approx(row["train_ms"] / copy["forward_ms"], rel=1e-9)
+            speedups.setdefault(name, []).append(peer["forward_ms"] / row["forward_ms"])
+        assert peer["forward_speedup"] == pytest.approx(1.0) and peer["train_speedup"] == pytest.approx(1.0)
+    means = {m["name"]: m["forward"] for m in modules["geometric_means"]}
+    assert means == pytest.approx({name: math.sqrt(a * b) for name, (a, b) in speedups.items()}, rel=1e-9)
+
+
+@pytest.mark.parametrize("shapes", ["16", "16x", "axb", "16x8,", "0x8", "16x8x2", ""])
+def test_bench_bad_shapes_is_a_one_line_error(capsys, shapes):
+    status, out, err = run(capsys, "bench", "--repeats", "1", "--shapes", shapes)
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("cbam bench: error: --shapes expects") and "CxH" in err
+
+
+def test_bench_bad_repeats_is_a_one_line_error(capsys):
+    status, out, err = run(capsys, "bench", "--repeats", "0", "--shapes", "16x8")
+    assert status == 2 and out == "" and err.count("\n") == 1 and "--repeats" in err
+
+
+def test_parse_shapes():
+    assert fused_bench.parse_shapes("256x56,2048x7") == [(256, 56), (2048, 7)]
+    assert fused_bench.parse_shapes(" 16 X 8 , 4×2") == [(16, 8), (4, 2)]
+
+
+def test_geometric_mean_is_exp_of_mean_log():
+    values = np.random.default_rng(0).uniform(0.05, 20.0, size=11)
+    expected = float(np.exp(np.log(values).mean()))
+    assert fused_bench.geometric_mean(values.tolist()) == pytest.approx(expected, rel=1e-12)
+    assert fused_bench.geometric_mean([2.0, 0.5]) == pytest.approx(1.0, rel=1e-12)
+    for bad in ([], [1.0, 0.0], [1.0, -2.0], [float("inf")], [float("nan")]):
+        with pytest.raises(ValueError, match="positive"):
+            fused_bench.geometric_mean(bad)
+
+
+def test_without_timm_the_ratios_are_over_the_reference(capsys, monkeypatch):
+    monkeypatch.setattr(fused_bench, "_timm_cbam", lambda: None)
+    status, out, err = run(capsys, *TINY)
+    assert status == 0 and err == ""
+    assert "Note: timm is not installed" in out and "× reference" in out and "timm CbamModule" not in out
+    header, _, *rows = table_rows(out)
+    assert rows[0][1] == "cbam reference" and rows[0][3] == "1.00" and rows[0][6] == "1.00"
+    assert "Geometric mean speed-up over cbam reference" in out
+
+
+def test_without_the_cpp_engine_its_row_is_skipped_with_a_note(capsys, monkeypatch):
+    monkeypatch.setattr(cpu_extension, "engine", lambda: None)
+    status, out, err = run(capsys, *TINY, "--json")
+    assert status == 0 and err == ""
+    data = strict_json(out)
+    names = [row["name"] for row in data["modules"]["rows"]]
+    assert "cbam fused, C++" not in names and "cbam fused, torch ops" in names
+    assert any("C++ engine is unavailable" in note for note in data["modules"]["notes"])
+
+
+def test_torch_ops_cbam_restores_the_engine_and_matches_fused():
+    torch.manual_seed(0)
+    chosen = fused_ops._engine
+    ours = fused_bench.TorchOpsCBAM(16, preset="timm", impl="fused")
+    fused = cbam.CBAM(16, preset="timm", impl="fused")
+    fused.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 16, 5, 5)
+    torch.testing.assert_close(ours.eval()(x), fused.eval()(x))
+    assert fused_ops._engine is chosen
+    with pytest.raises(ValueError):
+        ours(torch.randn(2, 15, 5, 5))
+    assert fused_ops._engine is chosen
+
+
+def test_resnet_overhead_rows_and_table():
+    table = fused_bench.resnet_overhead(batch=1, repeats=1, image_size=64)
+    assert [r.name for r in table.rows] == ["none", "cbam fused (auto)", "cbam reference"]
+    for r in table.rows:
+        assert r.train_s > 0 and r.inference_s > 0
+        assert r.train_overhead == pytest.approx(r.train_s / table.rows[0].train_s - 1, rel=1e-9, abs=1e-12)
+    text = fused_bench.format_resnet_table(table)
+    header, rule, *rows = table_rows(text)
+    assert header == ["attention", "train s", "overhead", "inference s", "overhead"]
+    assert [row[0] for row in rows] == ["none", "cbam fused (auto)", "cbam reference"]
+    assert rows[0][2] == "+0.0%" and rows[0][4] == "+0.0%"
+    assert json.dumps(table.as_dict(), allow_nan=False)
