@@ -8,7 +8,7 @@ fused call on a machine builds it (about 30 s on 2 cores, silently); torch cache
 
 Its large outputs (the CBAM output, the input gradient) come from ``output_cache.cpp``: blocks freed
 by earlier outputs are reused instead of fresh pages (which the kernel zeroes on first touch). Up to
-``CBAM_OUTPUT_CACHE_MB`` (default 1024) of freed blocks wait for reuse; ``empty_cache()`` frees them.
+``CBAM_OUTPUT_CACHE_MB`` (default 256) of freed blocks wait for reuse; ``empty_cache()`` frees them.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ FLAGS = [  # -fopenmp: at::parallel_for uses torch's OpenMP runtime; the math fl
 
 
 def cache_limit_bytes() -> int:
-    """``CBAM_OUTPUT_CACHE_MB`` (default 1024) in bytes."""
-    text = os.environ.get("CBAM_OUTPUT_CACHE_MB", "1024")
+    """``CBAM_OUTPUT_CACHE_MB`` (default 256) in bytes."""
+    text = os.environ.get("CBAM_OUTPUT_CACHE_MB", "256")
     if not text.strip().isdigit():
         raise ValueError(f"CBAM_OUTPUT_CACHE_MB must be a whole number of megabytes, got {text!r}")
     return int(text) << 20

@@ -92,7 +92,7 @@ class Cache final : public c10::Allocator {
   std::mutex lock_;
   std::unordered_map<size_t, std::vector<Block*>> free_;
   size_t cached_ = 0;
-  size_t limit_ = size_t(1) << 30;
+  size_t limit_ = size_t(256) << 20;  // replaced by CBAM_OUTPUT_CACHE_MB when the extension loads
 };
 
 // A contiguous CPU tensor shaped and typed like x, in a cached block.
