@@ -393,66 +393,55 @@ ChannelMLP<scalar_t> channel_mlp(const std::vector<double>& avg_coef, const std:
           hard};
 }
 
-// Size-keeping correlation of maps (I, D, H, W) with weight (I, kd, kh, kw), zero padding k // 2.
+// Every (output row, input row, kernel tap) of the size-keeping correlation of maps (I, D, H, W) with
+// a kernel (I, kd, kh, kw), zero padding k // 2: visit(out, in, tap, shift, lo, hi) pairs position
+// out + ow of the output with in + ow + shift of the maps for ow in [lo, hi), under weight[tap].
+template <typename Visit>
+void for_each_tap(int64_t I, const int64_t* size, const int64_t* kernel, Visit visit) {
+  const int64_t D = size[0], H = size[1], W = size[2], S = D * H * W;
+  for (int64_t od = 0; od < D; ++od)
+    for (int64_t oh = 0; oh < H; ++oh)
+      for (int64_t i = 0; i < I; ++i)
+        for (int64_t a = 0; a < kernel[0]; ++a) {
+          const int64_t id = od + a - kernel[0] / 2;
+          if (id < 0 || id >= D) continue;
+          for (int64_t e = 0; e < kernel[1]; ++e) {
+            const int64_t ih = oh + e - kernel[1] / 2;
+            if (ih < 0 || ih >= H) continue;
+            const int64_t first_tap = ((i * kernel[0] + a) * kernel[1] + e) * kernel[2];
+            for (int64_t f = 0; f < kernel[2]; ++f) {
+              const int64_t shift = f - kernel[2] / 2;
+              visit((od * H + oh) * W, i * S + (id * H + ih) * W, first_tap + f, shift,
+                    std::max<int64_t>(0, -shift), std::min(W, W - shift));
+            }
+          }
+        }
+}
+
+// The correlation itself: out (S) from maps (I, S) and weight (I, kd, kh, kw).
 template <typename scalar_t>
 void spatial_conv(const scalar_t* maps, const scalar_t* weight, int64_t I, const int64_t* size,
                   const int64_t* kernel, scalar_t* out) {
-  const int64_t D = size[0], H = size[1], W = size[2], S = D * H * W;
-  std::fill(out, out + S, scalar_t(0));
-  for (int64_t od = 0; od < D; ++od)
-    for (int64_t oh = 0; oh < H; ++oh) {
-      scalar_t* row = out + (od * H + oh) * W;
-      for (int64_t i = 0; i < I; ++i)
-        for (int64_t a = 0; a < kernel[0]; ++a) {
-          const int64_t id = od + a - kernel[0] / 2;
-          if (id < 0 || id >= D) continue;
-          for (int64_t e = 0; e < kernel[1]; ++e) {
-            const int64_t ih = oh + e - kernel[1] / 2;
-            if (ih < 0 || ih >= H) continue;
-            const scalar_t* in = maps + i * S + (id * H + ih) * W;
-            const scalar_t* w = weight + ((i * kernel[0] + a) * kernel[1] + e) * kernel[2];
-            for (int64_t f = 0; f < kernel[2]; ++f) {
-              const int64_t shift = f - kernel[2] / 2;
-              const int64_t lo = std::max<int64_t>(0, -shift), hi = std::min(W, W - shift);
-              for (int64_t ow = lo; ow < hi; ++ow) row[ow] += w[f] * in[ow + shift];
-            }
-          }
-        }
-    }
+  std::fill(out, out + size[0] * size[1] * size[2], scalar_t(0));
+  for_each_tap(I, size, kernel, [&](int64_t o, int64_t in, int64_t tap, int64_t shift, int64_t lo, int64_t hi) {
+    for (int64_t ow = lo; ow < hi; ++ow) out[o + ow] += weight[tap] * maps[in + ow + shift];
+  });
 }
 
-// Gradients of spatial_conv for one sample: d_maps (I, S) = conv^T(d_out), d_weight (I, kd, kh, kw)
-// += correlation of maps with d_out.
+// Its gradients for one sample: d_maps (I, S) = conv^T(d_out), d_weight (I, kd, kh, kw) += the
+// correlation of maps with d_out.
 template <typename scalar_t>
 void spatial_conv_backward(const scalar_t* maps, const scalar_t* d_out, const scalar_t* weight, int64_t I,
                            const int64_t* size, const int64_t* kernel, scalar_t* d_maps, scalar_t* d_weight) {
-  const int64_t D = size[0], H = size[1], W = size[2], S = D * H * W;
-  std::fill(d_maps, d_maps + I * S, scalar_t(0));
-  for (int64_t od = 0; od < D; ++od)
-    for (int64_t oh = 0; oh < H; ++oh) {
-      const scalar_t* row = d_out + (od * H + oh) * W;
-      for (int64_t i = 0; i < I; ++i)
-        for (int64_t a = 0; a < kernel[0]; ++a) {
-          const int64_t id = od + a - kernel[0] / 2;
-          if (id < 0 || id >= D) continue;
-          for (int64_t e = 0; e < kernel[1]; ++e) {
-            const int64_t ih = oh + e - kernel[1] / 2;
-            if (ih < 0 || ih >= H) continue;
-            const int64_t offset = i * S + (id * H + ih) * W, tap = ((i * kernel[0] + a) * kernel[1] + e) * kernel[2];
-            for (int64_t f = 0; f < kernel[2]; ++f) {
-              const int64_t shift = f - kernel[2] / 2;
-              const int64_t lo = std::max<int64_t>(0, -shift), hi = std::min(W, W - shift);
-              const scalar_t w = weight[tap + f];
-              scalar_t sum = 0;
-              for (int64_t ow = lo; ow < hi; ++ow) {
-                d_maps[offset + ow + shift] += w * row[ow];
-                sum += row[ow] * maps[offset + ow + shift];
-              }
-              d_weight[tap + f] += sum;
-            }
-          }
-        }
+  std::fill(d_maps, d_maps + I * size[0] * size[1] * size[2], scalar_t(0));
+  for_each_tap(I, size, kernel, [&](int64_t o, int64_t in, int64_t tap, int64_t shift, int64_t lo, int64_t hi) {
+    scalar_t sum = 0;
+    for (int64_t ow = lo; ow < hi; ++ow) {
+      d_maps[in + ow + shift] += weight[tap] * d_out[o + ow];
+      sum += d_out[o + ow] * maps[in + ow + shift];
     }
+    d_weight[tap] += sum;
+  });
 }
 
 // spatial_conv's backward for a batch: maps (B, I, S), d_out (B, S), weight (I, kd, kh, kw).
