@@ -251,6 +251,15 @@ def test_fused_float32_matches_the_float64_reference(preset):
         assert ((got.double() - want).norm() / want.norm()).item() < 1e-5  # float32 rounding, summed
 
 
+def test_fused_on_bfloat16_runs_the_torch_passes():
+    """The C++ kernels are float32/float64 only; impl="fused" on bfloat16 runs the torch passes."""
+    fast, slow = pair(16, 3, 2, preset="timm")
+    x = torch.randn(2, 16, 6, 6, dtype=F64)
+    got = fast.bfloat16()(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - slow(x)).norm() / slow(x).norm()).item() < 3e-2
+
+
 def test_fused_output_may_be_modified_in_place():
     """A residual block does ``out += identity`` on CBAM's output: allowed, and the gradients hold."""
     fast, slow = pair(8, 3, 2, preset="timm")

@@ -48,8 +48,9 @@ class FusedSpec:
 
 
 def _engine(x: Tensor):
-    """The compiled CPU passes for contiguous CPU input when they build, else ``torch_passes``."""
-    if x.device.type == "cpu" and x.is_contiguous():
+    """The compiled CPU passes for contiguous float32/float64 CPU input when they build, else
+    ``torch_passes`` (any device, layout and floating dtype)."""
+    if x.device.type == "cpu" and x.is_contiguous() and x.dtype in (torch.float32, torch.float64):
         return cpu_extension.engine() or torch_passes
     return torch_passes
 
