@@ -318,7 +318,15 @@ scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
 at::Tensor descriptors(const at::Tensor& avg, const at::Tensor& peak, const std::vector<double>& avg_coef,
                        const std::vector<double>& max_coef) {
   std::vector<at::Tensor> found;
-  for (size_t k = 0; k < avg_coef.size(); ++k) found.push_back(avg * avg_coef[k] + peak * max_coef[k]);
+  for (size_t k = 0; k < avg_coef.size(); ++k) {
+    if (avg_coef[k] == 1 && max_coef[k] == 0) {
+      found.push_back(avg);
+    } else if (avg_coef[k] == 0 && max_coef[k] == 1) {
+      found.push_back(peak);
+    } else {
+      found.push_back(avg * avg_coef[k] + peak * max_coef[k]);
+    }
+  }
   return at::cat(found);
 }
 
@@ -339,13 +347,13 @@ std::vector<at::Tensor> channel_backward(const at::Tensor& avg, const at::Tensor
                                          std::vector<double> max_coef, const at::Tensor& fc1_w,
                                          const std::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
                                          const at::Tensor& mc, const at::Tensor& d_mc, bool hard) {
-  const int64_t P = static_cast<int64_t>(avg_coef.size()), B = avg.size(0);
+  const int64_t P = static_cast<int64_t>(avg_coef.size()), B = avg.size(0), H = fc1_w.size(0);
   const auto stacked = descriptors(avg, peak, avg_coef, max_coef);   // (P * B, C)
   const auto pre = at::linear(stacked, fc1_w, fc1_b);                 // (P * B, H)
-  const auto hidden_sum = at::relu(pre).view({P, B, fc1_w.size(0)}).sum(0);  // (B, H)
+  const auto hidden_sum = at::relu(pre).view({P, B, H}).sum(0);      // (B, H)
   const auto slope = hard ? ((mc > 0) & (mc < 1)).to(mc.scalar_type()) / 6 : mc * (1 - mc);
   const auto d_z = d_mc * slope;                                      // (B, C)
-  const auto d_pre = d_z.mm(fc2_w).repeat({P, 1}) * (pre > 0);       // (P * B, H)
+  const auto d_pre = (d_z.mm(fc2_w).unsqueeze(0) * (pre > 0).view({P, B, H})).view({P * B, H});  // (P * B, H)
   const auto d_descriptors = d_pre.mm(fc1_w).view({P, B, avg.size(1)});  // (P, B, C)
   auto d_avg = at::zeros_like(avg), d_peak = at::zeros_like(peak);
   for (int64_t k = 0; k < P; ++k) {
