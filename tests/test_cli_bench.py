@@ -161,5 +161,13 @@ def test_resnet_overhead_rows_and_table():
     header, rule, *rows = table_rows(text)
     assert header == ["attention", "train s", "overhead", "inference s", "overhead"]
     assert [row[0] for row in rows] == ["none", "cbam fused (auto)", "cbam reference"]
-    assert rows[0][2] == "+0.0%" and rows[0][4] == "+0.0%"
+    assert rows[0][2] == rows[0][4] == "+0.0% (+0.0% .. +0.0%)"
     assert json.dumps(table.as_dict(), allow_nan=False)
+
+
+def test_resnet_overheads_are_paired_within_rounds():
+    """The overhead is the median of round-by-round ratios (computed here by hand)."""
+    samples = {"none": [1.0, 2.0, 4.0, 2.0, 1.0], "cbam": [1.1, 2.4, 4.0, 2.2, 1.1]}  # ratios .1 .2 0 .1 .1
+    median, (low, high) = fused_bench._paired_overheads(samples, "cbam")
+    assert median == pytest.approx(0.1)
+    assert 0.0 <= low <= median <= high <= 0.2

@@ -16,7 +16,7 @@ def register(subparsers) -> None:
                     "mode; medians of interleaved repeats. Prints Markdown tables.",
     )
     parser.add_argument("--repeats", type=int, default=5,
-                        help="forward rounds (default 5); forward+backward takes max(3, N//2), --resnet max(3, N//3)")
+                        help="forward rounds (default 5); forward+backward takes max(3, N//2), --resnet max(3, N)")
     parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
     parser.add_argument("--shapes", default=None,
                         help="comma-separated CxH of (batch, C, H, H) inputs (default 256x56,512x28,1024x14,2048x7)")

@@ -113,9 +113,10 @@ class BenchmarkReport:
         return f"{head}\n{table}"
 
 
-def interleaved_medians(runs: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each of ``runs`` (``{name: callable}``, CPU work) over ``repeats`` rounds after
-    ``warmup`` rounds, every run once per round so that drift hits all alike."""
+def interleaved_samples(runs: Mapping[str, Callable[[], object]], repeats: int,
+                        warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each of ``runs`` (``{name: callable}``, CPU work) in each of ``repeats`` rounds after
+    ``warmup`` rounds, every run once per round (in order) so that drift hits all alike."""
     repeats, warmup = check_int("repeats", repeats), check_int("warmup", warmup, minimum=0)
     for _ in range(warmup):
         for run in runs.values():
@@ -126,7 +127,12 @@ def interleaved_medians(runs: Mapping[str, Callable[[], object]], repeats: int, 
             start = time.perf_counter()
             run()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, times in samples.items()}
+    return samples
+
+
+def interleaved_medians(runs: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each of ``runs`` over the rounds of ``interleaved_samples``."""
+    return {name: statistics.median(times) for name, times in interleaved_samples(runs, repeats, warmup).items()}
 
 
 def _clock(fn: Callable[[], None], device: torch.device) -> float:

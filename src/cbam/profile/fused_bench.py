@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import re
+import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -32,7 +33,7 @@ from ..nn import CBAM
 from ..ops import cpu_extension, torch_passes
 from ..ops import fused as fused_ops
 from ..validation import check_int
-from .benchmark import interleaved_medians, saved_bytes
+from .benchmark import interleaved_medians, interleaved_samples, saved_bytes
 
 SHAPES: tuple[tuple[int, int], ...] = ((256, 56), (512, 28), (1024, 14), (2048, 7))  # (C, H): ResNet-50's stages
 
@@ -152,14 +153,17 @@ class ModuleTable:
 
 @dataclass
 class ResNetRow:
-    """One ResNet-50: median seconds per training step and per inference, and the overhead over the
-    ResNet-50 without attention (``time / time_none - 1``)."""
+    """One ResNet-50: median seconds per training step and per inference, and its overhead over the
+    ResNet-50 without attention: the median over rounds of ``time / time_none - 1`` measured in the
+    same round (paired, so that drift between rounds cancels), with its quartiles."""
 
     name: str
     train_s: float
     train_overhead: float
+    train_quartiles: tuple[float, float]
     inference_s: float
     inference_overhead: float
+    inference_quartiles: tuple[float, float]
 
 
 @dataclass
@@ -277,10 +281,20 @@ def module_table(batch: int = 8, repeats: int = 5, shapes: Sequence[tuple[int, i
     return ModuleTable(rows, means, peer, batch, repeats, train_repeats, notes)
 
 
+def _paired_overheads(samples: dict[str, list[float]], name: str) -> tuple[float, tuple[float, float]]:
+    """Median and quartiles of ``name``'s per-round time over ``"none"``'s, minus one."""
+    ratios = [t / base - 1 for t, base in zip(samples[name], samples["none"])]
+    if len(ratios) == 1:
+        return ratios[0], (ratios[0], ratios[0])
+    low, _, high = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), (low, high)
+
+
 def resnet_overhead(batch: int = 8, repeats: int = 3, image_size: int = 224) -> ResNetTable:
-    """Median seconds per training step (forward+backward) and per inference of ResNet-50 on
+    """Seconds per training step (forward+backward) and per inference of ResNet-50 on
     ``(batch, 3, image_size, image_size)`` without attention, with CBAM (``preset="timm"``, default
-    ``impl="auto"``: fused) and with CBAM on the reference path; one warm-up round."""
+    ``impl="auto"``: fused) and with CBAM on the reference path, over ``repeats`` rounds after one
+    warm-up; overheads are paired within rounds (``ResNetRow``)."""
     batch, repeats = check_int("batch", batch), check_int("repeats", repeats)
     image_size = check_int("image_size", image_size, minimum=32)
     torch.manual_seed(0)
@@ -290,12 +304,12 @@ def resnet_overhead(batch: int = 8, repeats: int = 3, image_size: int = 224) -> 
               "cbam reference": resnet50(attention="cbam", preset="timm", impl="reference")}
     for model in models.values():
         model.train()
-    train = interleaved_medians({n: _forward_backward(m, x) for n, m in models.items()}, repeats, warmup=1)
+    train = interleaved_samples({n: _forward_backward(m, x) for n, m in models.items()}, repeats, warmup=1)
     for model in models.values():
         model.eval()
-    inference = interleaved_medians({n: _forward(m, x) for n, m in models.items()}, repeats, warmup=1)
-    rows = [ResNetRow(name, train[name], train[name] / train["none"] - 1,
-                      inference[name], inference[name] / inference["none"] - 1) for name in models]
+    inference = interleaved_samples({n: _forward(m, x) for n, m in models.items()}, repeats, warmup=1)
+    rows = [ResNetRow(name, statistics.median(train[name]), *_paired_overheads(train, name),
+                      statistics.median(inference[name]), *_paired_overheads(inference, name)) for name in models]
     return ResNetTable(rows, batch, image_size, repeats)
 
 
@@ -323,14 +337,19 @@ def format_module_table(table: ModuleTable) -> str:
     return "\n".join(lines)
 
 
+def _overhead(median: float, quartiles: tuple[float, float]) -> str:
+    return f"{median:+.1%} ({quartiles[0]:+.1%} .. {quartiles[1]:+.1%})"
+
+
 def format_resnet_table(table: ResNetTable) -> str:
     """``table`` as a Markdown table under a one-line title."""
     side = table.image_size
-    lines = [f"ResNet-50, batch {table.batch}, {side}²: time per training step (forward+backward) and per inference",
+    lines = [f"ResNet-50, batch {table.batch}, {side}²: time per training step (forward+backward) and per inference, "
+             f"{table.repeats} rounds; overhead: median of per-round ratios to 'none' (quartiles)",
              "| attention | train s | overhead | inference s | overhead |",
              "| --- | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r.name} | {r.train_s:.3f} | {r.train_overhead:+.1%} | {r.inference_s:.3f} | "
-              f"{r.inference_overhead:+.1%} |" for r in table.rows]
+    lines += [f"| {r.name} | {r.train_s:.3f} | {_overhead(r.train_overhead, r.train_quartiles)} | "
+              f"{r.inference_s:.3f} | {_overhead(r.inference_overhead, r.inference_quartiles)} |" for r in table.rows]
     return "\n".join(lines)
 
 
@@ -359,8 +378,8 @@ class FusedBenchReport:
 
 def run(batch: int = 8, repeats: int = 5, shapes: Sequence[tuple[int, int]] = SHAPES, resnet: bool = False,
         compile_reference: bool = False) -> FusedBenchReport:
-    """The whole benchmark: ``module_table``, then with ``resnet`` ``resnet_overhead`` at 224² with
-    ``max(3, repeats // 3)`` repeats."""
+    """The whole benchmark: ``module_table``, then with ``resnet`` ``resnet_overhead`` at 224² over
+    ``max(3, repeats)`` rounds."""
     modules = module_table(batch, repeats, shapes, compile_reference)
-    overhead = resnet_overhead(batch, max(3, repeats // 3)) if resnet else None
+    overhead = resnet_overhead(batch, max(3, repeats)) if resnet else None
     return FusedBenchReport(environment(), modules, overhead)
