@@ -99,8 +99,9 @@ def _norm_as_affine(spec: FusedSpec, bn_w, bn_b) -> tuple[float, float] | None:
         return 1.0, 0.0
     if type(norm) not in PLAIN_NORMS or norm.training or norm.running_mean is None:
         return None
-    scale = float(torch.rsqrt(norm.running_var[0] + norm.eps)) * (1.0 if bn_w is None else float(bn_w[0]))
-    return scale, (0.0 if bn_b is None else float(bn_b[0])) - float(norm.running_mean[0]) * scale
+    scale = torch.rsqrt(norm.running_var + norm.eps) * (1.0 if bn_w is None else bn_w.detach())
+    shift = (0.0 if bn_b is None else bn_b.detach()) - norm.running_mean * scale
+    return tuple(torch.cat([scale, shift]).tolist())  # one transfer to Python
 
 
 def _conv_geometry(weight: Tensor, spatial) -> tuple[Tensor, list[int], list[int]]:
@@ -111,11 +112,15 @@ def _conv_geometry(weight: Tensor, spatial) -> tuple[Tensor, list[int], list[int
     return taps, [1] * (3 - len(spatial)) + list(spatial), list(taps.shape[1:])
 
 
-def _native_forward(x: Tensor, spec: FusedSpec, affine, weights):
-    """``cpu_passes.forward`` where it computes this CBAM, else ``None``."""
+def _native_pools(engine, spec: FusedSpec) -> bool:
+    """Whether ``engine`` is the compiled one and the pool types are ones it computes (avg/max/mix)."""
+    return engine is not torch_passes and set(spec.pool_types) <= NATIVE_POOLS.keys()
+
+
+def _native_forward(engine, x: Tensor, spec: FusedSpec, affine, weights):
+    """``cpu_passes.forward`` where it computes this CBAM (one spatial conv weight), else ``None``."""
     fc1_w, fc1_b, fc2_w, fc2_b, _, _, *chain = weights
-    engine = _engine(x)
-    if engine is torch_passes or len(chain) != 1 or not set(spec.pool_types) <= NATIVE_POOLS.keys():
+    if not _native_pools(engine, spec) or len(chain) != 1:
         return None
     taps, size, kernel = _conv_geometry(chain[0], x.shape[2:])
     coefficients = _pool_coefficients(spec)
@@ -156,6 +161,7 @@ class _Forward:
     leaves, ms)`` where the BatchNorm on batch statistics was recorded."""
 
     out: Tensor
+    engine: object  # the module of passes that ran: cpu_passes or torch_passes
     pooled: dict[str, Tensor]
     stats: tuple[Tensor, Tensor]
     indices: tuple[Tensor, Tensor]
@@ -170,7 +176,7 @@ def _forward(x: Tensor, spec: FusedSpec, weights, record: bool) -> _Forward:
     engine = _engine(x)
     affine = _norm_as_affine(spec, *weights[4:6])
     with torch.no_grad():
-        native = _native_forward(x, spec, affine, weights)
+        native = _native_forward(engine, x, spec, affine, weights)
         if native is not None:
             out, mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits = native
             pooled = {"avg": avg, "max": peak}
@@ -190,7 +196,8 @@ def _forward(x: Tensor, spec: FusedSpec, weights, record: bool) -> _Forward:
         ms = ms_graph[1].detach().contiguous()
     if native is None or affine is None:
         out = engine.apply(x, mc, ms)
-    return _Forward(out, pooled, (mean, speak), (channel_index, spatial_index), logits, ms_graph if record else None)
+    return _Forward(out, engine, pooled, (mean, speak), (channel_index, spatial_index), logits,
+                    ms_graph if record else None)
 
 
 def fused_cbam(x: Tensor, spec: FusedSpec, *weights: Tensor | None) -> Tensor:
@@ -210,7 +217,7 @@ class FusedCBAM(torch.autograd.Function):
     def forward(ctx, x, spec: FusedSpec, fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b, *chain):
         weights = (fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b, *chain)
         result = _forward(x, spec, weights, record=True)
-        ctx.spec, ctx.engine, ctx.ms_graph, ctx.pool_names = spec, _engine(x), result.ms_graph, list(result.pooled)
+        ctx.spec, ctx.engine, ctx.ms_graph, ctx.pool_names = spec, result.engine, result.ms_graph, list(result.pooled)
         ctx.save_for_backward(x, result.logits, *result.stats, *result.indices, *result.pooled.values(), *weights)
         return result.out
 
@@ -224,7 +231,7 @@ class FusedCBAM(torch.autograd.Function):
         spec, engine, spatial = ctx.spec, ctx.engine, x.shape[2:]
         flat = (*x.shape[:2], spatial.numel())
         x3, g3 = x.reshape(flat), grad.reshape(flat).contiguous()
-        channel_kind = _NativeChannel if _native_channel(engine, spec) else _AutogradChannel
+        channel_kind = _NativeChannel if _native_pools(engine, spec) else _AutogradChannel
         channel = channel_kind(engine, spec, weights[:4], pooled)
         with torch.enable_grad():  # the spatial gate again, from the saved logits
             if ctx.ms_graph is None:  # a pure gate (no norm, or one on running statistics)
@@ -232,7 +239,7 @@ class FusedCBAM(torch.autograd.Function):
                 ms = _spatial_gate(spatial_leaves[0], spatial, spec, *_with_nones(spatial_leaves[1:], weights[4:6]))
             else:
                 spatial_leaves, ms = ctx.ms_graph
-        mc_value, ms_value = channel.gate(), ms.detach().contiguous()
+        mc_value, ms_value = channel.mc, ms.detach().contiguous()
 
         d_ms, d_mc = engine.gate_grads(g3, x3, mc_value, ms_value)
         d_logits, *d_norm = _grads(ms, spatial_leaves, d_ms)
@@ -240,7 +247,7 @@ class FusedCBAM(torch.autograd.Function):
         d_mean, d_speak, *d_chain = _spatial_grads(engine, mean, speak, spatial, spec, chain, d_logits)
         d_mean, d_speak = d_mean.contiguous(), d_speak.contiguous()
         d_mc = d_mc + engine.stats_grad(x3, d_mean, d_speak, spatial_index)
-        d_pooled, d_channel_weights = channel.grads(mc_value, d_mc)
+        d_pooled, d_channel_weights = channel.grads(d_mc)
 
         dx = engine.input_grad(g3, x3, mc_value, ms_value, d_mean, d_speak, spatial_index,
                                d_pooled["avg"], d_pooled["max"], channel_index)
@@ -253,49 +260,39 @@ class FusedCBAM(torch.autograd.Function):
         return (dx.view_as(x), None, *(None if w is None else next(found) for w in weights))
 
 
-def _native_channel(engine, spec: FusedSpec) -> bool:
-    return engine is not torch_passes and set(spec.pool_types) <= NATIVE_POOLS.keys()
-
-
 def _pool_coefficients(spec: FusedSpec) -> list[list[float]]:
     """The (mean, max) coefficients of each pool type: ``[avg coefficients, max coefficients]``."""
     return [list(column) for column in zip(*(NATIVE_POOLS[kind] for kind in spec.pool_types))]
 
 
 class _NativeChannel:
-    """The channel MLP's gate and backward on the compiled engine (avg/max/mix pooling)."""
+    """The channel MLP on the compiled engine (avg/max/mix pooling): ``mc (B, C)`` and its backward."""
 
     def __init__(self, engine, spec: FusedSpec, weights, pooled: dict[str, Tensor]):
-        fc1_w, fc1_b, fc2_w, fc2_b = (None if w is None else w.detach().contiguous() for w in weights)
-        self.engine, self.weights, self.pooled = engine, weights, pooled
+        fc1_w, fc1_b, fc2_w, fc2_b = (_contiguous(None if w is None else w.detach()) for w in weights)
+        self.engine, self.weights, self.pooled, self.hard = engine, weights, pooled, spec.gate == "hard-sigmoid"
         self.args = (*_pool_coefficients(spec), fc1_w, fc1_b, fc2_w)
-        self.fc2_b, self.hard = fc2_b, spec.gate == "hard-sigmoid"
+        self.mc = engine.channel_gate(pooled["avg"], pooled["max"], *self.args, fc2_b, self.hard)
 
-    def gate(self) -> Tensor:
-        """``mc (B, C)``."""
-        return self.engine.channel_gate(self.pooled["avg"], self.pooled["max"], *self.args, self.fc2_b, self.hard)
-
-    def grads(self, mc: Tensor, d_mc: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
-        """Gradients for the pooled vectors and the MLP weights that exist, given ``mc`` and ``d_mc (B, C)``."""
+    def grads(self, d_mc: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
+        """Gradients for the pooled vectors and the MLP weights that exist, given ``d_mc (B, C)``."""
         d_avg, d_max, *d_weights = self.engine.channel_backward(self.pooled["avg"], self.pooled["max"], *self.args,
-                                                                mc, d_mc.contiguous(), self.hard)
+                                                                self.mc, d_mc.contiguous(), self.hard)
         return {"avg": d_avg, "max": d_max}, [g for g, w in zip(d_weights, self.weights) if w is not None]
 
 
 class _AutogradChannel:
-    """The channel MLP's gate and backward through autograd (any pool types, any engine)."""
+    """The channel MLP through autograd (any pool types, any engine): ``mc (B, C)`` and its backward."""
 
     def __init__(self, engine, spec: FusedSpec, weights, pooled: dict[str, Tensor]):
         self.weights = [w for w in weights if w is not None]
         self.leaves = {kind: _leaf(value) for kind, value in pooled.items()}
         with torch.enable_grad():
-            self.mc = _channel_gate(self.leaves, spec, *weights)
+            self.graph = _channel_gate(self.leaves, spec, *weights)
+        self.mc = self.graph.detach().contiguous()
 
-    def gate(self) -> Tensor:
-        return self.mc.detach().contiguous()
-
-    def grads(self, mc: Tensor, d_mc: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
-        found = _grads(self.mc, [*self.leaves.values(), *self.weights], d_mc)
+    def grads(self, d_mc: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
+        found = _grads(self.graph, [*self.leaves.values(), *self.weights], d_mc)
         return dict(zip(self.leaves, (g.contiguous() for g in found))), found[len(self.leaves):]
 
 
