@@ -49,7 +49,22 @@ def _downsample(in_channels: int, out_channels: int, stride: int, factory: dict)
     )
 
 
-class BasicBlock(nn.Module):
+def _block_sizes(in_channels: int, channels: int, stride: int) -> tuple[int, int, int]:
+    """A block's sizes, checked."""
+    return check_int("in_channels", in_channels), check_int("channels", channels), check_int("stride", stride)
+
+
+class _ResidualBlock(nn.Module):
+    """The tail both blocks share: ``relu(attention(out) + shortcut(x))``."""
+
+    def _residual(self, out: Tensor, x: Tensor) -> Tensor:
+        if self.cbam is not None:
+            out = self.cbam(out)
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + shortcut)
+
+
+class BasicBlock(_ResidualBlock):
     """Two 3x3 convs + attention + shortcut: ``(B, in_channels, H, W) -> (B, channels, H/stride, W/stride)``.
 
     ``attention(channels, device=, dtype=)`` (timm's ``attn_layer`` call, so ``cbam.CBAM`` itself fits)
@@ -63,8 +78,7 @@ class BasicBlock(nn.Module):
         device=None, dtype=None,
     ) -> None:
         super().__init__()
-        in_channels, channels = check_int("in_channels", in_channels), check_int("channels", channels)
-        stride = check_int("stride", stride)
+        in_channels, channels, stride = _block_sizes(in_channels, channels, stride)
         factory = {"device": device, "dtype": dtype}
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False, **factory)
         self.bn1 = nn.BatchNorm2d(channels, **factory)
@@ -76,14 +90,10 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.cbam is not None:
-            out = self.cbam(out)
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + shortcut)
+        return self._residual(self.bn2(self.conv2(out)), x)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """1x1, 3x3 (stride here, as torchvision), 1x1 x4 convs + attention + shortcut.
 
     ``(B, in_channels, H, W) -> (B, 4 * channels, H/stride, W/stride)``; ``attention(4 * channels,
@@ -97,8 +107,7 @@ class Bottleneck(nn.Module):
         device=None, dtype=None,
     ) -> None:
         super().__init__()
-        in_channels, channels = check_int("in_channels", in_channels), check_int("channels", channels)
-        stride = check_int("stride", stride)
+        in_channels, channels, stride = _block_sizes(in_channels, channels, stride)
         out_channels = channels * self.expansion
         factory = {"device": device, "dtype": dtype}
         self.conv1 = nn.Conv2d(in_channels, channels, 1, bias=False, **factory)
@@ -114,11 +123,7 @@ class Bottleneck(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.cbam is not None:
-            out = self.cbam(out)
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + shortcut)
+        return self._residual(self.bn3(self.conv3(out)), x)
 
 
 class ResNet(nn.Module):
