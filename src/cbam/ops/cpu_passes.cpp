@@ -550,11 +550,11 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
       }
     };
     if ((fc1_w.numel() + fc2_w.numel()) > C * S) {  // MLP weights outweigh a sample's x: pool all, one BLAS MLP
-      const auto pooled = pool(x.view({B, C, S}));
-      avg.copy_(pooled[0]);
-      peak.copy_(pooled[1]);
-      channel_index.copy_(pooled[2]);
-      mc.copy_(channel_gate(avg, peak, avg_coef, max_coef, fc1_w, fc1_b, fc2_w, fc2_b, hard));
+      const auto pooled = pool(x.view({B, C, S}));  // the per-sample lambdas read these tensors when called
+      avg = pooled[0];
+      peak = pooled[1];
+      channel_index = pooled[2];
+      mc = channel_gate(avg, peak, avg_coef, max_coef, fc1_w, fc1_b, fc2_w, fc2_b, hard);
       each_sample(sample);
     } else {  // sample by sample: its x stays in cache from the pooling to the output
       each_sample([&](int64_t b) {
