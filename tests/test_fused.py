@@ -1,5 +1,7 @@
 """impl="fused" against the float64 reference (cbam.functional through impl="reference"), and its engines."""
 
+import re
+
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -37,10 +39,11 @@ def pair(channels, kernel, dims, seed=0, **options):
     return fast, slow
 
 
-def outputs_and_grads(module, x, upstream):
-    leaf = x.detach().requires_grad_()
-    out = module(leaf)
-    return [out, *torch.autograd.grad(out, [leaf, *module.parameters()], upstream)]
+def outputs_and_grads(module, x, upstream, residual=None):
+    """The output and the gradients for the input, the residual (when given) and the parameters."""
+    leaves = [x.detach().requires_grad_()] + ([] if residual is None else [residual.detach().requires_grad_()])
+    out = module(*leaves)
+    return [out, *torch.autograd.grad(out, [*leaves, *module.parameters()], upstream)]
 
 
 @st.composite
@@ -56,6 +59,7 @@ def cases(draw):
         "gate": draw(st.sampled_from(["sigmoid", "hard-sigmoid"])),
         "spatial_pool": draw(st.sampled_from(["concat", "mix"])),
         "train": draw(st.booleans()),
+        "residual": draw(st.booleans()),
         "seed": draw(st.integers(0, 2**16)),
     }
 
@@ -71,7 +75,9 @@ def test_fused_equals_reference_on_random_shapes(engine, case):
     slow.train(case["train"])
     x = torch.randn(case["shape"], dtype=F64, generator=torch.Generator().manual_seed(case["seed"]))
     upstream = torch.randn(case["shape"], dtype=F64)
-    for got, want in zip(outputs_and_grads(fast, x, upstream), outputs_and_grads(slow, x, upstream)):
+    residual = torch.randn(case["shape"], dtype=F64) if case["residual"] else None
+    found = [outputs_and_grads(module, x, upstream, residual) for module in (fast, slow)]
+    for got, want in zip(*found):
         torch.testing.assert_close(got, want)
     if case["train"] and fast.spatial_att.bn is not None:
         torch.testing.assert_close(fast.spatial_att.bn.running_mean, slow.spatial_att.bn.running_mean)
@@ -97,6 +103,33 @@ def test_fused_gradcheck(engine):
     fast, _ = pair(4, 3, 2, preset="official")
     x = torch.randn(2, 4, 4, 3, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(fast.train(), (x,))
+    residual = torch.randn(2, 4, 4, 3, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(fast.train(), (x, residual))
+
+
+def test_residual_tail_is_relu_of_the_sum(engine):
+    """``cbam(x, residual)`` against ``relu(cbam(x) + residual)`` written out, with about half the sums
+    negative so that the ReLU cuts both the value and the gradient."""
+    fast, _ = pair(8, 3, 2, preset="timm")
+    x = torch.randn(2, 8, 5, 6, dtype=F64)
+    residual = torch.randn_like(x)
+    upstream = torch.randn_like(x)
+    got = outputs_and_grads(fast, x, upstream, residual)
+    leaves = [x.clone().requires_grad_(), residual.clone().requires_grad_()]
+    want = torch.relu(fast.to(F64)(leaves[0]) + leaves[1])
+    assert 0.2 < (want == 0).double().mean().item() < 0.8
+    torch.testing.assert_close(got[0], want)
+    torch.testing.assert_close(got[1:3], list(torch.autograd.grad(want, leaves, upstream)))
+
+
+@pytest.mark.parametrize(("residual", "error", "words"), [
+    (torch.zeros(2, 8, 5, 5), ValueError, "residual with the input's shape (2, 8, 5, 6), got (2, 8, 5, 5)"),
+    (torch.zeros(2, 8, 5, 6, dtype=F64), ValueError, "dtype torch.float32, got torch.float64"),
+    ([0.0], TypeError, "residual to be a torch.Tensor, got list"),
+])
+def test_residual_must_match_the_input(residual, error, words):
+    with pytest.raises(error, match=re.escape(words)):
+        cbam.CBAM(8)(torch.zeros(2, 8, 5, 6), residual)
 
 
 def test_fused_under_autocast_computes_in_the_input_dtype():
@@ -145,7 +178,8 @@ def test_compiled_passes_equal_the_torch_passes():
     x, g = torch.randn(2, 5, 1100, dtype=F64), torch.randn(2, 5, 1100, dtype=F64)  # > one 512-position chunk
     mc, ms = torch.rand(2, 5, dtype=F64), torch.rand(2, 1100, dtype=F64)
     vectors = [torch.randn(2, 1100, dtype=F64), torch.randn(2, 1100, dtype=F64)]
-    calls = [("pool", (x,)), ("gated_stats", (x, mc)), ("apply", (x, mc, ms)), ("gate_grads", (g, x, mc, ms))]
+    calls = [("pool", (x,)), ("gated_stats", (x, mc)), ("apply", (x, mc, ms, None)), ("apply", (x, mc, ms, g)),
+             ("gate_grads", (g, x, mc, ms, None)), ("gate_grads", (g, x, mc, ms, x - 0.5))]
     for name, args in calls:
         for got, want in zip(getattr(compiled, name)(*args), getattr(torch_passes, name)(*args)):
             torch.testing.assert_close(got, want)

@@ -146,6 +146,52 @@ def test_block_applies_cbam_to_the_residual_branch_before_the_addition(
         assert not torch.allclose(plain(x), got), "the CBAM should change the block's output"
 
 
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_block_trains_through_the_residual_tail(impl):
+    """In training mode (batch-statistics BatchNorms) the block's output and every gradient equal the
+    recomposed block's, where the ReLU, the addition and CBAM are separate ops."""
+    gen = torch.Generator().manual_seed(SEED)
+    block = _randomise(Bottleneck(32, 16, 2, partial(CBAM, reduction_ratio=4, preset="timm", impl=impl),
+                                  dtype=torch.float64), gen).train()
+    x = torch.randn(2, 32, 9, 10, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(2, 64, 5, 5, generator=gen, dtype=torch.float64)
+    found = []
+    for forward in (block, lambda inputs: _recomposed(block, inputs)):
+        leaf = x.clone().requires_grad_()
+        out = forward(leaf)
+        found.append([out, *torch.autograd.grad(out, [leaf, *block.parameters()], upstream)])
+    for got, want in zip(*found):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_hooks_on_the_cbam_see_its_own_output_and_change_nothing():
+    """Unwatched, the block runs ``cbam(out, shortcut)`` (the tail in CBAM's output pass); a forward
+    hook on ``block.cbam`` gets CBAM's own output, and the block's output is bitwise the same."""
+    gen = torch.Generator().manual_seed(SEED)
+    block = _randomise(Bottleneck(64, 16, 1, partial(CBAM, reduction_ratio=4, preset="timm")), gen).eval()
+    x = torch.randn(2, 64, 12, 12, generator=gen)
+    with torch.no_grad():
+        unwatched = block(x)
+        seen = []
+        handle = block.cbam.register_forward_hook(lambda module, inputs, output: seen.append((inputs, output)))
+        watched = block(x)
+        handle.remove()
+        (inputs, output), = seen
+        assert len(inputs) == 1
+        torch.testing.assert_close(output, block.cbam(inputs[0]), rtol=0, atol=0)
+    assert torch.equal(watched, unwatched)
+
+
+def test_block_takes_any_attention_module():
+    """An attention that is not a ``CBAM`` (here timm's) is applied before the addition, as CBAM is."""
+    gen = torch.Generator().manual_seed(SEED)
+    block = _randomise(Bottleneck(64, 16, 1, lambda channels, **factory: CbamModule(channels, rd_ratio=1 / 4)),
+                       gen).double().eval()
+    x = torch.randn(2, 64, 6, 6, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), _recomposed(block, x), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("depth", list(BUILDERS))
 def test_every_block_holds_one_cbam_over_its_output_channels(depth):
     """One ``CBAM`` per residual block, at ``block.cbam``, sized to the block's output channels."""

@@ -103,3 +103,15 @@ def check_input(x, owner: str, *, dims: int | None = None, channels: int | None 
         raise ValueError(f"{owner} expects at least 1 channel at dim 1, got shape {shape}")
     if 0 in shape[2:]:
         raise ValueError(f"{owner} expects non-empty spatial dims, got shape {shape}")
+
+
+def check_residual(residual, x: torch.Tensor, owner: str) -> None:
+    """Check that ``residual`` can be added to ``x`` as is: a tensor of its shape, dtype and device."""
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"{owner} expects residual to be a torch.Tensor, got {type(residual).__name__}")
+    for what in ("shape", "dtype", "device"):
+        expected, actual = getattr(x, what), getattr(residual, what)
+        if expected != actual:
+            shown = tuple if what == "shape" else str
+            raise ValueError(f"{owner} expects residual with the input's {what} {shown(expected)}, "
+                             f"got {shown(actual)}")

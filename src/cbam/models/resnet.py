@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from ..nn import CBAM
 from ..validation import check_choice, check_int
@@ -54,13 +55,28 @@ def _block_sizes(in_channels: int, channels: int, stride: int) -> tuple[int, int
     return check_int("in_channels", in_channels), check_int("channels", channels), check_int("stride", stride)
 
 
+def _watched(module: nn.Module) -> bool:
+    """Whether hooks (the module's own or global ones) see ``module``'s calls."""
+    hooks = [module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks, module._backward_hooks,
+             torch_module._global_forward_pre_hooks, torch_module._global_forward_hooks,
+             torch_module._global_backward_pre_hooks, torch_module._global_backward_hooks]
+    return any(hooks)
+
+
 class _ResidualBlock(nn.Module):
-    """The tail both blocks share: ``relu(attention(out) + shortcut(x))``."""
+    """The tail both blocks share: ``relu(attention(out) + shortcut(x))``.
+
+    Where the attention is a ``CBAM`` on its fused path and no hook watches it, it is one call,
+    ``cbam(out, shortcut)``, whose output pass adds and rectifies; hooks on ``block.cbam`` always
+    see CBAM's own input and output.
+    """
 
     def _residual(self, out: Tensor, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        if isinstance(self.cbam, CBAM) and self.cbam.fuses(out) and not _watched(self.cbam):
+            return self.cbam(out, shortcut)
         if self.cbam is not None:
             out = self.cbam(out)
-        shortcut = x if self.downsample is None else self.downsample(x)
         return self.relu(out + shortcut)
 
 

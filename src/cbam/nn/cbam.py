@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..ops import IMPLS, FusedSpec, fused_applies, fused_cbam
 from ..presets import ORDERS
-from ..validation import check_choice
+from ..validation import check_choice, check_residual
 from .gate_pair import AttentionMaps, GatePair
 
 
@@ -25,6 +25,10 @@ class CBAM(GatePair):
     1-D, 2-D or 3-D inputs. ``impl`` selects the implementation (see ``cbam.ops``): ``"reference"``,
     the eager composition of ``cbam.functional``; ``"fused"``, one autograd.Function with a
     hand-derived backward; ``"auto"`` (default), fused wherever it computes the same function.
+
+    ``cbam(x, residual)`` is a residual block's tail, ``relu(cbam(x) + residual)``; the fused path
+    computes it in its output pass instead of two more passes over memory (``cbam.models`` uses it
+    where ``fuses(x)``).
     """
 
     def __init__(
@@ -65,21 +69,31 @@ class CBAM(GatePair):
         spatial = self.spatial_att.attention(x)
         return AttentionMaps(self.channel_att.attention(x * spatial), spatial)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``(B, C, *spatial) -> (B, C, *spatial)``; with ``residual`` (shaped like ``x``),
+        ``relu(cbam(x) + residual)``."""
         self._check(x)
-        if fused_applies(self.impl, self.order, x):
-            return self._fused(x)
+        if residual is not None:
+            check_residual(residual, x, f"{type(self).__name__}(in_channels={self.channel_att.in_channels})")
+        if self.fuses(x):
+            return self._fused(x, residual)
         if self.order == "channel-spatial":
-            return self.spatial_att(self.channel_att(x))
-        return self.channel_att(self.spatial_att(x))
+            out = self.spatial_att(self.channel_att(x))
+        else:
+            out = self.channel_att(self.spatial_att(x))
+        return out if residual is None else torch.relu(out + residual)
 
-    def _fused(self, x: Tensor) -> Tensor:
+    def fuses(self, x: Tensor) -> bool:
+        """Whether ``forward(x)`` runs the fused implementation (see ``impl``)."""
+        return fused_applies(self.impl, self.order, x)
+
+    def _fused(self, x: Tensor, residual: Tensor | None) -> Tensor:
         ca, sa = self.channel_att, self.spatial_att
         spec = FusedSpec(ca.pool_types, ca.gate, sa.pool, sa.bn)
         bn_weight, bn_bias = (None, None) if sa.bn is None else (sa.bn.weight, sa.bn.bias)
         with torch.autocast(x.device.type, enabled=False):
             return fused_cbam(x, spec, ca.fc1.weight, ca.fc1.bias, ca.fc2.weight, ca.fc2.bias,
-                              bn_weight, bn_bias, *sa.conv_weights())
+                              bn_weight, bn_bias, *sa.conv_weights(), residual=residual)
 
     def extra_repr(self) -> str:
         return f"order={self.order!r}, impl={self.impl!r}"

@@ -150,21 +150,43 @@ std::vector<at::Tensor> gated_stats(const at::Tensor& x, const at::Tensor& mc) {
   return {mean, peak, index};
 }
 
-// out = x * mc * ms; out has x's shape (the caller passes x unflattened but contiguous).
-at::Tensor apply(const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms) {
+// One output row of S positions: out = x * m * ms, or relu(x * m * ms + residual) with a residual
+// row (the residual block's tail; NaN stays NaN as in torch.relu). Rounded as torch's separate ops
+// round, (x * m) * ms then + residual: no reassociation, no fused multiply-add.
+template <typename scalar_t>
+__attribute__((optimize("no-associative-math", "fp-contract=off"))) void output_row(const scalar_t* x, scalar_t m, const scalar_t* ms, const scalar_t* residual, int64_t S,
+                scalar_t* out) {
+  if (residual == nullptr) {
+    for (int64_t s = 0; s < S; ++s) out[s] = x[s] * m * ms[s];
+    return;
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    const scalar_t v = x[s] * m * ms[s] + residual[s];
+    out[s] = v < 0 ? scalar_t(0) : v;
+  }
+}
+
+// The residual's data, or null without one.
+template <typename scalar_t>
+const scalar_t* data_or_null(const std::optional<at::Tensor>& t) {
+  return t ? t->data_ptr<scalar_t>() : nullptr;
+}
+
+// out = x * mc * ms (relu(... + residual) with a residual shaped like x); out has x's shape (the
+// caller passes x unflattened but contiguous).
+at::Tensor apply(const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms,
+                 const std::optional<at::Tensor>& residual) {
   const int64_t B = x.size(0), C = x.size(1), S = x.numel() / std::max<int64_t>(B * C, 1);
   auto out = output_cache::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_apply", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* mp = mc.data_ptr<scalar_t>();
     const scalar_t* sp = ms.data_ptr<scalar_t>();
+    const scalar_t* rp = data_or_null<scalar_t>(residual);
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t m = mp[r];
-        const scalar_t* gate = sp + (r / C) * S;
-        for (int64_t s = 0; s < S; ++s) op[r * S + s] = xp[r * S + s] * m * gate[s];
-      }
+      for (int64_t r = begin; r < end; ++r)
+        output_row(xp + r * S, mp[r], sp + (r / C) * S, rp ? rp + r * S : nullptr, S, op + r * S);
     });
   });
   return out;
@@ -172,19 +194,24 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms
 
 // d/d ms (B, S) and d/d mc (B, C) of sum(grad * x * mc * ms), in one read of grad and x: row by
 // row within a sample (streaming reads); threads split samples, or a sample's positions when there
-// are fewer samples than threads.
+// are fewer samples than threads. With the output of a residual tail (rectified = relu(... +
+// residual), shaped like x) grad first goes through the ReLU: grad where rectified > 0, else 0.
+// Returns d_ms, d_mc and the gradient used (written where rectified, else grad itself).
 std::vector<at::Tensor> gate_grads(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mc,
-                                   const at::Tensor& ms) {
+                                   const at::Tensor& ms, const std::optional<at::Tensor>& rectified) {
   const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
   const bool by_sample = B >= at::get_num_threads();
   const int64_t K = by_sample ? 1 : chunks(S), span = by_sample ? S : kChunk;
   auto d_ms = at::empty({B, S}, x.options());
   auto partial = at::empty({B, K, C}, x.options());
+  auto through = rectified ? output_cache::empty_like(grad) : grad;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_gate_grads", [&] {
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* mp = mc.data_ptr<scalar_t>();
     const scalar_t* sp = ms.data_ptr<scalar_t>();
+    const scalar_t* rp = data_or_null<scalar_t>(rectified);
+    scalar_t* tp = through.data_ptr<scalar_t>();
     at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / K, k = task % K, s0 = k * span, n = std::min(span, S - s0);
@@ -192,9 +219,14 @@ std::vector<at::Tensor> gate_grads(const at::Tensor& grad, const at::Tensor& x, 
         scalar_t* acc = d_ms.data_ptr<scalar_t>() + b * S + s0;
         std::fill(acc, acc + n, scalar_t(0));
         for (int64_t c = 0; c < C; ++c) {
+          const int64_t row = (b * C + c) * S + s0;
           const scalar_t m = mp[b * C + c];
-          const scalar_t* g = gp + (b * C + c) * S + s0;
-          const scalar_t* xr = xp + (b * C + c) * S + s0;
+          const scalar_t* g = gp + row;
+          if (rp) {  // the ReLU's backward into this row of the gradient used, read back from L1 below
+            for (int64_t s = 0; s < n; ++s) tp[row + s] = rp[row + s] <= 0 ? scalar_t(0) : g[s];
+            g = tp + row;
+          }
+          const scalar_t* xr = xp + row;
           scalar_t dot = 0;
           for (int64_t s = 0; s < n; ++s) {
             const scalar_t t = g[s] * xr[s];
@@ -206,7 +238,7 @@ std::vector<at::Tensor> gate_grads(const at::Tensor& grad, const at::Tensor& x, 
       }
     });
   });
-  return {d_ms, partial.sum(1)};
+  return {d_ms, partial.sum(1), through};
 }
 
 // d/d mc (B, C) through gated_stats: mean term sum_s d_mean * x / C, max term at each position's arg-max.
@@ -472,14 +504,16 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& maps, const at::Tensor& 
 // The whole CBAM forward: pooling, channel MLP, gated statistics, spatial conv, gate and output. Descriptor k of the channel MLP is
 // avg_coef[k] * mean + max_coef[k] * max over positions. The spatial logits get scale * z + shift
 // (an eval-mode BatchNorm) before the gate. With finish = false it stops at the spatial logits
-// (a BatchNorm on batch statistics comes next, in Python); out and ms are then empty.
+// (a BatchNorm on batch statistics comes next, in Python); out and ms are then empty. With a residual
+// (shaped like x) the output is relu(x * mc * ms + residual).
 // x is (B, C, *spatial), contiguous. Returns out (shaped like x), mc, ms, avg, peak, channel_index,
 // mean, speak, spatial_index, logits.
 std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, std::vector<double> avg_coef,
                                 std::vector<double> max_coef, const at::Tensor& fc1_w,
                                 const std::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
                                 const std::optional<at::Tensor>& fc2_b, const at::Tensor& conv_w,
-                                std::vector<int64_t> kernel, double scale, double shift, bool hard, bool finish) {
+                                std::vector<int64_t> kernel, double scale, double shift, bool hard, bool finish,
+                                const std::optional<at::Tensor>& residual) {
   const int64_t B = x.size(0), C = x.size(1), S = size[0] * size[1] * size[2];
   const int64_t I = conv_w.size(0);
   TORCH_CHECK(S < std::numeric_limits<int32_t>::max(), "cbam: at most 2^31 - 1 positions per sample, got ", S);
@@ -493,6 +527,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_forward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* cw = conv_w.data_ptr<scalar_t>();
+    const scalar_t* rp = data_or_null<scalar_t>(residual);
     const auto mlp = channel_mlp<scalar_t>(avg_coef, max_coef, fc1_w, fc1_b, fc2_w, fc2_b, hard);
     // Sample b's pooling, then its MLP.
     auto pool_and_mlp = [&](int64_t b) {
@@ -533,11 +568,10 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
       scalar_t* ms_b = ms.data_ptr<scalar_t>() + b * S;
       for (int64_t s = 0; s < S; ++s) ms_b[s] = squash(scalar_t(scale) * logits_b[s] + scalar_t(shift), hard);
       scalar_t* ob = out.data_ptr<scalar_t>() + b * C * S;
+      const scalar_t* rb = rp ? rp + b * C * S : nullptr;
       at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          const scalar_t m = mc_b[c];
-          for (int64_t s = 0; s < S; ++s) ob[c * S + s] = xb[c * S + s] * m * ms_b[s];
-        }
+        for (int64_t c = begin; c < end; ++c)
+          output_row(xb + c * S, mc_b[c], ms_b, rb ? rb + c * S : nullptr, S, ob + c * S);
       });
     };
     auto each_sample = [&](const std::function<void(int64_t)>& work) {

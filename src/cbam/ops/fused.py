@@ -117,7 +117,7 @@ def _native_pools(engine, spec: FusedSpec) -> bool:
     return engine is not torch_passes and set(spec.pool_types) <= NATIVE_POOLS.keys()
 
 
-def _native_forward(engine, x: Tensor, spec: FusedSpec, affine, weights):
+def _native_forward(engine, x: Tensor, residual: Tensor | None, spec: FusedSpec, affine, weights):
     """``cpu_passes.forward`` where it computes this CBAM (one spatial conv weight), else ``None``."""
     fc1_w, fc1_b, fc2_w, fc2_b, _, _, *chain = weights
     if not _native_pools(engine, spec) or len(chain) != 1:
@@ -127,7 +127,8 @@ def _native_forward(engine, x: Tensor, spec: FusedSpec, affine, weights):
     finish = affine is not None
     scale, shift = affine if finish else (1.0, 0.0)
     return engine.forward(x, size, *coefficients, fc1_w.contiguous(), _contiguous(fc1_b), fc2_w.contiguous(),
-                          _contiguous(fc2_b), taps, kernel, scale, shift, spec.gate == "hard-sigmoid", finish)
+                          _contiguous(fc2_b), taps, kernel, scale, shift, spec.gate == "hard-sigmoid", finish,
+                          _contiguous(residual))
 
 
 def _spatial_grads(engine, mean: Tensor, speak: Tensor, spatial, spec: FusedSpec, chain, d_logits: Tensor):
@@ -163,20 +164,22 @@ class _Forward:
     out: Tensor
     engine: object  # the module of passes that ran: cpu_passes or torch_passes
     pooled: dict[str, Tensor]
+    mc: Tensor
     stats: tuple[Tensor, Tensor]
     indices: tuple[Tensor, Tensor]
     logits: Tensor
     ms_graph: tuple[list[Tensor], Tensor] | None
 
 
-def _forward(x: Tensor, spec: FusedSpec, weights, record: bool) -> _Forward:
-    """The fused forward; ``record`` keeps the autograd graph of a BatchNorm on batch statistics."""
+def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights, record: bool) -> _Forward:
+    """The fused forward, ``relu(cbam(x) + residual)`` with a residual; ``record`` keeps the autograd
+    graph of a BatchNorm on batch statistics."""
     batch, channels, spatial = x.shape[0], x.shape[1], x.shape[2:]
     x3 = x.reshape(batch, channels, spatial.numel())
     engine = _engine(x)
     affine = _norm_as_affine(spec, *weights[4:6])
     with torch.no_grad():
-        native = _native_forward(engine, x, spec, affine, weights)
+        native = _native_forward(engine, x, residual, spec, affine, weights)
         if native is not None:
             out, mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits = native
             pooled = {"avg": avg, "max": peak}
@@ -195,44 +198,54 @@ def _forward(x: Tensor, spec: FusedSpec, weights, record: bool) -> _Forward:
             ms_graph = (leaves, _spatial_gate(leaves[0], spatial, spec, *_with_nones(leaves[1:], weights[4:6])))
         ms = ms_graph[1].detach().contiguous()
     if native is None or affine is None:
-        out = engine.apply(x, mc, ms)
-    return _Forward(out, engine, pooled, (mean, speak), (channel_index, spatial_index), logits,
+        out = engine.apply(x, mc, ms, _contiguous(residual))
+    return _Forward(out, engine, pooled, mc, (mean, speak), (channel_index, spatial_index), logits,
                     ms_graph if record else None)
 
 
-def fused_cbam(x: Tensor, spec: FusedSpec, *weights: Tensor | None) -> Tensor:
+def fused_cbam(x: Tensor, spec: FusedSpec, *weights: Tensor | None, residual: Tensor | None = None) -> Tensor:
     """CBAM of ``x: (B, C, *spatial)`` on the fused passes; ``weights`` as ``FusedCBAM.forward`` takes them.
+    With ``residual`` (shaped like ``x``): ``relu(cbam(x) + residual)``, a residual block's tail, in
+    the same output pass.
 
     Where no gradient is wanted this skips the autograd function and what it saves.
     """
-    if torch.is_grad_enabled() and (x.requires_grad or any(w is not None and w.requires_grad for w in weights)):
-        return FusedCBAM.apply(x, spec, *weights)
-    return _forward(x, spec, weights, record=False).out
+    inputs = (x, residual, *weights)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return FusedCBAM.apply(x, residual, spec, *weights)
+    return _forward(x, residual, spec, weights, record=False).out
 
 
 class FusedCBAM(torch.autograd.Function):
-    """``out = y * Ms(y)``, ``y = x * Mc(x)`` for ``x: (B, C, *spatial)``; see the module docstring."""
+    """``out = y * Ms(y)``, ``y = x * Mc(x)`` for ``x: (B, C, *spatial)``, or ``relu(out + residual)``
+    with a residual; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, spec: FusedSpec, fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b, *chain):
+    def forward(ctx, x, residual, spec: FusedSpec, fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b, *chain):
         weights = (fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b, *chain)
-        result = _forward(x, spec, weights, record=True)
+        result = _forward(x, residual, spec, weights, record=True)
         ctx.spec, ctx.engine, ctx.ms_graph, ctx.pool_names = spec, result.engine, result.ms_graph, list(result.pooled)
-        ctx.save_for_backward(x, result.logits, *result.stats, *result.indices, *result.pooled.values(), *weights)
+        ctx.has_residual = residual is not None  # then the output is saved too: the ReLU's mask
+        tail_output = [result.out] if ctx.has_residual else []
+        ctx.save_for_backward(x, result.logits, result.mc, *result.stats, *result.indices, *tail_output,
+                              *result.pooled.values(), *weights)
         return result.out
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():
             raise RuntimeError("FusedCBAM has no double backward (create_graph=True); use CBAM(impl='reference')")
-        x, logits, mean, speak, channel_index, spatial_index, *rest = ctx.saved_tensors
-        pooled = dict(zip(ctx.pool_names, rest))
-        weights = [_leaf(w) for w in rest[len(pooled):]]
+        x, logits, mc, mean, speak, channel_index, spatial_index, *rest = ctx.saved_tensors
         spec, engine, spatial = ctx.spec, ctx.engine, x.shape[2:]
         flat = (*x.shape[:2], spatial.numel())
         x3, g3 = x.reshape(flat), grad.reshape(flat).contiguous()
-        channel_kind = _NativeChannel if _native_pools(engine, spec) else _AutogradChannel
-        channel = channel_kind(engine, spec, weights[:4], pooled)
+        rectified = rest.pop(0).reshape(flat) if ctx.has_residual else None
+        pooled = dict(zip(ctx.pool_names, rest))
+        weights = [_leaf(w) for w in rest[len(pooled):]]
+        if _native_pools(engine, spec):
+            channel = _NativeChannel(engine, spec, weights[:4], pooled, mc)
+        else:
+            channel = _AutogradChannel(spec, weights[:4], pooled)
         with torch.enable_grad():  # the spatial gate again, from the saved logits
             if ctx.ms_graph is None:  # a pure gate (no norm, or one on running statistics)
                 spatial_leaves = [_leaf(logits), *(w for w in weights[4:6] if w is not None)]
@@ -241,7 +254,8 @@ class FusedCBAM(torch.autograd.Function):
                 spatial_leaves, ms = ctx.ms_graph
         mc_value, ms_value = channel.mc, ms.detach().contiguous()
 
-        d_ms, d_mc = engine.gate_grads(g3, x3, mc_value, ms_value)
+        # g3 becomes the gradient through the tail's ReLU, which is also the residual's
+        d_ms, d_mc, g3 = engine.gate_grads(g3, x3, mc_value, ms_value, rectified)
         d_logits, *d_norm = _grads(ms, spatial_leaves, d_ms)
         chain = [w for w in weights[6:] if w is not None]
         d_mean, d_speak, *d_chain = _spatial_grads(engine, mean, speak, spatial, spec, chain, d_logits)
@@ -257,7 +271,8 @@ class FusedCBAM(torch.autograd.Function):
         if "lse" in pooled:
             dx.addcmul_(d_pooled["lse"].unsqueeze(2), (x3 - pooled["lse"].unsqueeze(2)).exp())
         found = iter([*d_channel_weights, *d_norm, *d_chain])  # in the order of weights, Nones skipped
-        return (dx.view_as(x), None, *(None if w is None else next(found) for w in weights))
+        d_residual = g3.view_as(x) if ctx.has_residual else None
+        return (dx.view_as(x), d_residual, None, *(None if w is None else next(found) for w in weights))
 
 
 def _pool_coefficients(spec: FusedSpec) -> list[list[float]]:
@@ -266,13 +281,14 @@ def _pool_coefficients(spec: FusedSpec) -> list[list[float]]:
 
 
 class _NativeChannel:
-    """The channel MLP on the compiled engine (avg/max/mix pooling): ``mc (B, C)`` and its backward."""
+    """The channel MLP's backward on the compiled engine (avg/max/mix pooling), given the forward's
+    gate ``mc (B, C)``."""
 
-    def __init__(self, engine, spec: FusedSpec, weights, pooled: dict[str, Tensor]):
-        fc1_w, fc1_b, fc2_w, fc2_b = (_contiguous(None if w is None else w.detach()) for w in weights)
+    def __init__(self, engine, spec: FusedSpec, weights, pooled: dict[str, Tensor], mc: Tensor):
+        fc1_w, fc1_b, fc2_w, _ = (_contiguous(None if w is None else w.detach()) for w in weights)
         self.engine, self.weights, self.pooled, self.hard = engine, weights, pooled, spec.gate == "hard-sigmoid"
         self.args = (*_pool_coefficients(spec), fc1_w, fc1_b, fc2_w)
-        self.mc = engine.channel_gate(pooled["avg"], pooled["max"], *self.args, fc2_b, self.hard)
+        self.mc = mc
 
     def grads(self, d_mc: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
         """Gradients for the pooled vectors and the MLP weights that exist, given ``d_mc (B, C)``."""
@@ -284,7 +300,7 @@ class _NativeChannel:
 class _AutogradChannel:
     """The channel MLP through autograd (any pool types, any engine): ``mc (B, C)`` and its backward."""
 
-    def __init__(self, engine, spec: FusedSpec, weights, pooled: dict[str, Tensor]):
+    def __init__(self, spec: FusedSpec, weights, pooled: dict[str, Tensor]):
         self.weights = [w for w in weights if w is not None]
         self.leaves = {kind: _leaf(value) for kind, value in pooled.items()}
         with torch.enable_grad():

@@ -24,17 +24,22 @@ def gated_stats(x: Tensor, mc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return mean, peak, index
 
 
-def apply(x: Tensor, mc: Tensor, ms: Tensor) -> Tensor:
+def apply(x: Tensor, mc: Tensor, ms: Tensor, residual: Tensor | None = None) -> Tensor:
     """``x * mc * ms`` for ``x: (B, C, *spatial)`` (not flattened: the output is no view), ``mc (B, C)``,
-    ``ms (B, S)``."""
+    ``ms (B, S)``; with a ``residual`` shaped like ``x``, ``relu(x * mc * ms + residual)``."""
     ones = [1] * (x.dim() - 2)
-    return x * mc.view(*mc.shape, *ones) * ms.view(ms.shape[0], 1, *x.shape[2:])
+    out = x * mc.view(*mc.shape, *ones) * ms.view(ms.shape[0], 1, *x.shape[2:])
+    return out if residual is None else out.add_(residual).relu_()
 
 
-def gate_grads(grad: Tensor, x: Tensor, mc: Tensor, ms: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of ``sum(grad * x * mc * ms)`` for ``ms (B, S)`` and ``mc (B, C)``."""
+def gate_grads(grad: Tensor, x: Tensor, mc: Tensor, ms: Tensor, rectified: Tensor | None = None):
+    """Gradients of ``sum(grad * x * mc * ms)`` for ``ms (B, S)`` and ``mc (B, C)``, and the ``grad`` used:
+    with ``rectified``, the output ``relu(x * mc * ms + residual)`` of a residual tail, ``grad`` first
+    goes through that ReLU."""
+    if rectified is not None:
+        grad = torch.ops.aten.threshold_backward(grad, rectified, 0)
     gx = grad * x
-    return torch.bmm(mc.unsqueeze(1), gx).squeeze(1), torch.bmm(gx, ms.unsqueeze(2)).squeeze(2)
+    return torch.bmm(mc.unsqueeze(1), gx).squeeze(1), torch.bmm(gx, ms.unsqueeze(2)).squeeze(2), grad
 
 
 def stats_grad(x: Tensor, d_mean: Tensor, d_peak: Tensor, index: Tensor) -> Tensor:
