@@ -154,8 +154,8 @@ std::vector<at::Tensor> gated_stats(const at::Tensor& x, const at::Tensor& mc) {
 // row (the residual block's tail; NaN stays NaN as in torch.relu). Rounded as torch's separate ops
 // round, (x * m) * ms then + residual: no reassociation, no fused multiply-add.
 template <typename scalar_t>
-__attribute__((optimize("no-associative-math", "fp-contract=off"))) void output_row(const scalar_t* x, scalar_t m, const scalar_t* ms, const scalar_t* residual, int64_t S,
-                scalar_t* out) {
+__attribute__((optimize("no-associative-math", "fp-contract=off")))
+void output_row(const scalar_t* x, scalar_t m, const scalar_t* ms, const scalar_t* residual, int64_t S, scalar_t* out) {
   if (residual == nullptr) {
     for (int64_t s = 0; s < S; ++s) out[s] = x[s] * m * ms[s];
     return;
@@ -192,6 +192,27 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms
   return out;
 }
 
+// One row of gate_grads over n positions: acc[s] += g[s] x[s] m, returns sum_s g[s] x[s] gate[s]. With
+// rectified, g is first zeroed where rectified <= 0 (torch's threshold_backward at 0) and written to
+// through.
+template <typename scalar_t, bool kRectified>
+scalar_t gate_grads_row(const scalar_t* __restrict grad, const scalar_t* __restrict x,
+                        const scalar_t* __restrict gate, scalar_t m, int64_t n, scalar_t* __restrict acc,
+                        const scalar_t* __restrict rectified, scalar_t* __restrict through) {
+  scalar_t dot = 0;
+  for (int64_t s = 0; s < n; ++s) {
+    scalar_t g = grad[s];
+    if (kRectified) {
+      g = rectified[s] <= 0 ? scalar_t(0) : g;
+      through[s] = g;
+    }
+    const scalar_t t = g * x[s];
+    acc[s] += t * m;
+    dot += t * gate[s];
+  }
+  return dot;
+}
+
 // d/d ms (B, S) and d/d mc (B, C) of sum(grad * x * mc * ms), in one read of grad and x: row by
 // row within a sample (streaming reads); threads split samples, or a sample's positions when there
 // are fewer samples than threads. With the output of a residual tail (rectified = relu(... +
@@ -221,18 +242,9 @@ std::vector<at::Tensor> gate_grads(const at::Tensor& grad, const at::Tensor& x, 
         for (int64_t c = 0; c < C; ++c) {
           const int64_t row = (b * C + c) * S + s0;
           const scalar_t m = mp[b * C + c];
-          const scalar_t* g = gp + row;
-          if (rp) {  // the ReLU's backward into this row of the gradient used, read back from L1 below
-            for (int64_t s = 0; s < n; ++s) tp[row + s] = rp[row + s] <= 0 ? scalar_t(0) : g[s];
-            g = tp + row;
-          }
-          const scalar_t* xr = xp + row;
-          scalar_t dot = 0;
-          for (int64_t s = 0; s < n; ++s) {
-            const scalar_t t = g[s] * xr[s];
-            acc[s] += t * m;
-            dot += t * gate[s];
-          }
+          const scalar_t dot =
+              rp ? gate_grads_row<scalar_t, true>(gp + row, xp + row, gate, m, n, acc, rp + row, tp + row)
+                 : gate_grads_row<scalar_t, false>(gp + row, xp + row, gate, m, n, acc, nullptr, nullptr);
           partial.data_ptr<scalar_t>()[(b * K + k) * C + c] = dot;
         }
       }
@@ -501,9 +513,9 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& maps, const at::Tensor& 
   return {d_maps, partial.sum(0).view(weight.sizes())};
 }
 
-// The whole CBAM forward: pooling, channel MLP, gated statistics, spatial conv, gate and output. Descriptor k of the channel MLP is
-// avg_coef[k] * mean + max_coef[k] * max over positions. The spatial logits get scale * z + shift
-// (an eval-mode BatchNorm) before the gate. With finish = false it stops at the spatial logits
+// The whole CBAM forward: pooling, channel MLP, gated statistics, spatial conv, gate and output.
+// Descriptor k of the channel MLP is avg_coef[k] * mean + max_coef[k] * max over positions. The
+// spatial logits get scale * z + shift (an eval-mode BatchNorm) before the gate. With finish = false it stops at the spatial logits
 // (a BatchNorm on batch statistics comes next, in Python); out and ms are then empty. With a residual
 // (shaped like x) the output is relu(x * mc * ms + residual).
 // x is (B, C, *spatial), contiguous. Returns out (shaped like x), mc, ms, avg, peak, channel_index,
