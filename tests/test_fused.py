@@ -204,6 +204,22 @@ def test_compiled_pool_finds_the_first_maximum(dtype, length):
 
 
 @needs_compiled
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("positions", [1, 31, 49, 64, 100, 600])
+def test_compiled_gated_stats_find_the_first_channel_maximum(dtype, positions):
+    """Register blocks of positions and the arrays for the rest (and 512-position chunks): with many
+    ties the channel-wise arg-max is the first maximal channel, the mean the plain one."""
+    gen = torch.Generator().manual_seed(positions)
+    x = torch.randint(0, 3, (2, 37, positions), generator=gen).to(dtype)
+    mc = torch.randint(1, 3, (2, 37), generator=gen).to(dtype) / 2
+    mean, peak, index = ENGINES["compiled"].gated_stats(x, mc)
+    gated = x * mc.unsqueeze(2)
+    torch.testing.assert_close(mean, gated.mean(1))
+    torch.testing.assert_close(peak, gated.amax(1))
+    torch.testing.assert_close(index, gated.argmax(1))
+
+
+@needs_compiled
 @pytest.mark.parametrize("kernel", [(1, 1, 5), (1, 3, 5), (3, 3, 1), (5, 3, 3)])
 @pytest.mark.parametrize("inputs", [1, 2])
 def test_compiled_conv_backward_equals_autograd(kernel, inputs):

@@ -83,31 +83,70 @@ void pool_row(const scalar_t* row, int64_t S, scalar_t& mean, scalar_t& peak, in
 }
 
 // Channel-wise mean, max and first arg-max of mc[c] * x[c, s] for n positions of one sample;
-// x points at the chunk's first position of channel 0, rows are S apart.
+// x points at the chunk's first position of channel 0, rows are S apart. Blocks of kBlock vectors of
+// positions keep their sums, maxima and arg-maxima in registers while the channels stream by; the
+// positions left over keep them in arrays. Sums run over channels in order either way.
 template <typename scalar_t>
 void gated_chunk(const scalar_t* x, const scalar_t* mc, int64_t C, int64_t S, int64_t n, scalar_t* mean,
                  scalar_t* peak, int64_t* index) {
-  scalar_t sum[kChunk], best[kChunk];
-  int32_t arg[kChunk];
-  for (int64_t s = 0; s < n; ++s) {
-    sum[s] = best[s] = mc[0] * x[s];
-    arg[s] = 0;
+  using Values = typename Lanes<scalar_t>::Values;
+  using Positions = typename Lanes<scalar_t>::Positions;
+  constexpr int kWidth = sizeof(Values) / sizeof(scalar_t), kBlock = 4;
+  auto load = [](const scalar_t* at) {
+    Values v;
+    std::memcpy(&v, at, sizeof(Values));
+    return v;
+  };
+  int64_t s = 0;
+  for (; s + kBlock * kWidth <= n; s += kBlock * kWidth) {
+    Values sum[kBlock], best[kBlock];
+    Positions arg[kBlock];
+    for (int j = 0; j < kBlock; ++j) {
+      sum[j] = best[j] = mc[0] * load(x + s + j * kWidth);
+      arg[j] = Positions{};
+    }
+    for (int64_t c = 1; c < C; ++c) {
+      const scalar_t* row = x + c * S + s;
+      const Positions channel = static_cast<typename std::remove_reference<decltype(arg[0][0])>::type>(c) +
+                                Positions{};
+      for (int j = 0; j < kBlock; ++j) {
+        const Values v = mc[c] * load(row + j * kWidth);
+        const Positions above = v > best[j];
+        sum[j] += v;
+        best[j] = above ? v : best[j];
+        arg[j] = above ? channel : arg[j];
+      }
+    }
+    for (int j = 0; j < kBlock; ++j)
+      for (int l = 0; l < kWidth; ++l) {
+        mean[s + j * kWidth + l] = sum[j][l] / C;
+        peak[s + j * kWidth + l] = best[j][l];
+        index[s + j * kWidth + l] = arg[j][l];
+      }
+  }
+  const int64_t rest = n - s;  // fewer than a block: per-position arrays, still vectorised across positions
+  x += s;
+  scalar_t sum[kBlock * kWidth], best[kBlock * kWidth];
+  int32_t arg[kBlock * kWidth];
+  for (int64_t t = 0; t < rest; ++t) {
+    sum[t] = best[t] = mc[0] * x[t];
+    arg[t] = 0;
   }
   for (int64_t c = 1; c < C; ++c) {
     const scalar_t m = mc[c];
     const scalar_t* row = x + c * S;
-    for (int64_t s = 0; s < n; ++s) {
-      const scalar_t v = m * row[s];
-      const bool above = v > best[s];
-      sum[s] += v;
-      best[s] = above ? v : best[s];
-      arg[s] = above ? static_cast<int32_t>(c) : arg[s];
+    for (int64_t t = 0; t < rest; ++t) {
+      const scalar_t v = m * row[t];
+      const bool above = v > best[t];
+      sum[t] += v;
+      best[t] = above ? v : best[t];
+      arg[t] = above ? static_cast<int32_t>(c) : arg[t];
     }
   }
-  for (int64_t s = 0; s < n; ++s) {
-    mean[s] = sum[s] / C;
-    peak[s] = best[s];
-    index[s] = arg[s];
+  for (int64_t t = 0; t < rest; ++t) {
+    mean[s + t] = sum[t] / C;
+    peak[s + t] = best[t];
+    index[s + t] = arg[t];
   }
 }
 
