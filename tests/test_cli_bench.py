@@ -153,14 +153,15 @@ def test_torch_ops_cbam_restores_the_engine_and_matches_fused():
 
 def test_resnet_overhead_rows_and_table():
     table = fused_bench.resnet_overhead(batch=1, repeats=1, image_size=64)
-    assert [r.name for r in table.rows] == ["none", "cbam fused (auto)", "cbam reference"]
+    names = ["none", "cbam fused (auto)", "cbam fused, tail separate", "cbam reference"]
+    assert [r.name for r in table.rows] == names
     for r in table.rows:
         assert r.train_s > 0 and r.inference_s > 0
         assert r.train_overhead == pytest.approx(r.train_s / table.rows[0].train_s - 1, rel=1e-9, abs=1e-12)
     text = fused_bench.format_resnet_table(table)
     header, rule, *rows = table_rows(text)
     assert header == ["attention", "train s", "overhead", "inference s", "overhead"]
-    assert [row[0] for row in rows] == ["none", "cbam fused (auto)", "cbam reference"]
+    assert [row[0] for row in rows] == names
     assert rows[0][2] == rows[0][4] == "+0.0% (+0.0% .. +0.0%)"
     assert json.dumps(table.as_dict(), allow_nan=False)
 

@@ -39,6 +39,7 @@ SHAPES: tuple[tuple[int, int], ...] = ((256, 56), (512, 28), (1024, 14), (2048, 
 
 TIMM = "timm CbamModule"
 REFERENCE = "cbam reference"
+SEPARATE_TAIL = "cbam fused, tail separate"  # the block's add and ReLU outside CBAM's output pass
 TORCH_OPS = "cbam fused, torch ops"
 CPP = "cbam fused, C++"
 COMPILED = "torch.compile(reference)"
@@ -290,10 +291,20 @@ def _paired_overheads(samples: dict[str, list[float]], name: str) -> tuple[float
     return statistics.median(ratios), (low, high)
 
 
+def _with_watched_cbams(model: nn.Module) -> nn.Module:
+    """``model`` with a forward hook that does nothing on every CBAM: a watched CBAM leaves the block's
+    addition and ReLU to the block, so this times the fused CBAM alone with the tail as separate ops."""
+    for module in model.modules():
+        if isinstance(module, CBAM):
+            module.register_forward_hook(lambda module, inputs, output: None)
+    return model
+
+
 def resnet_overhead(batch: int = 8, repeats: int = 3, image_size: int = 224) -> ResNetTable:
     """Seconds per training step (forward+backward) and per inference of ResNet-50 on
     ``(batch, 3, image_size, image_size)`` without attention, with CBAM (``preset="timm"``, default
-    ``impl="auto"``: fused) and with CBAM on the reference path, over ``repeats`` rounds after one
+    ``impl="auto"``: fused, the block's residual add and ReLU in its output pass), with the fused CBAM
+    but that tail as separate ops, and with CBAM on the reference path, over ``repeats`` rounds after one
     warm-up; overheads are paired within rounds (``ResNetRow``)."""
     batch, repeats = check_int("batch", batch), check_int("repeats", repeats)
     image_size = check_int("image_size", image_size, minimum=32)
@@ -301,6 +312,7 @@ def resnet_overhead(batch: int = 8, repeats: int = 3, image_size: int = 224) -> 
     x = torch.randn(batch, 3, image_size, image_size)
     models = {"none": resnet50(attention=None),
               "cbam fused (auto)": resnet50(attention="cbam", preset="timm"),
+              SEPARATE_TAIL: _with_watched_cbams(resnet50(attention="cbam", preset="timm")),
               "cbam reference": resnet50(attention="cbam", preset="timm", impl="reference")}
     for model in models.values():
         model.train()
