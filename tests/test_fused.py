@@ -158,13 +158,17 @@ def test_max_ties_route_the_whole_gradient_to_one_position(engine):
     assert not torch.allclose(d_fast, d_slow)
 
 
-def test_saved_bytes_stay_near_the_input(engine):
-    """Saved for backward: x itself, two index tensors and small vectors: <= 1.1 x the input's bytes
-    at ResNet-50's channel counts (C >= 256; the per-position extras are ~24 bytes against 4 C)."""
+@pytest.mark.parametrize(("channels", "side"), [(256, 14), (2048, 7)])
+def test_saved_bytes_stay_near_the_input(engine, channels, side):
+    """Saved for backward: x itself, two int64 index tensors and small vectors, <= 1.1 x the input's
+    bytes at ResNet-50's channel counts: per position 5 floats' worth (logits, gated mean and max, the
+    index) plus the BatchNorm's output, per channel 4 (the index, the average, the gate)."""
     torch.manual_seed(0)
-    x = torch.randn(2, 256, 14, 14)
-    results = {impl: saved_bytes(cbam.CBAM(256, impl=impl, preset="timm").train(), x) / (x.numel() * 4)
+    x = torch.randn(2, channels, side, side)
+    results = {impl: saved_bytes(cbam.CBAM(channels, impl=impl, preset="timm").train(), x) / (x.numel() * 4)
                for impl in ("fused", "reference")}
+    statistics = 2 * 4 / (x.numel() * 4)  # the BatchNorm's batch mean and inverse std
+    assert results["fused"] == pytest.approx(1 + 6 / channels + 4 / side**2 + statistics, abs=1e-12)
     assert results["fused"] <= 1.1 < results["reference"]
 
 

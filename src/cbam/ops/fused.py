@@ -13,9 +13,11 @@ differentiates it with autograd; only a BatchNorm on batch statistics is recorde
 (it updates running statistics, so it must run exactly once).
 
 Saved for backward: ``x`` itself, the two arg-max index tensors ``(B, C)`` and ``(B, S)`` (int64), the
-pooled ``(B, C)`` vectors and three ``(B, S)`` ones (gated mean and max, spatial logits): for fp32 and
-avg/max pooling ``1 + 5 / C + 4 / S`` times the input's bytes (1.02 at 256x56x56, 1.08 at 2048x7x7)
-instead of the ~2x of the eager composition.
+pooled ``(B, C)`` vectors but the maxima (gathered again from ``x`` at their indices), the channel gate
+``(B, C)`` and three ``(B, S)`` vectors (gated mean and max, spatial logits): for fp32 and avg/max
+pooling ``1 + 5 / C + 4 / S`` times the input's bytes (1.02 at 256x56x56, 1.08 at 2048x7x7) instead
+of the ~2x of the eager composition. With a residual the output is saved too (for the ReLU's
+backward); in a network it is the next layer's input, which that layer saves anyway.
 
 Max pooling routes its gradient to the single arg-max (the first one, as ``torch.argmax`` reports);
 the reference's ``amax`` splits it evenly among ties. Both are valid subgradients and agree wherever
@@ -224,11 +226,12 @@ class FusedCBAM(torch.autograd.Function):
     def forward(ctx, x, residual, spec: FusedSpec, fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b, *chain):
         weights = (fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b, *chain)
         result = _forward(x, residual, spec, weights, record=True)
-        ctx.spec, ctx.engine, ctx.ms_graph, ctx.pool_names = spec, result.engine, result.ms_graph, list(result.pooled)
+        kept = {kind: value for kind, value in result.pooled.items() if kind != "max"}  # maxima: gathered again
+        ctx.spec, ctx.engine, ctx.ms_graph, ctx.pool_names = spec, result.engine, result.ms_graph, list(kept)
         ctx.has_residual = residual is not None  # then the output is saved too: the ReLU's mask
         tail_output = [result.out] if ctx.has_residual else []
         ctx.save_for_backward(x, result.logits, result.mc, *result.stats, *result.indices, *tail_output,
-                              *result.pooled.values(), *weights)
+                              *kept.values(), *weights)
         return result.out
 
     @staticmethod
@@ -242,6 +245,7 @@ class FusedCBAM(torch.autograd.Function):
         rectified = rest.pop(0).reshape(flat) if ctx.has_residual else None
         pooled = dict(zip(ctx.pool_names, rest))
         weights = [_leaf(w) for w in rest[len(pooled):]]
+        pooled["max"] = x3.gather(2, channel_index.unsqueeze(2)).squeeze(2)
         if _native_pools(engine, spec):
             channel = _NativeChannel(engine, spec, weights[:4], pooled, mc)
         else:
