@@ -161,3 +161,13 @@ def test_benchmark_arguments():
         benchmark({"a": 1}, torch.randn(1))
     with pytest.raises(ValueError, match="repeats must be an int >= 1, got 0"):
         benchmark(Square(), torch.randn(1), repeats=0)
+
+
+def test_interleaved_rounds_take_turns_to_start():
+    """Every run once per round, each round starting one run later, so no run always follows the same one."""
+    order = []
+    runs = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    samples = benchmark.interleaved_samples(runs, repeats=4, warmup=1)
+    assert order == list("abc" "abc" "bca" "cab" "abc")
+    assert {name: len(times) for name, times in samples.items()} == {"a": 4, "b": 4, "c": 4}
+    assert all(t >= 0 for times in samples.values() for t in times)

@@ -116,16 +116,19 @@ class BenchmarkReport:
 def interleaved_samples(runs: Mapping[str, Callable[[], object]], repeats: int,
                         warmup: int = 2) -> dict[str, list[float]]:
     """Seconds of each of ``runs`` (``{name: callable}``, CPU work) in each of ``repeats`` rounds after
-    ``warmup`` rounds, every run once per round (in order) so that drift hits all alike."""
+    ``warmup`` rounds, every run once per round so that drift hits all alike; round ``r`` starts at the
+    ``r``-th run (in turn), so that no run always follows the same one."""
     repeats, warmup = check_int("repeats", repeats), check_int("warmup", warmup, minimum=0)
     for _ in range(warmup):
         for run in runs.values():
             run()
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
+    names = list(runs)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            run()
+            runs[name]()
             samples[name].append(time.perf_counter() - start)
     return samples
 
