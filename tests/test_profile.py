@@ -8,6 +8,7 @@ from torch import nn
 
 import cbam
 from cbam.profile import benchmark, cost, is_attention, saved_bytes
+from cbam.profile.benchmark import interleaved_samples
 
 
 @pytest.fixture(autouse=True)
@@ -167,7 +168,7 @@ def test_interleaved_rounds_take_turns_to_start():
     """Every run once per round, each round starting one run later, so no run always follows the same one."""
     order = []
     runs = {name: (lambda name=name: order.append(name)) for name in "abc"}
-    samples = benchmark.interleaved_samples(runs, repeats=4, warmup=1)
+    samples = interleaved_samples(runs, repeats=4, warmup=1)
     assert order == list("abc" "abc" "bca" "cab" "abc")
     assert {name: len(times) for name, times in samples.items()} == {"a": 4, "b": 4, "c": 4}
     assert all(t >= 0 for times in samples.values() for t in times)
