@@ -169,6 +169,19 @@ std::vector<at::Tensor> pool(const at::Tensor& x) {
   return {avg, peak, index};
 }
 
+// x (B, C, S) at each row's index (B, C): the maxima pool found, again; one thread (B * C reads).
+at::Tensor peaks(const at::Tensor& x, const at::Tensor& index) {
+  const int64_t rows = x.size(0) * x.size(1), S = x.size(2);
+  auto found = at::empty({x.size(0), x.size(1)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_peaks", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const int64_t* ip = index.data_ptr<int64_t>();
+    scalar_t* out = found.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r) out[r] = xp[r * S + ip[r]];
+  });
+  return found;
+}
+
 // Channel-wise mean, max and first arg-max of y = x * mc at every position, without writing y.
 std::vector<at::Tensor> gated_stats(const at::Tensor& x, const at::Tensor& mc) {
   const int64_t B = x.size(0), C = x.size(1), S = x.size(2), K = chunks(S);
@@ -655,6 +668,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool", &pool);
+  m.def("peaks", &peaks);
   m.def("gated_stats", &gated_stats);
   m.def("apply", &apply);
   m.def("gate_grads", &gate_grads);

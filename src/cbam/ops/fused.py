@@ -33,10 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional
-from . import cpu_extension, torch_passes
+from . import cpu_extension, spatial_gate, torch_passes
 
 NATIVE_POOLS = {"avg": (1.0, 0.0), "max": (0.0, 1.0), "mix": (0.5, 0.5)}  # (mean, max) coefficients
-PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ def _norm_as_affine(spec: FusedSpec, bn_w, bn_b) -> tuple[float, float] | None:
     norm = spec.norm
     if norm is None:
         return 1.0, 0.0
-    if type(norm) not in PLAIN_NORMS or norm.training or norm.running_mean is None:
+    if not spatial_gate.by_hand(norm) or spatial_gate.uses_batch_statistics(norm):
         return None
     scale = torch.rsqrt(norm.running_var + norm.eps) * (1.0 if bn_w is None else bn_w.detach())
     shift = (0.0 if bn_b is None else bn_b.detach()) - norm.running_mean * scale
@@ -161,7 +160,7 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
 @dataclass
 class _Forward:
     """One forward's results, computed without autograd; ``ms_graph`` is ``([logits, *norm weights]
-    leaves, ms)`` where the BatchNorm on batch statistics was recorded."""
+    leaves, ms)`` where a norm that ``spatial_gate`` does not compute was recorded."""
 
     out: Tensor
     engine: object  # the module of passes that ran: cpu_passes or torch_passes
@@ -170,12 +169,13 @@ class _Forward:
     stats: tuple[Tensor, Tensor]
     indices: tuple[Tensor, Tensor]
     logits: Tensor
+    ms: Tensor
     ms_graph: tuple[list[Tensor], Tensor] | None
 
 
 def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights, record: bool) -> _Forward:
     """The fused forward, ``relu(cbam(x) + residual)`` with a residual; ``record`` keeps the autograd
-    graph of a BatchNorm on batch statistics."""
+    graph of a norm that ``spatial_gate`` does not compute."""
     batch, channels, spatial = x.shape[0], x.shape[1], x.shape[2:]
     x3 = x.reshape(batch, channels, spatial.numel())
     engine = _engine(x)
@@ -191,17 +191,18 @@ def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights, recor
             mc = _channel_gate(pooled, spec, *weights[:4]).contiguous()
             mean, speak, spatial_index = engine.gated_stats(x3, mc)
             logits = _spatial_logits(mean, speak, spatial, spec, weights[6:]).contiguous()
-            if affine is not None:
-                ms = _spatial_gate(logits, spatial, spec, *weights[4:6]).contiguous()
     ms_graph = None
-    if affine is None:  # a BatchNorm on batch statistics: run once, recorded when a backward will follow
+    if spatial_gate.by_hand(spec.norm):
+        if native is None or affine is None:  # the norm (once: it may update running statistics) and gate
+            ms = spatial_gate.forward(logits, spatial, spec.norm, spec.gate).contiguous()
+    else:  # another norm: run once, recorded when a backward will follow
         with torch.set_grad_enabled(record):
             leaves = [logits.detach().requires_grad_(record), *(_leaf(w) for w in weights[4:6] if w is not None)]
             ms_graph = (leaves, _spatial_gate(leaves[0], spatial, spec, *_with_nones(leaves[1:], weights[4:6])))
         ms = ms_graph[1].detach().contiguous()
     if native is None or affine is None:
         out = engine.apply(x, mc, ms, _contiguous(residual))
-    return _Forward(out, engine, pooled, mc, (mean, speak), (channel_index, spatial_index), logits,
+    return _Forward(out, engine, pooled, mc, (mean, speak), (channel_index, spatial_index), logits, ms,
                     ms_graph if record else None)
 
 
@@ -229,8 +230,9 @@ class FusedCBAM(torch.autograd.Function):
         kept = {kind: value for kind, value in result.pooled.items() if kind != "max"}  # maxima: gathered again
         ctx.spec, ctx.engine, ctx.ms_graph, ctx.pool_names = spec, result.engine, result.ms_graph, list(kept)
         ctx.has_residual = residual is not None  # then the output is saved too: the ReLU's mask
+        ctx.batch_statistics = spec.norm is not None and spatial_gate.uses_batch_statistics(spec.norm)
         tail_output = [result.out] if ctx.has_residual else []
-        ctx.save_for_backward(x, result.logits, result.mc, *result.stats, *result.indices, *tail_output,
+        ctx.save_for_backward(x, result.logits, result.mc, result.ms, *result.stats, *result.indices, *tail_output,
                               *kept.values(), *weights)
         return result.out
 
@@ -238,36 +240,34 @@ class FusedCBAM(torch.autograd.Function):
     def backward(ctx, grad):
         if torch.is_grad_enabled():
             raise RuntimeError("FusedCBAM has no double backward (create_graph=True); use CBAM(impl='reference')")
-        x, logits, mc, mean, speak, channel_index, spatial_index, *rest = ctx.saved_tensors
+        x, logits, mc, ms, mean, speak, channel_index, spatial_index, *rest = ctx.saved_tensors
         spec, engine, spatial = ctx.spec, ctx.engine, x.shape[2:]
         flat = (*x.shape[:2], spatial.numel())
         x3, g3 = x.reshape(flat), grad.reshape(flat).contiguous()
         rectified = rest.pop(0).reshape(flat) if ctx.has_residual else None
         pooled = dict(zip(ctx.pool_names, rest))
         weights = [_leaf(w) for w in rest[len(pooled):]]
-        pooled["max"] = x3.gather(2, channel_index.unsqueeze(2)).squeeze(2)
+        pooled["max"] = engine.peaks(x3, channel_index)
         if _native_pools(engine, spec):
             channel = _NativeChannel(engine, spec, weights[:4], pooled, mc)
         else:
             channel = _AutogradChannel(spec, weights[:4], pooled)
-        with torch.enable_grad():  # the spatial gate again, from the saved logits
-            if ctx.ms_graph is None:  # a pure gate (no norm, or one on running statistics)
-                spatial_leaves = [_leaf(logits), *(w for w in weights[4:6] if w is not None)]
-                ms = _spatial_gate(spatial_leaves[0], spatial, spec, *_with_nones(spatial_leaves[1:], weights[4:6]))
-            else:
-                spatial_leaves, ms = ctx.ms_graph
-        mc_value, ms_value = channel.mc, ms.detach().contiguous()
+        mc_value = channel.mc
 
         # g3 becomes the gradient through the tail's ReLU, which is also the residual's
-        d_ms, d_mc, g3 = engine.gate_grads(g3, x3, mc_value, ms_value, rectified)
-        d_logits, *d_norm = _grads(ms, spatial_leaves, d_ms)
+        d_ms, d_mc, g3 = engine.gate_grads(g3, x3, mc_value, ms, rectified)
+        if ctx.ms_graph is None:
+            d_logits, *d_norm = spatial_gate.backward(logits, ms, d_ms, spec.norm, spec.gate, ctx.batch_statistics)
+            d_norm = [g for g in d_norm if g is not None]
+        else:
+            d_logits, *d_norm = _grads(ctx.ms_graph[1], ctx.ms_graph[0], d_ms)
         chain = [w for w in weights[6:] if w is not None]
         d_mean, d_speak, *d_chain = _spatial_grads(engine, mean, speak, spatial, spec, chain, d_logits)
         d_mean, d_speak = d_mean.contiguous(), d_speak.contiguous()
         d_mc = d_mc + engine.stats_grad(x3, d_mean, d_speak, spatial_index)
         d_pooled, d_channel_weights = channel.grads(d_mc)
 
-        dx = engine.input_grad(g3, x3, mc_value, ms_value, d_mean, d_speak, spatial_index,
+        dx = engine.input_grad(g3, x3, mc_value, ms, d_mean, d_speak, spatial_index,
                                d_pooled["avg"], d_pooled["max"], channel_index)
         if "lp" in pooled:
             norm = pooled["lp"].unsqueeze(2)

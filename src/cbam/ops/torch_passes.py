@@ -17,6 +17,11 @@ def pool(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return x.mean(2), peak, index
 
 
+def peaks(x: Tensor, index: Tensor) -> Tensor:
+    """``x`` at each row's ``index (B, C)``: the maxima ``pool`` found, again ``(B, C)``."""
+    return x.gather(2, index.unsqueeze(2)).squeeze(2)
+
+
 def gated_stats(x: Tensor, mc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Channel-wise mean, max and arg-max of ``y = x * mc`` at each position: three ``(B, S)``."""
     mean = torch.bmm(mc.unsqueeze(1), x).squeeze(1) / x.shape[1]

@@ -1,0 +1,64 @@
+"""The spatial gate after the fused CBAM's conv, ``ms = gate(norm(z))`` for logits ``z (B, S)``, without
+autograd: the forward and its backward by hand, for no norm or a plain BatchNorm (on running or on
+batch statistics). Other norms (``SyncBatchNorm``, a user's replacement) go through autograd in
+``fused.py``.
+
+The forward calls the BatchNorm module itself, once, so its running statistics, momentum and
+``num_batches_tracked`` behave exactly as torch's; the backward recomputes the batch mean and
+variance from the saved logits (two reductions over ``(B, S)``) instead of keeping them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional
+
+PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def by_hand(norm: nn.Module | None) -> bool:
+    """Whether this module computes the gate for ``norm``: none or a plain BatchNorm."""
+    return norm is None or type(norm) in PLAIN_NORMS
+
+
+def uses_batch_statistics(norm: nn.Module) -> bool:
+    """Whether a BatchNorm normalises with the batch's statistics (training, or no running ones)."""
+    return norm.training or norm.running_mean is None
+
+
+def forward(logits: Tensor, spatial: torch.Size, norm: nn.Module | None, gate: str) -> Tensor:
+    """``ms (B, S) = gate(norm(logits))``; a BatchNorm runs as a module (updating its statistics)."""
+    with torch.no_grad():
+        if norm is not None:
+            logits = norm(logits.view(logits.shape[0], 1, *spatial)).view(logits.shape)
+        return functional.gate(logits, gate)
+
+
+def backward(logits: Tensor, ms: Tensor, d_ms: Tensor, norm: nn.Module | None, gate: str,
+             batch_statistics: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Gradients for the logits ``(B, S)`` and the norm's weight and bias (``None`` where it has none),
+    given the gate ``ms`` the forward returned and its gradient ``d_ms``; ``batch_statistics`` as the
+    forward normalised."""
+    slope = ((ms > 0) & (ms < 1)).to(ms.dtype) / 6 if gate == "hard-sigmoid" else ms * (1 - ms)
+    d_normed = d_ms * slope
+    if norm is None:
+        return d_normed, None, None
+    if logits.numel() == 0:  # an empty batch: nothing normalised, nothing to learn
+        nothing = None if norm.weight is None else torch.zeros_like(norm.weight)
+        return d_normed, nothing, None if norm.bias is None else torch.zeros_like(norm.bias)
+    if batch_statistics:
+        variance, mean = torch.var_mean(logits, correction=0)
+    else:
+        variance, mean = norm.running_var, norm.running_mean
+    inverse_std = torch.rsqrt(variance + norm.eps)
+    centred = (logits - mean) * inverse_std
+    scale = inverse_std if norm.weight is None else norm.weight.detach() * inverse_std
+    d_weight = (d_normed * centred).sum().view(1) if norm.weight is not None else None
+    d_bias = d_normed.sum().view(1) if norm.bias is not None else None
+    if batch_statistics:  # the mean and variance depend on every logit
+        d_logits = scale * (d_normed - d_normed.mean() - centred * (d_normed * centred).mean())
+    else:
+        d_logits = scale * d_normed
+    return d_logits, d_weight, d_bias
