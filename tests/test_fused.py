@@ -205,15 +205,16 @@ def test_compiled_passes_equal_the_torch_passes():
     x, g = torch.randn(2, 5, 1100, dtype=F64), torch.randn(2, 5, 1100, dtype=F64)  # > one 512-position chunk
     mc, ms = torch.rand(2, 5, dtype=F64), torch.rand(2, 1100, dtype=F64)
     vectors = [torch.randn(2, 1100, dtype=F64), torch.randn(2, 1100, dtype=F64)]
+    peak_at = torch.tensor([[0, 511, 512, 1099, 700], [3, 1023, 1024, 5, 600]])  # in every 512-position chunk
     calls = [("pool", (x,)), ("gated_stats", (x, mc)), ("apply", (x, mc, ms, None)), ("apply", (x, mc, ms, g)),
-             ("gate_grads", (g, x, mc, ms, None)), ("gate_grads", (g, x, mc, ms, x - 0.5))]
+             ("gate_grads", (g, x, mc, ms, None, peak_at)), ("gate_grads", (g, x, mc, ms, x - 0.5, peak_at)),
+             ("gate_grads", (g[:1], x[:1], mc[:1], ms[:1], x[:1] - 0.5, peak_at[:1]))]  # one sample: chunks
     for name, args in calls:
         for got, want in zip(getattr(compiled, name)(*args), getattr(torch_passes, name)(*args)):
             torch.testing.assert_close(got, want)
     index = torch.randint(0, 5, (2, 1100))
     torch.testing.assert_close(compiled.stats_grad(x, *vectors, index), torch_passes.stats_grad(x, *vectors, index))
     channel = [torch.randn(2, 5, dtype=F64), torch.randn(2, 5, dtype=F64), torch.randint(0, 1100, (2, 5))]
-    torch.testing.assert_close(compiled.peaks(x, channel[2]), torch_passes.peaks(x, channel[2]))
     args = (g, x, mc, ms, *vectors, index, *channel)
     torch.testing.assert_close(compiled.input_grad(*args), torch_passes.input_grad(*args))
 

@@ -169,19 +169,6 @@ std::vector<at::Tensor> pool(const at::Tensor& x) {
   return {avg, peak, index};
 }
 
-// x (B, C, S) at each row's index (B, C): the maxima pool found, again; one thread (B * C reads).
-at::Tensor peaks(const at::Tensor& x, const at::Tensor& index) {
-  const int64_t rows = x.size(0) * x.size(1), S = x.size(2);
-  auto found = at::empty({x.size(0), x.size(1)}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_peaks", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const int64_t* ip = index.data_ptr<int64_t>();
-    scalar_t* out = found.data_ptr<scalar_t>();
-    for (int64_t r = 0; r < rows; ++r) out[r] = xp[r * S + ip[r]];
-  });
-  return found;
-}
-
 // Channel-wise mean, max and first arg-max of y = x * mc at every position, without writing y.
 std::vector<at::Tensor> gated_stats(const at::Tensor& x, const at::Tensor& mc) {
   const int64_t B = x.size(0), C = x.size(1), S = x.size(2), K = chunks(S);
@@ -269,16 +256,22 @@ scalar_t gate_grads_row(const scalar_t* __restrict grad, const scalar_t* __restr
 // row within a sample (streaming reads); threads split samples, or a sample's positions when there
 // are fewer samples than threads. With the output of a residual tail (rectified = relu(... +
 // residual), shaped like x) grad first goes through the ReLU: grad where rectified > 0, else 0.
-// Returns d_ms, d_mc and the gradient used (written where rectified, else grad itself).
+// While each row streams by it also reads x at the row's channel_index (B, C): the maxima pool
+// found, again (gathered later they would be one cache miss each).
+// Returns d_ms, d_mc, the gradient used (written where rectified, else grad itself) and the maxima.
 std::vector<at::Tensor> gate_grads(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mc,
-                                   const at::Tensor& ms, const std::optional<at::Tensor>& rectified) {
+                                   const at::Tensor& ms, const std::optional<at::Tensor>& rectified,
+                                   const at::Tensor& channel_index) {
   const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
   const bool by_sample = B >= at::get_num_threads();
   const int64_t K = by_sample ? 1 : chunks(S), span = by_sample ? S : kChunk;
   auto d_ms = at::empty({B, S}, x.options());
   auto partial = at::empty({B, K, C}, x.options());
   auto through = rectified ? output_cache::empty_like(grad) : grad;
+  auto peaks = at::empty({B, C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_gate_grads", [&] {
+    const int64_t* ip = channel_index.data_ptr<int64_t>();
+    scalar_t* pk = peaks.data_ptr<scalar_t>();
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* mp = mc.data_ptr<scalar_t>();
@@ -298,11 +291,13 @@ std::vector<at::Tensor> gate_grads(const at::Tensor& grad, const at::Tensor& x, 
               rp ? gate_grads_row<scalar_t, true>(gp + row, xp + row, gate, m, n, acc, rp + row, tp + row)
                  : gate_grads_row<scalar_t, false>(gp + row, xp + row, gate, m, n, acc, nullptr, nullptr);
           partial.data_ptr<scalar_t>()[(b * K + k) * C + c] = dot;
+          const int64_t at = ip[b * C + c] - s0;  // the row's maximum, if in this task's positions
+          if (at >= 0 && at < n) pk[b * C + c] = xp[row + at];
         }
       }
     });
   });
-  return {d_ms, partial.sum(1), through};
+  return {d_ms, partial.sum(1), through, peaks};
 }
 
 // d/d mc (B, C) through gated_stats: mean term sum_s d_mean * x / C, max term at each position's arg-max.
@@ -668,7 +663,6 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool", &pool);
-  m.def("peaks", &peaks);
   m.def("gated_stats", &gated_stats);
   m.def("apply", &apply);
   m.def("gate_grads", &gate_grads);

@@ -247,15 +247,13 @@ class FusedCBAM(torch.autograd.Function):
         rectified = rest.pop(0).reshape(flat) if ctx.has_residual else None
         pooled = dict(zip(ctx.pool_names, rest))
         weights = [_leaf(w) for w in rest[len(pooled):]]
-        pooled["max"] = engine.peaks(x3, channel_index)
+
+        # g3 becomes the gradient through the tail's ReLU, which is also the residual's
+        d_ms, d_mc, g3, pooled["max"] = engine.gate_grads(g3, x3, mc, ms, rectified, channel_index)
         if _native_pools(engine, spec):
             channel = _NativeChannel(engine, spec, weights[:4], pooled, mc)
         else:
             channel = _AutogradChannel(spec, weights[:4], pooled)
-        mc_value = channel.mc
-
-        # g3 becomes the gradient through the tail's ReLU, which is also the residual's
-        d_ms, d_mc, g3 = engine.gate_grads(g3, x3, mc_value, ms, rectified)
         if ctx.ms_graph is None:
             d_logits, *d_norm = spatial_gate.backward(logits, ms, d_ms, spec.norm, spec.gate, ctx.batch_statistics)
             d_norm = [g for g in d_norm if g is not None]
@@ -267,7 +265,7 @@ class FusedCBAM(torch.autograd.Function):
         d_mc = d_mc + engine.stats_grad(x3, d_mean, d_speak, spatial_index)
         d_pooled, d_channel_weights = channel.grads(d_mc)
 
-        dx = engine.input_grad(g3, x3, mc_value, ms, d_mean, d_speak, spatial_index,
+        dx = engine.input_grad(g3, x3, mc, ms, d_mean, d_speak, spatial_index,
                                d_pooled["avg"], d_pooled["max"], channel_index)
         if "lp" in pooled:
             norm = pooled["lp"].unsqueeze(2)
@@ -302,14 +300,13 @@ class _NativeChannel:
 
 
 class _AutogradChannel:
-    """The channel MLP through autograd (any pool types, any engine): ``mc (B, C)`` and its backward."""
+    """The channel MLP's backward through autograd (any pool types, any engine), its graph recomputed."""
 
     def __init__(self, spec: FusedSpec, weights, pooled: dict[str, Tensor]):
         self.weights = [w for w in weights if w is not None]
         self.leaves = {kind: _leaf(value) for kind, value in pooled.items()}
         with torch.enable_grad():
             self.graph = _channel_gate(self.leaves, spec, *weights)
-        self.mc = self.graph.detach().contiguous()
 
     def grads(self, d_mc: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
         found = _grads(self.graph, [*self.leaves.values(), *self.weights], d_mc)

@@ -17,11 +17,6 @@ def pool(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return x.mean(2), peak, index
 
 
-def peaks(x: Tensor, index: Tensor) -> Tensor:
-    """``x`` at each row's ``index (B, C)``: the maxima ``pool`` found, again ``(B, C)``."""
-    return x.gather(2, index.unsqueeze(2)).squeeze(2)
-
-
 def gated_stats(x: Tensor, mc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Channel-wise mean, max and arg-max of ``y = x * mc`` at each position: three ``(B, S)``."""
     mean = torch.bmm(mc.unsqueeze(1), x).squeeze(1) / x.shape[1]
@@ -37,14 +32,15 @@ def apply(x: Tensor, mc: Tensor, ms: Tensor, residual: Tensor | None = None) -> 
     return out if residual is None else out.add_(residual).relu_()
 
 
-def gate_grads(grad: Tensor, x: Tensor, mc: Tensor, ms: Tensor, rectified: Tensor | None = None):
-    """Gradients of ``sum(grad * x * mc * ms)`` for ``ms (B, S)`` and ``mc (B, C)``, and the ``grad`` used:
-    with ``rectified``, the output ``relu(x * mc * ms + residual)`` of a residual tail, ``grad`` first
-    goes through that ReLU."""
+def gate_grads(grad: Tensor, x: Tensor, mc: Tensor, ms: Tensor, rectified: Tensor | None, channel_index: Tensor):
+    """Gradients of ``sum(grad * x * mc * ms)`` for ``ms (B, S)`` and ``mc (B, C)``, the ``grad`` used
+    (with ``rectified``, the output ``relu(x * mc * ms + residual)`` of a residual tail, ``grad`` first
+    goes through that ReLU) and ``x`` at ``channel_index (B, C)``: the maxima ``pool`` found, again."""
     if rectified is not None:
         grad = torch.ops.aten.threshold_backward(grad, rectified, 0)
     gx = grad * x
-    return torch.bmm(mc.unsqueeze(1), gx).squeeze(1), torch.bmm(gx, ms.unsqueeze(2)).squeeze(2), grad
+    peaks = x.gather(2, channel_index.unsqueeze(2)).squeeze(2)
+    return torch.bmm(mc.unsqueeze(1), gx).squeeze(1), torch.bmm(gx, ms.unsqueeze(2)).squeeze(2), grad, peaks
 
 
 def stats_grad(x: Tensor, d_mean: Tensor, d_peak: Tensor, index: Tensor) -> Tensor:
