@@ -8,16 +8,18 @@ and ``(B, S)`` vectors: the shared MLP, the spatial conv, its BatchNorm and the 
 The forward runs without autograd. Where the C++ engine has it (``cpu_passes.forward``: avg/max/mix
 pooling, one spatial conv weight, a BatchNorm that is an affine map or none) the whole forward is one
 call that keeps each sample's ``x`` in cache between its passes; otherwise the passes run one by one
-with the small steps in torch. The backward recomputes the small graph from the saved vectors and
-differentiates it with autograd; only a BatchNorm on batch statistics is recorded in the forward
-(it updates running statistics, so it must run exactly once).
+with the small steps in torch. The backward differentiates the small steps from the saved vectors:
+the MLP and the spatial conv on the engine (or through autograd, recomputed), the spatial norm and
+gate by formula (``spatial_gate``); only a norm that is no plain BatchNorm is recorded with autograd
+in the forward (a norm may update running statistics, so it runs exactly once).
 
 Saved for backward: ``x`` itself, the two arg-max index tensors ``(B, C)`` and ``(B, S)`` (int64), the
-pooled ``(B, C)`` vectors but the maxima (gathered again from ``x`` at their indices), the channel gate
-``(B, C)`` and three ``(B, S)`` vectors (gated mean and max, spatial logits): for fp32 and avg/max
-pooling ``1 + 5 / C + 4 / S`` times the input's bytes (1.02 at 256x56x56, 1.08 at 2048x7x7) instead
-of the ~2x of the eager composition. With a residual the output is saved too (for the ReLU's
-backward); in a network it is the next layer's input, which that layer saves anyway.
+pooled ``(B, C)`` vectors but the maxima (read again from ``x`` at their indices while the backward's
+first pass streams by), the channel gate ``(B, C)`` and four ``(B, S)`` vectors (gated mean and max,
+spatial logits and gate): for fp32 and avg/max pooling ``1 + 6 / C + 4 / S`` times the input's bytes
+(1.02 at 256x56x56, 1.08 at 2048x7x7) instead of the ~2x of the eager composition. With a residual
+the output is saved too (for the ReLU's backward); in a network it is the next layer's input, which
+that layer saves anyway.
 
 Max pooling routes its gradient to the single arg-max (the first one, as ``torch.argmax`` reports);
 the reference's ``amax`` splits it evenly among ties. Both are valid subgradients and agree wherever
