@@ -560,6 +560,85 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& maps, const at::Tensor& 
   return {d_maps, partial.sum(0).view(weight.sizes())};
 }
 
+// Everything between the backward's gate gradients and the statistics' gradients, in one call: given
+// d_ms (B, S), the gradient through the gate (from ms, the gate's output), the spatial BatchNorm if
+// any (norm: on the batch statistics of logits (B, S), or on running_mean/running_var; weight
+// optional) and the conv of the gated statistics mean, speak (B, S) with conv_w (I, kd, kh, kw): I = 2
+// stacks [mean, speak], I = 1 averages them. Returns d_mean, d_speak, d_conv_w, and the norm's
+// d_weight, d_bias (1) (zeros without a norm). spatial_gate.py and conv_backward are the definition.
+std::vector<at::Tensor> spatial_backward(const at::Tensor& logits, const at::Tensor& ms, const at::Tensor& d_ms,
+                                         const at::Tensor& mean, const at::Tensor& speak, const at::Tensor& conv_w,
+                                         std::vector<int64_t> size, std::vector<int64_t> kernel, bool hard, bool norm,
+                                         bool batch_statistics, const std::optional<at::Tensor>& weight,
+                                         const std::optional<at::Tensor>& running_mean,
+                                         const std::optional<at::Tensor>& running_var, double eps) {
+  const int64_t B = logits.size(0), S = logits.size(1), N = B * S, I = conv_w.size(0), taps = conv_w.numel();
+  auto d_logits = at::empty_like(logits);
+  auto d_norm = at::zeros({2}, logits.options());  // d_weight, d_bias
+  auto maps = at::empty({B, I, S}, logits.options());
+  auto d_maps = at::empty({B, I, S}, logits.options());
+  auto partial = at::zeros({B, taps}, conv_w.options());
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cbam_spatial_backward", [&] {
+    const scalar_t* z = logits.data_ptr<scalar_t>();
+    const scalar_t* g = ms.data_ptr<scalar_t>();
+    const scalar_t* dg = d_ms.data_ptr<scalar_t>();
+    scalar_t* dz = d_logits.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < N; ++i)
+      dz[i] = dg[i] * (hard ? ((g[i] > 0 && g[i] < 1) ? scalar_t(1) / 6 : scalar_t(0)) : g[i] * (1 - g[i]));
+    if (norm) {
+      double mu = 0, var = 0;
+      if (batch_statistics) {
+        for (int64_t i = 0; i < N; ++i) mu += z[i];
+        mu /= N;
+        for (int64_t i = 0; i < N; ++i) var += (z[i] - mu) * (z[i] - mu);
+        var /= N;
+      } else {
+        mu = running_mean->item<double>();
+        var = running_var->item<double>();
+      }
+      const double inverse_std = 1 / std::sqrt(var + eps);
+      double sum = 0, sum_centred = 0;  // of dy and of dy * centred
+      for (int64_t i = 0; i < N; ++i) {
+        sum += dz[i];
+        sum_centred += dz[i] * (z[i] - mu) * inverse_std;
+      }
+      const double scale = inverse_std * (weight ? weight->item<double>() : 1.0);
+      for (int64_t i = 0; i < N; ++i) {
+        const double centred = (z[i] - mu) * inverse_std;
+        dz[i] = batch_statistics ? scale * (dz[i] - sum / N - centred * sum_centred / N) : scale * dz[i];
+      }
+      d_norm.data_ptr<scalar_t>()[0] = sum_centred;
+      d_norm.data_ptr<scalar_t>()[1] = sum;
+    }
+    const scalar_t* mp = mean.data_ptr<scalar_t>();
+    const scalar_t* pp = speak.data_ptr<scalar_t>();
+    scalar_t* maps_p = maps.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t s = 0; s < S; ++s) {
+        if (I == 2) {
+          maps_p[(b * 2) * S + s] = mp[b * S + s];
+          maps_p[(b * 2 + 1) * S + s] = pp[b * S + s];
+        } else {
+          maps_p[b * S + s] = (mp[b * S + s] + pp[b * S + s]) / 2;
+        }
+      }
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        spatial_conv_backward(maps_p + b * I * S, dz + b * S, conv_w.data_ptr<scalar_t>(), I, size.data(),
+                              kernel.data(), d_maps.data_ptr<scalar_t>() + b * I * S,
+                              partial.data_ptr<scalar_t>() + b * taps);
+    });
+  });
+  at::Tensor d_mean, d_speak;
+  if (I == 2) {
+    d_mean = d_maps.select(1, 0).contiguous();
+    d_speak = d_maps.select(1, 1).contiguous();
+  } else {
+    d_mean = d_speak = (d_maps.select(1, 0) / 2).contiguous();
+  }
+  return {d_mean, d_speak, partial.sum(0).view(conv_w.sizes()), d_norm.slice(0, 0, 1), d_norm.slice(0, 1, 2)};
+}
+
 // The whole CBAM forward: pooling, channel MLP, gated statistics, spatial conv, gate and output.
 // Descriptor k of the channel MLP is avg_coef[k] * mean + max_coef[k] * max over positions. The
 // spatial logits get scale * z + shift (an eval-mode BatchNorm) before the gate. With finish = false it stops at the spatial logits
@@ -670,6 +749,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("input_grad", &input_grad);
   m.def("forward", &forward);
   m.def("conv_backward", &conv_backward);
+  m.def("spatial_backward", &spatial_backward);
   m.def("channel_gate", &channel_gate);
   m.def("channel_backward", &channel_backward);
   m.def("set_output_cache_limit", &output_cache::set_limit);

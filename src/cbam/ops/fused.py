@@ -149,6 +149,38 @@ def _spatial_grads(engine, mean: Tensor, speak: Tensor, spatial, spec: FusedSpec
         return _grads(_spatial_logits(*stats, spatial, spec, leaves), [*stats, *leaves], d_logits)
 
 
+def _spatial_backward(engine, ctx, saved, chain, d_ms: Tensor):
+    """From the spatial gate's gradient ``d_ms (B, S)`` back to the gated statistics: ``d_mean,
+    d_speak (B, S)``, the norm's weight/bias gradients (those that exist) and the conv weights'.
+
+    ``saved`` is ``(logits, ms, mean, speak)``. One C++ call for one conv weight and a norm that
+    ``spatial_gate`` computes; else ``spatial_gate`` (or the recorded norm) and ``_spatial_grads``.
+    """
+    logits, ms, mean, speak = saved
+    spec, spatial = ctx.spec, ctx.spatial
+    norm = spec.norm
+    if engine is not torch_passes and ctx.ms_graph is None and len(chain) == 1:
+        taps, size, kernel = _conv_geometry(chain[0], spatial)
+        norm_state = (None, None, None, 0.0) if norm is None else (
+            _detached(norm.weight), norm.running_mean, norm.running_var, norm.eps)
+        d_mean, d_speak, d_taps, d_weight, d_bias = engine.spatial_backward(
+            logits, ms, d_ms, mean, speak, taps, size, kernel, spec.gate == "hard-sigmoid", norm is not None,
+            ctx.batch_statistics, *norm_state)
+        d_norm = [] if norm is None else [g for g, p in ((d_weight, norm.weight), (d_bias, norm.bias)) if p is not None]
+        return d_mean, d_speak, d_norm, [d_taps.view_as(chain[0])]
+    if ctx.ms_graph is None:
+        d_logits, *d_norm = spatial_gate.backward(logits, ms, d_ms, norm, spec.gate, ctx.batch_statistics)
+        d_norm = [g for g in d_norm if g is not None]
+    else:
+        d_logits, *d_norm = _grads(ctx.ms_graph[1], ctx.ms_graph[0], d_ms)
+    d_mean, d_speak, *d_chain = _spatial_grads(engine, mean, speak, spatial, spec, chain, d_logits)
+    return d_mean.contiguous(), d_speak.contiguous(), d_norm, d_chain
+
+
+def _detached(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
 def _with_nones(found: list[Tensor], like) -> list[Tensor | None]:
     """``found`` in the places of ``like`` that are not ``None``."""
     values = iter(found)
@@ -233,6 +265,7 @@ class FusedCBAM(torch.autograd.Function):
         ctx.spec, ctx.engine, ctx.ms_graph, ctx.pool_names = spec, result.engine, result.ms_graph, list(kept)
         ctx.has_residual = residual is not None  # then the output is saved too: the ReLU's mask
         ctx.batch_statistics = spec.norm is not None and spatial_gate.uses_batch_statistics(spec.norm)
+        ctx.spatial = x.shape[2:]
         tail_output = [result.out] if ctx.has_residual else []
         ctx.save_for_backward(x, result.logits, result.mc, result.ms, *result.stats, *result.indices, *tail_output,
                               *kept.values(), *weights)
@@ -256,14 +289,8 @@ class FusedCBAM(torch.autograd.Function):
             channel = _NativeChannel(engine, spec, weights[:4], pooled, mc)
         else:
             channel = _AutogradChannel(spec, weights[:4], pooled)
-        if ctx.ms_graph is None:
-            d_logits, *d_norm = spatial_gate.backward(logits, ms, d_ms, spec.norm, spec.gate, ctx.batch_statistics)
-            d_norm = [g for g in d_norm if g is not None]
-        else:
-            d_logits, *d_norm = _grads(ctx.ms_graph[1], ctx.ms_graph[0], d_ms)
         chain = [w for w in weights[6:] if w is not None]
-        d_mean, d_speak, *d_chain = _spatial_grads(engine, mean, speak, spatial, spec, chain, d_logits)
-        d_mean, d_speak = d_mean.contiguous(), d_speak.contiguous()
+        d_mean, d_speak, d_norm, d_chain = _spatial_backward(engine, ctx, (logits, ms, mean, speak), chain, d_ms)
         d_mc = d_mc + engine.stats_grad(x3, d_mean, d_speak, spatial_index)
         d_pooled, d_channel_weights = channel.grads(d_mc)
 
