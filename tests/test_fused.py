@@ -265,12 +265,14 @@ def test_compiled_conv_backward_equals_autograd(kernel, inputs):
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("pools", [("avg", "max"), ("max",), ("mix", "avg")])
 @pytest.mark.parametrize("biases", [False, True])
-def test_compiled_channel_mlp_equals_autograd(hard, pools, biases):
+@pytest.mark.parametrize(("channels", "hidden"), [(37, 5), (300, 64)])  # loops, BLAS (W1 over 2^14 weights)
+def test_compiled_channel_mlp_equals_autograd(hard, pools, biases, channels, hidden):
     """channel_gate and channel_backward against torch's linear/relu/gate and autograd, in float64."""
     torch.manual_seed(0)
-    avg, peak = torch.randn(3, 37, dtype=F64), torch.randn(3, 37, dtype=F64)
-    weights = [torch.randn(5, 37, dtype=F64), torch.randn(5, dtype=F64) if biases else None,
-               torch.randn(37, 5, dtype=F64), torch.randn(37, dtype=F64) if biases else None]
+    avg, peak = torch.randn(3, channels, dtype=F64), torch.randn(3, channels, dtype=F64)
+    fc1_w, fc2_w = torch.randn(hidden, channels, dtype=F64) / channels**0.5, torch.randn(channels, hidden, dtype=F64)
+    weights = [fc1_w, torch.randn(hidden, dtype=F64) if biases else None,
+               fc2_w / hidden**0.5, torch.randn(channels, dtype=F64) if biases else None]
     leaves = [avg.clone().requires_grad_(), peak.clone().requires_grad_(), *(fused._leaf(w) for w in weights)]
     spec = fused.FusedSpec(pools, "hard-sigmoid" if hard else "sigmoid", "concat", None)
     want = fused._channel_gate({"avg": leaves[0], "max": leaves[1]}, spec, *leaves[2:])

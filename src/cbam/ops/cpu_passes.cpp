@@ -377,6 +377,13 @@ scalar_t squash(scalar_t z, bool hard) {
   return scalar_t(1) / (scalar_t(1) + std::exp(-z));
 }
 
+// The gate's derivative from its output y: sigmoid y (1 - y), hard-sigmoid 1/6 inside (0, 1).
+template <typename scalar_t>
+scalar_t gate_slope(scalar_t y, bool hard) {
+  if (hard) return (y > 0 && y < 1) ? scalar_t(1) / 6 : scalar_t(0);
+  return y * (1 - y);
+}
+
 // a . b over n values, in four independent vector accumulators.
 template <typename scalar_t>
 scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
@@ -432,12 +439,13 @@ at::Tensor channel_gate(const at::Tensor& avg, const at::Tensor& peak, std::vect
   return (hard ? at::relu6(z + 3) / 6 : at::sigmoid(z)).contiguous();
 }
 
-// The channel MLP's backward, given mc = channel_gate(...) and d_mc (B, C): the gradients for avg,
-// peak, W1, b1, W2, b2 (b1/b2 whether or not the MLP has them).
-std::vector<at::Tensor> channel_backward(const at::Tensor& avg, const at::Tensor& peak, std::vector<double> avg_coef,
-                                         std::vector<double> max_coef, const at::Tensor& fc1_w,
-                                         const std::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
-                                         const at::Tensor& mc, const at::Tensor& d_mc, bool hard) {
+// The channel MLP's backward on BLAS, given mc = channel_gate(...) and d_mc (B, C): the gradients for
+// avg, peak, W1, b1, W2, b2 (b1/b2 whether or not the MLP has them).
+std::vector<at::Tensor> channel_backward_blas(const at::Tensor& avg, const at::Tensor& peak,
+                                              std::vector<double> avg_coef, std::vector<double> max_coef,
+                                              const at::Tensor& fc1_w, const std::optional<at::Tensor>& fc1_b,
+                                              const at::Tensor& fc2_w, const at::Tensor& mc, const at::Tensor& d_mc,
+                                              bool hard) {
   const int64_t P = static_cast<int64_t>(avg_coef.size()), B = avg.size(0), H = fc1_w.size(0);
   const auto stacked = descriptors(avg, peak, avg_coef, max_coef);   // (P * B, C)
   const auto pre = at::linear(stacked, fc1_w, fc1_b);                 // (P * B, H)
@@ -481,6 +489,47 @@ struct ChannelMLP {
     for (int64_t c = 0; c < C; ++c)
       mc[c] = squash(dot(w2 + c * H, hidden_sum.data(), H) + (b2 ? P * b2[c] : scalar_t(0)), hard);
   }
+
+  // The backward of gate() for one sample, given its mc and d_mc: writes d_avg, d_peak (C) and adds
+  // to the weight gradients d_w1 (H, C), d_b1 (H), d_w2 (C, H), d_b2 (C).
+  void backward(const scalar_t* avg, const scalar_t* peak, const scalar_t* mc, const scalar_t* d_mc, scalar_t* d_avg,
+                scalar_t* d_peak, scalar_t* d_w1, scalar_t* d_b1, scalar_t* d_w2, scalar_t* d_b2) const {
+    const int64_t P = static_cast<int64_t>(avg_coef.size());
+    std::vector<scalar_t> descriptors(P * C), pre(P * H), hidden_sum(H, scalar_t(0)), d_hidden(H, scalar_t(0));
+    for (int64_t k = 0; k < P; ++k) {
+      scalar_t* d = descriptors.data() + k * C;
+      for (int64_t c = 0; c < C; ++c) d[c] = scalar_t(avg_coef[k]) * avg[c] + scalar_t(max_coef[k]) * peak[c];
+      for (int64_t j = 0; j < H; ++j) {
+        pre[k * H + j] = dot(w1 + j * C, d, C) + (b1 ? b1[j] : scalar_t(0));
+        hidden_sum[j] += pre[k * H + j] > 0 ? pre[k * H + j] : scalar_t(0);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t d_z = d_mc[c] * gate_slope(mc[c], hard);
+      d_b2[c] += P * d_z;
+      for (int64_t j = 0; j < H; ++j) {
+        d_w2[c * H + j] += d_z * hidden_sum[j];
+        d_hidden[j] += w2[c * H + j] * d_z;
+      }
+    }
+    std::fill(d_avg, d_avg + C, scalar_t(0));
+    std::fill(d_peak, d_peak + C, scalar_t(0));
+    for (int64_t k = 0; k < P; ++k) {
+      const scalar_t* d = descriptors.data() + k * C;
+      for (int64_t j = 0; j < H; ++j) {
+        const scalar_t d_pre = pre[k * H + j] > 0 ? d_hidden[j] : scalar_t(0);
+        d_b1[j] += d_pre;
+        const scalar_t* row = w1 + j * C;
+        scalar_t* d_row = d_w1 + j * C;
+        const scalar_t to_avg = scalar_t(avg_coef[k]) * d_pre, to_peak = scalar_t(max_coef[k]) * d_pre;
+        for (int64_t c = 0; c < C; ++c) {
+          d_row[c] += d_pre * d[c];
+          d_avg[c] += to_avg * row[c];
+          d_peak[c] += to_peak * row[c];
+        }
+      }
+    }
+  }
 };
 
 template <typename scalar_t>
@@ -490,6 +539,30 @@ ChannelMLP<scalar_t> channel_mlp(const std::vector<double>& avg_coef, const std:
   return {avg_coef, max_coef, fc1_w.data_ptr<scalar_t>(), fc1_b ? fc1_b->data_ptr<scalar_t>() : nullptr,
           fc2_w.data_ptr<scalar_t>(), fc2_b ? fc2_b->data_ptr<scalar_t>() : nullptr, fc1_w.size(1), fc1_w.size(0),
           hard};
+}
+
+// The channel MLP's backward, given mc = channel_gate(...) and d_mc (B, C): the gradients for avg,
+// peak, W1, b1, W2, b2 (b1/b2 whether or not the MLP has them). Small MLPs (W1 of at most 2^14
+// weights, ResNet-50's first two stages) in plain loops, sample after sample; larger ones on BLAS.
+std::vector<at::Tensor> channel_backward(const at::Tensor& avg, const at::Tensor& peak, std::vector<double> avg_coef,
+                                         std::vector<double> max_coef, const at::Tensor& fc1_w,
+                                         const std::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
+                                         const at::Tensor& mc, const at::Tensor& d_mc, bool hard) {
+  if (fc1_w.numel() > (1 << 14))
+    return channel_backward_blas(avg, peak, avg_coef, max_coef, fc1_w, fc1_b, fc2_w, mc, d_mc, hard);
+  const int64_t B = avg.size(0), C = avg.size(1), H = fc1_w.size(0);
+  auto d_avg = at::empty_like(avg), d_peak = at::empty_like(peak);
+  auto d_w1 = at::zeros_like(fc1_w), d_b1 = at::zeros({H}, fc1_w.options());
+  auto d_w2 = at::zeros_like(fc2_w), d_b2 = at::zeros({C}, fc2_w.options());
+  AT_DISPATCH_FLOATING_TYPES(avg.scalar_type(), "cbam_channel_backward", [&] {
+    const auto mlp = channel_mlp<scalar_t>(avg_coef, max_coef, fc1_w, fc1_b, fc2_w, std::nullopt, hard);
+    for (int64_t b = 0; b < B; ++b)
+      mlp.backward(avg.data_ptr<scalar_t>() + b * C, peak.data_ptr<scalar_t>() + b * C, mc.data_ptr<scalar_t>() + b * C,
+                   d_mc.data_ptr<scalar_t>() + b * C, d_avg.data_ptr<scalar_t>() + b * C,
+                   d_peak.data_ptr<scalar_t>() + b * C, d_w1.data_ptr<scalar_t>(), d_b1.data_ptr<scalar_t>(),
+                   d_w2.data_ptr<scalar_t>(), d_b2.data_ptr<scalar_t>());
+  });
+  return {d_avg, d_peak, d_w1, d_b1, d_w2, d_b2};
 }
 
 // Every (output row, input row, kernel tap) of the size-keeping correlation of maps (I, D, H, W) with
@@ -584,7 +657,7 @@ std::vector<at::Tensor> spatial_backward(const at::Tensor& logits, const at::Ten
     const scalar_t* dg = d_ms.data_ptr<scalar_t>();
     scalar_t* dz = d_logits.data_ptr<scalar_t>();
     for (int64_t i = 0; i < N; ++i)
-      dz[i] = dg[i] * (hard ? ((g[i] > 0 && g[i] < 1) ? scalar_t(1) / 6 : scalar_t(0)) : g[i] * (1 - g[i]));
+      dz[i] = dg[i] * gate_slope(g[i], hard);
     if (norm) {
       double mu = 0, var = 0;
       if (batch_statistics) {
@@ -641,8 +714,9 @@ std::vector<at::Tensor> spatial_backward(const at::Tensor& logits, const at::Ten
 
 // The whole CBAM forward: pooling, channel MLP, gated statistics, spatial conv, gate and output.
 // Descriptor k of the channel MLP is avg_coef[k] * mean + max_coef[k] * max over positions. The
-// spatial logits get scale * z + shift (an eval-mode BatchNorm) before the gate. With finish = false it stops at the spatial logits
-// (a BatchNorm on batch statistics comes next, in Python); out and ms are then empty. With a residual
+// spatial logits get scale * z + shift (an eval-mode BatchNorm) before the gate. With finish = false
+// it stops at the spatial logits (a BatchNorm on batch statistics comes next, in Python); out and ms
+// are then empty. With a residual
 // (shaped like x) the output is relu(x * mc * ms + residual).
 // x is (B, C, *spatial), contiguous. Returns out (shaped like x), mc, ms, avg, peak, channel_index,
 // mean, speak, spatial_index, logits.
