@@ -28,8 +28,8 @@ def arguments(batch: int, channels: int, positions: int) -> dict[str, tuple]:
     index = torch.randint(0, channels, (batch, positions))
     channel_index = torch.randint(0, positions, (batch, channels))
     d_avg, d_max = torch.randn(batch, channels), torch.randn(batch, channels)
-    return {"pool": (x,), "gated_stats": (x, mc), "apply": (x, mc, ms), "gate_grads": (g, x, mc, ms),
-            "stats_grad": (x, d_mean, d_peak, index),
+    return {"pool": (x,), "gated_stats": (x, mc), "apply": (x, mc, ms, None),
+            "gate_grads": (g, x, mc, ms, None, channel_index), "stats_grad": (x, d_mean, d_peak, index),
             "input_grad": (g, x, mc, ms, d_mean, d_peak, index, d_avg, d_max, channel_index)}
 
 

@@ -1,0 +1,56 @@
+"""CBAM's overhead in ResNet-50 (batch 8, 224², fp32 CPU) for one checkout of cbam, to compare two
+versions in alternating processes (the machine's state drifts more between runs than the versions
+differ):
+
+    python benchmarks/resnet_overhead.py --src ../old-checkout --label old
+    python benchmarks/resnet_overhead.py --label new          # this checkout, as installed
+
+Prints one line: the median over rounds of each round's ratio of ``attention="cbam"`` (``preset="timm"``,
+``impl="auto"``) to ``attention=None``, for a training step and for an inference. An older checkout's
+C++ extension must be renamed in its ``ops/cpu_extension.py`` so that both stay built side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--src", help="a cbam checkout whose src/ to import instead of the installed package")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--label", default="cbam")
+    args = parser.parse_args()
+    if args.src:
+        sys.path.insert(0, f"{args.src}/src")
+    import torch
+
+    import cbam
+    from cbam.profile.benchmark import interleaved_samples
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 224, 224)
+    models = {"none": cbam.models.resnet50(attention=None),
+              "cbam": cbam.models.resnet50(attention="cbam", preset="timm")}
+    found = {}
+    for mode in ("train", "inference"):
+        for model in models.values():
+            model.train(mode == "train")
+
+        def run(model, mode=mode):
+            if mode == "train":
+                model.zero_grad(set_to_none=True)
+                model(x).sum().backward()
+            else:
+                with torch.no_grad():
+                    model(x)
+
+        samples = interleaved_samples({n: (lambda m=m: run(m)) for n, m in models.items()}, args.rounds, warmup=1)
+        found[mode] = statistics.median(t / base - 1 for t, base in zip(samples["cbam"], samples["none"]))
+    print(f"{args.label}: train {found['train']:+.1%}, inference {found['inference']:+.1%} ({cbam.__file__})")
+
+
+if __name__ == "__main__":
+    main()
