@@ -109,7 +109,8 @@ def test_fused_spatial_norm_variants(engine, norm, train):
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "empty batch"])
-def test_fused_on_other_layouts(layout):
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_on_other_layouts(layout, with_residual):
     fast, slow = pair(6, 3, 2, preset="official")
     x = torch.randn(2, 6, 5, 7, dtype=F64)
     if layout == "channels_last":
@@ -119,7 +120,9 @@ def test_fused_on_other_layouts(layout):
     else:
         x = x[:0]
     upstream = torch.randn(x.shape, dtype=F64)
-    for got, want in zip(outputs_and_grads(fast, x, upstream), outputs_and_grads(slow, x, upstream)):
+    residual = torch.randn(x.shape, dtype=F64).to(memory_format=torch.channels_last) if with_residual else None
+    found = [outputs_and_grads(module, x, upstream, residual) for module in (fast, slow)]
+    for got, want in zip(*found):
         torch.testing.assert_close(got, want)
 
 

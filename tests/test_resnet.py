@@ -180,6 +180,16 @@ def test_hooks_on_the_cbam_see_its_own_output_and_change_nothing():
         assert len(inputs) == 1
         torch.testing.assert_close(output, block.cbam(inputs[0]), rtol=0, atol=0)
     assert torch.equal(watched, unwatched)
+    seen.clear()
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, inputs, output: seen.append((inputs, output)) if module is block.cbam else None)
+    try:
+        with torch.no_grad():
+            assert torch.equal(block(x), unwatched)
+    finally:
+        handle.remove()
+    (inputs, output), = seen  # a global hook watches too
+    assert len(inputs) == 1
 
 
 def test_block_takes_any_attention_module():

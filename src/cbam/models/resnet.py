@@ -55,12 +55,16 @@ def _block_sizes(in_channels: int, channels: int, stride: int) -> tuple[int, int
     return check_int("in_channels", in_channels), check_int("channels", channels), check_int("stride", stride)
 
 
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
 def _watched(module: nn.Module) -> bool:
-    """Whether hooks (the module's own or global ones) see ``module``'s calls."""
-    hooks = [module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks, module._backward_hooks,
-             torch_module._global_forward_pre_hooks, torch_module._global_forward_hooks,
-             torch_module._global_backward_pre_hooks, torch_module._global_backward_hooks]
-    return any(hooks)
+    """Whether hooks (the module's own or global ones) see ``module``'s calls; ``True`` where torch keeps
+    them elsewhere than these private dicts (a later torch), so that hooks always see CBAM itself."""
+    default = {"": True}  # a missing dict counts as a hook
+    own = (getattr(module, name, default) for name in _HOOKS)
+    shared = (getattr(torch_module, f"_global{name}", default) for name in _HOOKS)
+    return any(bool(hooks) for hooks in (*own, *shared))
 
 
 class _ResidualBlock(nn.Module):
