@@ -82,6 +82,22 @@ def test_check_fails_and_names_the_module(capsys):
     assert "no attention modules" in out and "first non-finite output under autocast: 2 (Cancel)" in out
 
 
+def test_json_reports_are_strict_json_even_with_infinities(capsys):
+    """A float error can be infinite (a zero reference) or NaN; JSON has no such numbers."""
+    from argparse import Namespace
+
+    from cbam.cli.model_spec import print_report
+
+    data = {"rel_error": float("inf"), "rows": [{"error": float("nan")}, (1.5, float("-inf"))], "ok": False}
+    print_report(Namespace(json=True), "text", data)
+
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant}")
+
+    assert json.loads(capsys.readouterr().out, parse_constant=refuse) == {
+        "rel_error": "inf", "rows": [{"error": "nan"}, [1.5, "-inf"]], "ok": False}
+
+
 def test_profile_text_and_json(capsys):
     status, out, _ = run(capsys, "profile", *SMALL, "--depth", "1", "--benchmark", "--warmup", "0",
                          "--repeats", "1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 
@@ -79,5 +80,16 @@ def build_model_and_input(args: argparse.Namespace) -> tuple[nn.Module, torch.Te
 
 
 def print_report(args: argparse.Namespace, text: str, data: dict) -> None:
-    """``data`` as JSON with ``--json``, else ``text``."""
-    print(json.dumps(data, indent=2) if args.json else text)
+    """``data`` as strict JSON with ``--json`` (infinities and NaN as the strings ``"inf"``, ``"-inf"``,
+    ``"nan"``: JSON has no such numbers), else ``text``."""
+    print(json.dumps(_named_non_finite(data), indent=2, allow_nan=False) if args.json else text)
+
+
+def _named_non_finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _named_non_finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_named_non_finite(item) for item in value]
+    return value
