@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -91,7 +92,8 @@ class CBAM(GatePair):
         ca, sa = self.channel_att, self.spatial_att
         spec = FusedSpec(ca.pool_types, ca.gate, sa.pool, sa.bn)
         bn_weight, bn_bias = (None, None) if sa.bn is None else (sa.bn.weight, sa.bn.bias)
-        with torch.autocast(x.device.type, enabled=False):
+        device = x.device.type  # under autocast (impl="fused" asked for it) it still computes in x's dtype
+        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
             return fused_cbam(x, spec, ca.fc1.weight, ca.fc1.bias, ca.fc2.weight, ca.fc2.bias,
                               bn_weight, bn_bias, *sa.conv_weights(), residual=residual)
 

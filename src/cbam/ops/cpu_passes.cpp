@@ -636,7 +636,7 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& maps, const at::Tensor& 
 // Everything between the backward's gate gradients and the statistics' gradients, in one call: given
 // d_ms (B, S), the gradient through the gate (from ms, the gate's output), the spatial BatchNorm if
 // any (norm: on the batch statistics of logits (B, S), or on running_mean/running_var; weight
-// optional) and the conv of the gated statistics mean, speak (B, S) with conv_w (I, kd, kh, kw): I = 2
+// optional) and the conv of the gated statistics mean, speak (B, S) with conv_w (1, I, *kernel): I = 2
 // stacks [mean, speak], I = 1 averages them. Returns d_mean, d_speak, d_conv_w, and the norm's
 // d_weight, d_bias (1) (zeros without a norm). spatial_gate.py and conv_backward are the definition.
 std::vector<at::Tensor> spatial_backward(const at::Tensor& logits, const at::Tensor& ms, const at::Tensor& d_ms,
@@ -645,7 +645,8 @@ std::vector<at::Tensor> spatial_backward(const at::Tensor& logits, const at::Ten
                                          bool batch_statistics, const std::optional<at::Tensor>& weight,
                                          const std::optional<at::Tensor>& running_mean,
                                          const std::optional<at::Tensor>& running_var, double eps) {
-  const int64_t B = logits.size(0), S = logits.size(1), N = B * S, I = conv_w.size(0), taps = conv_w.numel();
+  const int64_t B = logits.size(0), S = logits.size(1), N = B * S, taps = conv_w.numel();
+  const int64_t I = taps / (kernel[0] * kernel[1] * kernel[2]);
   auto d_logits = at::empty_like(logits);
   auto d_norm = at::zeros({2}, logits.options());  // d_weight, d_bias
   auto maps = at::empty({B, I, S}, logits.options());
@@ -714,20 +715,29 @@ std::vector<at::Tensor> spatial_backward(const at::Tensor& logits, const at::Ten
 
 // The whole CBAM forward: pooling, channel MLP, gated statistics, spatial conv, gate and output.
 // Descriptor k of the channel MLP is avg_coef[k] * mean + max_coef[k] * max over positions. The
-// spatial logits get scale * z + shift (an eval-mode BatchNorm) before the gate. With finish = false
-// it stops at the spatial logits (a BatchNorm on batch statistics comes next, in Python); out and ms
-// are then empty. With a residual
-// (shaped like x) the output is relu(x * mc * ms + residual).
-// x is (B, C, *spatial), contiguous. Returns out (shaped like x), mc, ms, avg, peak, channel_index,
-// mean, speak, spatial_index, logits.
+// spatial conv's weight is (1, I, *kernel) as the module holds it. With running_mean/running_var the
+// spatial logits go through that eval-mode BatchNorm (norm_weight/norm_bias optional) before the
+// gate. With finish = false it stops at the spatial logits (a BatchNorm on batch statistics comes
+// next, in Python); out and ms are then empty. With a residual (shaped like x) the output is
+// relu(x * mc * ms + residual). x is (B, C, *spatial), contiguous. Returns out (shaped like x), mc,
+// ms, avg, peak, channel_index, mean, speak, spatial_index, logits.
 std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, std::vector<double> avg_coef,
                                 std::vector<double> max_coef, const at::Tensor& fc1_w,
                                 const std::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
                                 const std::optional<at::Tensor>& fc2_b, const at::Tensor& conv_w,
-                                std::vector<int64_t> kernel, double scale, double shift, bool hard, bool finish,
+                                std::vector<int64_t> kernel, bool hard, bool finish,
+                                const std::optional<at::Tensor>& norm_weight,
+                                const std::optional<at::Tensor>& norm_bias,
+                                const std::optional<at::Tensor>& running_mean,
+                                const std::optional<at::Tensor>& running_var, double eps,
                                 const std::optional<at::Tensor>& residual) {
   const int64_t B = x.size(0), C = x.size(1), S = size[0] * size[1] * size[2];
-  const int64_t I = conv_w.size(0);
+  const int64_t I = conv_w.numel() / (kernel[0] * kernel[1] * kernel[2]);
+  double scale = 1, shift = 0;  // the fixed norm: scale * z + shift
+  if (finish && running_var) {
+    scale = (norm_weight ? norm_weight->item<double>() : 1.0) / std::sqrt(running_var->item<double>() + eps);
+    shift = (norm_bias ? norm_bias->item<double>() : 0.0) - running_mean->item<double>() * scale;
+  }
   TORCH_CHECK(S < std::numeric_limits<int32_t>::max(), "cbam: at most 2^31 - 1 positions per sample, got ", S);
   const int64_t K = chunks(S);
   auto vec = [&](int64_t n) { return at::empty({B, n}, x.options()); };

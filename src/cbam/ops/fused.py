@@ -94,25 +94,28 @@ def _spatial_gate(logits: Tensor, spatial: torch.Size, spec: FusedSpec, bn_w, bn
     return functional.gate(logits, spec.gate)
 
 
-def _norm_as_affine(spec: FusedSpec, bn_w, bn_b) -> tuple[float, float] | None:
-    """The spatial BatchNorm as ``(scale, shift)`` where it is one (none, or a plain one on running
-    statistics in eval mode); ``None`` where it uses batch statistics or is another kind of norm."""
+def _fixed_norm(spec: FusedSpec, bn_w, bn_b) -> tuple | None:
+    """The spatial norm where it is a fixed affine map, as the C++ forward takes it: ``(weight, bias,
+    running_mean, running_var, eps)`` of a plain BatchNorm on running statistics, all ``None`` (and
+    eps 0) without a norm; ``None`` where it uses batch statistics or is another kind of norm."""
     norm = spec.norm
     if norm is None:
-        return 1.0, 0.0
+        return None, None, None, None, 0.0
     if not spatial_gate.by_hand(norm) or spatial_gate.uses_batch_statistics(norm):
         return None
-    scale = torch.rsqrt(norm.running_var + norm.eps) * (1.0 if bn_w is None else bn_w.detach())
-    shift = (0.0 if bn_b is None else bn_b.detach()) - norm.running_mean * scale
-    return tuple(torch.cat([scale, shift]).tolist())  # one transfer to Python
+    return bn_w, bn_b, norm.running_mean, norm.running_var, norm.eps
+
+
+def _padded(dims) -> list[int]:
+    """Spatial dims as ``[D, H, W]``: 1-D and 2-D padded with ones in front."""
+    return [1] * (3 - len(dims)) + list(dims)
 
 
 def _conv_geometry(weight: Tensor, spatial) -> tuple[Tensor, list[int], list[int]]:
     """One spatial conv weight ``(1, I, *kernel)`` as ``(I, kd, kh, kw)``, the spatial size as
-    ``[D, H, W]`` and the kernel as ``[kd, kh, kw]`` (1-D and 2-D padded with ones in front)."""
-    taps = weight[0].contiguous()
-    taps = taps.view(taps.shape[0], *[1] * (4 - taps.dim()), *taps.shape[1:])
-    return taps, [1] * (3 - len(spatial)) + list(spatial), list(taps.shape[1:])
+    ``[D, H, W]`` and the kernel as ``[kd, kh, kw]``."""
+    kernel = _padded(weight.shape[2:])
+    return weight[0].contiguous().view(weight.shape[1], *kernel), _padded(spatial), kernel
 
 
 def _native_pools(engine, spec: FusedSpec) -> bool:
@@ -120,17 +123,16 @@ def _native_pools(engine, spec: FusedSpec) -> bool:
     return engine is not torch_passes and set(spec.pool_types) <= NATIVE_POOLS.keys()
 
 
-def _native_forward(engine, x: Tensor, residual: Tensor | None, spec: FusedSpec, affine, weights):
-    """``cpu_passes.forward`` where it computes this CBAM (one spatial conv weight), else ``None``."""
+def _native_forward(engine, x: Tensor, residual: Tensor | None, spec: FusedSpec, fixed_norm, weights):
+    """``cpu_passes.forward`` where it computes this CBAM (one spatial conv weight), else ``None``; it
+    stops at the spatial logits where the norm is not fixed (``fixed_norm`` is ``None``)."""
     fc1_w, fc1_b, fc2_w, fc2_b, _, _, *chain = weights
     if not _native_pools(engine, spec) or len(chain) != 1:
         return None
-    taps, size, kernel = _conv_geometry(chain[0], x.shape[2:])
-    coefficients = _pool_coefficients(spec)
-    finish = affine is not None
-    scale, shift = affine if finish else (1.0, 0.0)
-    return engine.forward(x, size, *coefficients, fc1_w.contiguous(), _contiguous(fc1_b), fc2_w.contiguous(),
-                          _contiguous(fc2_b), taps, kernel, scale, shift, spec.gate == "hard-sigmoid", finish,
+    finish = fixed_norm is not None
+    return engine.forward(x, _padded(x.shape[2:]), *_pool_coefficients(spec), fc1_w.contiguous(), _contiguous(fc1_b),
+                          fc2_w.contiguous(), _contiguous(fc2_b), chain[0].contiguous(), _padded(chain[0].shape[2:]),
+                          spec.gate == "hard-sigmoid", finish, *(fixed_norm or (None,) * 4 + (0.0,)),
                           _contiguous(residual))
 
 
@@ -160,14 +162,13 @@ def _spatial_backward(engine, ctx, saved, chain, d_ms: Tensor):
     spec, spatial = ctx.spec, ctx.spatial
     norm = spec.norm
     if engine is not torch_passes and ctx.ms_graph is None and len(chain) == 1:
-        taps, size, kernel = _conv_geometry(chain[0], spatial)
         norm_state = (None, None, None, 0.0) if norm is None else (
             _detached(norm.weight), norm.running_mean, norm.running_var, norm.eps)
-        d_mean, d_speak, d_taps, d_weight, d_bias = engine.spatial_backward(
-            logits, ms, d_ms, mean, speak, taps, size, kernel, spec.gate == "hard-sigmoid", norm is not None,
-            ctx.batch_statistics, *norm_state)
+        d_mean, d_speak, d_conv, d_weight, d_bias = engine.spatial_backward(
+            logits, ms, d_ms, mean, speak, chain[0].contiguous(), _padded(spatial), _padded(chain[0].shape[2:]),
+            spec.gate == "hard-sigmoid", norm is not None, ctx.batch_statistics, *norm_state)
         d_norm = [] if norm is None else [g for g, p in ((d_weight, norm.weight), (d_bias, norm.bias)) if p is not None]
-        return d_mean, d_speak, d_norm, [d_taps.view_as(chain[0])]
+        return d_mean, d_speak, d_norm, [d_conv]
     if ctx.ms_graph is None:
         d_logits, *d_norm = spatial_gate.backward(logits, ms, d_ms, norm, spec.gate, ctx.batch_statistics)
         d_norm = [g for g in d_norm if g is not None]
@@ -210,16 +211,16 @@ class _Forward:
 def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights, record: bool) -> _Forward:
     """The fused forward, ``relu(cbam(x) + residual)`` with a residual; ``record`` keeps the autograd
     graph of a norm that ``spatial_gate`` does not compute."""
-    batch, channels, spatial = x.shape[0], x.shape[1], x.shape[2:]
-    x3 = x.reshape(batch, channels, spatial.numel())
+    spatial = x.shape[2:]
     engine = _engine(x)
-    affine = _norm_as_affine(spec, *weights[4:6])
+    fixed_norm = _fixed_norm(spec, *weights[4:6])
     with torch.no_grad():
-        native = _native_forward(engine, x, residual, spec, affine, weights)
+        native = _native_forward(engine, x, residual, spec, fixed_norm, weights)
         if native is not None:
             out, mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits = native
             pooled = {"avg": avg, "max": peak}
         else:
+            x3 = x.reshape(*x.shape[:2], spatial.numel())
             avg, peak, channel_index = engine.pool(x3)
             pooled = _descriptors(x3, avg, peak, spec.pool_types)
             mc = _channel_gate(pooled, spec, *weights[:4]).contiguous()
@@ -227,14 +228,14 @@ def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights, recor
             logits = _spatial_logits(mean, speak, spatial, spec, weights[6:]).contiguous()
     ms_graph = None
     if spatial_gate.by_hand(spec.norm):
-        if native is None or affine is None:  # the norm (once: it may update running statistics) and gate
+        if native is None or fixed_norm is None:  # the norm (once: it may update running statistics), gate
             ms = spatial_gate.forward(logits, spatial, spec.norm, spec.gate).contiguous()
     else:  # another norm: run once, recorded when a backward will follow
         with torch.set_grad_enabled(record):
             leaves = [logits.detach().requires_grad_(record), *(_leaf(w) for w in weights[4:6] if w is not None)]
             ms_graph = (leaves, _spatial_gate(leaves[0], spatial, spec, *_with_nones(leaves[1:], weights[4:6])))
         ms = ms_graph[1].detach().contiguous()
-    if native is None or affine is None:
+    if native is None or fixed_norm is None:
         out = engine.apply(x, mc, ms, _contiguous(residual))
     return _Forward(out, engine, pooled, mc, (mean, speak), (channel_index, spatial_index), logits, ms,
                     ms_graph if record else None)
