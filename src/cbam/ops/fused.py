@@ -42,12 +42,14 @@ NATIVE_POOLS = {"avg": (1.0, 0.0), "max": (0.0, 1.0), "mix": (0.5, 0.5)}  # (mea
 
 @dataclass(frozen=True)
 class FusedSpec:
-    """What the fused forward needs besides tensors."""
+    """What the fused forward needs besides tensors. ``norm`` is the spatial BatchNorm module, which
+    runs as itself; its weight and bias must also be the ones passed to ``fused_cbam`` (so that the
+    autograd function returns their gradients)."""
 
     pool_types: tuple[str, ...]
     gate: str
     spatial_pool: str
-    norm: nn.Module | None  # the spatial BatchNorm (its buffers; weight and bias come as arguments)
+    norm: nn.Module | None
 
 
 def _engine(x: Tensor):
