@@ -84,6 +84,18 @@ def test_fused_equals_reference_on_random_shapes(engine, case):
         torch.testing.assert_close(fast.spatial_att.bn.running_var, slow.spatial_att.bn.running_var)
 
 
+@pytest.mark.parametrize("conv", ["factorized", "separable"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_fused_light_spatial_convs_train_like_the_reference(engine, conv, dims):
+    """A chain of spatial convs (no one-weight C++ path) differentiated through autograd in the backward."""
+    fast, slow = pair(6, 3, dims, preset="timm", spatial_conv=conv)
+    x = torch.randn(2, 6, *[5, 6, 4][:dims], dtype=F64)
+    upstream, residual = torch.randn_like(x), torch.randn_like(x)
+    found = [outputs_and_grads(module, x, upstream, residual) for module in (fast, slow)]
+    for got, want in zip(*found):
+        torch.testing.assert_close(got, want)
+
+
 class SubclassedBatchNorm(torch.nn.BatchNorm2d):
     """Not a plain BatchNorm to the fused path (as SyncBatchNorm is not): its autograd fallback."""
 
