@@ -284,7 +284,7 @@ class FusedCBAM(torch.autograd.Function):
         x3, g3 = x.reshape(flat), grad.reshape(flat).contiguous()
         rectified = rest.pop(0).reshape(flat) if ctx.has_residual else None
         pooled = dict(zip(ctx.pool_names, rest))
-        weights = [_leaf(w) for w in rest[len(pooled):]]
+        weights = rest[len(pooled):]  # autograd fallbacks make their own leaves
 
         # g3 becomes the gradient through the tail's ReLU, which is also the residual's
         d_ms, d_mc, g3, pooled["max"] = engine.gate_grads(g3, x3, mc, ms, rectified, channel_index)
@@ -335,6 +335,7 @@ class _AutogradChannel:
     """The channel MLP's backward through autograd (any pool types, any engine), its graph recomputed."""
 
     def __init__(self, spec: FusedSpec, weights, pooled: dict[str, Tensor]):
+        weights = [_leaf(w) for w in weights]
         self.weights = [w for w in weights if w is not None]
         self.leaves = {kind: _leaf(value) for kind, value in pooled.items()}
         with torch.enable_grad():
