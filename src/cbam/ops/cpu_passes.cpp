@@ -476,16 +476,25 @@ struct ChannelMLP {
   int64_t C, H;
   bool hard;
 
-  void gate(const scalar_t* avg, const scalar_t* peak, scalar_t* mc) const {
-    const int64_t P = static_cast<int64_t>(avg_coef.size());
-    std::vector<scalar_t> descriptor(C), hidden_sum(H, scalar_t(0));
-    for (int64_t k = 0; k < P; ++k) {
-      for (int64_t c = 0; c < C; ++c) descriptor[c] = scalar_t(avg_coef[k]) * avg[c] + scalar_t(max_coef[k]) * peak[c];
+  // The hidden layer of one sample: its P descriptors (P, C), their pre-activations (P, H) and
+  // hidden_sum (H) = sum_k relu(pre_k).
+  void hidden(const scalar_t* avg, const scalar_t* peak, scalar_t* descriptors, scalar_t* pre,
+              scalar_t* hidden_sum) const {
+    std::fill(hidden_sum, hidden_sum + H, scalar_t(0));
+    for (size_t k = 0; k < avg_coef.size(); ++k) {
+      scalar_t* d = descriptors + k * C;
+      for (int64_t c = 0; c < C; ++c) d[c] = scalar_t(avg_coef[k]) * avg[c] + scalar_t(max_coef[k]) * peak[c];
       for (int64_t j = 0; j < H; ++j) {
-        const scalar_t v = dot(w1 + j * C, descriptor.data(), C) + (b1 ? b1[j] : scalar_t(0));
-        hidden_sum[j] += v > 0 ? v : scalar_t(0);
+        pre[k * H + j] = dot(w1 + j * C, d, C) + (b1 ? b1[j] : scalar_t(0));
+        hidden_sum[j] += pre[k * H + j] > 0 ? pre[k * H + j] : scalar_t(0);
       }
     }
+  }
+
+  void gate(const scalar_t* avg, const scalar_t* peak, scalar_t* mc) const {
+    const int64_t P = static_cast<int64_t>(avg_coef.size());
+    std::vector<scalar_t> descriptors(P * C), pre(P * H), hidden_sum(H);
+    hidden(avg, peak, descriptors.data(), pre.data(), hidden_sum.data());
     for (int64_t c = 0; c < C; ++c)
       mc[c] = squash(dot(w2 + c * H, hidden_sum.data(), H) + (b2 ? P * b2[c] : scalar_t(0)), hard);
   }
@@ -495,15 +504,8 @@ struct ChannelMLP {
   void backward(const scalar_t* avg, const scalar_t* peak, const scalar_t* mc, const scalar_t* d_mc, scalar_t* d_avg,
                 scalar_t* d_peak, scalar_t* d_w1, scalar_t* d_b1, scalar_t* d_w2, scalar_t* d_b2) const {
     const int64_t P = static_cast<int64_t>(avg_coef.size());
-    std::vector<scalar_t> descriptors(P * C), pre(P * H), hidden_sum(H, scalar_t(0)), d_hidden(H, scalar_t(0));
-    for (int64_t k = 0; k < P; ++k) {
-      scalar_t* d = descriptors.data() + k * C;
-      for (int64_t c = 0; c < C; ++c) d[c] = scalar_t(avg_coef[k]) * avg[c] + scalar_t(max_coef[k]) * peak[c];
-      for (int64_t j = 0; j < H; ++j) {
-        pre[k * H + j] = dot(w1 + j * C, d, C) + (b1 ? b1[j] : scalar_t(0));
-        hidden_sum[j] += pre[k * H + j] > 0 ? pre[k * H + j] : scalar_t(0);
-      }
-    }
+    std::vector<scalar_t> descriptors(P * C), pre(P * H), hidden_sum(H), d_hidden(H, scalar_t(0));
+    hidden(avg, peak, descriptors.data(), pre.data(), hidden_sum.data());
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t d_z = d_mc[c] * gate_slope(mc[c], hard);
       d_b2[c] += P * d_z;
@@ -563,6 +565,20 @@ std::vector<at::Tensor> channel_backward(const at::Tensor& avg, const at::Tensor
                    d_w2.data_ptr<scalar_t>(), d_b2.data_ptr<scalar_t>());
   });
   return {d_avg, d_peak, d_w1, d_b1, d_w2, d_b2};
+}
+
+// The spatial conv's input maps (I, S) of one sample from its gated statistics mean, speak (S):
+// I = 2 stacks them, I = 1 averages them.
+template <typename scalar_t>
+void statistic_maps(const scalar_t* mean, const scalar_t* speak, int64_t I, int64_t S, scalar_t* maps) {
+  for (int64_t s = 0; s < S; ++s) {
+    if (I == 2) {
+      maps[s] = mean[s];
+      maps[S + s] = speak[s];
+    } else {
+      maps[s] = (mean[s] + speak[s]) / 2;
+    }
+  }
 }
 
 // Every (output row, input row, kernel tap) of the size-keeping correlation of maps (I, D, H, W) with
@@ -684,18 +700,9 @@ std::vector<at::Tensor> spatial_backward(const at::Tensor& logits, const at::Ten
       d_norm.data_ptr<scalar_t>()[0] = sum_centred;
       d_norm.data_ptr<scalar_t>()[1] = sum;
     }
-    const scalar_t* mp = mean.data_ptr<scalar_t>();
-    const scalar_t* pp = speak.data_ptr<scalar_t>();
     scalar_t* maps_p = maps.data_ptr<scalar_t>();
     for (int64_t b = 0; b < B; ++b)
-      for (int64_t s = 0; s < S; ++s) {
-        if (I == 2) {
-          maps_p[(b * 2) * S + s] = mp[b * S + s];
-          maps_p[(b * 2 + 1) * S + s] = pp[b * S + s];
-        } else {
-          maps_p[b * S + s] = (mp[b * S + s] + pp[b * S + s]) / 2;
-        }
-      }
+      statistic_maps(mean.data_ptr<scalar_t>() + b * S, speak.data_ptr<scalar_t>() + b * S, I, S, maps_p + b * I * S);
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b)
         spatial_conv_backward(maps_p + b * I * S, dz + b * S, conv_w.data_ptr<scalar_t>(), I, size.data(),
@@ -776,14 +783,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
         }
       });
       std::vector<scalar_t> maps(I * S);
-      for (int64_t s = 0; s < S; ++s) {
-        if (I == 2) {
-          maps[s] = mean_b[s];
-          maps[S + s] = speak_b[s];
-        } else {
-          maps[s] = (mean_b[s] + speak_b[s]) / 2;
-        }
-      }
+      statistic_maps(mean_b, speak_b, I, S, maps.data());
       scalar_t* logits_b = logits.data_ptr<scalar_t>() + b * S;
       spatial_conv(maps.data(), cw, I, size.data(), kernel.data(), logits_b);
       if (!finish) return;

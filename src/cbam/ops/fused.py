@@ -96,16 +96,21 @@ def _spatial_gate(logits: Tensor, spatial: torch.Size, spec: FusedSpec, bn_w, bn
     return functional.gate(logits, spec.gate)
 
 
-def _fixed_norm(spec: FusedSpec, bn_w, bn_b) -> tuple | None:
-    """The spatial norm where it is a fixed affine map, as the C++ forward takes it: ``(weight, bias,
-    running_mean, running_var, eps)`` of a plain BatchNorm on running statistics, all ``None`` (and
-    eps 0) without a norm; ``None`` where it uses batch statistics or is another kind of norm."""
-    norm = spec.norm
+def _norm_tensors(norm: nn.Module | None, bn_w, bn_b) -> tuple:
+    """A plain BatchNorm as the C++ engine takes it, ``(weight, bias, running_mean, running_var, eps)``;
+    all ``None`` (and eps 0) without a norm."""
     if norm is None:
         return None, None, None, None, 0.0
-    if not spatial_gate.by_hand(norm) or spatial_gate.uses_batch_statistics(norm):
-        return None
     return bn_w, bn_b, norm.running_mean, norm.running_var, norm.eps
+
+
+def _fixed_norm(spec: FusedSpec, bn_w, bn_b) -> tuple | None:
+    """``_norm_tensors`` where the spatial norm is a fixed affine map (none, or a plain BatchNorm on
+    running statistics); ``None`` where it uses batch statistics or is another kind of norm."""
+    norm = spec.norm
+    if norm is not None and (not spatial_gate.by_hand(norm) or spatial_gate.uses_batch_statistics(norm)):
+        return None
+    return _norm_tensors(norm, bn_w, bn_b)
 
 
 def _padded(dims) -> list[int]:
@@ -132,10 +137,10 @@ def _native_forward(engine, x: Tensor, residual: Tensor | None, spec: FusedSpec,
     if not _native_pools(engine, spec) or len(chain) != 1:
         return None
     finish = fixed_norm is not None
+    norm_args = fixed_norm if finish else _norm_tensors(None, None, None)  # unused when not finishing
     return engine.forward(x, _padded(x.shape[2:]), *_pool_coefficients(spec), fc1_w.contiguous(), _contiguous(fc1_b),
                           fc2_w.contiguous(), _contiguous(fc2_b), chain[0].contiguous(), _padded(chain[0].shape[2:]),
-                          spec.gate == "hard-sigmoid", finish, *(fixed_norm or (None,) * 4 + (0.0,)),
-                          _contiguous(residual))
+                          spec.gate == "hard-sigmoid", finish, *norm_args, _contiguous(residual))
 
 
 def _spatial_grads(engine, mean: Tensor, speak: Tensor, spatial, spec: FusedSpec, chain, d_logits: Tensor):
@@ -153,23 +158,22 @@ def _spatial_grads(engine, mean: Tensor, speak: Tensor, spatial, spec: FusedSpec
         return _grads(_spatial_logits(*stats, spatial, spec, leaves), [*stats, *leaves], d_logits)
 
 
-def _spatial_backward(engine, ctx, saved, chain, d_ms: Tensor):
+def _spatial_backward(engine, ctx, saved, spatial, norm_weights, chain, d_ms: Tensor):
     """From the spatial gate's gradient ``d_ms (B, S)`` back to the gated statistics: ``d_mean,
     d_speak (B, S)``, the norm's weight/bias gradients (those that exist) and the conv weights'.
 
-    ``saved`` is ``(logits, ms, mean, speak)``. One C++ call for one conv weight and a norm that
-    ``spatial_gate`` computes; else ``spatial_gate`` (or the recorded norm) and ``_spatial_grads``.
+    ``saved`` is ``(logits, ms, mean, speak)``, ``norm_weights`` the norm's ``(weight, bias)``. One C++
+    call for one conv weight and a norm that ``spatial_gate`` computes; else ``spatial_gate`` (or the
+    recorded norm) and ``_spatial_grads``.
     """
     logits, ms, mean, speak = saved
-    spec, spatial = ctx.spec, ctx.spatial
-    norm = spec.norm
+    spec, norm = ctx.spec, ctx.spec.norm
     if engine is not torch_passes and ctx.ms_graph is None and len(chain) == 1:
-        norm_state = (None, None, None, 0.0) if norm is None else (
-            _detached(norm.weight), norm.running_mean, norm.running_var, norm.eps)
+        weight, _, running_mean, running_var, eps = _norm_tensors(norm, *norm_weights)
         d_mean, d_speak, d_conv, d_weight, d_bias = engine.spatial_backward(
             logits, ms, d_ms, mean, speak, chain[0].contiguous(), _padded(spatial), _padded(chain[0].shape[2:]),
-            spec.gate == "hard-sigmoid", norm is not None, ctx.batch_statistics, *norm_state)
-        d_norm = [] if norm is None else [g for g, p in ((d_weight, norm.weight), (d_bias, norm.bias)) if p is not None]
+            spec.gate == "hard-sigmoid", norm is not None, ctx.batch_statistics, weight, running_mean, running_var, eps)
+        d_norm = [g for g, w in zip((d_weight, d_bias), norm_weights) if w is not None]
         return d_mean, d_speak, d_norm, [d_conv]
     if ctx.ms_graph is None:
         d_logits, *d_norm = spatial_gate.backward(logits, ms, d_ms, norm, spec.gate, ctx.batch_statistics)
@@ -178,10 +182,6 @@ def _spatial_backward(engine, ctx, saved, chain, d_ms: Tensor):
         d_logits, *d_norm = _grads(ctx.ms_graph[1], ctx.ms_graph[0], d_ms)
     d_mean, d_speak, *d_chain = _spatial_grads(engine, mean, speak, spatial, spec, chain, d_logits)
     return d_mean.contiguous(), d_speak.contiguous(), d_norm, d_chain
-
-
-def _detached(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach()
 
 
 def _with_nones(found: list[Tensor], like) -> list[Tensor | None]:
@@ -268,7 +268,6 @@ class FusedCBAM(torch.autograd.Function):
         ctx.spec, ctx.engine, ctx.ms_graph, ctx.pool_names = spec, result.engine, result.ms_graph, list(kept)
         ctx.has_residual = residual is not None  # then the output is saved too: the ReLU's mask
         ctx.batch_statistics = spec.norm is not None and spatial_gate.uses_batch_statistics(spec.norm)
-        ctx.spatial = x.shape[2:]
         tail_output = [result.out] if ctx.has_residual else []
         ctx.save_for_backward(x, result.logits, result.mc, result.ms, *result.stats, *result.indices, *tail_output,
                               *kept.values(), *weights)
@@ -293,7 +292,8 @@ class FusedCBAM(torch.autograd.Function):
         else:
             channel = _AutogradChannel(spec, weights[:4], pooled)
         chain = [w for w in weights[6:] if w is not None]
-        d_mean, d_speak, d_norm, d_chain = _spatial_backward(engine, ctx, (logits, ms, mean, speak), chain, d_ms)
+        d_mean, d_speak, d_norm, d_chain = _spatial_backward(engine, ctx, (logits, ms, mean, speak), spatial,
+                                                             weights[4:6], chain, d_ms)
         d_mc = d_mc + engine.stats_grad(x3, d_mean, d_speak, spatial_index)
         d_pooled, d_channel_weights = channel.grads(d_mc)
 
@@ -319,7 +319,7 @@ class _NativeChannel:
     gate ``mc (B, C)``."""
 
     def __init__(self, engine, spec: FusedSpec, weights, pooled: dict[str, Tensor], mc: Tensor):
-        fc1_w, fc1_b, fc2_w, _ = (_contiguous(None if w is None else w.detach()) for w in weights)
+        fc1_w, fc1_b, fc2_w = (_contiguous(None if w is None else w.detach()) for w in weights[:3])
         self.engine, self.weights, self.pooled, self.hard = engine, weights, pooled, spec.gate == "hard-sigmoid"
         self.args = (*_pool_coefficients(spec), fc1_w, fc1_b, fc2_w)
         self.mc = mc
