@@ -47,6 +47,12 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_callable(name: str, value):
+    if not callable(value):
+        raise TypeError(f"{name} must be a callable (a module such as nn.BatchNorm2d), got {_describe(value)}")
+    return value
+
+
 def check_choice(name: str, value, choices: Sequence):
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")

@@ -29,8 +29,8 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 from torch import Tensor, nn
-from torch.nn.modules import module as torch_module
 
+from ..hooks import watched
 from ..nn import CBAM
 from ..validation import check_choice, check_int
 
@@ -55,33 +55,27 @@ def _block_sizes(in_channels: int, channels: int, stride: int) -> tuple[int, int
     return check_int("in_channels", in_channels), check_int("channels", channels), check_int("stride", stride)
 
 
-_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
-
-
-def _watched(module: nn.Module) -> bool:
-    """Whether hooks (the module's own or global ones) see ``module``'s calls; ``True`` where torch keeps
-    them elsewhere than these private dicts (a later torch), so that hooks always see CBAM itself."""
-    default = {"": True}  # a missing dict counts as a hook
-    own = (getattr(module, name, default) for name in _HOOKS)
-    shared = (getattr(torch_module, f"_global{name}", default) for name in _HOOKS)
-    return any(bool(hooks) for hooks in (*own, *shared))
-
-
 class _ResidualBlock(nn.Module):
-    """The tail both blocks share: ``relu(attention(out) + shortcut(x))``.
+    """The tail both blocks share: ``relu(attention(norm(out)) + shortcut(x))``, ``norm`` the branch's last
+    BatchNorm.
 
     Where the attention is a ``CBAM`` on its fused path and no hook watches it, it is one call,
-    ``cbam(out, shortcut)``, whose output pass adds and rectifies; hooks on ``block.cbam`` always
-    see CBAM's own input and output.
+    ``cbam(out, shortcut, input_norm=norm)``: CBAM's output pass adds and rectifies, and in inference
+    its passes apply the BatchNorm as they read ``out``; hooks on ``block.cbam`` always see CBAM's own
+    input and output.
     """
 
-    def _residual(self, out: Tensor, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        if isinstance(self.cbam, CBAM) and self.cbam.fuses(out) and not _watched(self.cbam):
-            return self.cbam(out, shortcut)
+    def _residual(self, out: Tensor, norm: nn.Module, x: Tensor) -> Tensor:
+        if isinstance(self.cbam, CBAM) and self.cbam.fuses(out) and not watched(self.cbam):
+            return self.cbam(out, self._shortcut(x), input_norm=norm)
+        out = norm(out)
+        shortcut = self._shortcut(x)
         if self.cbam is not None:
             out = self.cbam(out)
         return self.relu(out + shortcut)
+
+    def _shortcut(self, x: Tensor) -> Tensor:
+        return x if self.downsample is None else self.downsample(x)
 
 
 class BasicBlock(_ResidualBlock):
@@ -110,7 +104,7 @@ class BasicBlock(_ResidualBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        return self._residual(self.bn2(self.conv2(out)), x)
+        return self._residual(self.conv2(out), self.bn2, x)
 
 
 class Bottleneck(_ResidualBlock):
@@ -143,7 +137,7 @@ class Bottleneck(_ResidualBlock):
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        return self._residual(self.bn3(self.conv3(out)), x)
+        return self._residual(self.conv3(out), self.bn3, x)
 
 
 class ResNet(nn.Module):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .fused import FusedCBAM, FusedSpec, fused_cbam
+from .fused import FusedCBAM, FusedSpec, folds_input_norm, fused_cbam
 
 IMPLS = ("auto", "reference", "fused")
 FUSED_DTYPES = (torch.float32, torch.float64)
@@ -31,4 +31,4 @@ def fused_applies(impl: str, order: str, x: Tensor) -> bool:
     )
 
 
-__all__ = ["IMPLS", "FusedCBAM", "FusedSpec", "fused_applies", "fused_cbam"]
+__all__ = ["IMPLS", "FusedCBAM", "FusedSpec", "folds_input_norm", "fused_applies", "fused_cbam"]

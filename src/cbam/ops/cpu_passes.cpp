@@ -40,27 +40,54 @@ struct Lanes<double> {
   typedef int64_t Positions __attribute__((vector_size(64)));
 };
 
-// Mean, max and first arg-max of one row of S values (S < 2^31), in one read: every lane keeps its
-// own sum, maximum and the first position of that maximum.
-template <typename scalar_t>
-void pool_row(const scalar_t* row, int64_t S, scalar_t& mean, scalar_t& peak, int64_t& index) {
+// An eval-mode BatchNorm's per-channel affine map a * x + b, applied to CBAM's input as the passes
+// read it (so that its output is never written), or nothing (kNormed = false). The compiler
+// contracts it into one fused multiply-add where the CPU has one, as in torch's own kernel.
+template <typename scalar_t, bool kNormed>
+struct Affine {
+  scalar_t a, b;
+  template <typename V>
+  V operator()(V v) const {
+    if constexpr (kNormed) return v * a + b;
+    return v;
+  }
+};
+
+// Per-channel maps (scale, shift: (C) each) where kNormed; identities otherwise (null pointers).
+template <typename scalar_t, bool kNormed>
+struct InputNorm {
+  const scalar_t* scale = nullptr;
+  const scalar_t* shift = nullptr;
+  Affine<scalar_t, kNormed> operator[](int64_t c) const {
+    if constexpr (kNormed) return {scale[c], shift[c]};
+    return {};
+  }
+};
+
+// Mean, max and first arg-max of one row of S values norm(row[s]) (S < 2^31), in one read: every lane
+// keeps its own sum, maximum and the first position of that maximum.
+template <typename scalar_t, bool kNormed>
+void pool_row(const scalar_t* row, int64_t S, Affine<scalar_t, kNormed> norm, scalar_t& mean, scalar_t& peak,
+              int64_t& index) {
   using Values = typename Lanes<scalar_t>::Values;
   using Positions = typename Lanes<scalar_t>::Positions;
   constexpr int kWidth = sizeof(Values) / sizeof(scalar_t);
-  Values sums = {}, bests = row[0] + Values{};
+  const scalar_t first = norm(row[0]);
+  Values sums = {}, bests = first + Values{};
   Positions ats = {}, positions;
   for (int l = 0; l < kWidth; ++l) positions[l] = l;
   int64_t s = 0;
   for (; s + kWidth <= S; s += kWidth) {
     Values v;
     std::memcpy(&v, row + s, sizeof(Values));
+    v = norm(v);
     const Positions above = v > bests;
     bests = above ? v : bests;
     ats = above ? positions : ats;
     sums += v;
     positions += kWidth;
   }
-  scalar_t sum = 0, best = row[0];
+  scalar_t sum = 0, best = first;
   for (int l = 0; l < kWidth; ++l) {
     sum += sums[l];
     best = bests[l] > best ? bests[l] : best;
@@ -71,9 +98,10 @@ void pool_row(const scalar_t* row, int64_t S, scalar_t& mean, scalar_t& peak, in
   for (int l = 0; l < kWidth; ++l) at = candidates[l] < at ? candidates[l] : at;  // the first among equal maxima
   if (s == 0) at = 0;
   for (; s < S; ++s) {  // the tail, after every earlier position
-    sum += row[s];
-    if (row[s] > best) {
-      best = row[s];
+    const scalar_t v = norm(row[s]);
+    sum += v;
+    if (v > best) {
+      best = v;
       at = s;
     }
   }
@@ -82,13 +110,13 @@ void pool_row(const scalar_t* row, int64_t S, scalar_t& mean, scalar_t& peak, in
   index = at;
 }
 
-// Channel-wise mean, max and first arg-max of mc[c] * x[c, s] for n positions of one sample;
+// Channel-wise mean, max and first arg-max of mc[c] * norm[c](x[c, s]) for n positions of one sample;
 // x points at the chunk's first position of channel 0, rows are S apart. Blocks of kBlock vectors of
 // positions keep their sums, maxima and arg-maxima in registers while the channels stream by; the
 // positions left over keep them in arrays. Sums run over channels in order either way.
-template <typename scalar_t>
-void gated_chunk(const scalar_t* x, const scalar_t* mc, int64_t C, int64_t S, int64_t n, scalar_t* mean,
-                 scalar_t* peak, int64_t* index) {
+template <typename scalar_t, bool kNormed>
+void gated_chunk(const scalar_t* x, const scalar_t* mc, InputNorm<scalar_t, kNormed> norm, int64_t C, int64_t S,
+                 int64_t n, scalar_t* mean, scalar_t* peak, int64_t* index) {
   using Values = typename Lanes<scalar_t>::Values;
   using Positions = typename Lanes<scalar_t>::Positions;
   constexpr int kWidth = sizeof(Values) / sizeof(scalar_t), kBlock = 4;
@@ -102,15 +130,16 @@ void gated_chunk(const scalar_t* x, const scalar_t* mc, int64_t C, int64_t S, in
     Values sum[kBlock], best[kBlock];
     Positions arg[kBlock];
     for (int j = 0; j < kBlock; ++j) {
-      sum[j] = best[j] = mc[0] * load(x + s + j * kWidth);
+      sum[j] = best[j] = mc[0] * norm[0](load(x + s + j * kWidth));
       arg[j] = Positions{};
     }
     for (int64_t c = 1; c < C; ++c) {
       const scalar_t* row = x + c * S + s;
+      const auto row_norm = norm[c];
       const Positions channel = static_cast<typename std::remove_reference<decltype(arg[0][0])>::type>(c) +
                                 Positions{};
       for (int j = 0; j < kBlock; ++j) {
-        const Values v = mc[c] * load(row + j * kWidth);
+        const Values v = mc[c] * row_norm(load(row + j * kWidth));
         const Positions above = v > best[j];
         sum[j] += v;
         best[j] = above ? v : best[j];
@@ -129,14 +158,15 @@ void gated_chunk(const scalar_t* x, const scalar_t* mc, int64_t C, int64_t S, in
   scalar_t sum[kBlock * kWidth], best[kBlock * kWidth];
   int32_t arg[kBlock * kWidth];
   for (int64_t t = 0; t < rest; ++t) {
-    sum[t] = best[t] = mc[0] * x[t];
+    sum[t] = best[t] = mc[0] * norm[0](x[t]);
     arg[t] = 0;
   }
   for (int64_t c = 1; c < C; ++c) {
     const scalar_t m = mc[c];
     const scalar_t* row = x + c * S;
+    const auto row_norm = norm[c];
     for (int64_t t = 0; t < rest; ++t) {
-      const scalar_t v = m * row[t];
+      const scalar_t v = m * row_norm(row[t]);
       const bool above = v > best[t];
       sum[t] += v;
       best[t] = above ? v : best[t];
@@ -150,6 +180,15 @@ void gated_chunk(const scalar_t* x, const scalar_t* mc, int64_t C, int64_t S, in
   }
 }
 
+// Spatial mean, max and first arg-max of every row (b, c) of norm(x), x: (B, C, S): avg, peak, index (B, C).
+template <typename scalar_t, bool kNormed>
+void pool_rows(const scalar_t* x, InputNorm<scalar_t, kNormed> norm, int64_t B, int64_t C, int64_t S, scalar_t* avg,
+               scalar_t* peak, int64_t* index) {
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) pool_row(x + r * S, S, norm[r % C], avg[r], peak[r], index[r]);
+  });
+}
+
 // Spatial mean, max and first arg-max of every row (b, c).
 std::vector<at::Tensor> pool(const at::Tensor& x) {
   const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
@@ -158,13 +197,8 @@ std::vector<at::Tensor> pool(const at::Tensor& x) {
   auto peak = at::empty({B, C}, x.options());
   auto index = at::empty({B, C}, x.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_pool", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* ap = avg.data_ptr<scalar_t>();
-    scalar_t* pp = peak.data_ptr<scalar_t>();
-    int64_t* ip = index.data_ptr<int64_t>();
-    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) pool_row(xp + r * S, S, ap[r], pp[r], ip[r]);
-    });
+    pool_rows(x.data_ptr<scalar_t>(), InputNorm<scalar_t, false>{}, B, C, S, avg.data_ptr<scalar_t>(),
+              peak.data_ptr<scalar_t>(), index.data_ptr<int64_t>());
   });
   return {avg, peak, index};
 }
@@ -181,26 +215,34 @@ std::vector<at::Tensor> gated_stats(const at::Tensor& x, const at::Tensor& mc) {
     at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / K, s0 = (task % K) * kChunk, offset = b * S + s0;
-        gated_chunk(xp + b * C * S + s0, mp + b * C, C, S, std::min(kChunk, S - s0), mean.data_ptr<scalar_t>() + offset,
-                    peak.data_ptr<scalar_t>() + offset, index.data_ptr<int64_t>() + offset);
+        gated_chunk(xp + b * C * S + s0, mp + b * C, InputNorm<scalar_t, false>{}, C, S, std::min(kChunk, S - s0),
+                    mean.data_ptr<scalar_t>() + offset, peak.data_ptr<scalar_t>() + offset,
+                    index.data_ptr<int64_t>() + offset);
       }
     });
   });
   return {mean, peak, index};
 }
 
-// One output row of S positions: out = x * m * ms, or relu(x * m * ms + residual) with a residual
-// row (the residual block's tail; NaN stays NaN as in torch.relu). Rounded as torch's separate ops
-// round, (x * m) * ms then + residual: no reassociation, no fused multiply-add.
-template <typename scalar_t>
+// One output row of S positions: out = y * m * ms, or relu(y * m * ms + residual) with a residual row
+// (the residual block's tail; NaN stays NaN as in torch.relu), y = norm(x). Rounded as torch's
+// separate ops round, (y * m) * ms then + residual: no reassociation, no other fused multiply-add
+// than norm's (written as a builtin: under these options no function call would be inlined).
+template <typename scalar_t, bool kNormed>
 __attribute__((optimize("no-associative-math", "fp-contract=off")))
-void output_row(const scalar_t* x, scalar_t m, const scalar_t* ms, const scalar_t* residual, int64_t S, scalar_t* out) {
+void output_row(const scalar_t* x, Affine<scalar_t, kNormed> norm, scalar_t m, const scalar_t* ms,
+                const scalar_t* residual, int64_t S, scalar_t* out) {
+  const auto y = [&](int64_t s) -> scalar_t {
+    if constexpr (!kNormed) return x[s];
+    if constexpr (std::is_same_v<scalar_t, float>) return __builtin_fmaf(x[s], norm.a, norm.b);
+    return __builtin_fma(x[s], norm.a, norm.b);
+  };
   if (residual == nullptr) {
-    for (int64_t s = 0; s < S; ++s) out[s] = x[s] * m * ms[s];
+    for (int64_t s = 0; s < S; ++s) out[s] = y(s) * m * ms[s];
     return;
   }
   for (int64_t s = 0; s < S; ++s) {
-    const scalar_t v = x[s] * m * ms[s] + residual[s];
+    const scalar_t v = y(s) * m * ms[s] + residual[s];
     out[s] = v < 0 ? scalar_t(0) : v;
   }
 }
@@ -225,7 +267,7 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
-        output_row(xp + r * S, mp[r], sp + (r / C) * S, rp ? rp + r * S : nullptr, S, op + r * S);
+        output_row(xp + r * S, Affine<scalar_t, false>{}, mp[r], sp + (r / C) * S, rp ? rp + r * S : nullptr, S, op + r * S);
     });
   });
   return out;
@@ -720,14 +762,38 @@ std::vector<at::Tensor> spatial_backward(const at::Tensor& logits, const at::Ten
   return {d_mean, d_speak, partial.sum(0).view(conv_w.sizes()), d_norm.slice(0, 0, 1), d_norm.slice(0, 1, 2)};
 }
 
+// The per-channel affine map (2, C) — scale, then shift — of a BatchNorm on running statistics:
+// scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale (weight and bias
+// optional), in the statistics' dtype, as torch's CPU kernel computes them.
+at::Tensor batch_norm_affine(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& running_mean, const at::Tensor& running_var, double eps) {
+  const int64_t C = running_mean.numel();
+  auto affine = at::empty({2, C}, running_mean.options());
+  AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "cbam_batch_norm_affine", [&] {
+    const scalar_t* mean = running_mean.data_ptr<scalar_t>();
+    const scalar_t* var = running_var.data_ptr<scalar_t>();
+    const scalar_t* w = weight ? weight->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
+    scalar_t* scale = affine.data_ptr<scalar_t>();
+    scalar_t* shift = scale + C;
+    for (int64_t c = 0; c < C; ++c) {
+      scale[c] = scalar_t(1) / std::sqrt(var[c] + static_cast<scalar_t>(eps)) * (w ? w[c] : scalar_t(1));
+      shift[c] = (b ? b[c] : scalar_t(0)) - mean[c] * scale[c];
+    }
+  });
+  return affine;
+}
+
 // The whole CBAM forward: pooling, channel MLP, gated statistics, spatial conv, gate and output.
 // Descriptor k of the channel MLP is avg_coef[k] * mean + max_coef[k] * max over positions. The
 // spatial conv's weight is (1, I, *kernel) as the module holds it. With running_mean/running_var the
 // spatial logits go through that eval-mode BatchNorm (norm_weight/norm_bias optional) before the
 // gate. With finish = false it stops at the spatial logits (a BatchNorm on batch statistics comes
 // next, in Python); out and ms are then empty. With a residual (shaped like x) the output is
-// relu(x * mc * ms + residual). x is (B, C, *spatial), contiguous. Returns out (shaped like x), mc,
-// ms, avg, peak, channel_index, mean, speak, spatial_index, logits.
+// relu(x * mc * ms + residual). With input_affine (2, C) (batch_norm_affine) CBAM's input is
+// scale[c] * x + shift[c], computed as the passes read x: the BatchNorm before CBAM, never written.
+// x is (B, C, *spatial), contiguous. Returns out (shaped like x), mc, ms, avg, peak, channel_index,
+// mean, speak, spatial_index, logits.
 std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, std::vector<double> avg_coef,
                                 std::vector<double> max_coef, const at::Tensor& fc1_w,
                                 const std::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
@@ -737,7 +803,8 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
                                 const std::optional<at::Tensor>& norm_bias,
                                 const std::optional<at::Tensor>& running_mean,
                                 const std::optional<at::Tensor>& running_var, double eps,
-                                const std::optional<at::Tensor>& residual) {
+                                const std::optional<at::Tensor>& residual,
+                                const std::optional<at::Tensor>& input_affine) {
   const int64_t B = x.size(0), C = x.size(1), S = size[0] * size[1] * size[2];
   const int64_t I = conv_w.numel() / (kernel[0] * kernel[1] * kernel[2]);
   double scale = 1, shift = 0;  // the fixed norm: scale * z + shift
@@ -758,65 +825,77 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
     const scalar_t* cw = conv_w.data_ptr<scalar_t>();
     const scalar_t* rp = data_or_null<scalar_t>(residual);
     const auto mlp = channel_mlp<scalar_t>(avg_coef, max_coef, fc1_w, fc1_b, fc2_w, fc2_b, hard);
-    // Sample b's pooling, then its MLP.
-    auto pool_and_mlp = [&](int64_t b) {
-      scalar_t* avg_b = avg.data_ptr<scalar_t>() + b * C;
-      scalar_t* peak_b = peak.data_ptr<scalar_t>() + b * C;
-      int64_t* channel_b = channel_index.data_ptr<int64_t>() + b * C;
-      const scalar_t* xb = xp + b * C * S;
-      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) pool_row(xb + c * S, S, avg_b[c], peak_b[c], channel_b[c]);
-      });
-      mlp.gate(avg_b, peak_b, mc.data_ptr<scalar_t>() + b * C);
-    };
-    // The rest for sample b: gated statistics, spatial conv, gate and output.
-    auto sample = [&](int64_t b) {
-      const scalar_t* xb = xp + b * C * S;
-      const scalar_t* mc_b = mc.data_ptr<scalar_t>() + b * C;
-      scalar_t* mean_b = mean.data_ptr<scalar_t>() + b * S;
-      scalar_t* speak_b = speak.data_ptr<scalar_t>() + b * S;
-      int64_t* spatial_b = spatial_index.data_ptr<int64_t>() + b * S;
-      at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t k = begin; k < end; ++k) {
-          const int64_t s0 = k * kChunk;
-          gated_chunk(xb + s0, mc_b, C, S, std::min(kChunk, S - s0), mean_b + s0, speak_b + s0, spatial_b + s0);
-        }
-      });
-      std::vector<scalar_t> maps(I * S);
-      statistic_maps(mean_b, speak_b, I, S, maps.data());
-      scalar_t* logits_b = logits.data_ptr<scalar_t>() + b * S;
-      spatial_conv(maps.data(), cw, I, size.data(), kernel.data(), logits_b);
-      if (!finish) return;
-      scalar_t* ms_b = ms.data_ptr<scalar_t>() + b * S;
-      for (int64_t s = 0; s < S; ++s) ms_b[s] = squash(scalar_t(scale) * logits_b[s] + scalar_t(shift), hard);
-      scalar_t* ob = out.data_ptr<scalar_t>() + b * C * S;
-      const scalar_t* rb = rp ? rp + b * C * S : nullptr;
-      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c)
-          output_row(xb + c * S, mc_b[c], ms_b, rb ? rb + c * S : nullptr, S, ob + c * S);
-      });
-    };
-    auto each_sample = [&](const std::function<void(int64_t)>& work) {
-      if (B >= at::get_num_threads()) {  // samples split among threads; the passes inside run serially
-        at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t b = begin; b < end; ++b) work(b);
+    auto run = [&](auto normed) {
+      constexpr bool kNormed = decltype(normed)::value;
+      InputNorm<scalar_t, kNormed> norm;
+      if constexpr (kNormed) {
+        norm.scale = input_affine->data_ptr<scalar_t>();
+        norm.shift = norm.scale + C;
+      }
+      // Sample b's pooling, then its MLP.
+      auto pool_and_mlp = [&](int64_t b) {
+        scalar_t* avg_b = avg.data_ptr<scalar_t>() + b * C;
+        scalar_t* peak_b = peak.data_ptr<scalar_t>() + b * C;
+        int64_t* channel_b = channel_index.data_ptr<int64_t>() + b * C;
+        const scalar_t* xb = xp + b * C * S;
+        at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t c = begin; c < end; ++c) pool_row(xb + c * S, S, norm[c], avg_b[c], peak_b[c], channel_b[c]);
         });
-      } else {
-        for (int64_t b = 0; b < B; ++b) work(b);
+        mlp.gate(avg_b, peak_b, mc.data_ptr<scalar_t>() + b * C);
+      };
+      // The rest for sample b: gated statistics, spatial conv, gate and output.
+      auto sample = [&](int64_t b) {
+        const scalar_t* xb = xp + b * C * S;
+        const scalar_t* mc_b = mc.data_ptr<scalar_t>() + b * C;
+        scalar_t* mean_b = mean.data_ptr<scalar_t>() + b * S;
+        scalar_t* speak_b = speak.data_ptr<scalar_t>() + b * S;
+        int64_t* spatial_b = spatial_index.data_ptr<int64_t>() + b * S;
+        at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t k = begin; k < end; ++k) {
+            const int64_t s0 = k * kChunk;
+            gated_chunk(xb + s0, mc_b, norm, C, S, std::min(kChunk, S - s0), mean_b + s0, speak_b + s0,
+                        spatial_b + s0);
+          }
+        });
+        std::vector<scalar_t> maps(I * S);
+        statistic_maps(mean_b, speak_b, I, S, maps.data());
+        scalar_t* logits_b = logits.data_ptr<scalar_t>() + b * S;
+        spatial_conv(maps.data(), cw, I, size.data(), kernel.data(), logits_b);
+        if (!finish) return;
+        scalar_t* ms_b = ms.data_ptr<scalar_t>() + b * S;
+        for (int64_t s = 0; s < S; ++s) ms_b[s] = squash(scalar_t(scale) * logits_b[s] + scalar_t(shift), hard);
+        scalar_t* ob = out.data_ptr<scalar_t>() + b * C * S;
+        const scalar_t* rb = rp ? rp + b * C * S : nullptr;
+        at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t c = begin; c < end; ++c)
+            output_row(xb + c * S, norm[c], mc_b[c], ms_b, rb ? rb + c * S : nullptr, S, ob + c * S);
+        });
+      };
+      auto each_sample = [&](const std::function<void(int64_t)>& work) {
+        if (B >= at::get_num_threads()) {  // samples split among threads; the passes inside run serially
+          at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+            for (int64_t b = begin; b < end; ++b) work(b);
+          });
+        } else {
+          for (int64_t b = 0; b < B; ++b) work(b);
+        }
+      };
+      if ((fc1_w.numel() + fc2_w.numel()) > C * S) {  // MLP weights outweigh a sample's x: pool all, one BLAS MLP
+        pool_rows(xp, norm, B, C, S, avg.data_ptr<scalar_t>(), peak.data_ptr<scalar_t>(),
+                  channel_index.data_ptr<int64_t>());
+        mc = channel_gate(avg, peak, avg_coef, max_coef, fc1_w, fc1_b, fc2_w, fc2_b, hard);
+        each_sample(sample);
+      } else {  // sample by sample: its x stays in cache from the pooling to the output
+        each_sample([&](int64_t b) {
+          pool_and_mlp(b);
+          sample(b);
+        });
       }
     };
-    if ((fc1_w.numel() + fc2_w.numel()) > C * S) {  // MLP weights outweigh a sample's x: pool all, one BLAS MLP
-      const auto pooled = pool(x.view({B, C, S}));  // the per-sample lambdas read these tensors when called
-      avg = pooled[0];
-      peak = pooled[1];
-      channel_index = pooled[2];
-      mc = channel_gate(avg, peak, avg_coef, max_coef, fc1_w, fc1_b, fc2_w, fc2_b, hard);
-      each_sample(sample);
-    } else {  // sample by sample: its x stays in cache from the pooling to the output
-      each_sample([&](int64_t b) {
-        pool_and_mlp(b);
-        sample(b);
-      });
+    if (input_affine) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
     }
   });
   return {out, mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits};
@@ -832,6 +911,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stats_grad", &stats_grad);
   m.def("input_grad", &input_grad);
   m.def("forward", &forward);
+  m.def("batch_norm_affine", &batch_norm_affine);
   m.def("conv_backward", &conv_backward);
   m.def("spatial_backward", &spatial_backward);
   m.def("channel_gate", &channel_gate);

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .. import functional
+from .. import functional, hooks
 from . import cpu_extension, spatial_gate, torch_passes
 
 NATIVE_POOLS = {"avg": (1.0, 0.0), "max": (0.0, 1.0), "mix": (0.5, 0.5)}  # (mean, max) coefficients
@@ -130,17 +130,43 @@ def _native_pools(engine, spec: FusedSpec) -> bool:
     return engine is not torch_passes and set(spec.pool_types) <= NATIVE_POOLS.keys()
 
 
-def _native_forward(engine, x: Tensor, residual: Tensor | None, spec: FusedSpec, fixed_norm, weights):
-    """``cpu_passes.forward`` where it computes this CBAM (one spatial conv weight), else ``None``; it
-    stops at the spatial logits where the norm is not fixed (``fixed_norm`` is ``None``)."""
+def _native_applies(engine, spec: FusedSpec, weights) -> bool:
+    """Whether ``cpu_passes.forward`` computes this CBAM: the compiled engine, avg/max/mix pooling and
+    one spatial conv weight."""
+    return _native_pools(engine, spec) and len(weights[6:]) == 1
+
+
+def _native_forward(engine, x: Tensor, residual: Tensor | None, spec: FusedSpec, fixed_norm, weights,
+                    input_norm: nn.Module | None = None):
+    """``cpu_passes.forward`` where it computes this CBAM, else ``None``; it stops at the spatial logits
+    where the norm is not fixed (``fixed_norm`` is ``None``). ``input_norm`` (see ``folds_input_norm``)
+    is applied as the passes read ``x``."""
     fc1_w, fc1_b, fc2_w, fc2_b, _, _, *chain = weights
-    if not _native_pools(engine, spec) or len(chain) != 1:
+    if not _native_applies(engine, spec, weights):
         return None
     finish = fixed_norm is not None
     norm_args = fixed_norm if finish else _norm_tensors(None, None, None)  # unused when not finishing
+    affine = None
+    if input_norm is not None:
+        affine = engine.batch_norm_affine(*_norm_tensors(input_norm, input_norm.weight, input_norm.bias))
     return engine.forward(x, _padded(x.shape[2:]), *_pool_coefficients(spec), fc1_w.contiguous(), _contiguous(fc1_b),
                           fc2_w.contiguous(), _contiguous(fc2_b), chain[0].contiguous(), _padded(chain[0].shape[2:]),
-                          spec.gate == "hard-sigmoid", finish, *norm_args, _contiguous(residual))
+                          spec.gate == "hard-sigmoid", finish, *norm_args, _contiguous(residual), affine)
+
+
+def folds_input_norm(norm, x: Tensor, spec: FusedSpec, weights, residual: Tensor | None = None) -> bool:
+    """Whether ``fused_cbam(x, ..., input_norm=norm)`` applies ``norm`` inside its passes (as it reads
+    ``x``, never writing ``norm(x)``): a plain BatchNorm on running statistics, unwatched by hooks,
+    matching ``x``'s channels, dtype and device, with no gradient to record, and a CBAM that the
+    C++ forward computes whole (``_native_forward`` with a fixed spatial norm)."""
+    if type(norm) not in spatial_gate.PLAIN_NORMS or spatial_gate.uses_batch_statistics(norm) or hooks.watched(norm):
+        return False
+    tensors = [t for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var) if t is not None]
+    if any(t.shape != x.shape[1:2] or t.dtype != x.dtype or t.device != x.device for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, *weights, *tensors)):
+        return False
+    return _native_applies(_engine(x), spec, weights) and _fixed_norm(spec, *weights[4:6]) is not None
 
 
 def _spatial_grads(engine, mean: Tensor, speak: Tensor, spatial, spec: FusedSpec, chain, d_logits: Tensor):
@@ -210,14 +236,16 @@ class _Forward:
     ms_graph: tuple[list[Tensor], Tensor] | None
 
 
-def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights, record: bool) -> _Forward:
+def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights, record: bool,
+             input_norm: nn.Module | None = None) -> _Forward:
     """The fused forward, ``relu(cbam(x) + residual)`` with a residual; ``record`` keeps the autograd
-    graph of a norm that ``spatial_gate`` does not compute."""
+    graph of a norm that ``spatial_gate`` does not compute. ``input_norm`` only where
+    ``folds_input_norm``."""
     spatial = x.shape[2:]
     engine = _engine(x)
     fixed_norm = _fixed_norm(spec, *weights[4:6])
     with torch.no_grad():
-        native = _native_forward(engine, x, residual, spec, fixed_norm, weights)
+        native = _native_forward(engine, x, residual, spec, fixed_norm, weights, input_norm)
         if native is not None:
             out, mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits = native
             pooled = {"avg": avg, "max": peak}
@@ -243,17 +271,22 @@ def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights, recor
                     ms_graph if record else None)
 
 
-def fused_cbam(x: Tensor, spec: FusedSpec, *weights: Tensor | None, residual: Tensor | None = None) -> Tensor:
+def fused_cbam(x: Tensor, spec: FusedSpec, *weights: Tensor | None, residual: Tensor | None = None,
+               input_norm: nn.Module | None = None) -> Tensor:
     """CBAM of ``x: (B, C, *spatial)`` on the fused passes; ``weights`` as ``FusedCBAM.forward`` takes them.
     With ``residual`` (shaped like ``x``): ``relu(cbam(x) + residual)``, a residual block's tail, in
-    the same output pass.
+    the same output pass. ``input_norm``, where given, must pass ``folds_input_norm``: CBAM's input is
+    then ``input_norm(x)``, computed as the passes read ``x``.
 
     Where no gradient is wanted this skips the autograd function and what it saves.
     """
     inputs = (x, residual, *weights)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        if input_norm is not None:
+            raise ValueError("fused_cbam folds input_norm only where no gradient is recorded (folds_input_norm); "
+                             "apply it to x first")
         return FusedCBAM.apply(x, residual, spec, *weights)
-    return _forward(x, residual, spec, weights, record=False).out
+    return _forward(x, residual, spec, weights, record=False, input_norm=input_norm).out
 
 
 class FusedCBAM(torch.autograd.Function):

@@ -1,0 +1,134 @@
+"""``cbam(x, residual, input_norm=bn)``: the BatchNorm before CBAM, folded into the fused passes in
+inference and applied first everywhere else, always computing ``cbam(bn(x))``."""
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import cbam
+from cbam.ops import cpu_extension, folds_input_norm, fused_cbam
+
+F64 = torch.float64
+NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+needs_compiled = pytest.mark.skipif(cpu_extension.engine() is None, reason="the C++ engine did not build here")
+
+
+def randomised(module: nn.Module, seed: int = 0) -> nn.Module:
+    """``module`` with random parameters and BatchNorm statistics (running variances in [0.5, 2])."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.7)
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                mean, var = m.running_mean, m.running_var
+                mean.copy_(torch.randn(mean.shape, generator=gen, dtype=mean.dtype))
+                var.copy_(torch.rand(var.shape, generator=gen, dtype=var.dtype) * 1.5 + 0.5)
+    return module
+
+
+class CountingCalls:
+    """Counts ``F.batch_norm`` calls on a given input tensor (the BatchNorm before CBAM run as a module)."""
+
+    def __init__(self, monkeypatch, x: torch.Tensor):
+        self.calls, original = 0, torch.nn.functional.batch_norm
+
+        def counted(input, *args, **kwargs):
+            self.calls += input is x
+            return original(input, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "batch_norm", counted)
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize(("dims", "shape", "preset"), [
+    (2, (3, 16, 9, 10), "timm"), (2, (2, 16, 5, 7), "official"), (2, (2, 16, 6, 6), None),
+    (1, (2, 16, 13), "timm"), (3, (2, 16, 3, 4, 5), "official"),
+    (2, (2, 64, 2, 2), "timm"),  # MLP weights outweigh a sample: the C++ forward pools every sample first
+])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_folded_norm_computes_the_norm_applied_first(monkeypatch, dtype, dims, shape, preset, with_residual, affine):
+    """In eval mode without autograd the BatchNorm is never called as a module, and the result has the
+    same bits as CBAM of the BatchNorm's output (the C++ passes round its map as torch's kernel does)."""
+    module = randomised(cbam.CBAM(shape[1], 2, 3, dims=dims, preset=preset, dtype=dtype)).eval()
+    norm = randomised(NORMS[dims](shape[1], affine=affine, dtype=dtype), seed=1).eval()
+    x = torch.randn(shape, dtype=dtype) * 2
+    residual = torch.randn(shape, dtype=dtype) if with_residual else None
+    counter = CountingCalls(monkeypatch, x)
+    with torch.no_grad():
+        assert folds_input_norm(norm, x, *module._fused_inputs(), residual)
+        folded = module(x, residual, input_norm=norm)
+        assert counter.calls == 0
+        applied_first = module(norm(x), residual)
+        assert counter.calls == 1
+    assert torch.equal(folded, applied_first)
+    if with_residual:
+        assert 0.1 < (folded == 0).double().mean().item() < 0.9  # the ReLU cuts a share of the sums
+
+
+def test_reference_impl_applies_the_norm_first():
+    module = randomised(cbam.CBAM(8, 2, 3, preset="timm", impl="reference", dtype=F64)).eval()
+    norm = randomised(nn.BatchNorm2d(8, dtype=F64), seed=1).eval()
+    x, residual = torch.randn(2, 8, 5, 6, dtype=F64), torch.randn(2, 8, 5, 6, dtype=F64)
+    torch.testing.assert_close(module(x, residual, input_norm=norm), torch.relu(module(norm(x)) + residual))
+
+
+def _hooked(norm: nn.Module) -> nn.Module:
+    norm.register_forward_hook(lambda module, inputs, output: setattr(module, "seen", output))
+    return norm
+
+
+@pytest.mark.parametrize("case", ["train mode", "batch statistics in eval", "hooked", "autograd", "not a BatchNorm",
+                                  "a BatchNorm subclass"])
+def test_norm_that_cannot_fold_is_applied_first(case):
+    """Where folding would change what torch does (running statistics, hooks, gradients, another
+    module's forward) the module runs first; outputs, gradients and buffers equal the unfused order."""
+    make_norm = {
+        "train mode": lambda: nn.BatchNorm2d(8, dtype=F64),
+        "batch statistics in eval": lambda: nn.BatchNorm2d(8, track_running_stats=False, dtype=F64).eval(),
+        "hooked": lambda: _hooked(nn.BatchNorm2d(8, dtype=F64).eval()),
+        "autograd": lambda: nn.BatchNorm2d(8, dtype=F64).eval(),
+        "not a BatchNorm": lambda: nn.GroupNorm(2, 8, dtype=F64),
+        "a BatchNorm subclass": lambda: type("Scaled", (nn.BatchNorm2d,), {
+            "forward": lambda self, x: 2 * nn.BatchNorm2d.forward(self, x)})(8, dtype=F64).eval(),
+    }[case]
+    module = randomised(cbam.CBAM(8, 2, 3, preset="official", dtype=F64)).eval()
+    norms = [randomised(make_norm(), seed=1), randomised(make_norm(), seed=1)]
+    x, residual = torch.randn(2, 8, 5, 6, dtype=F64), torch.randn(2, 8, 5, 6, dtype=F64)
+    grad = case == "autograd"
+    with torch.set_grad_enabled(grad):
+        assert not folds_input_norm(norms[0], x, *module._fused_inputs(), residual)
+        got = module(x, residual, input_norm=norms[0])
+        want = module(norms[1](x), residual)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for mine, theirs in zip(norms[0].state_dict().values(), norms[1].state_dict().values()):
+        assert torch.equal(mine, theirs)
+    if case == "hooked":
+        assert torch.equal(norms[0].seen, norms[1].seen)
+    if grad:
+        found = [torch.autograd.grad(out.sum(), list(norm.parameters())) for out, norm in zip((got, want), norms)]
+        torch.testing.assert_close(*found)
+
+
+def test_norm_of_other_channels_fails_as_torch_does():
+    """A BatchNorm that does not match the input is never folded: torch's own error, not a bad read."""
+    module, norm = cbam.CBAM(8).eval(), nn.BatchNorm2d(5).eval()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="running_mean should contain 8 elements not 5"):
+        module(torch.randn(2, 8, 5, 6), input_norm=norm)
+
+
+def test_input_norm_must_be_callable():
+    with pytest.raises(TypeError, match=re.escape("input_norm must be a callable (a module such as nn.BatchNorm2d), "
+                                                  "got 3 (int)")):
+        cbam.CBAM(8)(torch.randn(2, 8, 5, 6), input_norm=3)
+
+
+def test_fused_function_refuses_to_fold_under_autograd():
+    module, norm = cbam.CBAM(8).eval(), nn.BatchNorm2d(8).eval()
+    spec, weights = module._fused_inputs()
+    with pytest.raises(ValueError, match="only where no gradient is recorded"):
+        fused_cbam(torch.randn(2, 8, 5, 6), spec, *weights, input_norm=norm)
