@@ -61,13 +61,14 @@ class _ResidualBlock(nn.Module):
 
     Where the attention is a ``CBAM`` on its fused path and no hook watches it, it is one call,
     ``cbam(out, shortcut, input_norm=norm)``: CBAM's output pass adds and rectifies, and in inference
-    its passes apply the BatchNorm as they read ``out``; hooks on ``block.cbam`` always see CBAM's own
-    input and output.
+    its passes apply the BatchNorm as they read ``out`` and write over it (``out`` is the last conv's
+    output, which nothing else reads unless a hook on that conv kept it); hooks on ``block.cbam``
+    always see CBAM's own input and output.
     """
 
-    def _residual(self, out: Tensor, norm: nn.Module, x: Tensor) -> Tensor:
+    def _residual(self, out: Tensor, conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
         if isinstance(self.cbam, CBAM) and self.cbam.fuses(out) and not watched(self.cbam):
-            return self.cbam(out, self._shortcut(x), input_norm=norm)
+            return self.cbam(out, self._shortcut(x), input_norm=norm, inplace=not watched(conv))
         out = norm(out)
         shortcut = self._shortcut(x)
         if self.cbam is not None:
@@ -104,7 +105,7 @@ class BasicBlock(_ResidualBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        return self._residual(self.conv2(out), self.bn2, x)
+        return self._residual(self.conv2(out), self.conv2, self.bn2, x)
 
 
 class Bottleneck(_ResidualBlock):
@@ -137,7 +138,7 @@ class Bottleneck(_ResidualBlock):
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        return self._residual(self.conv3(out), self.bn3, x)
+        return self._residual(self.conv3(out), self.conv3, self.bn3, x)
 
 
 class ResNet(nn.Module):

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..ops import IMPLS, FusedSpec, folds_input_norm, fused_applies, fused_cbam
 from ..presets import ORDERS
-from ..validation import check_callable, check_choice, check_residual
+from ..validation import check_bool, check_callable, check_choice, check_residual
 from .gate_pair import AttentionMaps, GatePair
 
 
@@ -70,25 +70,28 @@ class CBAM(GatePair):
         spatial = self.spatial_att.attention(x)
         return AttentionMaps(self.channel_att.attention(x * spatial), spatial)
 
-    def forward(self, x: Tensor, residual: Tensor | None = None, input_norm: Callable | None = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None, input_norm: Callable | None = None, *,
+                inplace: bool = False) -> Tensor:
         """``(B, C, *spatial) -> (B, C, *spatial)``; with ``residual`` (shaped like ``x``),
         ``relu(cbam(x) + residual)``; with ``input_norm`` (a module), CBAM of ``input_norm(x)``.
 
         ``input_norm`` is the layer before CBAM, usually a BatchNorm: where it is one on running
         statistics and nothing records gradients or hooks it (``cbam.ops.folds_input_norm``), the
         fused passes apply it as they read ``x`` and its output is never written; otherwise it is
-        called first.
+        called first. ``inplace=True`` lets the fused path write its output over ``x`` where no
+        gradient is recorded (as ``nn.ReLU(inplace=True)``: for an ``x`` nothing else reads later).
         """
         self._check(x)
+        check_bool("inplace", inplace)
         if input_norm is not None:
             check_callable("input_norm", input_norm)
             if not (self.fuses(x) and folds_input_norm(input_norm, x, *self._fused_inputs(), residual)):
-                x, input_norm = input_norm(x), None
+                x, input_norm, inplace = input_norm(x), None, False  # its hooks may have kept its output
                 self._check(x)
         if residual is not None:
             check_residual(residual, x, f"{type(self).__name__}(in_channels={self.channel_att.in_channels})")
         if self.fuses(x):
-            return self._fused(x, residual, input_norm)
+            return self._fused(x, residual, input_norm, inplace)
         if self.order == "channel-spatial":
             out = self.spatial_att(self.channel_att(x))
         else:
@@ -106,11 +109,11 @@ class CBAM(GatePair):
         weights = (ca.fc1.weight, ca.fc1.bias, ca.fc2.weight, ca.fc2.bias, bn_weight, bn_bias, *sa.conv_weights())
         return FusedSpec(ca.pool_types, ca.gate, sa.pool, sa.bn), weights
 
-    def _fused(self, x: Tensor, residual: Tensor | None, input_norm: nn.Module | None) -> Tensor:
+    def _fused(self, x: Tensor, residual: Tensor | None, input_norm: nn.Module | None, inplace: bool) -> Tensor:
         spec, weights = self._fused_inputs()
         device = x.device.type  # under autocast (impl="fused" asked for it) it still computes in x's dtype
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
-            return fused_cbam(x, spec, *weights, residual=residual, input_norm=input_norm)
+            return fused_cbam(x, spec, *weights, residual=residual, input_norm=input_norm, inplace=inplace)
 
     def extra_repr(self) -> str:
         return f"order={self.order!r}, impl={self.impl!r}"

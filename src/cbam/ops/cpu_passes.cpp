@@ -792,6 +792,7 @@ at::Tensor batch_norm_affine(const std::optional<at::Tensor>& weight, const std:
 // next, in Python); out and ms are then empty. With a residual (shaped like x) the output is
 // relu(x * mc * ms + residual). With input_affine (2, C) (batch_norm_affine) CBAM's input is
 // scale[c] * x + shift[c], computed as the passes read x: the BatchNorm before CBAM, never written.
+// With overwrite the output is written over x (each sample's output pass is its last read of it).
 // x is (B, C, *spatial), contiguous. Returns out (shaped like x), mc, ms, avg, peak, channel_index,
 // mean, speak, spatial_index, logits.
 std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, std::vector<double> avg_coef,
@@ -804,7 +805,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
                                 const std::optional<at::Tensor>& running_mean,
                                 const std::optional<at::Tensor>& running_var, double eps,
                                 const std::optional<at::Tensor>& residual,
-                                const std::optional<at::Tensor>& input_affine) {
+                                const std::optional<at::Tensor>& input_affine, bool overwrite) {
   const int64_t B = x.size(0), C = x.size(1), S = size[0] * size[1] * size[2];
   const int64_t I = conv_w.numel() / (kernel[0] * kernel[1] * kernel[2]);
   double scale = 1, shift = 0;  // the fixed norm: scale * z + shift
@@ -816,7 +817,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
   const int64_t K = chunks(S);
   auto vec = [&](int64_t n) { return at::empty({B, n}, x.options()); };
   auto idx = [&](int64_t n) { return at::empty({B, n}, x.options().dtype(at::kLong)); };
-  at::Tensor out = finish ? output_cache::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor out = !finish ? at::empty({0}, x.options()) : overwrite ? x : output_cache::empty_like(x);
   at::Tensor ms = finish ? vec(S) : at::empty({0}, x.options());
   at::Tensor mc = vec(C), avg = vec(C), peak = vec(C), channel_index = idx(C);
   at::Tensor mean = vec(S), speak = vec(S), spatial_index = idx(S), logits = vec(S);

@@ -137,10 +137,10 @@ def _native_applies(engine, spec: FusedSpec, weights) -> bool:
 
 
 def _native_forward(engine, x: Tensor, residual: Tensor | None, spec: FusedSpec, fixed_norm, weights,
-                    input_norm: nn.Module | None = None):
+                    input_norm: nn.Module | None = None, overwrite: bool = False):
     """``cpu_passes.forward`` where it computes this CBAM, else ``None``; it stops at the spatial logits
     where the norm is not fixed (``fixed_norm`` is ``None``). ``input_norm`` (see ``folds_input_norm``)
-    is applied as the passes read ``x``."""
+    is applied as the passes read ``x``; with ``overwrite`` the output is written over ``x``."""
     fc1_w, fc1_b, fc2_w, fc2_b, _, _, *chain = weights
     if not _native_applies(engine, spec, weights):
         return None
@@ -151,7 +151,7 @@ def _native_forward(engine, x: Tensor, residual: Tensor | None, spec: FusedSpec,
         affine = engine.batch_norm_affine(*_norm_tensors(input_norm, input_norm.weight, input_norm.bias))
     return engine.forward(x, _padded(x.shape[2:]), *_pool_coefficients(spec), fc1_w.contiguous(), _contiguous(fc1_b),
                           fc2_w.contiguous(), _contiguous(fc2_b), chain[0].contiguous(), _padded(chain[0].shape[2:]),
-                          spec.gate == "hard-sigmoid", finish, *norm_args, _contiguous(residual), affine)
+                          spec.gate == "hard-sigmoid", finish, *norm_args, _contiguous(residual), affine, overwrite)
 
 
 def folds_input_norm(norm, x: Tensor, spec: FusedSpec, weights, residual: Tensor | None = None) -> bool:
@@ -237,15 +237,15 @@ class _Forward:
 
 
 def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights, record: bool,
-             input_norm: nn.Module | None = None) -> _Forward:
+             input_norm: nn.Module | None = None, overwrite: bool = False) -> _Forward:
     """The fused forward, ``relu(cbam(x) + residual)`` with a residual; ``record`` keeps the autograd
     graph of a norm that ``spatial_gate`` does not compute. ``input_norm`` only where
-    ``folds_input_norm``."""
+    ``folds_input_norm``; ``overwrite`` lets the one-call C++ forward write its output over ``x``."""
     spatial = x.shape[2:]
     engine = _engine(x)
     fixed_norm = _fixed_norm(spec, *weights[4:6])
     with torch.no_grad():
-        native = _native_forward(engine, x, residual, spec, fixed_norm, weights, input_norm)
+        native = _native_forward(engine, x, residual, spec, fixed_norm, weights, input_norm, overwrite)
         if native is not None:
             out, mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits = native
             pooled = {"avg": avg, "max": peak}
@@ -272,11 +272,12 @@ def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights, recor
 
 
 def fused_cbam(x: Tensor, spec: FusedSpec, *weights: Tensor | None, residual: Tensor | None = None,
-               input_norm: nn.Module | None = None) -> Tensor:
+               input_norm: nn.Module | None = None, inplace: bool = False) -> Tensor:
     """CBAM of ``x: (B, C, *spatial)`` on the fused passes; ``weights`` as ``FusedCBAM.forward`` takes them.
     With ``residual`` (shaped like ``x``): ``relu(cbam(x) + residual)``, a residual block's tail, in
     the same output pass. ``input_norm``, where given, must pass ``folds_input_norm``: CBAM's input is
-    then ``input_norm(x)``, computed as the passes read ``x``.
+    then ``input_norm(x)``, computed as the passes read ``x``. ``inplace`` lets the output overwrite
+    ``x`` where no gradient is recorded (the C++ forward in one call; elsewhere it is ignored).
 
     Where no gradient is wanted this skips the autograd function and what it saves.
     """
@@ -286,7 +287,7 @@ def fused_cbam(x: Tensor, spec: FusedSpec, *weights: Tensor | None, residual: Te
             raise ValueError("fused_cbam folds input_norm only where no gradient is recorded (folds_input_norm); "
                              "apply it to x first")
         return FusedCBAM.apply(x, residual, spec, *weights)
-    return _forward(x, residual, spec, weights, record=False, input_norm=input_norm).out
+    return _forward(x, residual, spec, weights, record=False, input_norm=input_norm, overwrite=inplace).out
 
 
 class FusedCBAM(torch.autograd.Function):
