@@ -153,7 +153,7 @@ def test_torch_ops_cbam_restores_the_engine_and_matches_fused():
 
 def test_resnet_overhead_rows_and_table():
     table = fused_bench.resnet_overhead(batch=1, repeats=1, image_size=64)
-    names = ["none", "cbam fused (auto)", "cbam fused, tail separate", "cbam reference"]
+    names = ["none", "cbam fused (auto)", "cbam fused, block ops separate", "cbam reference"]
     assert [r.name for r in table.rows] == names
     for r in table.rows:
         assert r.train_s > 0 and r.inference_s > 0

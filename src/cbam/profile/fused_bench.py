@@ -39,7 +39,7 @@ SHAPES: tuple[tuple[int, int], ...] = ((256, 56), (512, 28), (1024, 14), (2048, 
 
 TIMM = "timm CbamModule"
 REFERENCE = "cbam reference"
-SEPARATE_TAIL = "cbam fused, tail separate"  # the block's add and ReLU outside CBAM's output pass
+SEPARATE_TAIL = "cbam fused, block ops separate"  # the block's BatchNorm, add and ReLU outside CBAM's passes
 TORCH_OPS = "cbam fused, torch ops"
 CPP = "cbam fused, C++"
 COMPILED = "torch.compile(reference)"
@@ -293,7 +293,8 @@ def _paired_overheads(samples: dict[str, list[float]], name: str) -> tuple[float
 
 def _with_watched_cbams(model: nn.Module) -> nn.Module:
     """``model`` with a forward hook that does nothing on every CBAM: a watched CBAM leaves the block's
-    addition and ReLU to the block, so this times the fused CBAM alone with the tail as separate ops."""
+    last BatchNorm, addition and ReLU to the block, so this times the fused CBAM alone with those as
+    separate ops."""
     for module in model.modules():
         if isinstance(module, CBAM):
             module.register_forward_hook(lambda module, inputs, output: None)
@@ -303,8 +304,9 @@ def _with_watched_cbams(model: nn.Module) -> nn.Module:
 def resnet_overhead(batch: int = 8, repeats: int = 3, image_size: int = 224) -> ResNetTable:
     """Seconds per training step (forward+backward) and per inference of ResNet-50 on
     ``(batch, 3, image_size, image_size)`` without attention, with CBAM (``preset="timm"``, default
-    ``impl="auto"``: fused, the block's residual add and ReLU in its output pass), with the fused CBAM
-    but that tail as separate ops, and with CBAM on the reference path, over ``repeats`` rounds after one
+    ``impl="auto"``: fused, the block's residual add and ReLU in its output pass, in inference also its
+    last BatchNorm and the output over the conv's), with the fused CBAM but those block ops separate,
+    and with CBAM on the reference path, over ``repeats`` rounds after one
     warm-up; overheads are paired within rounds (``ResNetRow``)."""
     batch, repeats = check_int("batch", batch), check_int("repeats", repeats)
     image_size = check_int("image_size", image_size, minimum=32)
