@@ -83,15 +83,17 @@ class CBAM(GatePair):
         """
         self._check(x)
         check_bool("inplace", inplace)
+        fused = self._fused_inputs() if self.fuses(x) else None
         if input_norm is not None:
             check_callable("input_norm", input_norm)
-            if not (self.fuses(x) and folds_input_norm(input_norm, x, *self._fused_inputs(), residual)):
+            if not (fused and folds_input_norm(input_norm, x, *fused, residual)):
                 x, input_norm, inplace = input_norm(x), None, False  # its hooks may have kept its output
                 self._check(x)
+                fused = self._fused_inputs() if self.fuses(x) else None
         if residual is not None:
             check_residual(residual, x, f"{type(self).__name__}(in_channels={self.channel_att.in_channels})")
-        if self.fuses(x):
-            return self._fused(x, residual, input_norm, inplace)
+        if fused:
+            return self._fused(x, residual, input_norm, inplace, *fused)
         if self.order == "channel-spatial":
             out = self.spatial_att(self.channel_att(x))
         else:
@@ -109,8 +111,8 @@ class CBAM(GatePair):
         weights = (ca.fc1.weight, ca.fc1.bias, ca.fc2.weight, ca.fc2.bias, bn_weight, bn_bias, *sa.conv_weights())
         return FusedSpec(ca.pool_types, ca.gate, sa.pool, sa.bn), weights
 
-    def _fused(self, x: Tensor, residual: Tensor | None, input_norm: nn.Module | None, inplace: bool) -> Tensor:
-        spec, weights = self._fused_inputs()
+    def _fused(self, x: Tensor, residual: Tensor | None, input_norm: nn.Module | None, inplace: bool,
+               spec: FusedSpec, weights: tuple[Tensor | None, ...]) -> Tensor:
         device = x.device.type  # under autocast (impl="fused" asked for it) it still computes in x's dtype
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
             return fused_cbam(x, spec, *weights, residual=residual, input_norm=input_norm, inplace=inplace)
