@@ -221,14 +221,20 @@ def test_compiled_passes_equal_the_torch_passes():
     mc, ms = torch.rand(2, 5, dtype=F64), torch.rand(2, 1100, dtype=F64)
     vectors = [torch.randn(2, 1100, dtype=F64), torch.randn(2, 1100, dtype=F64)]
     peak_at = torch.tensor([[0, 511, 512, 1099, 700], [3, 1023, 1024, 5, 600]])  # in every 512-position chunk
-    calls = [("pool", (x,)), ("gated_stats", (x, mc)), ("apply", (x, mc, ms, None)), ("apply", (x, mc, ms, g)),
-             ("gate_grads", (g, x, mc, ms, None, peak_at)), ("gate_grads", (g, x, mc, ms, x - 0.5, peak_at)),
-             ("gate_grads", (g[:1], x[:1], mc[:1], ms[:1], x[:1] - 0.5, peak_at[:1]))]  # one sample: chunks
+    affine = torch.randn(2, 5, dtype=F64)  # a BatchNorm's per-channel scale and shift
+    calls = [("pool", (x,)), ("gated_stats", (x, mc)), ("apply", (x, mc, ms, None, None)),
+             ("apply", (x, mc, ms, g, None)), ("apply", (x, mc, ms, g, affine)),
+             ("gate_grads", (g, x, mc, ms, None, peak_at, None)),
+             ("gate_grads", (g, x, mc, ms, x - 0.5, peak_at, None)),
+             ("gate_grads", (g, x, mc, ms, x - 0.5, peak_at, affine)),
+             ("gate_grads", (g[:1], x[:1], mc[:1], ms[:1], x[:1] - 0.5, peak_at[:1], None))]  # one sample: chunks
     for name, args in calls:
         for got, want in zip(getattr(compiled, name)(*args), getattr(torch_passes, name)(*args)):
             torch.testing.assert_close(got, want)
     index = torch.randint(0, 5, (2, 1100))
-    torch.testing.assert_close(compiled.stats_grad(x, *vectors, index), torch_passes.stats_grad(x, *vectors, index))
+    for input_affine in (None, affine):
+        torch.testing.assert_close(compiled.stats_grad(x, *vectors, index, input_affine),
+                                   torch_passes.stats_grad(x, *vectors, index, input_affine))
     channel = [torch.randn(2, 5, dtype=F64), torch.randn(2, 5, dtype=F64), torch.randint(0, 1100, (2, 5))]
     args = (g, x, mc, ms, *vectors, index, *channel)
     torch.testing.assert_close(compiled.input_grad(*args), torch_passes.input_grad(*args))

@@ -1,5 +1,6 @@
-"""``cbam(x, residual, input_norm=bn)``: the BatchNorm before CBAM, folded into the fused passes in
-inference and applied first everywhere else, always computing ``cbam(bn(x))``."""
+"""``cbam(x, residual, input_norm=bn)``: the BatchNorm before CBAM, folded into the fused passes (in
+inference and in training, with torch's running-statistics updates and BatchNorm backward) and
+applied first where it cannot fold, always computing ``cbam(bn(x))``."""
 
 import re
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 import cbam
-from cbam.ops import cpu_extension, folds_input_norm, fused_cbam
+from cbam.ops import cpu_extension, folds_input_norm
 
 F64 = torch.float64
 NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -60,7 +61,7 @@ def test_folded_norm_computes_the_norm_applied_first(monkeypatch, dtype, dims, s
     residual = torch.randn(shape, dtype=dtype) if with_residual else None
     counter = CountingCalls(monkeypatch, x)
     with torch.no_grad():
-        assert folds_input_norm(norm, x, *module._fused_inputs(), residual)
+        assert folds_input_norm(norm, x, *module._fused_inputs())
         folded = module(x, residual, input_norm=norm)
         assert counter.calls == 0
         applied_first = module(norm(x), residual)
@@ -82,36 +83,83 @@ def _hooked(norm: nn.Module) -> nn.Module:
     return norm
 
 
-@pytest.mark.parametrize("case", ["train mode", "batch statistics in eval", "hooked", "autograd", "not a BatchNorm",
-                                  "a BatchNorm subclass"])
+def _outputs_grads_buffers(module, norm, x, residual, upstream, fold: bool, steps: int = 2):
+    """Per step the output and the gradients for ``x``, the residual, CBAM's and the norm's parameters;
+    then the norm's buffers. ``fold`` passes the norm to CBAM, else applies it first."""
+    found = []
+    for _ in range(steps):
+        leaves = [x.clone().requires_grad_(), residual.clone().requires_grad_()]
+        out = module(leaves[0], leaves[1], input_norm=norm) if fold else module(norm(leaves[0]), leaves[1])
+        found += [out, *torch.autograd.grad(out, [*leaves, *module.parameters(), *norm.parameters()], upstream)]
+    return found + list(norm.buffers())
+
+
+@needs_compiled
+@pytest.mark.parametrize("case", ["train mode", "momentum None", "no running statistics", "no affine",
+                                  "eval mode with autograd"])
+@pytest.mark.parametrize("preset", ["timm", "official", None])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_folded_norm_trains_like_the_norm_applied_first(case, preset, dtype):
+    """With autograd, on batch or running statistics: outputs, every gradient (the norm's weight and
+    bias included) and the running statistics after two steps equal those with the module run first:
+    bitwise in float32 (the map and its statistics are rounded as torch's kernels round them), to the
+    last bit or so in float64."""
+    options = {"momentum None": {"momentum": None}, "no running statistics": {"track_running_stats": False},
+               "no affine": {"affine": False}}.get(case, {})
+    module = randomised(cbam.CBAM(16, 4, 3, preset=preset, dtype=dtype)).train()
+    norms = [randomised(nn.BatchNorm2d(16, dtype=dtype, **options), seed=1).train(case != "eval mode with autograd")
+             for _ in range(2)]
+    x, residual = torch.randn(3, 16, 6, 7, dtype=dtype) * 2, torch.randn(3, 16, 6, 7, dtype=dtype)
+    upstream = torch.randn_like(x)
+    assert folds_input_norm(norms[0], x, *module._fused_inputs())
+    folded = _outputs_grads_buffers(module, norms[0], x, residual, upstream, fold=True)
+    applied_first = _outputs_grads_buffers(module, norms[1], x, residual, upstream, fold=False)
+    exact = dtype == torch.float32
+    torch.testing.assert_close(folded, applied_first, rtol=0 if exact else 1e-12, atol=0 if exact else 1e-15)
+
+
+def test_reference_impl_applies_the_norm_first_in_training():
+    module = randomised(cbam.CBAM(8, 2, 3, preset="timm", impl="reference", dtype=F64)).train()
+    norms = [randomised(nn.BatchNorm2d(8, dtype=F64), seed=1) for _ in range(2)]
+    x, residual = torch.randn(2, 8, 5, 6, dtype=F64), torch.randn(2, 8, 5, 6, dtype=F64)
+    upstream = torch.randn_like(x)
+    torch.testing.assert_close(_outputs_grads_buffers(module, norms[0], x, residual, upstream, fold=True),
+                               _outputs_grads_buffers(module, norms[1], x, residual, upstream, fold=False))
+
+
+@pytest.mark.parametrize("case", ["hooked", "not a BatchNorm", "a BatchNorm subclass", "another dtype"])
 def test_norm_that_cannot_fold_is_applied_first(case):
-    """Where folding would change what torch does (running statistics, hooks, gradients, another
-    module's forward) the module runs first; outputs, gradients and buffers equal the unfused order."""
+    """Where folding would skip what torch does (hooks, another module's forward) or cannot compute it
+    (another dtype) the module runs first; outputs, gradients and buffers equal the unfused order."""
     make_norm = {
-        "train mode": lambda: nn.BatchNorm2d(8, dtype=F64),
-        "batch statistics in eval": lambda: nn.BatchNorm2d(8, track_running_stats=False, dtype=F64).eval(),
-        "hooked": lambda: _hooked(nn.BatchNorm2d(8, dtype=F64).eval()),
-        "autograd": lambda: nn.BatchNorm2d(8, dtype=F64).eval(),
+        "hooked": lambda: _hooked(nn.BatchNorm2d(8, dtype=F64)),
         "not a BatchNorm": lambda: nn.GroupNorm(2, 8, dtype=F64),
         "a BatchNorm subclass": lambda: type("Scaled", (nn.BatchNorm2d,), {
-            "forward": lambda self, x: 2 * nn.BatchNorm2d.forward(self, x)})(8, dtype=F64).eval(),
+            "forward": lambda self, x: 2 * nn.BatchNorm2d.forward(self, x)})(8, dtype=F64),
+        "another dtype": lambda: nn.BatchNorm2d(8, dtype=torch.float32),
     }[case]
-    module = randomised(cbam.CBAM(8, 2, 3, preset="official", dtype=F64)).eval()
+    module = randomised(cbam.CBAM(8, 2, 3, preset="official", dtype=F64)).train()
     norms = [randomised(make_norm(), seed=1), randomised(make_norm(), seed=1)]
     x, residual = torch.randn(2, 8, 5, 6, dtype=F64), torch.randn(2, 8, 5, 6, dtype=F64)
-    grad = case == "autograd"
-    with torch.set_grad_enabled(grad):
-        assert not folds_input_norm(norms[0], x, *module._fused_inputs(), residual)
-        got = module(x, residual, input_norm=norms[0])
-        want = module(norms[1](x), residual)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    for mine, theirs in zip(norms[0].state_dict().values(), norms[1].state_dict().values()):
-        assert torch.equal(mine, theirs)
+    assert not folds_input_norm(norms[0], x, *module._fused_inputs())
+    if case == "another dtype":  # torch's own BatchNorm refuses the mix; so must the folded call
+        with pytest.raises(RuntimeError):
+            norms[1](x)
+        with pytest.raises(RuntimeError):
+            module(x, residual, input_norm=norms[0])
+        return
+    upstream = torch.randn_like(x)
+    torch.testing.assert_close(_outputs_grads_buffers(module, norms[0], x, residual, upstream, fold=True),
+                               _outputs_grads_buffers(module, norms[1], x, residual, upstream, fold=False),
+                               rtol=0, atol=0)
     if case == "hooked":
         assert torch.equal(norms[0].seen, norms[1].seen)
-    if grad:
-        found = [torch.autograd.grad(out.sum(), list(norm.parameters())) for out, norm in zip((got, want), norms)]
-        torch.testing.assert_close(*found)
+
+
+def test_one_value_per_channel_in_training_fails_as_torch_does():
+    module, norm = cbam.CBAM(8), nn.BatchNorm2d(8)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        module(torch.randn(1, 8, 1, 1), input_norm=norm)
 
 
 def test_norm_of_other_channels_fails_as_torch_does():
@@ -125,10 +173,3 @@ def test_input_norm_must_be_callable():
     with pytest.raises(TypeError, match=re.escape("input_norm must be a callable (a module such as nn.BatchNorm2d), "
                                                   "got 3 (int)")):
         cbam.CBAM(8)(torch.randn(2, 8, 5, 6), input_norm=3)
-
-
-def test_fused_function_refuses_to_fold_under_autograd():
-    module, norm = cbam.CBAM(8).eval(), nn.BatchNorm2d(8).eval()
-    spec, weights = module._fused_inputs()
-    with pytest.raises(ValueError, match="only where no gradient is recorded"):
-        fused_cbam(torch.randn(2, 8, 5, 6), spec, *weights, input_norm=norm)

@@ -75,18 +75,19 @@ class CBAM(GatePair):
         """``(B, C, *spatial) -> (B, C, *spatial)``; with ``residual`` (shaped like ``x``),
         ``relu(cbam(x) + residual)``; with ``input_norm`` (a module), CBAM of ``input_norm(x)``.
 
-        ``input_norm`` is the layer before CBAM, usually a BatchNorm: where it is one on running
-        statistics and nothing records gradients or hooks it (``cbam.ops.folds_input_norm``), the
-        fused passes apply it as they read ``x`` and its output is never written; otherwise it is
-        called first. ``inplace=True`` lets the fused path write its output over ``x`` where no
-        gradient is recorded (as ``nn.ReLU(inplace=True)``: for an ``x`` nothing else reads later).
+        ``input_norm`` is the layer before CBAM, usually a BatchNorm: where it is a plain one that no
+        hook watches (``cbam.ops.folds_input_norm``), the fused passes apply it as they read ``x``
+        (on running or on batch statistics, updating the running ones as its forward would; its
+        backward is torch's) and its output is never written; otherwise it is called first.
+        ``inplace=True`` lets the fused path write its output over ``x`` where no gradient is
+        recorded (as ``nn.ReLU(inplace=True)``: for an ``x`` nothing else reads later).
         """
         self._check(x)
         check_bool("inplace", inplace)
         fused = self._fused_inputs() if self.fuses(x) else None
         if input_norm is not None:
             check_callable("input_norm", input_norm)
-            if not (fused and folds_input_norm(input_norm, x, *fused, residual)):
+            if not (fused and folds_input_norm(input_norm, x, *fused)):
                 x, input_norm, inplace = input_norm(x), None, False  # its hooks may have kept its output
                 self._check(x)
                 fused = self._fused_inputs() if self.fuses(x) else None

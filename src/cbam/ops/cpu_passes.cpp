@@ -64,6 +64,18 @@ struct InputNorm {
   }
 };
 
+// Runs work(InputNorm<scalar_t, kNormed>) with kNormed known at compile time: the per-channel maps of
+// input_affine (2, C) — scale, then shift — where given, identities otherwise.
+template <typename scalar_t, typename Work>
+void with_input_norm(const std::optional<at::Tensor>& input_affine, int64_t C, Work work) {
+  if (input_affine) {
+    const scalar_t* scale = input_affine->data_ptr<scalar_t>();
+    work(InputNorm<scalar_t, true>{scale, scale + C});
+  } else {
+    work(InputNorm<scalar_t, false>{});
+  }
+}
+
 // Mean, max and first arg-max of one row of S values norm(row[s]) (S < 2^31), in one read: every lane
 // keeps its own sum, maximum and the first position of that maximum.
 template <typename scalar_t, bool kNormed>
@@ -253,10 +265,10 @@ const scalar_t* data_or_null(const std::optional<at::Tensor>& t) {
   return t ? t->data_ptr<scalar_t>() : nullptr;
 }
 
-// out = x * mc * ms (relu(... + residual) with a residual shaped like x); out has x's shape (the
-// caller passes x unflattened but contiguous).
+// out = y * mc * ms (relu(... + residual) with a residual shaped like x), y = x or, with input_affine
+// (2, C), the BatchNorm map of x; out has x's shape (the caller passes x unflattened but contiguous).
 at::Tensor apply(const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms,
-                 const std::optional<at::Tensor>& residual) {
+                 const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& input_affine) {
   const int64_t B = x.size(0), C = x.size(1), S = x.numel() / std::max<int64_t>(B * C, 1);
   auto out = output_cache::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_apply", [&] {
@@ -265,19 +277,21 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms
     const scalar_t* sp = ms.data_ptr<scalar_t>();
     const scalar_t* rp = data_or_null<scalar_t>(residual);
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        output_row(xp + r * S, Affine<scalar_t, false>{}, mp[r], sp + (r / C) * S, rp ? rp + r * S : nullptr, S, op + r * S);
+    with_input_norm<scalar_t>(input_affine, C, [&](auto norm) {
+      at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r)
+          output_row(xp + r * S, norm[r % C], mp[r], sp + (r / C) * S, rp ? rp + r * S : nullptr, S, op + r * S);
+      });
     });
   });
   return out;
 }
 
-// One row of gate_grads over n positions: acc[s] += g[s] x[s] m, returns sum_s g[s] x[s] gate[s]. With
-// rectified, g is first zeroed where rectified <= 0 (torch's threshold_backward at 0) and written to
-// through.
-template <typename scalar_t, bool kRectified>
-scalar_t gate_grads_row(const scalar_t* __restrict grad, const scalar_t* __restrict x,
+// One row of gate_grads over n positions, y = norm(x): acc[s] += g[s] y[s] m, returns
+// sum_s g[s] y[s] gate[s]. With rectified, g is first zeroed where rectified <= 0 (torch's
+// threshold_backward at 0) and written to through.
+template <typename scalar_t, bool kRectified, bool kNormed>
+scalar_t gate_grads_row(const scalar_t* __restrict grad, const scalar_t* __restrict x, Affine<scalar_t, kNormed> norm,
                         const scalar_t* __restrict gate, scalar_t m, int64_t n, scalar_t* __restrict acc,
                         const scalar_t* __restrict rectified, scalar_t* __restrict through) {
   scalar_t dot = 0;
@@ -287,23 +301,24 @@ scalar_t gate_grads_row(const scalar_t* __restrict grad, const scalar_t* __restr
       g = rectified[s] <= 0 ? scalar_t(0) : g;
       through[s] = g;
     }
-    const scalar_t t = g * x[s];
+    const scalar_t t = g * norm(x[s]);
     acc[s] += t * m;
     dot += t * gate[s];
   }
   return dot;
 }
 
-// d/d ms (B, S) and d/d mc (B, C) of sum(grad * x * mc * ms), in one read of grad and x: row by
+// d/d ms (B, S) and d/d mc (B, C) of sum(grad * y * mc * ms), y = x or, with input_affine (2, C), the
+// BatchNorm map of x, in one read of grad and x: row by
 // row within a sample (streaming reads); threads split samples, or a sample's positions when there
 // are fewer samples than threads. With the output of a residual tail (rectified = relu(... +
 // residual), shaped like x) grad first goes through the ReLU: grad where rectified > 0, else 0.
-// While each row streams by it also reads x at the row's channel_index (B, C): the maxima pool
+// While each row streams by it also reads y at the row's channel_index (B, C): the maxima pool
 // found, again (gathered later they would be one cache miss each).
 // Returns d_ms, d_mc, the gradient used (written where rectified, else grad itself) and the maxima.
 std::vector<at::Tensor> gate_grads(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mc,
                                    const at::Tensor& ms, const std::optional<at::Tensor>& rectified,
-                                   const at::Tensor& channel_index) {
+                                   const at::Tensor& channel_index, const std::optional<at::Tensor>& input_affine) {
   const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
   const bool by_sample = B >= at::get_num_threads();
   const int64_t K = by_sample ? 1 : chunks(S), span = by_sample ? S : kChunk;
@@ -320,31 +335,35 @@ std::vector<at::Tensor> gate_grads(const at::Tensor& grad, const at::Tensor& x, 
     const scalar_t* sp = ms.data_ptr<scalar_t>();
     const scalar_t* rp = data_or_null<scalar_t>(rectified);
     scalar_t* tp = through.data_ptr<scalar_t>();
-    at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / K, k = task % K, s0 = k * span, n = std::min(span, S - s0);
-        const scalar_t* gate = sp + b * S + s0;
-        scalar_t* acc = d_ms.data_ptr<scalar_t>() + b * S + s0;
-        std::fill(acc, acc + n, scalar_t(0));
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t row = (b * C + c) * S + s0;
-          const scalar_t m = mp[b * C + c];
-          const scalar_t dot =
-              rp ? gate_grads_row<scalar_t, true>(gp + row, xp + row, gate, m, n, acc, rp + row, tp + row)
-                 : gate_grads_row<scalar_t, false>(gp + row, xp + row, gate, m, n, acc, nullptr, nullptr);
-          partial.data_ptr<scalar_t>()[(b * K + k) * C + c] = dot;
-          const int64_t at = ip[b * C + c] - s0;  // the row's maximum, if in this task's positions
-          if (at >= 0 && at < n) pk[b * C + c] = xp[row + at];
+    with_input_norm<scalar_t>(input_affine, C, [&](auto norm) {
+      at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task / K, k = task % K, s0 = k * span, n = std::min(span, S - s0);
+          const scalar_t* gate = sp + b * S + s0;
+          scalar_t* acc = d_ms.data_ptr<scalar_t>() + b * S + s0;
+          std::fill(acc, acc + n, scalar_t(0));
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t row = (b * C + c) * S + s0;
+            const scalar_t m = mp[b * C + c];
+            const auto row_norm = norm[c];
+            const scalar_t dot =
+                rp ? gate_grads_row<scalar_t, true>(gp + row, xp + row, row_norm, gate, m, n, acc, rp + row, tp + row)
+                   : gate_grads_row<scalar_t, false>(gp + row, xp + row, row_norm, gate, m, n, acc, nullptr, nullptr);
+            partial.data_ptr<scalar_t>()[(b * K + k) * C + c] = dot;
+            const int64_t at = ip[b * C + c] - s0;  // the row's maximum, if in this task's positions
+            if (at >= 0 && at < n) pk[b * C + c] = row_norm(xp[row + at]);
+          }
         }
-      }
+      });
     });
   });
   return {d_ms, partial.sum(1), through, peaks};
 }
 
-// d/d mc (B, C) through gated_stats: mean term sum_s d_mean * x / C, max term at each position's arg-max.
+// d/d mc (B, C) through gated_stats: mean term sum_s d_mean * y / C, max term at each position's arg-max;
+// y = x or, with input_affine (2, C), the BatchNorm map of x.
 at::Tensor stats_grad(const at::Tensor& x, const at::Tensor& d_mean, const at::Tensor& d_peak,
-                      const at::Tensor& index) {
+                      const at::Tensor& index, const std::optional<at::Tensor>& input_affine) {
   const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
   auto d_mc = at::empty({B, C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_stats_grad", [&] {
@@ -353,20 +372,23 @@ at::Tensor stats_grad(const at::Tensor& x, const at::Tensor& d_mean, const at::T
     const scalar_t* dp = d_peak.data_ptr<scalar_t>();
     const int64_t* ip = index.data_ptr<int64_t>();
     scalar_t* out = d_mc.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        for (int64_t c = 0; c < C; ++c) {
-          const scalar_t* row = xp + (b * C + c) * S;
-          const scalar_t* w = dm + b * S;
-          scalar_t dot = 0;
-          for (int64_t s = 0; s < S; ++s) dot += w[s] * row[s];
-          out[b * C + c] = dot / C;
+    with_input_norm<scalar_t>(input_affine, C, [&](auto norm) {
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t* row = xp + (b * C + c) * S;
+            const scalar_t* w = dm + b * S;
+            const auto row_norm = norm[c];
+            scalar_t dot = 0;
+            for (int64_t s = 0; s < S; ++s) dot += w[s] * row_norm(row[s]);
+            out[b * C + c] = dot / C;
+          }
+          for (int64_t s = 0; s < S; ++s) {
+            const int64_t c = ip[b * S + s];
+            out[b * C + c] += dp[b * S + s] * norm[c](xp[(b * C + c) * S + s]);
+          }
         }
-        for (int64_t s = 0; s < S; ++s) {
-          const int64_t c = ip[b * S + s];
-          out[b * C + c] += dp[b * S + s] * xp[(b * C + c) * S + s];
-        }
-      }
+      });
     });
   });
   return d_mc;
@@ -762,11 +784,12 @@ std::vector<at::Tensor> spatial_backward(const at::Tensor& logits, const at::Ten
   return {d_mean, d_speak, partial.sum(0).view(conv_w.sizes()), d_norm.slice(0, 0, 1), d_norm.slice(0, 1, 2)};
 }
 
-// The per-channel affine map (2, C) — scale, then shift — of a BatchNorm on running statistics:
-// scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale (weight and bias
-// optional), in the statistics' dtype, as torch's CPU kernel computes them.
+// The per-channel affine map (2, C) — scale, then shift — of a BatchNorm with statistics mean and
+// (biased) var: scale = weight / sqrt(var + eps), shift = bias - mean * scale (weight and bias
+// optional), as torch's CPU kernel computes them: 1 / sqrt(var + eps) in the statistics' dtype for
+// running statistics, in double for the batch's (batch = true).
 at::Tensor batch_norm_affine(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                             const at::Tensor& running_mean, const at::Tensor& running_var, double eps) {
+                             const at::Tensor& running_mean, const at::Tensor& running_var, double eps, bool batch) {
   const int64_t C = running_mean.numel();
   auto affine = at::empty({2, C}, running_mean.options());
   AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "cbam_batch_norm_affine", [&] {
@@ -777,7 +800,9 @@ at::Tensor batch_norm_affine(const std::optional<at::Tensor>& weight, const std:
     scalar_t* scale = affine.data_ptr<scalar_t>();
     scalar_t* shift = scale + C;
     for (int64_t c = 0; c < C; ++c) {
-      scale[c] = scalar_t(1) / std::sqrt(var[c] + static_cast<scalar_t>(eps)) * (w ? w[c] : scalar_t(1));
+      const scalar_t inverse_std = batch ? static_cast<scalar_t>(1 / std::sqrt(static_cast<double>(var[c]) + eps))
+                                         : scalar_t(1) / std::sqrt(var[c] + static_cast<scalar_t>(eps));
+      scale[c] = inverse_std * (w ? w[c] : scalar_t(1));
       shift[c] = (b ? b[c] : scalar_t(0)) - mean[c] * scale[c];
     }
   });
@@ -826,13 +851,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
     const scalar_t* cw = conv_w.data_ptr<scalar_t>();
     const scalar_t* rp = data_or_null<scalar_t>(residual);
     const auto mlp = channel_mlp<scalar_t>(avg_coef, max_coef, fc1_w, fc1_b, fc2_w, fc2_b, hard);
-    auto run = [&](auto normed) {
-      constexpr bool kNormed = decltype(normed)::value;
-      InputNorm<scalar_t, kNormed> norm;
-      if constexpr (kNormed) {
-        norm.scale = input_affine->data_ptr<scalar_t>();
-        norm.shift = norm.scale + C;
-      }
+    with_input_norm<scalar_t>(input_affine, C, [&](auto norm) {
       // Sample b's pooling, then its MLP.
       auto pool_and_mlp = [&](int64_t b) {
         scalar_t* avg_b = avg.data_ptr<scalar_t>() + b * C;
@@ -892,12 +911,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
           sample(b);
         });
       }
-    };
-    if (input_affine) {
-      run(std::true_type{});
-    } else {
-      run(std::false_type{});
-    }
+    });
   });
   return {out, mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits};
 }

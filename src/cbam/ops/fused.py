@@ -137,36 +137,48 @@ def _native_applies(engine, spec: FusedSpec, weights) -> bool:
 
 
 def _native_forward(engine, x: Tensor, residual: Tensor | None, spec: FusedSpec, fixed_norm, weights,
-                    input_norm: nn.Module | None = None, overwrite: bool = False):
+                    affine: Tensor | None = None, overwrite: bool = False):
     """``cpu_passes.forward`` where it computes this CBAM, else ``None``; it stops at the spatial logits
-    where the norm is not fixed (``fixed_norm`` is ``None``). ``input_norm`` (see ``folds_input_norm``)
-    is applied as the passes read ``x``; with ``overwrite`` the output is written over ``x``."""
+    where the norm is not fixed (``fixed_norm`` is ``None``). ``affine`` (2, C), the folded input
+    BatchNorm's map, is applied as the passes read ``x``; with ``overwrite`` the output is written
+    over ``x``."""
     fc1_w, fc1_b, fc2_w, fc2_b, _, _, *chain = weights
     if not _native_applies(engine, spec, weights):
         return None
     finish = fixed_norm is not None
     norm_args = fixed_norm if finish else _norm_tensors(None, None, None)  # unused when not finishing
-    affine = None
-    if input_norm is not None:
-        affine = engine.batch_norm_affine(*_norm_tensors(input_norm, input_norm.weight, input_norm.bias))
     return engine.forward(x, _padded(x.shape[2:]), *_pool_coefficients(spec), fc1_w.contiguous(), _contiguous(fc1_b),
                           fc2_w.contiguous(), _contiguous(fc2_b), chain[0].contiguous(), _padded(chain[0].shape[2:]),
                           spec.gate == "hard-sigmoid", finish, *norm_args, _contiguous(residual), affine, overwrite)
 
 
-def folds_input_norm(norm, x: Tensor, spec: FusedSpec, weights, residual: Tensor | None = None) -> bool:
-    """Whether ``fused_cbam(x, ..., input_norm=norm)`` applies ``norm`` inside its passes (as it reads
-    ``x``, never writing ``norm(x)``): a plain BatchNorm on running statistics, unwatched by hooks,
-    matching ``x``'s channels, dtype and device, with no gradient to record, and a CBAM that the
-    C++ forward computes whole (``_native_forward`` with a fixed spatial norm)."""
-    if type(norm) not in spatial_gate.PLAIN_NORMS or spatial_gate.uses_batch_statistics(norm) or hooks.watched(norm):
+def folds_input_norm(norm, x: Tensor, spec: FusedSpec, weights) -> bool:
+    """Whether ``fused_cbam(x, ..., input_norm=norm)`` applies ``norm`` inside its passes (as they read
+    ``x``, never writing ``norm(x)``): a plain BatchNorm, unwatched by hooks, matching ``x``'s
+    channels, dtype and device (on batch statistics: more than one value per channel, else torch's
+    own error), and a CBAM whose forward the C++ engine computes (``_native_applies``)."""
+    if type(norm) not in spatial_gate.PLAIN_NORMS or hooks.watched(norm) or x.numel() == 0:
         return False
     tensors = [t for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var) if t is not None]
     if any(t.shape != x.shape[1:2] or t.dtype != x.dtype or t.device != x.device for t in tensors):
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, *weights, *tensors)):
+    if spatial_gate.uses_batch_statistics(norm) and x.numel() <= x.shape[1]:
         return False
-    return _native_applies(_engine(x), spec, weights) and _fixed_norm(spec, *weights[4:6]) is not None
+    return _native_applies(_engine(x), spec, weights)
+
+
+def _input_statistics(norm: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """``(mean, var, batch)``: the (biased) statistics the BatchNorm ``norm`` normalises ``x`` with, and
+    whether they are the batch's. On batch statistics the running ones are updated exactly as the
+    module's forward does (momentum or cumulative average, unbiased variance, ``num_batches_tracked``)."""
+    if not spatial_gate.uses_batch_statistics(norm):
+        return norm.running_mean, norm.running_var, False
+    factor = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    mean, var = torch.batch_norm_update_stats(x, norm.running_mean, norm.running_var, factor)
+    return mean, var, True
 
 
 def _spatial_grads(engine, mean: Tensor, speak: Tensor, spatial, spec: FusedSpec, chain, d_logits: Tensor):
@@ -237,15 +249,16 @@ class _Forward:
 
 
 def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights, record: bool,
-             input_norm: nn.Module | None = None, overwrite: bool = False) -> _Forward:
+             affine: Tensor | None = None, overwrite: bool = False) -> _Forward:
     """The fused forward, ``relu(cbam(x) + residual)`` with a residual; ``record`` keeps the autograd
-    graph of a norm that ``spatial_gate`` does not compute. ``input_norm`` only where
-    ``folds_input_norm``; ``overwrite`` lets the one-call C++ forward write its output over ``x``."""
+    graph of a norm that ``spatial_gate`` does not compute. ``affine (2, C)``, a folded input
+    BatchNorm's map (only where ``folds_input_norm``); ``overwrite`` lets the one-call C++ forward
+    write its output over ``x``."""
     spatial = x.shape[2:]
     engine = _engine(x)
     fixed_norm = _fixed_norm(spec, *weights[4:6])
     with torch.no_grad():
-        native = _native_forward(engine, x, residual, spec, fixed_norm, weights, input_norm, overwrite)
+        native = _native_forward(engine, x, residual, spec, fixed_norm, weights, affine, overwrite)
         if native is not None:
             out, mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits = native
             pooled = {"avg": avg, "max": peak}
@@ -266,7 +279,7 @@ def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights, recor
             ms_graph = (leaves, _spatial_gate(leaves[0], spatial, spec, *_with_nones(leaves[1:], weights[4:6])))
         ms = ms_graph[1].detach().contiguous()
     if native is None or fixed_norm is None:
-        out = engine.apply(x, mc, ms, _contiguous(residual))
+        out = engine.apply(x, mc, ms, _contiguous(residual), affine)
     return _Forward(out, engine, pooled, mc, (mean, speak), (channel_index, spatial_index), logits, ms,
                     ms_graph if record else None)
 
@@ -276,18 +289,25 @@ def fused_cbam(x: Tensor, spec: FusedSpec, *weights: Tensor | None, residual: Te
     """CBAM of ``x: (B, C, *spatial)`` on the fused passes; ``weights`` as ``FusedCBAM.forward`` takes them.
     With ``residual`` (shaped like ``x``): ``relu(cbam(x) + residual)``, a residual block's tail, in
     the same output pass. ``input_norm``, where given, must pass ``folds_input_norm``: CBAM's input is
-    then ``input_norm(x)``, computed as the passes read ``x``. ``inplace`` lets the output overwrite
-    ``x`` where no gradient is recorded (the C++ forward in one call; elsewhere it is ignored).
+    then ``input_norm(x)``, computed as the passes read ``x`` (its running statistics updated as its
+    forward would). ``inplace`` lets the output overwrite ``x`` where no gradient is recorded (the
+    C++ forward in one call; elsewhere it is ignored).
 
     Where no gradient is wanted this skips the autograd function and what it saves.
     """
-    inputs = (x, residual, *weights)
+    norm_weights = (None, None) if input_norm is None else (input_norm.weight, input_norm.bias)
+    inputs = (x, residual, *norm_weights, *weights)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        if input_norm is not None:
-            raise ValueError("fused_cbam folds input_norm only where no gradient is recorded (folds_input_norm); "
-                             "apply it to x first")
-        return FusedCBAM.apply(x, residual, spec, *weights)
-    return _forward(x, residual, spec, weights, record=False, input_norm=input_norm, overwrite=inplace).out
+        return FusedCBAM.apply(x, residual, spec, input_norm, *norm_weights, *weights)
+    affine = None if input_norm is None else _input_affine(input_norm, x, *norm_weights)[0]
+    return _forward(x, residual, spec, weights, record=False, affine=affine, overwrite=inplace).out
+
+
+def _input_affine(norm: nn.Module, x: Tensor, weight: Tensor | None, bias: Tensor | None):
+    """The folded BatchNorm's map ``(2, C)`` for ``x`` and the statistics behind it (``_input_statistics``)."""
+    with torch.no_grad():
+        mean, var, batch = _input_statistics(norm, x)
+        return cpu_extension.engine().batch_norm_affine(weight, bias, mean, var, norm.eps, batch), mean, var, batch
 
 
 class FusedCBAM(torch.autograd.Function):
@@ -295,16 +315,21 @@ class FusedCBAM(torch.autograd.Function):
     with a residual; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, residual, spec: FusedSpec, fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b, *chain):
+    def forward(ctx, x, residual, spec: FusedSpec, input_norm, in_w, in_b, fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b,
+                *chain):
         weights = (fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b, *chain)
-        result = _forward(x, residual, spec, weights, record=True)
+        affine, statistics, ctx.input_norm = None, [], None
+        if input_norm is not None:  # the folded BatchNorm: its map, and the statistics for its backward
+            affine, mean, var, batch = _input_affine(input_norm, x, in_w, in_b)
+            statistics, ctx.input_norm = [affine, mean.clone(), var.clone()], (batch, input_norm.eps)
+        result = _forward(x, residual, spec, weights, record=True, affine=affine)
         kept = {kind: value for kind, value in result.pooled.items() if kind != "max"}  # maxima: gathered again
         ctx.spec, ctx.engine, ctx.ms_graph, ctx.pool_names = spec, result.engine, result.ms_graph, list(kept)
         ctx.has_residual = residual is not None  # then the output is saved too: the ReLU's mask
         ctx.batch_statistics = spec.norm is not None and spatial_gate.uses_batch_statistics(spec.norm)
         tail_output = [result.out] if ctx.has_residual else []
         ctx.save_for_backward(x, result.logits, result.mc, result.ms, *result.stats, *result.indices, *tail_output,
-                              *kept.values(), *weights)
+                              *statistics, *kept.values(), in_w, in_b, *weights)
         return result.out
 
     @staticmethod
@@ -316,11 +341,12 @@ class FusedCBAM(torch.autograd.Function):
         flat = (*x.shape[:2], spatial.numel())
         x3, g3 = x.reshape(flat), grad.reshape(flat).contiguous()
         rectified = rest.pop(0).reshape(flat) if ctx.has_residual else None
+        affine, in_mean, in_var = [rest.pop(0) for _ in range(3)] if ctx.input_norm else (None, None, None)
         pooled = dict(zip(ctx.pool_names, rest))
-        weights = rest[len(pooled):]  # autograd fallbacks make their own leaves
+        in_w, in_b, *weights = rest[len(pooled):]  # autograd fallbacks make their own leaves
 
         # g3 becomes the gradient through the tail's ReLU, which is also the residual's
-        d_ms, d_mc, g3, pooled["max"] = engine.gate_grads(g3, x3, mc, ms, rectified, channel_index)
+        d_ms, d_mc, g3, pooled["max"] = engine.gate_grads(g3, x3, mc, ms, rectified, channel_index, affine)
         if _native_pools(engine, spec):
             channel = _NativeChannel(engine, spec, weights[:4], pooled, mc)
         else:
@@ -328,7 +354,7 @@ class FusedCBAM(torch.autograd.Function):
         chain = [w for w in weights[6:] if w is not None]
         d_mean, d_speak, d_norm, d_chain = _spatial_backward(engine, ctx, (logits, ms, mean, speak), spatial,
                                                              weights[4:6], chain, d_ms)
-        d_mc = d_mc + engine.stats_grad(x3, d_mean, d_speak, spatial_index)
+        d_mc = d_mc + engine.stats_grad(x3, d_mean, d_speak, spatial_index, affine)
         d_pooled, d_channel_weights = channel.grads(d_mc)
 
         dx = engine.input_grad(g3, x3, mc, ms, d_mean, d_speak, spatial_index,
@@ -340,7 +366,13 @@ class FusedCBAM(torch.autograd.Function):
             dx.addcmul_(d_pooled["lse"].unsqueeze(2), (x3 - pooled["lse"].unsqueeze(2)).exp())
         found = iter([*d_channel_weights, *d_norm, *d_chain])  # in the order of weights, Nones skipped
         d_residual = g3.view_as(x) if ctx.has_residual else None
-        return (dx.view_as(x), d_residual, None, *(None if w is None else next(found) for w in weights))
+        dx, d_in_w, d_in_b = dx.view_as(x), None, None
+        if ctx.input_norm:  # dx is the folded BatchNorm's output gradient: torch's BatchNorm backward
+            batch, eps = ctx.input_norm
+            invstd = (1 / torch.sqrt(in_var.double() + eps)).to(in_var.dtype)  # as torch's forward computes it
+            dx, d_in_w, d_in_b = torch.ops.aten.native_batch_norm_backward(
+                dx, x, in_w, in_mean, in_var, in_mean, invstd, batch, eps, [True, in_w is not None, in_b is not None])
+        return (dx, d_residual, None, None, d_in_w, d_in_b, *(None if w is None else next(found) for w in weights))
 
 
 def _pool_coefficients(spec: FusedSpec) -> list[list[float]]:

@@ -11,6 +11,15 @@ import torch
 from torch import Tensor
 
 
+def normed(x: Tensor, input_affine: Tensor | None) -> Tensor:
+    """``x (B, C, ...)`` through the per-channel map ``scale * x + shift`` of ``input_affine (2, C)`` (an
+    eval-mode BatchNorm's, or one on batch statistics), or ``x`` itself without one."""
+    if input_affine is None:
+        return x
+    scale, shift = (t.view(1, -1, *[1] * (x.dim() - 2)) for t in input_affine)
+    return x * scale + shift
+
+
 def pool(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Spatial mean, max and arg-max of each channel: three ``(B, C)`` tensors."""
     peak, index = x.max(2)
@@ -24,18 +33,24 @@ def gated_stats(x: Tensor, mc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return mean, peak, index
 
 
-def apply(x: Tensor, mc: Tensor, ms: Tensor, residual: Tensor | None = None) -> Tensor:
-    """``x * mc * ms`` for ``x: (B, C, *spatial)`` (not flattened: the output is no view), ``mc (B, C)``,
-    ``ms (B, S)``; with a ``residual`` shaped like ``x``, ``relu(x * mc * ms + residual)``."""
+def apply(x: Tensor, mc: Tensor, ms: Tensor, residual: Tensor | None = None,
+          input_affine: Tensor | None = None) -> Tensor:
+    """``y * mc * ms`` for ``y = normed(x, input_affine)``, ``x: (B, C, *spatial)`` (not flattened: the
+    output is no view), ``mc (B, C)``, ``ms (B, S)``; with a ``residual`` shaped like ``x``,
+    ``relu(y * mc * ms + residual)``."""
+    x = normed(x, input_affine)
     ones = [1] * (x.dim() - 2)
     out = x * mc.view(*mc.shape, *ones) * ms.view(ms.shape[0], 1, *x.shape[2:])
     return out if residual is None else out.add_(residual).relu_()
 
 
-def gate_grads(grad: Tensor, x: Tensor, mc: Tensor, ms: Tensor, rectified: Tensor | None, channel_index: Tensor):
-    """Gradients of ``sum(grad * x * mc * ms)`` for ``ms (B, S)`` and ``mc (B, C)``, the ``grad`` used
-    (with ``rectified``, the output ``relu(x * mc * ms + residual)`` of a residual tail, ``grad`` first
-    goes through that ReLU) and ``x`` at ``channel_index (B, C)``: the maxima ``pool`` found, again."""
+def gate_grads(grad: Tensor, x: Tensor, mc: Tensor, ms: Tensor, rectified: Tensor | None, channel_index: Tensor,
+               input_affine: Tensor | None = None):
+    """Gradients of ``sum(grad * y * mc * ms)``, ``y = normed(x, input_affine)``, for ``ms (B, S)`` and
+    ``mc (B, C)``, the ``grad`` used (with ``rectified``, the output ``relu(y * mc * ms + residual)`` of
+    a residual tail, ``grad`` first goes through that ReLU) and ``y`` at ``channel_index (B, C)``: the
+    maxima ``pool`` found, again."""
+    x = normed(x, input_affine)
     if rectified is not None:
         grad = torch.ops.aten.threshold_backward(grad, rectified, 0)
     gx = grad * x
@@ -43,8 +58,10 @@ def gate_grads(grad: Tensor, x: Tensor, mc: Tensor, ms: Tensor, rectified: Tenso
     return torch.bmm(mc.unsqueeze(1), gx).squeeze(1), torch.bmm(gx, ms.unsqueeze(2)).squeeze(2), grad, peaks
 
 
-def stats_grad(x: Tensor, d_mean: Tensor, d_peak: Tensor, index: Tensor) -> Tensor:
-    """Gradient for ``mc (B, C)`` of ``gated_stats``, given the gradients of its mean and peak ``(B, S)``."""
+def stats_grad(x: Tensor, d_mean: Tensor, d_peak: Tensor, index: Tensor, input_affine: Tensor | None = None) -> Tensor:
+    """Gradient for ``mc (B, C)`` of ``gated_stats`` (of ``normed(x, input_affine)``), given the gradients
+    of its mean and peak ``(B, S)``."""
+    x = normed(x, input_affine)
     d_mc = torch.bmm(x, d_mean.unsqueeze(2)).squeeze(2) / x.shape[1]
     at_peak = x.gather(1, index.unsqueeze(1)).squeeze(1)
     return d_mc.scatter_add_(1, index, d_peak * at_peak)
