@@ -21,6 +21,12 @@ spatial logits and gate): for fp32 and avg/max pooling ``1 + 6 / C + 4 / S`` tim
 the output is saved too (for the ReLU's backward); in a network it is the next layer's input, which
 that layer saves anyway.
 
+With ``input_norm`` (a plain BatchNorm before CBAM, see ``folds_input_norm``) ``x`` is the
+BatchNorm's input: every pass applies its per-channel map as it reads ``x`` (forward and backward),
+batch statistics come from ``torch.batch_norm_update_stats`` (which updates the running ones as the
+module would), and the backward ends with torch's BatchNorm backward. Saved then: ``x`` and three
+``(C)``-sized vectors more; the BatchNorm's output is never written.
+
 Max pooling routes its gradient to the single arg-max (the first one, as ``torch.argmax`` reports);
 the reference's ``amax`` splits it evenly among ties. Both are valid subgradients and agree wherever
 the maximum is unique. The backward is not itself differentiable (no double backward): use

@@ -304,8 +304,8 @@ def _with_watched_cbams(model: nn.Module) -> nn.Module:
 def resnet_overhead(batch: int = 8, repeats: int = 3, image_size: int = 224) -> ResNetTable:
     """Seconds per training step (forward+backward) and per inference of ResNet-50 on
     ``(batch, 3, image_size, image_size)`` without attention, with CBAM (``preset="timm"``, default
-    ``impl="auto"``: fused, the block's residual add and ReLU in its output pass, in inference also its
-    last BatchNorm and the output over the conv's), with the fused CBAM but those block ops separate,
+    ``impl="auto"``: fused, the block's last BatchNorm in its passes and the residual add and ReLU in
+    its output pass), with the fused CBAM but those block ops separate,
     and with CBAM on the reference path, over ``repeats`` rounds after one
     warm-up; overheads are paired within rounds (``ResNetRow``)."""
     batch, repeats = check_int("batch", batch), check_int("repeats", repeats)
