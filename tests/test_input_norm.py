@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import cbam
-from cbam.ops import cpu_extension, folds_input_norm
+from cbam.ops import cpu_extension, folds_input_norm, fused_cbam
 
 F64 = torch.float64
 NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -173,3 +173,12 @@ def test_input_norm_must_be_callable():
     with pytest.raises(TypeError, match=re.escape("input_norm must be a callable (a module such as nn.BatchNorm2d), "
                                                   "got 3 (int)")):
         cbam.CBAM(8)(torch.randn(2, 8, 5, 6), input_norm=3)
+
+
+def test_fused_function_refuses_a_norm_it_cannot_fold():
+    """Called directly, the fused function checks what ``CBAM.forward`` checks before folding: a norm of
+    other channels would otherwise be read out of bounds."""
+    module = cbam.CBAM(8).eval()
+    with pytest.raises(ValueError, match=r"cannot fold input_norm=BatchNorm2d\(5, .* shape \(2, 8, 5, 6\)"):
+        fused_cbam(torch.randn(2, 8, 5, 6), *module._fused_inputs()[:1], *module._fused_inputs()[1],
+                   input_norm=nn.BatchNorm2d(5))

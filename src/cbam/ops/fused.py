@@ -301,6 +301,9 @@ def fused_cbam(x: Tensor, spec: FusedSpec, *weights: Tensor | None, residual: Te
 
     Where no gradient is wanted this skips the autograd function and what it saves.
     """
+    if input_norm is not None and not folds_input_norm(input_norm, x, spec, weights):
+        raise ValueError(f"fused_cbam cannot fold input_norm={input_norm!r} into its passes for an input of shape "
+                         f"{tuple(x.shape)} and dtype {x.dtype} (see folds_input_norm); apply it to x first")
     norm_weights = (None, None) if input_norm is None else (input_norm.weight, input_norm.bias)
     inputs = (x, residual, *norm_weights, *weights)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
