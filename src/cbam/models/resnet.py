@@ -60,10 +60,10 @@ class _ResidualBlock(nn.Module):
     BatchNorm.
 
     Where the attention is a ``CBAM`` on its fused path and no hook watches it, it is one call,
-    ``cbam(out, shortcut, input_norm=norm)``: CBAM's output pass adds and rectifies, and in inference
-    its passes apply the BatchNorm as they read ``out`` and write over it (``out`` is the last conv's
-    output, which nothing else reads unless a hook on that conv kept it); hooks on ``block.cbam``
-    always see CBAM's own input and output.
+    ``cbam(out, shortcut, input_norm=norm)``: CBAM's passes apply the BatchNorm as they read ``out``
+    (training and inference), its output pass adds and rectifies, and in inference it writes over
+    ``out`` (the last conv's output, which nothing else reads unless a hook on that conv kept it);
+    hooks on ``block.cbam`` always see CBAM's own input and output.
     """
 
     def _residual(self, out: Tensor, conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
