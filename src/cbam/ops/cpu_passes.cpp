@@ -856,11 +856,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
       auto pool_and_mlp = [&](int64_t b) {
         scalar_t* avg_b = avg.data_ptr<scalar_t>() + b * C;
         scalar_t* peak_b = peak.data_ptr<scalar_t>() + b * C;
-        int64_t* channel_b = channel_index.data_ptr<int64_t>() + b * C;
-        const scalar_t* xb = xp + b * C * S;
-        at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t c = begin; c < end; ++c) pool_row(xb + c * S, S, norm[c], avg_b[c], peak_b[c], channel_b[c]);
-        });
+        pool_rows(xp + b * C * S, norm, 1, C, S, avg_b, peak_b, channel_index.data_ptr<int64_t>() + b * C);
         mlp.gate(avg_b, peak_b, mc.data_ptr<scalar_t>() + b * C);
       };
       // The rest for sample b: gated statistics, spatial conv, gate and output.
