@@ -242,10 +242,11 @@ def test_compiled_passes_equal_the_torch_passes():
 
 @needs_compiled
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-@pytest.mark.parametrize("length", [1, 7, 8, 16, 17, 49, 100])
+@pytest.mark.parametrize("length", [1, 7, 8, 16, 17, 31, 49, 100, 196])
 def test_compiled_pool_finds_the_first_maximum(dtype, length):
-    """Lane-wise maxima with their first positions: with many ties (values from a few integers) the
-    index is the first occurrence, as torch.argmax documents."""
+    """Lane-wise maxima with their first positions, rows that are no whole number of vectors ending
+    on an overlapping last vector: with many ties (values from a few integers) the index is the first
+    occurrence, as torch.argmax documents, and no value is summed twice."""
     x = torch.randint(0, 3, (3, 40, length), generator=torch.Generator().manual_seed(length)).to(dtype)
     avg, peak, index = ENGINES["compiled"].pool(x)
     torch.testing.assert_close(avg, x.mean(2))

@@ -11,6 +11,7 @@
 #include <functional>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <optional>
 #include <vector>
 
@@ -76,8 +77,29 @@ void with_input_norm(const std::optional<at::Tensor>& input_affine, int64_t C, W
   }
 }
 
+// Lanes kOffset + I... of v, as a vector of that many lanes.
+template <size_t kOffset, typename Vector, size_t... I>
+auto lanes_at(Vector v, std::index_sequence<I...>) {
+  return __builtin_shufflevector(v, v, (kOffset + I)...);
+}
+
+// The lanes of v folded into one by combine (on vectors and on lanes), halves onto halves: log2(width)
+// dependent steps instead of width - 1 (the row-wise reductions of short rows, such as ResNet's 7x7
+// maps, are latency-bound).
+template <typename Vector, typename Combine>
+auto fold_lanes(Vector v, Combine combine) {
+  constexpr size_t kWidth = sizeof(Vector) / sizeof(v[0]);
+  if constexpr (kWidth == 2) {
+    return combine(v[0], v[1]);
+  } else {
+    constexpr auto half = std::make_index_sequence<kWidth / 2>{};
+    return fold_lanes(combine(lanes_at<0>(v, half), lanes_at<kWidth / 2>(v, half)), combine);
+  }
+}
+
 // Mean, max and first arg-max of one row of S values norm(row[s]) (S < 2^31), in one read: every lane
-// keeps its own sum, maximum and the first position of that maximum.
+// keeps its own sum, maximum and the first position of that maximum; a row that is no whole number of
+// vectors ends on its last vector's worth of values, overlapping the ones before.
 template <typename scalar_t, bool kNormed>
 void pool_row(const scalar_t* row, int64_t S, Affine<scalar_t, kNormed> norm, scalar_t& mean, scalar_t& peak,
               int64_t& index) {
@@ -99,17 +121,25 @@ void pool_row(const scalar_t* row, int64_t S, Affine<scalar_t, kNormed> norm, sc
     sums += v;
     positions += kWidth;
   }
-  scalar_t sum = 0, best = first;
-  for (int l = 0; l < kWidth; ++l) {
-    sum += sums[l];
-    best = bests[l] > best ? bests[l] : best;
+  if (s < S && S >= kWidth) {  // the last kWidth positions, those read already for the maximum only
+    using Position = typename std::remove_reference<decltype(positions[0])>::type;
+    Values v;
+    std::memcpy(&v, row + S - kWidth, sizeof(Values));
+    v = norm(v);
+    positions -= static_cast<Position>(s - (S - kWidth));
+    const Positions above = v > bests;
+    bests = above ? v : bests;
+    ats = above ? positions : ats;
+    sums += positions >= static_cast<Position>(s) + Positions{} ? v : Values{};
+    s = S;
   }
+  scalar_t sum = fold_lanes(sums, [](auto a, auto b) { return a + b; });
+  scalar_t best = fold_lanes(bests, [](auto a, auto b) { return b > a ? b : a; });
   const auto none = std::numeric_limits<typename std::remove_reference<decltype(ats[0])>::type>::max();
   const Positions candidates = bests == best + Values{} ? ats : none + Positions{};
-  int64_t at = none;
-  for (int l = 0; l < kWidth; ++l) at = candidates[l] < at ? candidates[l] : at;  // the first among equal maxima
+  int64_t at = fold_lanes(candidates, [](auto a, auto b) { return b < a ? b : a; });  // the first equal maximum
   if (s == 0) at = 0;
-  for (; s < S; ++s) {  // the tail, after every earlier position
+  for (; s < S; ++s) {  // rows shorter than a vector
     const scalar_t v = norm(row[s]);
     sum += v;
     if (v > best) {
@@ -469,9 +499,7 @@ scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
     std::memcpy(&v, b + i, sizeof(Values));
     sums[0] += u * v;
   }
-  const Values total = (sums[0] + sums[1]) + (sums[2] + sums[3]);
-  scalar_t sum = 0;
-  for (int l = 0; l < kWidth; ++l) sum += total[l];
+  scalar_t sum = fold_lanes((sums[0] + sums[1]) + (sums[2] + sums[3]), [](auto u, auto v) { return u + v; });
   for (; i < n; ++i) sum += a[i] * b[i];
   return sum;
 }
