@@ -2,6 +2,7 @@
 inference and in training, with torch's running-statistics updates and BatchNorm backward) and
 applied first where it cannot fold, always computing ``cbam(bn(x))``."""
 
+import copy
 import re
 
 import pytest
@@ -101,21 +102,30 @@ def _outputs_grads_buffers(module, norm, x, residual, upstream, fold: bool, step
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_folded_norm_trains_like_the_norm_applied_first(case, preset, dtype):
     """With autograd, on batch or running statistics: outputs, every gradient (the norm's weight and
-    bias included) and the running statistics after two steps equal those with the module run first:
-    bitwise in float32 (the map and its statistics are rounded as torch's kernels round them), to the
-    last bit or so in float64."""
+    bias included) and the running statistics after two steps equal those with the module run first
+    in float64. On running statistics the map is rounded as torch's kernel rounds it, so float32 is
+    bitwise the module run first in float32; batch statistics come from the pooling pass (sums in
+    double), so float32 is as close to float64 as the module run first in float32 is."""
     options = {"momentum None": {"momentum": None}, "no running statistics": {"track_running_stats": False},
                "no affine": {"affine": False}}.get(case, {})
     module = randomised(cbam.CBAM(16, 4, 3, preset=preset, dtype=dtype)).train()
-    norms = [randomised(nn.BatchNorm2d(16, dtype=dtype, **options), seed=1).train(case != "eval mode with autograd")
-             for _ in range(2)]
+    norm = randomised(nn.BatchNorm2d(16, dtype=dtype, **options), seed=1).train(case != "eval mode with autograd")
     x, residual = torch.randn(3, 16, 6, 7, dtype=dtype) * 2, torch.randn(3, 16, 6, 7, dtype=dtype)
     upstream = torch.randn_like(x)
-    assert folds_input_norm(norms[0], x, *module._fused_inputs())
-    folded = _outputs_grads_buffers(module, norms[0], x, residual, upstream, fold=True)
-    applied_first = _outputs_grads_buffers(module, norms[1], x, residual, upstream, fold=False)
-    exact = dtype == torch.float32
-    torch.testing.assert_close(folded, applied_first, rtol=0 if exact else 1e-12, atol=0 if exact else 1e-15)
+    assert folds_input_norm(norm, x, *module._fused_inputs())
+    run = [copy.deepcopy(m) for m in (module, norm, module, norm)]
+    folded = _outputs_grads_buffers(run[0], run[1], x, residual, upstream, fold=True)
+    applied_first = _outputs_grads_buffers(run[2], run[3], x, residual, upstream, fold=False)
+    exact = _outputs_grads_buffers(module.double(), norm.double(), x.double(), residual.double(), upstream.double(),
+                                   fold=False)
+    if dtype == F64:
+        torch.testing.assert_close(folded, exact, rtol=1e-12, atol=1e-14)
+    elif case == "eval mode with autograd":
+        torch.testing.assert_close(folded, applied_first, rtol=0, atol=0)
+    else:
+        for ours, torchs, truth in zip(folded, applied_first, exact):
+            error, torch_error = ((t.double() - truth).abs().max().item() for t in (ours, torchs))
+            assert error <= 4 * torch_error + 1e-6 * truth.abs().max().item()
 
 
 def test_reference_impl_applies_the_norm_first_in_training():
@@ -182,3 +192,31 @@ def test_fused_function_refuses_a_norm_it_cannot_fold():
     with pytest.raises(ValueError, match=r"cannot fold input_norm=BatchNorm2d\(5, .* shape \(2, 8, 5, 6\)"):
         fused_cbam(torch.randn(2, 8, 5, 6), *module._fused_inputs()[:1], *module._fused_inputs()[1],
                    input_norm=nn.BatchNorm2d(5))
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("length", [1, 5, 16, 49, 100])
+def test_batch_statistics_come_with_the_pooling(dtype, length):
+    """``batch_norm_pool``, one read of x: the batch's mean, biased variance and ``1 / sqrt(var + eps)``
+    (float64 truth), and CBAM's pooling of the BatchNorm's output; a negative weight makes
+    each row's minimum its maximum, a zero one makes every position the first maximum. Values far
+    from zero keep the variance exact (sums run about a value of the channel)."""
+    gen = torch.Generator().manual_seed(length)
+    x = (torch.randn(3, 6, length, generator=gen, dtype=F64) * 0.01 + 1000).to(dtype)
+    weight = torch.tensor([1.5, -2.0, 0.0, 1.0, -0.5, 3.0], dtype=dtype)
+    bias = torch.randn(6, generator=gen, dtype=dtype)
+    avg, peak, index, mean, var, invstd, affine = cpu_extension.engine().batch_norm_pool(x, weight, bias, 1e-5)
+    true_var, true_mean = torch.var_mean(x.double(), dim=(0, 2), correction=0)
+    tolerance = {"rtol": 1e-6 if dtype == torch.float32 else 1e-9, "atol": 0}  # the truth's own error: ~1e-11
+    torch.testing.assert_close(mean.double(), true_mean, **tolerance)
+    torch.testing.assert_close(var.double(), true_var, **tolerance)
+    torch.testing.assert_close(invstd.double(), 1 / torch.sqrt(true_var + 1e-5), **tolerance)
+    torch.testing.assert_close(affine[0], invstd * weight, rtol=0, atol=0)
+    torch.testing.assert_close(affine[1], bias - mean * affine[0])  # one rounding fewer where contracted
+    normed = torch.addcmul(affine[1].view(1, 6, 1), x, affine[0].view(1, 6, 1))
+    torch.testing.assert_close(avg, normed.mean(2))
+    torch.testing.assert_close(peak, normed.amax(2), rtol=0, atol=0)
+    torch.testing.assert_close(normed.gather(2, index.unsqueeze(2)).squeeze(2), peak, rtol=0, atol=0)
+    torch.testing.assert_close(index[:, 1], x[:, 1].argmin(1))
+    assert index[:, 2].eq(0).all()

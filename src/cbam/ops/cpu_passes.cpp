@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <utility>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace output_cache {  // output_cache.cpp
@@ -97,59 +98,116 @@ auto fold_lanes(Vector v, Combine combine) {
   }
 }
 
-// Mean, max and first arg-max of one row of S values norm(row[s]) (S < 2^31), in one read: every lane
-// keeps its own sum, maximum and the first position of that maximum; a row that is no whole number of
-// vectors ends on its last vector's worth of values, overlapping the ones before.
-template <typename scalar_t, bool kNormed>
-void pool_row(const scalar_t* row, int64_t S, Affine<scalar_t, kNormed> norm, scalar_t& mean, scalar_t& peak,
-              int64_t& index) {
+// Calls visit(v, positions, fresh) on one row of S values (S < 2^31), a vector v at a time: whole
+// vectors, then, where S is no multiple of the width, the row's last vector's worth of values, which
+// overlaps the ones before; a row shorter than a vector comes padded with its first value (at position
+// 0). positions holds each lane's position in the row, fresh marks the lanes not visited before.
+template <typename scalar_t, typename Visit>
+void scan_row(const scalar_t* row, int64_t S, Visit visit) {
   using Values = typename Lanes<scalar_t>::Values;
   using Positions = typename Lanes<scalar_t>::Positions;
+  using Position = typename std::remove_reference<decltype(Positions{}[0])>::type;
   constexpr int kWidth = sizeof(Values) / sizeof(scalar_t);
-  const scalar_t first = norm(row[0]);
-  Values sums = {}, bests = first + Values{};
-  Positions ats = {}, positions;
+  const Positions every = Positions{} - 1;  // a mask of all lanes
+  Positions positions;
   for (int l = 0; l < kWidth; ++l) positions[l] = l;
   int64_t s = 0;
   for (; s + kWidth <= S; s += kWidth) {
     Values v;
     std::memcpy(&v, row + s, sizeof(Values));
-    v = norm(v);
-    const Positions above = v > bests;
-    bests = above ? v : bests;
-    ats = above ? positions : ats;
-    sums += v;
+    visit(v, positions, every);
     positions += kWidth;
   }
-  if (s < S && S >= kWidth) {  // the last kWidth positions, those read already for the maximum only
-    using Position = typename std::remove_reference<decltype(positions[0])>::type;
-    Values v;
+  if (s == S) return;
+  Values v = row[0] + Values{};
+  if (S >= kWidth) {
     std::memcpy(&v, row + S - kWidth, sizeof(Values));
-    v = norm(v);
     positions -= static_cast<Position>(s - (S - kWidth));
-    const Positions above = v > bests;
-    bests = above ? v : bests;
-    ats = above ? positions : ats;
-    sums += positions >= static_cast<Position>(s) + Positions{} ? v : Values{};
-    s = S;
+    visit(v, positions, positions >= static_cast<Position>(s) + Positions{});
+  } else {
+    std::memcpy(&v, row, S * sizeof(scalar_t));
+    const Positions inside = positions < static_cast<Position>(S) + Positions{};
+    visit(v, inside ? positions : Positions{}, inside);
   }
-  scalar_t sum = fold_lanes(sums, [](auto a, auto b) { return a + b; });
-  scalar_t best = fold_lanes(bests, [](auto a, auto b) { return b > a ? b : a; });
-  const auto none = std::numeric_limits<typename std::remove_reference<decltype(ats[0])>::type>::max();
-  const Positions candidates = bests == best + Values{} ? ats : none + Positions{};
-  int64_t at = fold_lanes(candidates, [](auto a, auto b) { return b < a ? b : a; });  // the first equal maximum
-  if (s == 0) at = 0;
-  for (; s < S; ++s) {  // rows shorter than a vector
-    const scalar_t v = norm(row[s]);
-    sum += v;
-    if (v > best) {
-      best = v;
-      at = s;
-    }
+}
+
+// Each lane's maximum over the vectors taken, with the first position where it was reached, from a
+// first value at position 0.
+template <typename scalar_t>
+struct LaneMaximum {
+  using Values = typename Lanes<scalar_t>::Values;
+  using Positions = typename Lanes<scalar_t>::Positions;
+  Values best;
+  Positions at = {};
+
+  explicit LaneMaximum(scalar_t first) : best(first + Values{}) {}
+
+  void take(Values v, Positions positions) {
+    const Positions above = v > best;
+    best = above ? v : best;
+    at = above ? positions : at;
   }
-  mean = sum / S;
-  peak = best;
-  index = at;
+
+  // The maximum over all lanes and its first position (0 where none equals it: a NaN first value).
+  std::pair<scalar_t, int64_t> result() const {
+    const scalar_t peak = fold_lanes(best, [](auto a, auto b) { return b > a ? b : a; });
+    const auto none = std::numeric_limits<typename std::remove_reference<decltype(at[0])>::type>::max();
+    const Positions candidates = best == peak + Values{} ? at : none + Positions{};
+    const int64_t first = fold_lanes(candidates, [](auto a, auto b) { return b < a ? b : a; });
+    return {peak, first == none ? 0 : first};
+  }
+};
+
+// Mean, max and first arg-max of one row of S values norm(row[s]), in one read.
+template <typename scalar_t, bool kNormed>
+void pool_row(const scalar_t* row, int64_t S, Affine<scalar_t, kNormed> norm, scalar_t& mean, scalar_t& peak,
+              int64_t& index) {
+  using Values = typename Lanes<scalar_t>::Values;
+  Values sums = {};
+  LaneMaximum<scalar_t> highest(norm(row[0]));
+  scan_row(row, S, [&](Values v, auto positions, auto fresh) {
+    v = norm(v);
+    highest.take(v, positions);
+    sums += fresh ? v : Values{};
+  });
+  mean = fold_lanes(sums, [](auto a, auto b) { return a + b; }) / S;
+  std::tie(peak, index) = highest.result();
+}
+
+typedef double Doubles __attribute__((vector_size(64)));
+
+// Adds lanes 8 kPart .. 8 kPart + 7 of v, as doubles minus centre, to sums[kPart], and their squares
+// to squares[kPart].
+template <int kPart, typename Vector>
+void add_part(Vector v, double centre, Doubles* sums, Doubles* squares) {
+  const Doubles d = __builtin_convertvector(lanes_at<8 * kPart>(v, std::make_index_sequence<8>{}), Doubles) - centre;
+  sums[kPart] += d;
+  squares[kPart] += d * d;
+}
+
+// What a BatchNorm on the batch's statistics needs of one row of S values, in one read: the sums of
+// row[s] - centre and of its square, in double (centre, a value of the channel, keeps them exact
+// enough), and the row's first minimum and maximum with their positions.
+template <typename scalar_t>
+void moments_row(const scalar_t* row, int64_t S, scalar_t centre, double& sum, double& squares,
+                 std::pair<scalar_t, int64_t>& low, std::pair<scalar_t, int64_t>& high) {
+  using Values = typename Lanes<scalar_t>::Values;
+  constexpr int kParts = sizeof(Values) / sizeof(scalar_t) / 8;  // vectors of 8 doubles per vector of values
+  Doubles sums[2] = {}, square_sums[2] = {};
+  LaneMaximum<scalar_t> highest(row[0]), lowest(-row[0]);  // the minimum: the maximum of -row
+  scan_row(row, S, [&](Values v, auto positions, auto fresh) {
+    highest.take(v, positions);
+    lowest.take(-v, positions);
+    const Values kept = fresh ? v : centre + Values{};  // lanes seen before add 0
+    add_part<0>(kept, centre, sums, square_sums);
+    if constexpr (kParts == 2) add_part<1>(kept, centre, sums, square_sums);
+  });
+  auto add = [](auto a, auto b) { return a + b; };
+  sum = fold_lanes(sums[0] + sums[1], add);
+  squares = fold_lanes(square_sums[0] + square_sums[1], add);
+  high = highest.result();
+  low = lowest.result();
+  low.first = -low.first;
 }
 
 // Channel-wise mean, max and first arg-max of mc[c] * norm[c](x[c, s]) for n positions of one sample;
@@ -812,12 +870,11 @@ std::vector<at::Tensor> spatial_backward(const at::Tensor& logits, const at::Ten
   return {d_mean, d_speak, partial.sum(0).view(conv_w.sizes()), d_norm.slice(0, 0, 1), d_norm.slice(0, 1, 2)};
 }
 
-// The per-channel affine map (2, C) — scale, then shift — of a BatchNorm with statistics mean and
-// (biased) var: scale = weight / sqrt(var + eps), shift = bias - mean * scale (weight and bias
-// optional), as torch's CPU kernel computes them: 1 / sqrt(var + eps) in the statistics' dtype for
-// running statistics, in double for the batch's (batch = true).
+// The per-channel affine map (2, C) — scale, then shift — of an eval-mode BatchNorm: scale = weight /
+// sqrt(running_var + eps), shift = bias - running_mean * scale (weight and bias optional), rounded as
+// torch's CPU kernel rounds them.
 at::Tensor batch_norm_affine(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                             const at::Tensor& running_mean, const at::Tensor& running_var, double eps, bool batch) {
+                             const at::Tensor& running_mean, const at::Tensor& running_var, double eps) {
   const int64_t C = running_mean.numel();
   auto affine = at::empty({2, C}, running_mean.options());
   AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "cbam_batch_norm_affine", [&] {
@@ -828,13 +885,75 @@ at::Tensor batch_norm_affine(const std::optional<at::Tensor>& weight, const std:
     scalar_t* scale = affine.data_ptr<scalar_t>();
     scalar_t* shift = scale + C;
     for (int64_t c = 0; c < C; ++c) {
-      const scalar_t inverse_std = batch ? static_cast<scalar_t>(1 / std::sqrt(static_cast<double>(var[c]) + eps))
-                                         : scalar_t(1) / std::sqrt(var[c] + static_cast<scalar_t>(eps));
-      scale[c] = inverse_std * (w ? w[c] : scalar_t(1));
+      scale[c] = scalar_t(1) / std::sqrt(var[c] + static_cast<scalar_t>(eps)) * (w ? w[c] : scalar_t(1));
       shift[c] = (b ? b[c] : scalar_t(0)) - mean[c] * scale[c];
     }
   });
   return affine;
+}
+
+// A training-mode BatchNorm folded into CBAM's pooling, in one read of x (B, C, S): its statistics over
+// (B, S) — mean, biased var, and invstd = 1 / sqrt(var + eps) in double, as torch computes them — its
+// map (2, C) (scale = invstd * weight, shift = bias - mean * scale) and CBAM's pooling of the map's
+// output: each row's mean, and its max and first arg-max from the row's maximum or minimum (the map
+// is monotone). Returns avg, peak, channel_index (B, C), mean, var, invstd (C) and the map.
+std::vector<at::Tensor> batch_norm_pool(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                        const std::optional<at::Tensor>& bias, double eps) {
+  const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
+  TORCH_CHECK(S < std::numeric_limits<int32_t>::max(), "cbam: at most 2^31 - 1 positions per sample, got ", S);
+  const auto wide = x.options().dtype(at::kDouble), positions = x.options().dtype(at::kLong);
+  auto sums = at::empty({B, C}, wide), squares = at::empty({B, C}, wide);
+  auto avg = at::empty({B, C}, x.options()), peak = at::empty({B, C}, x.options());
+  auto index = at::empty({B, C}, positions);
+  auto mean = at::empty({C}, x.options()), var = at::empty({C}, x.options()), invstd = at::empty({C}, x.options());
+  auto affine = at::empty({2, C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_batch_norm_pool", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    double* sp = sums.data_ptr<double>();
+    double* qp = squares.data_ptr<double>();
+    scalar_t* pk = peak.data_ptr<scalar_t>();  // the rows' maxima (and positions), then the pooled ones
+    int64_t* ip = index.data_ptr<int64_t>();
+    std::vector<std::pair<scalar_t, int64_t>> minima(B * C);
+    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        std::pair<scalar_t, int64_t> high;
+        moments_row(xp + r * S, S, xp[(r % C) * S], sp[r], qp[r], minima[r], high);
+        std::tie(pk[r], ip[r]) = high;
+      }
+    });
+    const scalar_t* w = weight ? weight->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
+    scalar_t* scale = affine.data_ptr<scalar_t>();
+    scalar_t* shift = scale + C;
+    scalar_t* ap = avg.data_ptr<scalar_t>();
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        double sum = 0, square_sum = 0;
+        for (int64_t k = 0; k < B; ++k) {
+          sum += sp[k * C + c];
+          square_sum += qp[k * C + c];
+        }
+        const double count = static_cast<double>(B * S), offset = sum / count;
+        const double variance = std::max(square_sum / count - offset * offset, 0.0);
+        const scalar_t centre = xp[c * S], channel_mean = static_cast<scalar_t>(centre + offset);
+        mean.data_ptr<scalar_t>()[c] = channel_mean;
+        var.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(variance);
+        invstd.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(1 / std::sqrt(variance + eps));
+        const scalar_t a = invstd.data_ptr<scalar_t>()[c] * (w ? w[c] : scalar_t(1));
+        const scalar_t t = (b ? b[c] : scalar_t(0)) - channel_mean * a;
+        scale[c] = a;
+        shift[c] = t;
+        for (int64_t k = 0; k < B; ++k) {  // the pooling of the map's output, row (k, c)
+          const int64_t r = k * C + c;
+          ap[r] = static_cast<scalar_t>(a * (centre + sp[r] / S) + t);
+          if (a < 0) std::tie(pk[r], ip[r]) = minima[r];
+          pk[r] = std::fma(a, pk[r], t);
+          if (a == 0) ip[r] = 0;  // every value maps to t: the first is the maximum
+        }
+      }
+    });
+  });
+  return {avg, peak, index, mean, var, invstd, affine};
 }
 
 // The whole CBAM forward: pooling, channel MLP, gated statistics, spatial conv, gate and output.
@@ -846,6 +965,7 @@ at::Tensor batch_norm_affine(const std::optional<at::Tensor>& weight, const std:
 // relu(x * mc * ms + residual). With input_affine (2, C) (batch_norm_affine) CBAM's input is
 // scale[c] * x + shift[c], computed as the passes read x: the BatchNorm before CBAM, never written.
 // With overwrite the output is written over x (each sample's output pass is its last read of it).
+// pooled, where not empty, is (avg, peak, channel_index) computed already (batch_norm_pool).
 // x is (B, C, *spatial), contiguous. Returns out (shaped like x), mc, ms, avg, peak, channel_index,
 // mean, speak, spatial_index, logits.
 std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, std::vector<double> avg_coef,
@@ -858,7 +978,8 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
                                 const std::optional<at::Tensor>& running_mean,
                                 const std::optional<at::Tensor>& running_var, double eps,
                                 const std::optional<at::Tensor>& residual,
-                                const std::optional<at::Tensor>& input_affine, bool overwrite) {
+                                const std::optional<at::Tensor>& input_affine, bool overwrite,
+                                const std::vector<at::Tensor>& pooled) {
   const int64_t B = x.size(0), C = x.size(1), S = size[0] * size[1] * size[2];
   const int64_t I = conv_w.numel() / (kernel[0] * kernel[1] * kernel[2]);
   double scale = 1, shift = 0;  // the fixed norm: scale * z + shift
@@ -872,7 +993,9 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
   auto idx = [&](int64_t n) { return at::empty({B, n}, x.options().dtype(at::kLong)); };
   at::Tensor out = !finish ? at::empty({0}, x.options()) : overwrite ? x : output_cache::empty_like(x);
   at::Tensor ms = finish ? vec(S) : at::empty({0}, x.options());
-  at::Tensor mc = vec(C), avg = vec(C), peak = vec(C), channel_index = idx(C);
+  const bool pool_here = pooled.empty();
+  at::Tensor mc = vec(C), avg = pool_here ? vec(C) : pooled[0], peak = pool_here ? vec(C) : pooled[1];
+  at::Tensor channel_index = pool_here ? idx(C) : pooled[2];
   at::Tensor mean = vec(S), speak = vec(S), spatial_index = idx(S), logits = vec(S);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_forward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -924,10 +1047,17 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
           for (int64_t b = 0; b < B; ++b) work(b);
         }
       };
-      if ((fc1_w.numel() + fc2_w.numel()) > C * S) {  // MLP weights outweigh a sample's x: pool all, one BLAS MLP
-        pool_rows(xp, norm, B, C, S, avg.data_ptr<scalar_t>(), peak.data_ptr<scalar_t>(),
-                  channel_index.data_ptr<int64_t>());
-        mc = channel_gate(avg, peak, avg_coef, max_coef, fc1_w, fc1_b, fc2_w, fc2_b, hard);
+      const bool blas_mlp = (fc1_w.numel() + fc2_w.numel()) > C * S;  // MLP weights outweigh a sample's x
+      if (blas_mlp || !pool_here) {  // every sample pooled first, then the MLP, then the rest sample by sample
+        if (pool_here)
+          pool_rows(xp, norm, B, C, S, avg.data_ptr<scalar_t>(), peak.data_ptr<scalar_t>(),
+                    channel_index.data_ptr<int64_t>());
+        if (blas_mlp) {
+          mc = channel_gate(avg, peak, avg_coef, max_coef, fc1_w, fc1_b, fc2_w, fc2_b, hard);
+        } else {
+          for (int64_t b = 0; b < B; ++b)
+            mlp.gate(avg.data_ptr<scalar_t>() + b * C, peak.data_ptr<scalar_t>() + b * C, mc.data_ptr<scalar_t>() + b * C);
+        }
         each_sample(sample);
       } else {  // sample by sample: its x stays in cache from the pooling to the output
         each_sample([&](int64_t b) {
@@ -951,6 +1081,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("input_grad", &input_grad);
   m.def("forward", &forward);
   m.def("batch_norm_affine", &batch_norm_affine);
+  m.def("batch_norm_pool", &batch_norm_pool);
   m.def("conv_backward", &conv_backward);
   m.def("spatial_backward", &spatial_backward);
   m.def("channel_gate", &channel_gate);

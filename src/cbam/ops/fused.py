@@ -22,10 +22,11 @@ the output is saved too (for the ReLU's backward); in a network it is the next l
 that layer saves anyway.
 
 With ``input_norm`` (a plain BatchNorm before CBAM, see ``folds_input_norm``) ``x`` is the
-BatchNorm's input: every pass applies its per-channel map as it reads ``x`` (forward and backward),
-batch statistics come from ``torch.batch_norm_update_stats`` (which updates the running ones as the
-module would), and the backward ends with torch's BatchNorm backward. Saved then: ``x`` and three
-``(C)``-sized vectors more; the BatchNorm's output is never written.
+BatchNorm's input: every pass applies its per-channel map as it reads ``x`` (forward and backward).
+Batch statistics come from the pooling pass itself (``batch_norm_pool``: sums in double, and each
+row's minimum and maximum, which the monotone map turns into the pooled maximum); the running ones
+are updated as the module would. The backward ends with torch's BatchNorm backward. Saved then:
+``x`` and three ``(C)``-sized vectors more; the BatchNorm's output is never written.
 
 Max pooling routes its gradient to the single arg-max (the first one, as ``torch.argmax`` reports);
 the reference's ``amax`` splits it evenly among ties. Both are valid subgradients and agree wherever
@@ -143,11 +144,11 @@ def _native_applies(engine, spec: FusedSpec, weights) -> bool:
 
 
 def _native_forward(engine, x: Tensor, residual: Tensor | None, spec: FusedSpec, fixed_norm, weights,
-                    affine: Tensor | None = None, overwrite: bool = False):
+                    input_norm: _InputNorm | None = None, overwrite: bool = False):
     """``cpu_passes.forward`` where it computes this CBAM, else ``None``; it stops at the spatial logits
-    where the norm is not fixed (``fixed_norm`` is ``None``). ``affine`` (2, C), the folded input
-    BatchNorm's map, is applied as the passes read ``x``; with ``overwrite`` the output is written
-    over ``x``."""
+    where the norm is not fixed (``fixed_norm`` is ``None``). A folded input BatchNorm's map is applied
+    as the passes read ``x`` (its pooling taken as computed, where it was); with ``overwrite`` the
+    output is written over ``x``."""
     fc1_w, fc1_b, fc2_w, fc2_b, _, _, *chain = weights
     if not _native_applies(engine, spec, weights):
         return None
@@ -155,7 +156,9 @@ def _native_forward(engine, x: Tensor, residual: Tensor | None, spec: FusedSpec,
     norm_args = fixed_norm if finish else _norm_tensors(None, None, None)  # unused when not finishing
     return engine.forward(x, _padded(x.shape[2:]), *_pool_coefficients(spec), fc1_w.contiguous(), _contiguous(fc1_b),
                           fc2_w.contiguous(), _contiguous(fc2_b), chain[0].contiguous(), _padded(chain[0].shape[2:]),
-                          spec.gate == "hard-sigmoid", finish, *norm_args, _contiguous(residual), affine, overwrite)
+                          spec.gate == "hard-sigmoid", finish, *norm_args, _contiguous(residual),
+                          None if input_norm is None else input_norm.affine, overwrite,
+                          [] if input_norm is None or input_norm.pooled is None else list(input_norm.pooled))
 
 
 def folds_input_norm(norm, x: Tensor, spec: FusedSpec, weights) -> bool:
@@ -173,18 +176,47 @@ def folds_input_norm(norm, x: Tensor, spec: FusedSpec, weights) -> bool:
     return _native_applies(_engine(x), spec, weights)
 
 
-def _input_statistics(norm: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, bool]:
-    """``(mean, var, batch)``: the (biased) statistics the BatchNorm ``norm`` normalises ``x`` with, and
-    whether they are the batch's. On batch statistics the running ones are updated exactly as the
-    module's forward does (momentum or cumulative average, unbiased variance, ``num_batches_tracked``)."""
-    if not spatial_gate.uses_batch_statistics(norm):
-        return norm.running_mean, norm.running_var, False
+def _update_running_statistics(norm: nn.Module, mean: Tensor, var: Tensor, count: int) -> None:
+    """Update ``norm``'s running statistics with a batch's ``mean`` and biased ``var`` over ``count``
+    values per channel, as its forward does (momentum or cumulative average, unbiased variance,
+    ``num_batches_tracked``), in double as torch's CPU kernel computes them."""
     factor = 0.0 if norm.momentum is None else norm.momentum
     if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
         norm.num_batches_tracked.add_(1)
         factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-    mean, var = torch.batch_norm_update_stats(x, norm.running_mean, norm.running_var, factor)
-    return mean, var, True
+    if norm.running_mean is None:
+        return
+    for running, batch in ((norm.running_mean, mean), (norm.running_var, var * count / (count - 1))):
+        running.copy_(factor * batch.double() + (1 - factor) * running.double())
+
+
+@dataclass
+class _InputNorm:
+    """The folded BatchNorm of one forward: its map ``affine (2, C)``; on running statistics (``batch``
+    false) a copy of them, ``mean`` and ``spread = var``; on the batch's, ``mean`` and ``spread =
+    1 / sqrt(var + eps)`` (as torch's backward takes each) and CBAM's pooling of the map's output
+    ``pooled = (avg, peak, channel_index)``, computed in the same read of ``x`` as the statistics."""
+
+    affine: Tensor
+    mean: Tensor
+    spread: Tensor
+    batch: bool
+    pooled: tuple[Tensor, Tensor, Tensor] | None
+
+
+def _input_norm(norm: nn.Module, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> _InputNorm:
+    """The folded BatchNorm ``norm`` for ``x``; on batch statistics the running ones are updated as the
+    module's forward would."""
+    engine = cpu_extension.engine()
+    with torch.no_grad():
+        if not spatial_gate.uses_batch_statistics(norm):
+            mean, var = norm.running_mean, norm.running_var
+            affine = engine.batch_norm_affine(weight, bias, mean, var, norm.eps)
+            return _InputNorm(affine, mean.clone(), var.clone(), False, None)
+        avg, peak, index, mean, var, invstd, affine = engine.batch_norm_pool(
+            x.reshape(*x.shape[:2], -1), weight, bias, norm.eps)
+        _update_running_statistics(norm, mean, var, x.numel() // x.shape[1])
+        return _InputNorm(affine, mean, invstd, True, (avg, peak, index))
 
 
 def _spatial_grads(engine, mean: Tensor, speak: Tensor, spatial, spec: FusedSpec, chain, d_logits: Tensor):
@@ -255,16 +287,16 @@ class _Forward:
 
 
 def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights, record: bool,
-             affine: Tensor | None = None, overwrite: bool = False) -> _Forward:
+             input_norm: _InputNorm | None = None, overwrite: bool = False) -> _Forward:
     """The fused forward, ``relu(cbam(x) + residual)`` with a residual; ``record`` keeps the autograd
-    graph of a norm that ``spatial_gate`` does not compute. ``affine (2, C)``, a folded input
-    BatchNorm's map (only where ``folds_input_norm``); ``overwrite`` lets the one-call C++ forward
-    write its output over ``x``."""
+    graph of a norm that ``spatial_gate`` does not compute. ``input_norm``, a folded input BatchNorm
+    (only where ``folds_input_norm``); ``overwrite`` lets the one-call C++ forward write its output
+    over ``x``."""
     spatial = x.shape[2:]
     engine = _engine(x)
     fixed_norm = _fixed_norm(spec, *weights[4:6])
     with torch.no_grad():
-        native = _native_forward(engine, x, residual, spec, fixed_norm, weights, affine, overwrite)
+        native = _native_forward(engine, x, residual, spec, fixed_norm, weights, input_norm, overwrite)
         if native is not None:
             out, mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits = native
             pooled = {"avg": avg, "max": peak}
@@ -285,7 +317,7 @@ def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights, recor
             ms_graph = (leaves, _spatial_gate(leaves[0], spatial, spec, *_with_nones(leaves[1:], weights[4:6])))
         ms = ms_graph[1].detach().contiguous()
     if native is None or fixed_norm is None:
-        out = engine.apply(x, mc, ms, _contiguous(residual), affine)
+        out = engine.apply(x, mc, ms, _contiguous(residual), None if input_norm is None else input_norm.affine)
     return _Forward(out, engine, pooled, mc, (mean, speak), (channel_index, spatial_index), logits, ms,
                     ms_graph if record else None)
 
@@ -308,15 +340,8 @@ def fused_cbam(x: Tensor, spec: FusedSpec, *weights: Tensor | None, residual: Te
     inputs = (x, residual, *norm_weights, *weights)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         return FusedCBAM.apply(x, residual, spec, input_norm, *norm_weights, *weights)
-    affine = None if input_norm is None else _input_affine(input_norm, x, *norm_weights)[0]
-    return _forward(x, residual, spec, weights, record=False, affine=affine, overwrite=inplace).out
-
-
-def _input_affine(norm: nn.Module, x: Tensor, weight: Tensor | None, bias: Tensor | None):
-    """The folded BatchNorm's map ``(2, C)`` for ``x`` and the statistics behind it (``_input_statistics``)."""
-    with torch.no_grad():
-        mean, var, batch = _input_statistics(norm, x)
-        return cpu_extension.engine().batch_norm_affine(weight, bias, mean, var, norm.eps, batch), mean, var, batch
+    folded = None if input_norm is None else _input_norm(input_norm, x, *norm_weights)
+    return _forward(x, residual, spec, weights, record=False, input_norm=folded, overwrite=inplace).out
 
 
 class FusedCBAM(torch.autograd.Function):
@@ -327,11 +352,11 @@ class FusedCBAM(torch.autograd.Function):
     def forward(ctx, x, residual, spec: FusedSpec, input_norm, in_w, in_b, fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b,
                 *chain):
         weights = (fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b, *chain)
-        affine, statistics, ctx.input_norm = None, [], None
+        folded, statistics, ctx.input_norm = None, [], None
         if input_norm is not None:  # the folded BatchNorm: its map, and the statistics for its backward
-            affine, mean, var, batch = _input_affine(input_norm, x, in_w, in_b)
-            statistics, ctx.input_norm = [affine, mean.clone(), var.clone()], (batch, input_norm.eps)
-        result = _forward(x, residual, spec, weights, record=True, affine=affine)
+            folded = _input_norm(input_norm, x, in_w, in_b)
+            statistics, ctx.input_norm = [folded.affine, folded.mean, folded.spread], (folded.batch, input_norm.eps)
+        result = _forward(x, residual, spec, weights, record=True, input_norm=folded)
         kept = {kind: value for kind, value in result.pooled.items() if kind != "max"}  # maxima: gathered again
         ctx.spec, ctx.engine, ctx.ms_graph, ctx.pool_names = spec, result.engine, result.ms_graph, list(kept)
         ctx.has_residual = residual is not None  # then the output is saved too: the ReLU's mask
@@ -350,7 +375,7 @@ class FusedCBAM(torch.autograd.Function):
         flat = (*x.shape[:2], spatial.numel())
         x3, g3 = x.reshape(flat), grad.reshape(flat).contiguous()
         rectified = rest.pop(0).reshape(flat) if ctx.has_residual else None
-        affine, in_mean, in_var = [rest.pop(0) for _ in range(3)] if ctx.input_norm else (None, None, None)
+        affine, in_mean, in_spread = [rest.pop(0) for _ in range(3)] if ctx.input_norm else (None, None, None)
         pooled = dict(zip(ctx.pool_names, rest))
         in_w, in_b, *weights = rest[len(pooled):]  # autograd fallbacks make their own leaves
 
@@ -378,9 +403,9 @@ class FusedCBAM(torch.autograd.Function):
         dx, d_in_w, d_in_b = dx.view_as(x), None, None
         if ctx.input_norm:  # dx is the folded BatchNorm's output gradient: torch's BatchNorm backward
             batch, eps = ctx.input_norm
-            invstd = (1 / torch.sqrt(in_var.double() + eps)).to(in_var.dtype)  # as torch's forward computes it
+            running, saved = ([None, None], [in_mean, in_spread]) if batch else ([in_mean, in_spread], [None, None])
             dx, d_in_w, d_in_b = torch.ops.aten.native_batch_norm_backward(
-                dx, x, in_w, in_mean, in_var, in_mean, invstd, batch, eps, [True, in_w is not None, in_b is not None])
+                dx, x, in_w, *running, *saved, batch, eps, [True, in_w is not None, in_b is not None])
         return (dx, d_residual, None, None, d_in_w, d_in_b, *(None if w is None else next(found) for w in weights))
 
 
