@@ -222,22 +222,46 @@ def test_compiled_passes_equal_the_torch_passes():
     vectors = [torch.randn(2, 1100, dtype=F64), torch.randn(2, 1100, dtype=F64)]
     peak_at = torch.tensor([[0, 511, 512, 1099, 700], [3, 1023, 1024, 5, 600]])  # in every 512-position chunk
     affine = torch.randn(2, 5, dtype=F64)  # a BatchNorm's per-channel scale and shift
+    centre = torch.randn(5, dtype=F64)  # its mean, for the sums its backward takes
     calls = [("pool", (x,)), ("gated_stats", (x, mc)), ("apply", (x, mc, ms, None, None)),
              ("apply", (x, mc, ms, g, None)), ("apply", (x, mc, ms, g, affine)),
-             ("gate_grads", (g, x, mc, ms, None, peak_at, None)),
-             ("gate_grads", (g, x, mc, ms, x - 0.5, peak_at, None)),
-             ("gate_grads", (g, x, mc, ms, x - 0.5, peak_at, affine)),
-             ("gate_grads", (g[:1], x[:1], mc[:1], ms[:1], x[:1] - 0.5, peak_at[:1], None))]  # one sample: chunks
-    for name, args in calls:
-        for got, want in zip(getattr(compiled, name)(*args), getattr(torch_passes, name)(*args)):
-            torch.testing.assert_close(got, want)
+             ("gate_grads", (g, x, mc, ms, None, peak_at, None, None)),
+             ("gate_grads", (g, x, mc, ms, x - 0.5, peak_at, None, None)),
+             ("gate_grads", (g, x, mc, ms, x - 0.5, peak_at, affine, None)),
+             ("gate_grads", (g, x, mc, ms, x - 0.5, peak_at, affine, centre)),
+             ("gate_grads", (g, x, mc, ms, None, peak_at, affine, centre)),
+             ("gate_grads", (g[:1], x[:1], mc[:1], ms[:1], x[:1] - 0.5, peak_at[:1], None, None))]  # one sample: chunks
     index = torch.randint(0, 5, (2, 1100))
-    for input_affine in (None, affine):
-        torch.testing.assert_close(compiled.stats_grad(x, *vectors, index, input_affine),
-                                   torch_passes.stats_grad(x, *vectors, index, input_affine))
+    calls += [("stats_grad", (x, *vectors, index, input_affine, mean)) for input_affine in (None, affine)
+              for mean in (None, centre)]
+    for name, args in calls:
+        for got, want in zip(getattr(compiled, name)(*args), getattr(torch_passes, name)(*args), strict=True):
+            torch.testing.assert_close(got, want)
     channel = [torch.randn(2, 5, dtype=F64), torch.randn(2, 5, dtype=F64), torch.randint(0, 1100, (2, 5))]
     args = (g, x, mc, ms, *vectors, index, *channel)
     torch.testing.assert_close(compiled.input_grad(*args), torch_passes.input_grad(*args))
+
+
+@needs_compiled
+@pytest.mark.parametrize("weighted", [True, False])
+def test_compiled_batch_norm_backward_equals_torchs(weighted):
+    """The compiled engine builds a BatchNorm's backward (on batch statistics) from sums taken by the
+    earlier passes, never writing CBAM's input gradient; torch_passes runs torch's own BatchNorm
+    backward on that gradient. Channel maxima at positions that gated maxima also take."""
+    torch.manual_seed(1)
+    compiled = ENGINES["compiled"]
+    x, g = torch.randn(2, 5, 1100, dtype=F64) + 3, torch.randn(2, 5, 1100, dtype=F64)
+    mc, ms = torch.rand(2, 5, dtype=F64), torch.rand(2, 1100, dtype=F64)
+    vectors = [torch.randn(2, 1100, dtype=F64), torch.randn(2, 1100, dtype=F64)]
+    index = torch.randint(0, 5, (2, 1100))
+    channel = [torch.randn(2, 5, dtype=F64), torch.randn(2, 5, dtype=F64), index[:, :5].clone()]
+    var, mean = torch.var_mean(x, dim=(0, 2), correction=0)
+    invstd, weight = 1 / torch.sqrt(var + 1e-5), torch.randn(5, dtype=F64) if weighted else None
+    gated = torch_passes.gate_grads(g, x, mc, ms, None, channel[2], None, mean)[4]
+    centred = torch_passes.stats_grad(x, *vectors, index, None, mean)[1]
+    args = (g, x, mc, ms, *vectors, index, *channel, gated, centred, mean, invstd, weight)
+    for got, want in zip(compiled.batch_norm_input_grad(*args), torch_passes.batch_norm_input_grad(*args), strict=True):
+        torch.testing.assert_close(got, want)
 
 
 @needs_compiled

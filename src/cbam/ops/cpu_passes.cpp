@@ -47,6 +47,7 @@ struct Lanes<double> {
 // contracts it into one fused multiply-add where the CPU has one, as in torch's own kernel.
 template <typename scalar_t, bool kNormed>
 struct Affine {
+  static constexpr bool kIsNormed = kNormed;
   scalar_t a, b;
   template <typename V>
   V operator()(V v) const {
@@ -375,14 +376,22 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms
   return out;
 }
 
-// One row of gate_grads over n positions, y = norm(x): acc[s] += g[s] y[s] m, returns
-// sum_s g[s] y[s] gate[s]. With rectified, g is first zeroed where rectified <= 0 (torch's
-// threshold_backward at 0) and written to through.
-template <typename scalar_t, bool kRectified, bool kNormed>
-scalar_t gate_grads_row(const scalar_t* __restrict grad, const scalar_t* __restrict x, Affine<scalar_t, kNormed> norm,
-                        const scalar_t* __restrict gate, scalar_t m, int64_t n, scalar_t* __restrict acc,
-                        const scalar_t* __restrict rectified, scalar_t* __restrict through) {
-  scalar_t dot = 0;
+// What one row of gate_grads sums over its positions: sum_s g[s] y[s] gate[s] and, for a BatchNorm's
+// backward (kCentred), sum_s g[s] gate[s] and sum_s g[s] gate[s] (x[s] - centre).
+template <typename scalar_t>
+struct GateSums {
+  scalar_t dot = 0, gated = 0, centred = 0;
+};
+
+// One row of gate_grads over n positions, y = norm(x): acc[s] += g[s] y[s] m, and the row's GateSums.
+// With rectified, g is first zeroed where rectified <= 0 (torch's threshold_backward at 0) and written
+// to through.
+template <typename scalar_t, bool kRectified, bool kNormed, bool kCentred>
+GateSums<scalar_t> gate_grads_row(const scalar_t* __restrict grad, const scalar_t* __restrict x,
+                                  Affine<scalar_t, kNormed> norm, scalar_t centre, const scalar_t* __restrict gate,
+                                  scalar_t m, int64_t n, scalar_t* __restrict acc,
+                                  const scalar_t* __restrict rectified, scalar_t* __restrict through) {
+  scalar_t dot = 0, gated = 0, centred = 0;
   for (int64_t s = 0; s < n; ++s) {
     scalar_t g = grad[s];
     if (kRectified) {
@@ -392,26 +401,35 @@ scalar_t gate_grads_row(const scalar_t* __restrict grad, const scalar_t* __restr
     const scalar_t t = g * norm(x[s]);
     acc[s] += t * m;
     dot += t * gate[s];
+    if (kCentred) {
+      const scalar_t u = g * gate[s];
+      gated += u;
+      centred += u * (x[s] - centre);
+    }
   }
-  return dot;
+  return {dot, gated, centred};
 }
 
 // d/d ms (B, S) and d/d mc (B, C) of sum(grad * y * mc * ms), y = x or, with input_affine (2, C), the
-// BatchNorm map of x, in one read of grad and x: row by
-// row within a sample (streaming reads); threads split samples, or a sample's positions when there
-// are fewer samples than threads. With the output of a residual tail (rectified = relu(... +
-// residual), shaped like x) grad first goes through the ReLU: grad where rectified > 0, else 0.
-// While each row streams by it also reads y at the row's channel_index (B, C): the maxima pool
-// found, again (gathered later they would be one cache miss each).
-// Returns d_ms, d_mc, the gradient used (written where rectified, else grad itself) and the maxima.
+// BatchNorm map of x, in one read of grad and x: row by row within a sample (streaming reads);
+// threads split samples, or a sample's positions when there are fewer samples than threads. With the
+// output of a residual tail (rectified = relu(... + residual), shaped like x) grad first goes through
+// the ReLU: grad where rectified > 0, else 0. While each row streams by it also reads y at the row's
+// channel_index (B, C): the maxima pool found, again (gathered later they would be one cache miss
+// each). With centre (C), the mean of a BatchNorm on batch statistics, it also sums what that
+// BatchNorm's backward needs (batch_norm_input_grad): gated (B, 2, C), each row's sum of g ms and of
+// g ms (x - centre), g the gradient used.
+// Returns d_ms, d_mc, the gradient used (written where rectified, else grad itself), the maxima and
+// gated (undefined without centre).
 std::vector<at::Tensor> gate_grads(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mc,
                                    const at::Tensor& ms, const std::optional<at::Tensor>& rectified,
-                                   const at::Tensor& channel_index, const std::optional<at::Tensor>& input_affine) {
+                                   const at::Tensor& channel_index, const std::optional<at::Tensor>& input_affine,
+                                   const std::optional<at::Tensor>& centre) {
   const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
   const bool by_sample = B >= at::get_num_threads();
-  const int64_t K = by_sample ? 1 : chunks(S), span = by_sample ? S : kChunk;
+  const int64_t K = by_sample ? 1 : chunks(S), span = by_sample ? S : kChunk, sums = centre ? 3 : 1;
   auto d_ms = at::empty({B, S}, x.options());
-  auto partial = at::empty({B, K, C}, x.options());
+  auto partial = at::empty({B, K, sums, C}, x.options());
   auto through = rectified ? output_cache::empty_like(grad) : grad;
   auto peaks = at::empty({B, C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_gate_grads", [&] {
@@ -422,53 +440,84 @@ std::vector<at::Tensor> gate_grads(const at::Tensor& grad, const at::Tensor& x, 
     const scalar_t* mp = mc.data_ptr<scalar_t>();
     const scalar_t* sp = ms.data_ptr<scalar_t>();
     const scalar_t* rp = data_or_null<scalar_t>(rectified);
+    const scalar_t* cp = data_or_null<scalar_t>(centre);
     scalar_t* tp = through.data_ptr<scalar_t>();
     with_input_norm<scalar_t>(input_affine, C, [&](auto norm) {
+      auto row_sums = [&](auto rectify, auto centred, int64_t row, int64_t c, const scalar_t* gate, scalar_t* acc,
+                          int64_t n) {
+        return gate_grads_row<scalar_t, decltype(rectify)::value, decltype(norm[0])::kIsNormed,
+                              decltype(centred)::value>(gp + row, xp + row, norm[c], cp ? cp[c] : scalar_t(0), gate,
+                                                        mp[row / S], n, acc, rp ? rp + row : nullptr,
+                                                        rp ? tp + row : nullptr);
+      };
       at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
           const int64_t b = task / K, k = task % K, s0 = k * span, n = std::min(span, S - s0);
           const scalar_t* gate = sp + b * S + s0;
           scalar_t* acc = d_ms.data_ptr<scalar_t>() + b * S + s0;
+          scalar_t* found = partial.data_ptr<scalar_t>() + (b * K + k) * sums * C;
           std::fill(acc, acc + n, scalar_t(0));
           for (int64_t c = 0; c < C; ++c) {
             const int64_t row = (b * C + c) * S + s0;
-            const scalar_t m = mp[b * C + c];
-            const auto row_norm = norm[c];
-            const scalar_t dot =
-                rp ? gate_grads_row<scalar_t, true>(gp + row, xp + row, row_norm, gate, m, n, acc, rp + row, tp + row)
-                   : gate_grads_row<scalar_t, false>(gp + row, xp + row, row_norm, gate, m, n, acc, nullptr, nullptr);
-            partial.data_ptr<scalar_t>()[(b * K + k) * C + c] = dot;
+            using Yes = std::true_type;
+            using No = std::false_type;
+            const GateSums<scalar_t> got =
+                rp ? (cp ? row_sums(Yes{}, Yes{}, row, c, gate, acc, n) : row_sums(Yes{}, No{}, row, c, gate, acc, n))
+                   : (cp ? row_sums(No{}, Yes{}, row, c, gate, acc, n) : row_sums(No{}, No{}, row, c, gate, acc, n));
+            found[c] = got.dot;
+            if (cp) {
+              found[C + c] = got.gated;
+              found[2 * C + c] = got.centred;
+            }
             const int64_t at = ip[b * C + c] - s0;  // the row's maximum, if in this task's positions
-            if (at >= 0 && at < n) pk[b * C + c] = row_norm(xp[row + at]);
+            if (at >= 0 && at < n) pk[b * C + c] = norm[c](xp[row + at]);
           }
         }
       });
     });
   });
-  return {d_ms, partial.sum(1), through, peaks};
+  const auto summed = partial.sum(1);  // (B, sums, C)
+  return {d_ms, summed.select(1, 0), through, peaks, centre ? summed.narrow(1, 1, 2).contiguous() : at::Tensor()};
 }
 
 // d/d mc (B, C) through gated_stats: mean term sum_s d_mean * y / C, max term at each position's arg-max;
-// y = x or, with input_affine (2, C), the BatchNorm map of x.
-at::Tensor stats_grad(const at::Tensor& x, const at::Tensor& d_mean, const at::Tensor& d_peak,
-                      const at::Tensor& index, const std::optional<at::Tensor>& input_affine) {
+// y = x or, with input_affine (2, C), the BatchNorm map of x. With centre (C), the mean of a BatchNorm
+// on batch statistics, also centred (B, 2, C): each row's sum of d_mean (x - centre) and of x - centre,
+// for batch_norm_input_grad (undefined without centre).
+std::vector<at::Tensor> stats_grad(const at::Tensor& x, const at::Tensor& d_mean, const at::Tensor& d_peak,
+                                   const at::Tensor& index, const std::optional<at::Tensor>& input_affine,
+                                   const std::optional<at::Tensor>& centre) {
   const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
   auto d_mc = at::empty({B, C}, x.options());
+  auto centred = centre ? at::empty({B, 2, C}, x.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_stats_grad", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* dm = d_mean.data_ptr<scalar_t>();
     const scalar_t* dp = d_peak.data_ptr<scalar_t>();
     const int64_t* ip = index.data_ptr<int64_t>();
+    const scalar_t* cp = data_or_null<scalar_t>(centre);
     scalar_t* out = d_mc.data_ptr<scalar_t>();
     with_input_norm<scalar_t>(input_affine, C, [&](auto norm) {
       at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
+          const scalar_t* w = dm + b * S;
           for (int64_t c = 0; c < C; ++c) {
             const scalar_t* row = xp + (b * C + c) * S;
-            const scalar_t* w = dm + b * S;
             const auto row_norm = norm[c];
-            scalar_t dot = 0;
-            for (int64_t s = 0; s < S; ++s) dot += w[s] * row_norm(row[s]);
+            scalar_t dot = 0, weighted = 0, offsets = 0;
+            if (cp) {
+              const scalar_t mu = cp[c];
+              for (int64_t s = 0; s < S; ++s) {
+                dot += w[s] * row_norm(row[s]);
+                weighted += w[s] * (row[s] - mu);
+                offsets += row[s] - mu;
+              }
+              scalar_t* found = centred.data_ptr<scalar_t>() + b * 2 * C;
+              found[c] = weighted;
+              found[C + c] = offsets;
+            } else {
+              for (int64_t s = 0; s < S; ++s) dot += w[s] * row_norm(row[s]);
+            }
             out[b * C + c] = dot / C;
           }
           for (int64_t s = 0; s < S; ++s) {
@@ -479,7 +528,7 @@ at::Tensor stats_grad(const at::Tensor& x, const at::Tensor& d_mean, const at::T
       });
     });
   });
-  return d_mc;
+  return {d_mc, centred};
 }
 
 // d/d x (B, C, S): through the output, the gated statistics and the pooling, in one write of dx.
@@ -519,6 +568,105 @@ at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& x, const at::Ten
     });
   });
   return dx;
+}
+
+// d/d x (B, C, S) where CBAM's input is a BatchNorm on batch statistics of x — mean, invstd (C), weight
+// (C) or none, so y = a (x - mean) + bias, a = invstd * weight — and the BatchNorm's weight and bias
+// gradients, in one read of grad and x and one write: torch's BatchNorm backward of input_grad's dy,
+// dx = a (dy - sum(dy) / N - (x - mean) invstd^2 sum(dy (x - mean)) / N), sums over (B, S) per
+// channel (N values), with those sums built from what the earlier passes summed while reading x:
+// gated (gate_grads) and centred (stats_grad), each (B, 2, C). dy is never written.
+// Returns dx, d_weight (sum dy (x - mean) invstd) and d_bias (sum dy), both (C).
+std::vector<at::Tensor> batch_norm_input_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mc,
+                                              const at::Tensor& ms, const at::Tensor& d_mean,
+                                              const at::Tensor& d_peak, const at::Tensor& index,
+                                              const at::Tensor& d_avg, const at::Tensor& d_max,
+                                              const at::Tensor& channel_index, const at::Tensor& gated,
+                                              const at::Tensor& centred, const at::Tensor& mean,
+                                              const at::Tensor& invstd, const std::optional<at::Tensor>& weight) {
+  const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
+  auto dx = output_cache::empty_like(x);
+  auto d_weight = at::empty({C}, x.options()), d_bias = at::empty({C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_batch_norm_input_grad", [&] {
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* mp = mc.data_ptr<scalar_t>();
+    const scalar_t* sp = ms.data_ptr<scalar_t>();
+    const scalar_t* dm = d_mean.data_ptr<scalar_t>();
+    const scalar_t* dp = d_peak.data_ptr<scalar_t>();
+    const int64_t* ip = index.data_ptr<int64_t>();
+    const scalar_t* da = d_avg.data_ptr<scalar_t>();
+    const scalar_t* dx_max = d_max.data_ptr<scalar_t>();
+    const int64_t* cp = channel_index.data_ptr<int64_t>();
+    const scalar_t* gs = gated.data_ptr<scalar_t>();
+    const scalar_t* cs = centred.data_ptr<scalar_t>();
+    const scalar_t* mu = mean.data_ptr<scalar_t>();
+    const scalar_t* is = invstd.data_ptr<scalar_t>();
+    const scalar_t* w = weight ? weight->data_ptr<scalar_t>() : nullptr;
+    // Per row (b, c): sum_s dy and sum_s dy (x - mean), dy = g mc ms + mc d_mean / C + d_avg / S and the
+    // maxima's shares; in double.
+    std::vector<double> plain(B * C), moment(B * C);
+    for (int64_t b = 0; b < B; ++b) {
+      double d_mean_sum = 0;
+      for (int64_t s = 0; s < S; ++s) d_mean_sum += dm[b * S + s];
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t r = b * C + c;
+        const double m = mp[r], m_over_c = m / C;
+        const scalar_t* g_sums = gs + b * 2 * C;
+        const scalar_t* x_sums = cs + b * 2 * C;
+        plain[r] = m * g_sums[c] + m_over_c * d_mean_sum + da[r] + dx_max[r];
+        moment[r] = m * g_sums[C + c] + m_over_c * x_sums[c] + double(da[r]) / S * x_sums[C + c] +
+                    double(dx_max[r]) * (xp[r * S + cp[r]] - mu[c]);
+      }
+      for (int64_t s = 0; s < S; ++s) {  // the gated maxima's shares
+        const int64_t c = ip[b * S + s], r = b * C + c;
+        const double share = double(dp[b * S + s]) * mp[r];
+        plain[r] += share;
+        moment[r] += share * (xp[r * S + s] - mu[c]);
+      }
+    }
+    // Per channel: the weight and bias gradients and dx = a dy + shift + slope (x - mean).
+    std::vector<scalar_t> a(C), shift(C), slope(C);
+    for (int64_t c = 0; c < C; ++c) {
+      double sum = 0, moment_sum = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        sum += plain[b * C + c];
+        moment_sum += moment[b * C + c];
+      }
+      const double count = static_cast<double>(B * S), inverse = is[c];
+      const double scale = inverse * (w ? w[c] : scalar_t(1));
+      d_weight.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(moment_sum * inverse);
+      d_bias.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(sum);
+      a[c] = static_cast<scalar_t>(scale);
+      shift[c] = static_cast<scalar_t>(-scale * sum / count);
+      slope[c] = static_cast<scalar_t>(-scale * inverse * inverse * moment_sum / count);
+    }
+    scalar_t* out = dx.data_ptr<scalar_t>();
+    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / C, c = r % C;
+        const scalar_t m = mp[r], m_over_c = mp[r] / C, avg_share = da[r] / S, ac = a[c], t = shift[c], k = slope[c];
+        const scalar_t centre = mu[c];
+        const scalar_t* gate = sp + b * S;
+        const scalar_t* dmb = dm + b * S;
+        const scalar_t* g = gp + r * S;
+        const scalar_t* xr = xp + r * S;
+        scalar_t* o = out + r * S;
+        for (int64_t s = 0; s < S; ++s)
+          o[s] = ac * (g[s] * m * gate[s] + m_over_c * dmb[s] + avg_share) + t + k * (xr[s] - centre);
+        o[cp[r]] += ac * dx_max[r];
+      }
+    });
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t c = ip[b * S + s];
+          out[(b * C + c) * S + s] += a[c] * dp[b * S + s] * mp[b * C + c];
+        }
+      }
+    });
+  });
+  return {dx, d_weight, d_bias};
 }
 
 
@@ -1079,6 +1227,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gate_grads", &gate_grads);
   m.def("stats_grad", &stats_grad);
   m.def("input_grad", &input_grad);
+  m.def("batch_norm_input_grad", &batch_norm_input_grad);
   m.def("forward", &forward);
   m.def("batch_norm_affine", &batch_norm_affine);
   m.def("batch_norm_pool", &batch_norm_pool);

@@ -379,8 +379,11 @@ class FusedCBAM(torch.autograd.Function):
         pooled = dict(zip(ctx.pool_names, rest))
         in_w, in_b, *weights = rest[len(pooled):]  # autograd fallbacks make their own leaves
 
-        # g3 becomes the gradient through the tail's ReLU, which is also the residual's
-        d_ms, d_mc, g3, pooled["max"] = engine.gate_grads(g3, x3, mc, ms, rectified, channel_index, affine)
+        # On batch statistics the folded BatchNorm's backward is built from sums the passes take (centre:
+        # its mean). g3 becomes the gradient through the tail's ReLU, which is also the residual's.
+        centre = in_mean if ctx.input_norm and ctx.input_norm[0] else None
+        d_ms, d_mc, g3, pooled["max"], gated = engine.gate_grads(g3, x3, mc, ms, rectified, channel_index, affine,
+                                                                 centre)
         if _native_pools(engine, spec):
             channel = _NativeChannel(engine, spec, weights[:4], pooled, mc)
         else:
@@ -388,25 +391,29 @@ class FusedCBAM(torch.autograd.Function):
         chain = [w for w in weights[6:] if w is not None]
         d_mean, d_speak, d_norm, d_chain = _spatial_backward(engine, ctx, (logits, ms, mean, speak), spatial,
                                                              weights[4:6], chain, d_ms)
-        d_mc = d_mc + engine.stats_grad(x3, d_mean, d_speak, spatial_index, affine)
-        d_pooled, d_channel_weights = channel.grads(d_mc)
+        d_stats, centred = engine.stats_grad(x3, d_mean, d_speak, spatial_index, affine, centre)
+        d_pooled, d_channel_weights = channel.grads(d_mc + d_stats)
+        found = iter([*d_channel_weights, *d_norm, *d_chain])  # in the order of weights, Nones skipped
+        d_residual = g3.view_as(x) if ctx.has_residual else None
+        d_weights = [None if w is None else next(found) for w in weights]
 
-        dx = engine.input_grad(g3, x3, mc, ms, d_mean, d_speak, spatial_index,
-                               d_pooled["avg"], d_pooled["max"], channel_index)
+        gradients = (g3, x3, mc, ms, d_mean, d_speak, spatial_index, d_pooled["avg"], d_pooled["max"], channel_index)
+        if centre is not None:  # the BatchNorm's backward with CBAM's: one pass over x
+            dx, d_in_w, d_in_b = engine.batch_norm_input_grad(*gradients, gated, centred, in_mean, in_spread, in_w)
+            return (dx.view_as(x), d_residual, None, None, None if in_w is None else d_in_w,
+                    None if in_b is None else d_in_b, *d_weights)
+        dx = engine.input_grad(*gradients)
         if "lp" in pooled:
             norm = pooled["lp"].unsqueeze(2)
             dx.addcmul_(d_pooled["lp"].unsqueeze(2), torch.where(norm > 0, x3 / norm, 0))
         if "lse" in pooled:
             dx.addcmul_(d_pooled["lse"].unsqueeze(2), (x3 - pooled["lse"].unsqueeze(2)).exp())
-        found = iter([*d_channel_weights, *d_norm, *d_chain])  # in the order of weights, Nones skipped
-        d_residual = g3.view_as(x) if ctx.has_residual else None
         dx, d_in_w, d_in_b = dx.view_as(x), None, None
-        if ctx.input_norm:  # dx is the folded BatchNorm's output gradient: torch's BatchNorm backward
-            batch, eps = ctx.input_norm
-            running, saved = ([None, None], [in_mean, in_spread]) if batch else ([in_mean, in_spread], [None, None])
+        if ctx.input_norm:  # dx is the folded BatchNorm's output gradient (running statistics): torch's backward
             dx, d_in_w, d_in_b = torch.ops.aten.native_batch_norm_backward(
-                dx, x, in_w, *running, *saved, batch, eps, [True, in_w is not None, in_b is not None])
-        return (dx, d_residual, None, None, d_in_w, d_in_b, *(None if w is None else next(found) for w in weights))
+                dx, x, in_w, in_mean, in_spread, None, None, False, ctx.input_norm[1],
+                [True, in_w is not None, in_b is not None])
+        return (dx, d_residual, None, None, d_in_w, d_in_b, *d_weights)
 
 
 def _pool_coefficients(spec: FusedSpec) -> list[list[float]]:

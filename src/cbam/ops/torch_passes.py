@@ -44,27 +44,42 @@ def apply(x: Tensor, mc: Tensor, ms: Tensor, residual: Tensor | None = None,
     return out if residual is None else out.add_(residual).relu_()
 
 
+def _centred_sums(weights: Tensor, x: Tensor, centre: Tensor) -> Tensor:
+    """``(B, 2, C)``: each row's sum of ``weights`` and of ``weights * (x - centre)``, ``weights`` shaped
+    like ``x (B, C, S)`` or broadcasting to it, ``centre (C)``."""
+    weights = weights.expand_as(x)
+    return torch.stack([weights.sum(2), (weights * (x - centre.view(1, -1, 1))).sum(2)], 1)
+
+
 def gate_grads(grad: Tensor, x: Tensor, mc: Tensor, ms: Tensor, rectified: Tensor | None, channel_index: Tensor,
-               input_affine: Tensor | None = None):
+               input_affine: Tensor | None = None, centre: Tensor | None = None):
     """Gradients of ``sum(grad * y * mc * ms)``, ``y = normed(x, input_affine)``, for ``ms (B, S)`` and
     ``mc (B, C)``, the ``grad`` used (with ``rectified``, the output ``relu(y * mc * ms + residual)`` of
-    a residual tail, ``grad`` first goes through that ReLU) and ``y`` at ``channel_index (B, C)``: the
-    maxima ``pool`` found, again."""
-    x = normed(x, input_affine)
+    a residual tail, ``grad`` first goes through that ReLU), ``y`` at ``channel_index (B, C)`` (the
+    maxima ``pool`` found, again) and, with ``centre (C)`` (a BatchNorm's batch mean), each row's sums
+    of ``grad * ms`` and ``grad * ms * (x - centre)`` ``(B, 2, C)`` (else ``None``)."""
+    y = normed(x, input_affine)
     if rectified is not None:
         grad = torch.ops.aten.threshold_backward(grad, rectified, 0)
-    gx = grad * x
-    peaks = x.gather(2, channel_index.unsqueeze(2)).squeeze(2)
-    return torch.bmm(mc.unsqueeze(1), gx).squeeze(1), torch.bmm(gx, ms.unsqueeze(2)).squeeze(2), grad, peaks
+    gy = grad * y
+    peaks = y.gather(2, channel_index.unsqueeze(2)).squeeze(2)
+    gated = None if centre is None else _centred_sums(grad * ms.unsqueeze(1), x, centre)
+    return torch.bmm(mc.unsqueeze(1), gy).squeeze(1), torch.bmm(gy, ms.unsqueeze(2)).squeeze(2), grad, peaks, gated
 
 
-def stats_grad(x: Tensor, d_mean: Tensor, d_peak: Tensor, index: Tensor, input_affine: Tensor | None = None) -> Tensor:
+def stats_grad(x: Tensor, d_mean: Tensor, d_peak: Tensor, index: Tensor, input_affine: Tensor | None = None,
+               centre: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Gradient for ``mc (B, C)`` of ``gated_stats`` (of ``normed(x, input_affine)``), given the gradients
-    of its mean and peak ``(B, S)``."""
-    x = normed(x, input_affine)
-    d_mc = torch.bmm(x, d_mean.unsqueeze(2)).squeeze(2) / x.shape[1]
-    at_peak = x.gather(1, index.unsqueeze(1)).squeeze(1)
-    return d_mc.scatter_add_(1, index, d_peak * at_peak)
+    of its mean and peak ``(B, S)``; with ``centre (C)`` (a BatchNorm's batch mean) also each row's sums
+    of ``d_mean * (x - centre)`` and ``x - centre`` ``(B, 2, C)`` (else ``None``)."""
+    y = normed(x, input_affine)
+    d_mc = torch.bmm(y, d_mean.unsqueeze(2)).squeeze(2) / y.shape[1]
+    at_peak = y.gather(1, index.unsqueeze(1)).squeeze(1)
+    centred = None
+    if centre is not None:
+        offsets = x - centre.view(1, -1, 1)
+        centred = torch.stack([(d_mean.unsqueeze(1) * offsets).sum(2), offsets.sum(2)], 1)
+    return d_mc.scatter_add_(1, index, d_peak * at_peak), centred
 
 
 def input_grad(
@@ -83,6 +98,20 @@ def input_grad(
     dx.baddbmm_(rows, cols)
     dx.scatter_add_(1, index.unsqueeze(1), (d_peak * mc.gather(1, index)).unsqueeze(1))
     return dx.scatter_add_(2, channel_index.unsqueeze(2), d_max.unsqueeze(2))
+
+
+def batch_norm_input_grad(
+    grad: Tensor, x: Tensor, mc: Tensor, ms: Tensor,
+    d_mean: Tensor, d_peak: Tensor, index: Tensor, d_avg: Tensor, d_max: Tensor, channel_index: Tensor,
+    gated: Tensor, centred: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for ``x (B, C, S)`` and the weight and bias of a BatchNorm on batch statistics (``mean``,
+    ``invstd (C)``) whose output is CBAM's input: torch's BatchNorm backward of ``input_grad``'s ``dy``.
+    ``gated`` and ``centred`` (the sums ``gate_grads`` and ``stats_grad`` take for the compiled engine)
+    are not needed here."""
+    dy = input_grad(grad, x, mc, ms, d_mean, d_peak, index, d_avg, d_max, channel_index)
+    return torch.ops.aten.native_batch_norm_backward(dy, x, weight, None, None, mean, invstd, True, 0.0,
+                                                     [True, True, True])
 
 
 def conv_backward(maps: Tensor, d_out: Tensor, weight: Tensor, size: list[int], kernel: list[int]):
