@@ -8,7 +8,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..ops import IMPLS, FusedSpec, folds_input_norm, fused_applies, fused_cbam
+from ..ops import IMPLS, FusedSpec, folds_input_norm, fused_applies
+from ..ops.fused import checked_fused_cbam
 from ..presets import ORDERS
 from ..validation import check_bool, check_callable, check_choice, check_residual
 from .gate_pair import AttentionMaps, GatePair
@@ -116,7 +117,7 @@ class CBAM(GatePair):
                spec: FusedSpec, weights: tuple[Tensor | None, ...]) -> Tensor:
         device = x.device.type  # under autocast (impl="fused" asked for it) it still computes in x's dtype
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
-            return fused_cbam(x, spec, *weights, residual=residual, input_norm=input_norm, inplace=inplace)
+            return checked_fused_cbam(x, spec, weights, residual, input_norm, inplace)  # forward checked the norm
 
     def extra_repr(self) -> str:
         return f"order={self.order!r}, impl={self.impl!r}"

@@ -193,7 +193,7 @@ def _update_running_statistics(norm: nn.Module, mean: Tensor, var: Tensor, count
 @dataclass
 class _InputNorm:
     """The folded BatchNorm of one forward: its map ``affine (2, C)``; on running statistics (``batch``
-    false) a copy of them, ``mean`` and ``spread = var``; on the batch's, ``mean`` and ``spread =
+    false) those, ``mean`` and ``spread = var``; on the batch's, ``mean`` and ``spread =
     1 / sqrt(var + eps)`` (as torch's backward takes each) and CBAM's pooling of the map's output
     ``pooled = (avg, peak, channel_index)``, computed in the same read of ``x`` as the statistics."""
 
@@ -211,8 +211,7 @@ def _input_norm(norm: nn.Module, x: Tensor, weight: Tensor | None, bias: Tensor 
     with torch.no_grad():
         if not spatial_gate.uses_batch_statistics(norm):
             mean, var = norm.running_mean, norm.running_var
-            affine = engine.batch_norm_affine(weight, bias, mean, var, norm.eps)
-            return _InputNorm(affine, mean.clone(), var.clone(), False, None)
+            return _InputNorm(engine.batch_norm_affine(weight, bias, mean, var, norm.eps), mean, var, False, None)
         avg, peak, index, mean, var, invstd, affine = engine.batch_norm_pool(
             x.reshape(*x.shape[:2], -1), weight, bias, norm.eps)
         _update_running_statistics(norm, mean, var, x.numel() // x.shape[1])
@@ -336,6 +335,12 @@ def fused_cbam(x: Tensor, spec: FusedSpec, *weights: Tensor | None, residual: Te
     if input_norm is not None and not folds_input_norm(input_norm, x, spec, weights):
         raise ValueError(f"fused_cbam cannot fold input_norm={input_norm!r} into its passes for an input of shape "
                          f"{tuple(x.shape)} and dtype {x.dtype} (see folds_input_norm); apply it to x first")
+    return checked_fused_cbam(x, spec, weights, residual, input_norm, inplace)
+
+
+def checked_fused_cbam(x: Tensor, spec: FusedSpec, weights: tuple[Tensor | None, ...], residual: Tensor | None,
+                       input_norm: nn.Module | None, inplace: bool) -> Tensor:
+    """``fused_cbam`` where ``input_norm`` is known to fold (``CBAM.forward`` checked it)."""
     norm_weights = (None, None) if input_norm is None else (input_norm.weight, input_norm.bias)
     inputs = (x, residual, *norm_weights, *weights)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
@@ -355,7 +360,10 @@ class FusedCBAM(torch.autograd.Function):
         folded, statistics, ctx.input_norm = None, [], None
         if input_norm is not None:  # the folded BatchNorm: its map, and the statistics for its backward
             folded = _input_norm(input_norm, x, in_w, in_b)
-            statistics, ctx.input_norm = [folded.affine, folded.mean, folded.spread], (folded.batch, input_norm.eps)
+            statistics = [folded.affine, folded.mean, folded.spread]
+            if not folded.batch:  # the module's buffers: a later forward may update them before this backward
+                statistics = [folded.affine, folded.mean.clone(), folded.spread.clone()]
+            ctx.input_norm = (folded.batch, input_norm.eps)
         result = _forward(x, residual, spec, weights, record=True, input_norm=folded)
         kept = {kind: value for kind, value in result.pooled.items() if kind != "max"}  # maxima: gathered again
         ctx.spec, ctx.engine, ctx.ms_graph, ctx.pool_names = spec, result.engine, result.ms_graph, list(kept)
