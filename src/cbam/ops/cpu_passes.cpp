@@ -531,41 +531,69 @@ std::vector<at::Tensor> stats_grad(const at::Tensor& x, const at::Tensor& d_mean
   return {d_mc, centred};
 }
 
-// d/d x (B, C, S): through the output, the gated statistics and the pooling, in one write of dx.
-at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms,
-                      const at::Tensor& d_mean, const at::Tensor& d_peak, const at::Tensor& index,
-                      const at::Tensor& d_avg, const at::Tensor& d_max, const at::Tensor& channel_index) {
-  const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
-  auto dx = output_cache::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_input_grad", [&] {
-    const scalar_t* gp = grad.data_ptr<scalar_t>();
-    const scalar_t* mp = mc.data_ptr<scalar_t>();
-    const scalar_t* sp = ms.data_ptr<scalar_t>();
-    const scalar_t* dm = d_mean.data_ptr<scalar_t>();
-    const scalar_t* dp = d_peak.data_ptr<scalar_t>();
-    const int64_t* ip = index.data_ptr<int64_t>();
-    const scalar_t* da = d_avg.data_ptr<scalar_t>();
-    const scalar_t* dx_max = d_max.data_ptr<scalar_t>();
-    const int64_t* cp = channel_index.data_ptr<int64_t>();
-    scalar_t* out = dx.data_ptr<scalar_t>();
+// CBAM's input gradient, the pieces it is made of: per element grad (B, C, S) through the gates mc
+// (B, C) and ms (B, S), per row mc d_mean / C (d_mean (B, S)) and d_avg / S (d_avg (B, C)), and the
+// maxima's shares: d_max (B, C) at each row's channel_index, d_peak (B, S) mc at each position's
+// index (the channel of its gated maximum).
+template <typename scalar_t>
+struct InputGradient {
+  int64_t B, C, S;
+  const scalar_t *grad, *mc, *ms, *d_mean, *d_peak, *d_avg, *d_max;
+  const int64_t *index, *channel_index;
+
+  InputGradient(const at::Tensor& grad_, const at::Tensor& mc_, const at::Tensor& ms_, const at::Tensor& d_mean_,
+                const at::Tensor& d_peak_, const at::Tensor& index_, const at::Tensor& d_avg_,
+                const at::Tensor& d_max_, const at::Tensor& channel_index_)
+      : B(grad_.size(0)), C(grad_.size(1)), S(grad_.size(2)), grad(grad_.data_ptr<scalar_t>()),
+        mc(mc_.data_ptr<scalar_t>()), ms(ms_.data_ptr<scalar_t>()), d_mean(d_mean_.data_ptr<scalar_t>()),
+        d_peak(d_peak_.data_ptr<scalar_t>()), d_avg(d_avg_.data_ptr<scalar_t>()), d_max(d_max_.data_ptr<scalar_t>()),
+        index(index_.data_ptr<int64_t>()), channel_index(channel_index_.data_ptr<int64_t>()) {}
+
+  // Writes out (B, C, S) = a[c] dy + shift[c] + slope[c] (x - centre[c]) for CBAM's input gradient dy,
+  // a BatchNorm's backward (kNormed), or dy itself.
+  template <bool kNormed>
+  void write(scalar_t* out, const scalar_t* x = nullptr, const scalar_t* a = nullptr, const scalar_t* shift = nullptr,
+             const scalar_t* slope = nullptr, const scalar_t* centre = nullptr) const {
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / C;
-        const scalar_t m = mp[r], m_over_c = mp[r] / C, avg_share = da[r] / S;
-        const scalar_t* gate = sp + b * S;
-        const scalar_t* w = dm + b * S;
-        for (int64_t s = 0; s < S; ++s) out[r * S + s] = gp[r * S + s] * m * gate[s] + m_over_c * w[s] + avg_share;
-        out[r * S + cp[r]] += dx_max[r];
+        const int64_t b = r / C, c = r % C;
+        const scalar_t m = mc[r], m_over_c = mc[r] / C, avg_share = d_avg[r] / S;
+        const scalar_t* gate = ms + b * S;
+        const scalar_t* w = d_mean + b * S;
+        const scalar_t* g = grad + r * S;
+        scalar_t* o = out + r * S;
+        if constexpr (kNormed) {
+          const scalar_t* xr = x + r * S;
+          const scalar_t ac = a[c], t = shift[c], k = slope[c], mu = centre[c];
+          for (int64_t s = 0; s < S; ++s)
+            o[s] = ac * (g[s] * m * gate[s] + m_over_c * w[s] + avg_share) + t + k * (xr[s] - mu);
+          o[channel_index[r]] += ac * d_max[r];
+        } else {
+          for (int64_t s = 0; s < S; ++s) o[s] = g[s] * m * gate[s] + m_over_c * w[s] + avg_share;
+          o[channel_index[r]] += d_max[r];
+        }
       }
     });
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         for (int64_t s = 0; s < S; ++s) {
-          const int64_t c = ip[b * S + s];
-          out[(b * C + c) * S + s] += dp[b * S + s] * mp[b * C + c];
+          const int64_t c = index[b * S + s];
+          const scalar_t share = d_peak[b * S + s] * mc[b * C + c];
+          out[(b * C + c) * S + s] += kNormed ? a[c] * share : share;
         }
       }
     });
+  }
+};
+
+// d/d x (B, C, S): through the output, the gated statistics and the pooling, in one write of dx.
+at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms,
+                      const at::Tensor& d_mean, const at::Tensor& d_peak, const at::Tensor& index,
+                      const at::Tensor& d_avg, const at::Tensor& d_max, const at::Tensor& channel_index) {
+  auto dx = output_cache::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_input_grad", [&] {
+    InputGradient<scalar_t>(grad, mc, ms, d_mean, d_peak, index, d_avg, d_max, channel_index)
+        .template write<false>(dx.data_ptr<scalar_t>());
   });
   return dx;
 }
@@ -588,16 +616,15 @@ std::vector<at::Tensor> batch_norm_input_grad(const at::Tensor& grad, const at::
   auto dx = output_cache::empty_like(x);
   auto d_weight = at::empty({C}, x.options()), d_bias = at::empty({C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_batch_norm_input_grad", [&] {
-    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const InputGradient<scalar_t> pieces(grad, mc, ms, d_mean, d_peak, index, d_avg, d_max, channel_index);
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* mp = mc.data_ptr<scalar_t>();
-    const scalar_t* sp = ms.data_ptr<scalar_t>();
-    const scalar_t* dm = d_mean.data_ptr<scalar_t>();
-    const scalar_t* dp = d_peak.data_ptr<scalar_t>();
-    const int64_t* ip = index.data_ptr<int64_t>();
-    const scalar_t* da = d_avg.data_ptr<scalar_t>();
-    const scalar_t* dx_max = d_max.data_ptr<scalar_t>();
-    const int64_t* cp = channel_index.data_ptr<int64_t>();
+    const scalar_t* mp = pieces.mc;
+    const scalar_t* dm = pieces.d_mean;
+    const scalar_t* dp = pieces.d_peak;
+    const int64_t* ip = pieces.index;
+    const scalar_t* da = pieces.d_avg;
+    const scalar_t* dx_max = pieces.d_max;
+    const int64_t* cp = pieces.channel_index;
     const scalar_t* gs = gated.data_ptr<scalar_t>();
     const scalar_t* cs = centred.data_ptr<scalar_t>();
     const scalar_t* mu = mean.data_ptr<scalar_t>();
@@ -641,30 +668,7 @@ std::vector<at::Tensor> batch_norm_input_grad(const at::Tensor& grad, const at::
       shift[c] = static_cast<scalar_t>(-scale * sum / count);
       slope[c] = static_cast<scalar_t>(-scale * inverse * inverse * moment_sum / count);
     }
-    scalar_t* out = dx.data_ptr<scalar_t>();
-    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / C, c = r % C;
-        const scalar_t m = mp[r], m_over_c = mp[r] / C, avg_share = da[r] / S, ac = a[c], t = shift[c], k = slope[c];
-        const scalar_t centre = mu[c];
-        const scalar_t* gate = sp + b * S;
-        const scalar_t* dmb = dm + b * S;
-        const scalar_t* g = gp + r * S;
-        const scalar_t* xr = xp + r * S;
-        scalar_t* o = out + r * S;
-        for (int64_t s = 0; s < S; ++s)
-          o[s] = ac * (g[s] * m * gate[s] + m_over_c * dmb[s] + avg_share) + t + k * (xr[s] - centre);
-        o[cp[r]] += ac * dx_max[r];
-      }
-    });
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        for (int64_t s = 0; s < S; ++s) {
-          const int64_t c = ip[b * S + s];
-          out[(b * C + c) * S + s] += a[c] * dp[b * S + s] * mp[b * C + c];
-        }
-      }
-    });
+    pieces.template write<true>(dx.data_ptr<scalar_t>(), xp, a.data(), shift.data(), slope.data(), mu);
   });
   return {dx, d_weight, d_bias};
 }
@@ -1204,7 +1208,8 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
           mc = channel_gate(avg, peak, avg_coef, max_coef, fc1_w, fc1_b, fc2_w, fc2_b, hard);
         } else {
           for (int64_t b = 0; b < B; ++b)
-            mlp.gate(avg.data_ptr<scalar_t>() + b * C, peak.data_ptr<scalar_t>() + b * C, mc.data_ptr<scalar_t>() + b * C);
+            mlp.gate(avg.data_ptr<scalar_t>() + b * C, peak.data_ptr<scalar_t>() + b * C,
+                     mc.data_ptr<scalar_t>() + b * C);
         }
         each_sample(sample);
       } else {  // sample by sample: its x stays in cache from the pooling to the output
