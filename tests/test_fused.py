@@ -279,6 +279,18 @@ def test_compiled_pool_finds_the_first_maximum(dtype, length):
 
 
 @needs_compiled
+@pytest.mark.parametrize("length", [5, 16, 49])
+def test_compiled_pool_of_a_row_starting_with_nan_points_inside_it(length):
+    """A NaN first value is the row's maximum, at position 0, as torch reports it (no maximum compares
+    equal to NaN, and the index must still be a position of the row: the backward writes there)."""
+    x = torch.randn(2, 3, length)
+    x[1, 2, 0] = float("nan")
+    _, peak, index = ENGINES["compiled"].pool(x)
+    assert peak[1, 2].isnan() and index[1, 2] == 0 == x[1, 2].argmax()
+    torch.testing.assert_close(index[0], x[0].argmax(1))
+
+
+@needs_compiled
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("positions", [1, 31, 49, 64, 100, 600])
 def test_compiled_gated_stats_find_the_first_channel_maximum(dtype, positions):
