@@ -78,8 +78,9 @@ class CBAM(GatePair):
 
         ``input_norm`` is the layer before CBAM, usually a BatchNorm: where it is a plain one that no
         hook watches (``cbam.ops.folds_input_norm``), the fused passes apply it as they read ``x``
-        (on running or on batch statistics, updating the running ones as its forward would; its
-        backward is torch's) and its output is never written; otherwise it is called first.
+        (on running statistics, or on batch statistics taken in the pooling pass, updating the
+        running ones as its forward would; its backward comes with CBAM's) and its output is never
+        written; otherwise it is called first.
         ``inplace=True`` lets the fused path write its output over ``x`` where no gradient is
         recorded (as ``nn.ReLU(inplace=True)``: for an ``x`` nothing else reads later).
         """

@@ -25,8 +25,11 @@ With ``input_norm`` (a plain BatchNorm before CBAM, see ``folds_input_norm``) ``
 BatchNorm's input: every pass applies its per-channel map as it reads ``x`` (forward and backward).
 Batch statistics come from the pooling pass itself (``batch_norm_pool``: sums in double, and each
 row's minimum and maximum, which the monotone map turns into the pooled maximum); the running ones
-are updated as the module would. The backward ends with torch's BatchNorm backward. Saved then:
-``x`` and three ``(C)``-sized vectors more; the BatchNorm's output is never written.
+are updated as the module would. On running statistics the backward ends with torch's BatchNorm
+backward; on batch statistics its two per-channel sums are built from row sums the gate-gradient
+and statistics-gradient passes take, and one last pass writes the input gradient
+(``batch_norm_input_grad``). Saved then: ``x`` and three ``(C)``-sized vectors more; neither the
+BatchNorm's output nor, on batch statistics, its output gradient is ever written.
 
 Max pooling routes its gradient to the single arg-max (the first one, as ``torch.argmax`` reports);
 the reference's ``amax`` splits it evenly among ties. Both are valid subgradients and agree wherever
