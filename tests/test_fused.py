@@ -230,7 +230,8 @@ def test_compiled_passes_equal_the_torch_passes():
              ("gate_grads", (g, x, mc, ms, x - 0.5, peak_at, affine, None)),
              ("gate_grads", (g, x, mc, ms, x - 0.5, peak_at, affine, centre)),
              ("gate_grads", (g, x, mc, ms, None, peak_at, affine, centre)),
-             ("gate_grads", (g[:1], x[:1], mc[:1], ms[:1], x[:1] - 0.5, peak_at[:1], None, None))]  # one sample: chunks
+             ("gate_grads", (g[:1], x[:1], mc[:1], ms[:1], x[:1] - 0.5, peak_at[:1], None, None)),  # one sample: chunks
+             ("gate_grads", (g[:1], x[:1], mc[:1], ms[:1], x[:1] - 0.5, peak_at[:1], affine, centre))]
     index = torch.randint(0, 5, (2, 1100))
     calls += [("stats_grad", (x, *vectors, index, input_affine, mean)) for input_affine in (None, affine)
               for mean in (None, centre)]
