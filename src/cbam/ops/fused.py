@@ -363,10 +363,9 @@ class FusedCBAM(torch.autograd.Function):
         folded, statistics, ctx.input_norm = None, [], None
         if input_norm is not None:  # the folded BatchNorm: its map, and the statistics for its backward
             folded = _input_norm(input_norm, x, in_w, in_b)
-            statistics = [folded.affine, folded.mean, folded.spread]
-            if not folded.batch:  # the module's buffers: a later forward may update them before this backward
-                statistics = [folded.affine, folded.mean.clone(), folded.spread.clone()]
-            ctx.input_norm = (folded.batch, input_norm.eps)
+            # running statistics are the module's buffers: a later forward may update them before this backward
+            kept_statistics = (t if folded.batch else t.clone() for t in (folded.mean, folded.spread))
+            statistics, ctx.input_norm = [folded.affine, *kept_statistics], (folded.batch, input_norm.eps)
         result = _forward(x, residual, spec, weights, record=True, input_norm=folded)
         kept = {kind: value for kind, value in result.pooled.items() if kind != "max"}  # maxima: gathered again
         ctx.spec, ctx.engine, ctx.ms_graph, ctx.pool_names = spec, result.engine, result.ms_graph, list(kept)
