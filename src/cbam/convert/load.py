@@ -1,0 +1,203 @@
+"""``load_weights``: any CBAM or ResNet checkpoint people have, into a model, with a report of what was done.
+
+The source (a file or a dict) is read (``read``), its state dict found and unwrapped, its layout
+detected (``layout``) and converted to ours; the model's own dict is detected the same way and the
+weights are converted on to its layout (ours, timm's or the official code's: so a timm or official
+model loads our checkpoints too), with the attribute holding each CBAM renamed to the model's
+(timm's ``se`` slot vs ``cbam``). Then every key must fit, strictly, with three exceptions the report
+lists: the attention of a CBAM model when the source has none (ImageNet backbones), the classifier
+when ``new_head=True`` and its shape differs, and BatchNorm batch counters that old checkpoints lack.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from .layout import PLAIN, Layout, detect
+from .read import find_state_dict, other_entries, read_file, strip_wrappers
+from .rules import OURS_ANCHOR, attention_prefixes, from_official, from_timm, to_official, to_timm
+
+_FROM = {"official": from_official, "timm": lambda sd: from_timm(sd, attention_name=None)}
+_TO = {"official": to_official, "timm": lambda sd: to_timm(sd, attention_name=None)}
+_COUNTER = "num_batches_tracked"
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What ``load_weights`` found and did. ``str(report)`` is a short paragraph for people."""
+
+    source: str                    # "checkpoint 'PATH'" or "the state dict"
+    entry: str | None              # where the state dict was ("state_dict", ...), None for the top level
+    other_entries: tuple[str, ...]  # other state dicts in the file, e.g. ("state_dict_ema",)
+    stripped: tuple[str, ...]      # wrapper prefixes removed: "module.", "_orig_mod."
+    layout: Layout                 # the checkpoint's
+    target: Layout                 # the model's
+    loaded: int                    # tensors loaded
+    left_at_init: tuple[str, ...]  # the model's keys not loaded: attention absent from the source
+    new_head: tuple[str, ...]      # classifier keys left at initialisation (new_head=True, other shape)
+    counters: tuple[str, ...]      # BatchNorm num_batches_tracked the source lacks (kept as they were)
+
+    @property
+    def converted(self) -> str | None:
+        """``"official -> cbam"`` style, or ``None`` where the keys were already the model's."""
+        source, target = self.layout.name, self.target.name
+        if PLAIN in (source, target) or source == target:
+            return None
+        return f"{source} -> {target}"
+
+    def __str__(self) -> str:
+        where = f" under {self.entry!r}" if self.entry else ""
+        if self.other_entries:
+            where += f" (the checkpoint also holds {', '.join(map(repr, self.other_entries))}: pass entry= to use it)"
+        lines = [f"{self.source}: {self.layout}{where}"]
+        done = []
+        if self.stripped:
+            done.append(f"stripped {' and '.join(map(repr, self.stripped))}")
+        if self.converted:
+            done.append(f"converted {self.converted}" + (" (spatial conv [max, mean] -> [mean, max])"
+                                                       if "official" in self.converted else ""))
+        loaded = "loaded strictly" if not (self.left_at_init or self.new_head or self.counters) else "loaded"
+        done.append(f"{loaded} {self.loaded} tensors into {self.target}")
+        lines.append("; ".join(done))
+        if self.left_at_init:
+            modules = _modules(self.left_at_init)
+            shown = ", ".join(modules[:4]) + (f", ... ({len(modules)} modules)" if len(modules) > 4 else "")
+            lines.append(f"left at initialisation: {len(self.left_at_init)} attention keys the checkpoint lacks, "
+                         f"in {shown}")
+        if self.new_head:
+            lines.append(f"new head: {', '.join(self.new_head)} left at initialisation (another shape)")
+        if self.counters:
+            lines.append(f"{len(self.counters)} BatchNorm batch counters absent from the checkpoint, kept")
+        return "\n".join(lines)
+
+
+def _modules(keys) -> list[str]:
+    """``layer1.0.cbam.channel_att.fc1.weight`` ... -> ``["layer1.0.cbam", ...]`` (each attention module once)."""
+    names = []
+    for key in keys:
+        for marker in (".channel_att.", ".spatial_att.", ".channel.", ".spatial.", ".ChannelGate.", ".SpatialGate."):
+            if marker in key:
+                key = key.split(marker)[0]
+                break
+        names.append(key)
+    return list(dict.fromkeys(names))
+
+
+def _to_ours(state: Mapping[str, Tensor], layout: Layout) -> OrderedDict:
+    return _FROM[layout.name](state) if layout.name in _FROM else OrderedDict(state)
+
+
+def _match_attention_names(state: OrderedDict, target_prefixes: list[str]) -> OrderedDict:
+    """Rename the attribute holding each CBAM to the model's where their parents agree (``se`` vs ``cbam``)."""
+    wanted = {prefix[:-1].rpartition(".")[0]: prefix for prefix in target_prefixes}
+    renames = {}
+    for prefix in attention_prefixes(state, OURS_ANCHOR):
+        parent = prefix[:-1].rpartition(".")[0]
+        if prefix not in wanted.values() and wanted.get(parent) not in (None, prefix):
+            renames[prefix] = wanted[parent]
+    if not renames:
+        return state
+    renamed = OrderedDict()
+    for key, value in state.items():
+        prefix = next((p for p in renames if key.startswith(p)), None)
+        renamed[renames[prefix] + key[len(prefix):] if prefix else key] = value
+    return renamed
+
+
+def _head_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of the model's last ``nn.Linear`` (its classifier)."""
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        return set()
+    prefix = f"{linears[-1]}." if linears[-1] else ""
+    return {prefix + name for name, _ in model.get_submodule(linears[-1]).named_parameters()}
+
+
+def _shape(value: Tensor) -> str:
+    return str(value.shape)
+
+
+def mismatch_message(source: str, missing, unexpected, wrong_shapes, layout=None, target=None) -> str:
+    """One line: the first wrong-shape key, the missing/unexpected counts with the first of each, the layouts."""
+    parts = []
+    if wrong_shapes:
+        key, found, expected = wrong_shapes[0]
+        more = f" (and {len(wrong_shapes) - 1} more)" if len(wrong_shapes) > 1 else ""
+        parts.append(f"size mismatch for {key}: found {_shape(found)} in the checkpoint, expected {_shape(expected)}"
+                     f"{more}")
+    if missing or unexpected:
+        first = ", ".join(f"{kind} {keys[0]!r}" for kind, keys in (("missing", missing), ("unexpected", unexpected))
+                          if keys)
+        parts.append(f"{len(missing)} missing and {len(unexpected)} unexpected keys (first: {first})")
+    layouts = f"; checkpoint: {layout}, model: {target}" if layout is not None else ""
+    return f"{source} does not fit the model: {'; '.join(parts)}{layouts}"
+
+
+def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_missing_attention: bool = True,
+                 new_head: bool = False, source_name: str | None = None) -> LoadReport:
+    """Load ``source`` (a path or a checkpoint dict) into ``model`` in place; returns a ``LoadReport``.
+
+    ``source``: ``.pt/.pth/.pth.tar/.bin`` (``torch.load(weights_only=True)``) or ``.safetensors``, or
+    what such a file holds; the state dict is taken from ``entry`` if given, else the first of
+    ``state_dict``, ``model``, ``state_dict_ema``, ``model_ema``, ``module``, else the top level.
+    Layouts: ours, the official code's ``ResidualNet``, timm's ResNet with ``attn_layer="cbam"``,
+    a plain ResNet (torchvision's or timm's); converted to the model's layout.
+
+    ``allow_missing_attention``: a source without any CBAM loads into a CBAM model with every
+    attention key left at its initialisation (listed in ``report.left_at_init``); ``False`` refuses.
+    ``new_head``: the classifier (the model's last ``nn.Linear``) stays at initialisation where the
+    source's has another shape (fine-tuning on other classes). Anything else that does not fit raises
+    ``ValueError`` naming the first wrong-shape, missing and unexpected keys and both layouts; the
+    model is then left unchanged.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_weights expects an nn.Module to load into, got {type(model).__name__}")
+    if isinstance(source, (str, PathLike)):
+        name = source_name or f"checkpoint {str(Path(source))!r}"
+        content = read_file(source)
+    elif isinstance(source, Mapping):
+        name, content = source_name or "the state dict", source
+    else:
+        raise TypeError(f"load_weights expects a path or a checkpoint dict, got {type(source).__name__}")
+    state, found_entry = find_state_dict(content, name, entry)
+    stripped = strip_wrappers(state)
+    layout = detect(stripped.state)
+
+    expected = model.state_dict()
+    target = detect(expected)
+    target_prefixes = attention_prefixes(_to_ours(expected, target), OURS_ANCHOR)
+    weights = _match_attention_names(_to_ours(stripped.state, layout), target_prefixes)
+    if target.name in _TO:
+        weights = _TO[target.name](weights)
+
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    wrong = [(key, value, expected[key]) for key, value in weights.items()
+             if key in expected and value.shape != expected[key].shape]
+    left_at_init: tuple[str, ...] = ()
+    if layout.name == PLAIN and target.name != PLAIN and allow_missing_attention:
+        left_at_init = tuple(key for key in missing if key.startswith(target.prefixes))
+    counters = tuple(key for key in missing if key.rpartition(".")[2] == _COUNTER and key not in left_at_init)
+    head: tuple[str, ...] = ()
+    if new_head:
+        head_keys = _head_keys(model)
+        head = tuple(key for key, _, _ in wrong if key in head_keys)
+        if len(head) != len(head_keys & set(weights)):  # the whole head is new, or none of it
+            head = ()
+    missing = [key for key in missing if key not in counters and key not in left_at_init]
+    wrong = [item for item in wrong if item[0] not in head]
+    if missing or unexpected or wrong:
+        raise ValueError(mismatch_message(name, missing, unexpected, wrong, layout, target))
+    weights = OrderedDict((key, value) for key, value in weights.items() if key not in head)
+    try:
+        model.load_state_dict(weights, strict=False)
+    except RuntimeError as error:  # dtype or other copy failures: one line
+        raise ValueError(f"{name} does not fit the model: {str(error).strip().splitlines()[-1]}") from None
+    return LoadReport(name, found_entry, tuple(other_entries(content, found_entry)), stripped.removed, layout,
+                      target, len(weights), left_at_init, head, counters)

@@ -1,0 +1,134 @@
+"""Reading weights: a file or a dict -> the state dict inside it, wrappers stripped.
+
+``read_file`` loads ``.safetensors`` with the ``safetensors`` package and everything else
+(``.pt``, ``.pth``, ``.pth.tar``, ``.bin``, ...) with ``torch.load(weights_only=True)``: tensors,
+dicts, lists, tuples, strings, numbers, ``None``; a pickled class or a ``__reduce__`` payload is
+refused with one line and never runs. ``find_state_dict`` looks where training scripts put the
+weights (the official ``train_imagenet.py``: ``{'epoch', 'arch', 'state_dict', 'best_prec1',
+'optimizer'}``; timm's ``train.py``: ``state_dict`` and ``state_dict_ema``; ``cbam train``:
+``model``). ``strip_wrappers`` removes ``module.`` (``DataParallel``/DDP) and ``_orig_mod.``
+(``torch.compile``) from the keys.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+ENTRIES = ("state_dict", "model", "state_dict_ema", "model_ema", "module")  # searched in this order
+WRAPPERS = ("module.", "_orig_mod.")
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _load_error(error: Exception) -> str:
+    """One line for why loading failed; torch's weights-only refusal is a paragraph with the cause inside."""
+    marker = "WeightsUnpickler error:"
+    if isinstance(error, pickle.UnpicklingError) and marker in str(error):
+        cause = _first_line(str(error).split(marker, 1)[1]).split(". ")[0]
+        return f"weights-only loading (tensors and plain containers, never code) refused it: {cause}"
+    return _first_line(str(error)) or type(error).__name__
+
+
+def is_safetensors(path) -> bool:
+    return str(path).lower().endswith(".safetensors")
+
+
+def read_file(path):
+    """What ``path`` holds, on the CPU: a safetensors file's tensors, or a ``torch.load(weights_only=True)``.
+
+    ``FileNotFoundError`` for a missing path, ``ValueError`` (one line: the file and why) for anything
+    unreadable: truncated, not a checkpoint, or a pickle that would run code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        if is_safetensors(path):
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except ImportError:
+        raise ValueError(f"cannot read {str(path)!r}: .safetensors files need the safetensors package "
+                         "(pip install 'cbam[convert]')") from None
+    except Exception as error:  # torch.load raises pickle, zip, EOF and runtime errors; safetensors its own
+        raise ValueError(f"cannot read checkpoint {str(path)!r}: {_load_error(error)}") from None
+
+
+def _is_state_dict(value) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(
+        isinstance(key, str) and isinstance(item, Tensor) for key, item in value.items())
+
+
+def _describe(value) -> str:
+    if isinstance(value, Mapping):
+        keys = list(value)
+        shown = ", ".join(repr(key) for key in keys[:5]) + (", ..." if len(keys) > 5 else "")
+        return f"a dict with keys [{shown}]" if keys else "an empty dict"
+    return type(value).__name__
+
+
+def find_state_dict(content, source: str, entry: str | None = None) -> tuple[Mapping[str, Tensor], str | None]:
+    """``(state dict, the entry it was under or None for the top level)``; ``source`` names it in errors
+    (``"checkpoint 'x.pt'"``).
+
+    ``entry`` picks one (``"state_dict_ema"`` for timm's EMA weights); else the first of ``ENTRIES``
+    holding a dict of tensors, else ``content`` itself if it is one.
+    """
+    if entry is not None:
+        if not isinstance(content, Mapping) or entry not in content:
+            found = f"entries {[k for k in content if isinstance(k, str)]}" if isinstance(content, Mapping) else \
+                type(content).__name__
+            raise ValueError(f"{source} has no entry {entry!r}: found {found}")
+        if not _is_state_dict(content[entry]):
+            raise ValueError(f"{source}: entry {entry!r} is no state dict (a dict of tensors), "
+                             f"got {_describe(content[entry])}")
+        return content[entry], entry
+    if _is_state_dict(content):
+        return content, None
+    if isinstance(content, Mapping):
+        for name in ENTRIES:
+            if _is_state_dict(content.get(name)):
+                return content[name], name
+    raise ValueError(f"{source} holds no state dict: expected a dict of tensors, or a dict with one "
+                     f"under 'model'; got {_describe(content)} (also looked under "
+                     f"{', '.join(repr(name) for name in ENTRIES if name != 'model')})")
+
+
+def other_entries(content, entry: str | None) -> list[str]:
+    """The other ``ENTRIES`` in ``content`` that hold a state dict (``state_dict_ema`` beside ``state_dict``)."""
+    if not isinstance(content, Mapping) or entry is None:
+        return []
+    return [name for name in ENTRIES if name != entry and _is_state_dict(content.get(name))]
+
+
+class Stripped(NamedTuple):
+    state: OrderedDict
+    removed: tuple[str, ...]  # the wrapper prefixes removed, e.g. ("module.",)
+
+
+def strip_wrappers(state: Mapping[str, Tensor]) -> Stripped:
+    """``state`` without ``module.`` where every key starts with it (repeatedly) and without ``_orig_mod.``
+    anywhere (``torch.compile`` of a submodule puts it mid-key)."""
+    keys, removed = list(state), []
+    while keys and any(all(key.startswith(w) for key in keys) for w in WRAPPERS):
+        wrapper = next(w for w in WRAPPERS if all(key.startswith(w) for key in keys))
+        keys = [key[len(wrapper):] for key in keys]
+        removed.append(wrapper)
+    if any("._orig_mod." in key for key in keys):
+        keys = [key.replace("._orig_mod.", ".") for key in keys]
+        removed.append("_orig_mod.")
+    if len(set(keys)) != len(keys):
+        raise ValueError("stripping wrapper prefixes made two keys the same; the checkpoint mixes wrapped and "
+                         "unwrapped names")
+    return Stripped(OrderedDict(zip(keys, state.values())), tuple(dict.fromkeys(removed)))
