@@ -1,0 +1,20 @@
+"""The Triton engine: the fused CBAM's large-tensor passes as Triton kernels, for CUDA tensors (and
+CPU tensors under ``TRITON_INTERPRET=1``, set before this package is imported).
+
+The same functions, arguments and results as ``engines.torch_ops`` (the definition they are tested
+against), over ``x: (B, C, S)`` views that are contiguous or channels-last-derived (strides
+``(S*C, 1, C)``), read through their strides, never copied. float32, bfloat16, float16 and float64:
+sums in float32 (float64 for float64 input), big outputs in ``x``'s dtype and layout, small ones
+(``(B, C)``, ``(B, S)``, ``(B, 2, C)``, ``(2, C)``, ``(C)``) contiguous in float32 (float64 for float64
+input), indices int64 (the first maximal one, a NaN being the maximum, as ``torch.argmax``). ``pool``
+and ``gated_stats`` also take the folded BatchNorm's ``input_affine`` as the other passes do.
+One launch per pass except ``gate_grads`` (a zeroed allocation for its atomic sums, then the pass).
+``conv_backward`` works on ``(B, S)`` maps: torch_ops' own.
+"""
+
+from ..torch_ops import conv_backward
+from .gradients import gate_grads, input_grad, stats_grad
+from .output import apply
+from .pooling import gated_stats, pool
+
+__all__ = ["apply", "conv_backward", "gate_grads", "gated_stats", "input_grad", "pool", "stats_grad"]

@@ -1,0 +1,77 @@
+"""What every Triton pass shares: the NaN-aware maximum with its first index, the accumulation dtype,
+tile sizes, and small outputs in one allocation.
+
+Big tensors ``(B, C, S)`` are read through their strides (contiguous or channels-last-derived); the
+programs of a pass cover ``(C, S)`` tiles of one sample, its offset taken in int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+TILE = 4096  # elements one program holds at once
+BUSY = 1024  # programs that keep a GPU's SMs busy; the interpreter wants as few as possible
+FIRST_OF_NONE = tl.constexpr(2**31 - 1)  # an index larger than any position or channel
+
+
+@triton.jit
+def chunk_max(values, index, axis: tl.constexpr):
+    """The maximum of ``values`` along ``axis`` (a NaN is the maximum, as for torch) and the first
+    ``index`` (broadcasting to ``values``) where it is; masked entries must hold -inf and come after
+    the valid ones."""
+    nan = values != values
+    found_nan = tl.max(nan.to(tl.int32), axis) > 0
+    peak = tl.where(found_nan, float("nan"), tl.max(tl.where(nan, float("-inf"), values), axis))
+    hit = (values == tl.expand_dims(peak, axis)) | (nan & tl.expand_dims(found_nan, axis))
+    return peak, tl.min(tl.where(hit, index, FIRST_OF_NONE), axis)
+
+
+@triton.jit
+def merge_max(best, at, peak, first):
+    """The running maximum ``best`` at ``at`` after a later chunk's ``peak`` at ``first``: taken only
+    where strictly larger (or the first NaN), so the first maximal index stays."""
+    take = (peak > best) | ((peak != peak) & (best == best))
+    return tl.where(take, peak, best), tl.where(take, first, at)
+
+
+def accumulation(x: Tensor) -> torch.dtype:
+    """float64 for float64 ``x``, else float32: the dtype of sums and of the small outputs."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def acc_type(x: Tensor):
+    """``accumulation(x)`` as a Triton dtype."""
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def warps(block_a: int, block_b: int) -> int:
+    return 8 if block_a * block_b >= TILE else 4
+
+
+def reduction_tile(x: Tensor, outer: int, kept: int, reduced: int, widest: int = 64) -> tuple[int, int]:
+    """Blocks ``(along kept, along reduced)`` for programs that each loop over the ``reduced`` axis for
+    ``kept``-sized slices of ``outer`` samples: on a GPU, narrower slices until about ``BUSY``
+    programs run; the reduced block fills the tile."""
+    block = min(widest, triton.next_power_of_2(max(kept, 1)))
+    if x.is_cuda:
+        while block > 16 and outer * triton.cdiv(kept, block) < BUSY:
+            block //= 2
+    return block, min(triton.next_power_of_2(max(reduced, 1)), max(16, TILE // block))
+
+
+def elementwise_tile(channels: int, positions: int) -> tuple[int, int]:
+    """Blocks ``(BLOCK_C, BLOCK_S)`` of an element-wise pass over ``(B, C, S)``."""
+    block_c = min(64, triton.next_power_of_2(max(channels, 1)))
+    return block_c, min(triton.next_power_of_2(max(positions, 1)), TILE // block_c)
+
+
+def small_outputs(x: Tensor, *shapes: tuple[int, ...], zero: bool = False) -> list[Tensor]:
+    """Contiguous tensors of these shapes in ``accumulation(x)`` on ``x``'s device, cut from one
+    allocation (zeroed, for atomic sums, with ``zero``): one allocation, at most one launch."""
+    sizes = [int(torch.Size(shape).numel()) for shape in shapes]
+    make = torch.zeros if zero else torch.empty
+    flat = make(sum(sizes), dtype=accumulation(x), device=x.device)
+    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]

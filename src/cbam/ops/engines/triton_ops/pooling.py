@@ -1,0 +1,95 @@
+"""CBAM's two forward reductions of ``y = normed(x, input_affine)``, ``x: (B, C, S)``: over positions
+(``pool``: each channel's mean, max, first arg-max) and over channels of ``y * mc`` (``gated_stats``).
+One launch each; programs loop over the reduced axis, so no atomics and exact indices."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import acc_type, chunk_max, merge_max, reduction_tile, small_outputs, warps
+
+
+@triton.jit
+def _pool_kernel(x_ptr, affine_ptr, avg_ptr, peak_ptr, index_ptr, C, S, sxb, sxc, sxs,
+                 NORMED: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_in = c < C
+    if NORMED:
+        scale = tl.load(affine_ptr + c, mask=c_in, other=1).to(ACC)[:, None]
+        shift = tl.load(affine_ptr + C + c, mask=c_in, other=0).to(ACC)[:, None]
+    rows = x_ptr + b * sxb + c[:, None] * sxc
+    total = tl.zeros([BLOCK_C], ACC)
+    best = tl.full([BLOCK_C], float("-inf"), ACC)
+    at = tl.zeros([BLOCK_C], tl.int32)
+    for start in range(0, S, BLOCK_S):
+        s = start + tl.arange(0, BLOCK_S)[None, :]
+        inside = c_in[:, None] & (s < S)
+        y = tl.load(rows + s * sxs, mask=inside, other=0).to(ACC)
+        if NORMED:
+            y = y * scale + shift
+        total += tl.sum(tl.where(inside, y, 0), 1)
+        peak, first = chunk_max(tl.where(inside, y, float("-inf")), s, 1)
+        best, at = merge_max(best, at, peak, first)
+    out = b * C + c
+    tl.store(avg_ptr + out, total / S, mask=c_in)
+    tl.store(peak_ptr + out, best, mask=c_in)
+    tl.store(index_ptr + out, at.to(tl.int64), mask=c_in)
+
+
+def pool(x: Tensor, input_affine: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Spatial mean, max and first arg-max of each channel of ``y = normed(x, input_affine)``,
+    ``x: (B, C, S)``, ``input_affine (2, C)`` or ``None``: three ``(B, C)`` tensors (int64 indices)."""
+    B, C, S = x.shape
+    avg, peak = small_outputs(x, (B, C), (B, C))
+    index = torch.empty(B, C, dtype=torch.int64, device=x.device)
+    block_c, block_s = reduction_tile(x, B, C, S)
+    _pool_kernel[(triton.cdiv(C, block_c), B)](
+        x, input_affine, avg, peak, index, C, S, *x.stride(), NORMED=input_affine is not None, ACC=acc_type(x),
+        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps(block_c, block_s))
+    return avg, peak, index
+
+
+@triton.jit
+def _gated_stats_kernel(x_ptr, mc_ptr, affine_ptr, mean_ptr, peak_ptr, index_ptr, C, S, sxb, sxc, sxs,
+                        NORMED: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_in = s < S
+    columns = x_ptr + b * sxb + s[None, :] * sxs
+    total = tl.zeros([BLOCK_S], ACC)
+    best = tl.full([BLOCK_S], float("-inf"), ACC)
+    at = tl.zeros([BLOCK_S], tl.int32)
+    for start in range(0, C, BLOCK_C):
+        c = start + tl.arange(0, BLOCK_C)
+        c_in = c < C
+        inside = c_in[:, None] & s_in[None, :]
+        y = tl.load(columns + c[:, None] * sxc, mask=inside, other=0).to(ACC)
+        if NORMED:
+            scale = tl.load(affine_ptr + c, mask=c_in, other=1).to(ACC)
+            shift = tl.load(affine_ptr + C + c, mask=c_in, other=0).to(ACC)
+            y = y * scale[:, None] + shift[:, None]
+        gated = y * tl.load(mc_ptr + b * C + c, mask=c_in, other=0).to(ACC)[:, None]
+        total += tl.sum(tl.where(inside, gated, 0), 0)
+        peak, first = chunk_max(tl.where(inside, gated, float("-inf")), c[:, None], 0)
+        best, at = merge_max(best, at, peak, first)
+    out = b * S + s
+    tl.store(mean_ptr + out, total / C, mask=s_in)
+    tl.store(peak_ptr + out, best, mask=s_in)
+    tl.store(index_ptr + out, at.to(tl.int64), mask=s_in)
+
+
+def gated_stats(x: Tensor, mc: Tensor, input_affine: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Channel-wise mean, max and first arg-max of ``y * mc`` at each position, ``y = normed(x,
+    input_affine)``, ``x: (B, C, S)``, ``mc (B, C)``: three ``(B, S)`` tensors (int64 indices)."""
+    B, C, S = x.shape
+    mean, peak = small_outputs(x, (B, S), (B, S))
+    index = torch.empty(B, S, dtype=torch.int64, device=x.device)
+    block_s, block_c = reduction_tile(x, B, S, C)
+    _gated_stats_kernel[(triton.cdiv(S, block_s), B)](
+        x, mc, input_affine, mean, peak, index, C, S, *x.stride(), NORMED=input_affine is not None,
+        ACC=acc_type(x), BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps(block_c, block_s))
+    return mean, peak, index
