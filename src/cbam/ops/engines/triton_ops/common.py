@@ -51,11 +51,11 @@ def warps(block_a: int, block_b: int) -> int:
     return 8 if block_a * block_b >= TILE else 4
 
 
-def reduction_tile(x: Tensor, outer: int, kept: int, reduced: int, widest: int = 64) -> tuple[int, int]:
+def reduction_tile(x: Tensor, outer: int, kept: int, reduced: int) -> tuple[int, int]:
     """Blocks ``(along kept, along reduced)`` for programs that each loop over the ``reduced`` axis for
     ``kept``-sized slices of ``outer`` samples: on a GPU, narrower slices until about ``BUSY``
     programs run; the reduced block fills the tile."""
-    block = min(widest, triton.next_power_of_2(max(kept, 1)))
+    block = min(64, triton.next_power_of_2(max(kept, 1)))
     if x.is_cuda:
         while block > 16 and outer * triton.cdiv(kept, block) < BUSY:
             block //= 2
