@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from cbam.ops import cpu_extension, torch_passes
+from cbam.ops.engines import cpp, torch_ops
 from cbam.profile.benchmark import interleaved_medians
 
 PASSES = ["pool", "gated_stats", "apply", "gate_grads", "stats_grad", "input_grad"]
@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    native = cpu_extension.engine()
+    native = cpp.engine()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("| x (B, C, S) | pass | eager ms | torch.compile ms | C++ ms | compile s |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
@@ -50,7 +50,7 @@ def main() -> None:
         x, target = inputs["pool"][0], torch.empty(shape)
         copy = interleaved_medians({"copy": lambda x=x, target=target: target.copy_(x)}, args.repeats)["copy"]
         for name in PASSES:
-            eager = getattr(torch_passes, name)
+            eager = getattr(torch_ops, name)
             compiled = torch.compile(eager, dynamic=True)
             start = time.perf_counter()
             compiled(*inputs[name])
@@ -59,8 +59,8 @@ def main() -> None:
             if native is not None:
                 engines["C++"] = getattr(native, name)
             found = interleaved_medians({key: _call(f, inputs[name]) for key, f in engines.items()}, args.repeats)
-            cpp = f"{1e3 * found['C++']:.2f}" if "C++" in found else "n/a"
-            print(f"| {shape} | {name} | {1e3 * found['eager']:.2f} | {1e3 * found['compiled']:.2f} | {cpp} | "
+            native_ms = f"{1e3 * found['C++']:.2f}" if "C++" in found else "n/a"
+            print(f"| {shape} | {name} | {1e3 * found['eager']:.2f} | {1e3 * found['compiled']:.2f} | {native_ms} | "
                   f"{compile_seconds:.1f} |")
         print(f"| {shape} | copy (read + write) | {1e3 * copy:.2f} | | | |")
 

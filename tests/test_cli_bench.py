@@ -10,8 +10,7 @@ import torch
 
 import cbam
 from cbam.cli import main
-from cbam.ops import cpu_extension
-from cbam.ops import fused as fused_ops
+from cbam.ops.engines import cpp, engine_for
 from cbam.profile import fused_bench
 
 TINY = ["bench", "--repeats", "1", "--batch", "1", "--shapes", "16x8"]
@@ -26,7 +25,7 @@ def run(capsys, *argv):
 def expected_modules() -> list[str]:
     names = ["timm CbamModule"] if fused_bench._timm_cbam() is not None else []
     names += ["cbam reference", "cbam fused, torch ops"]
-    return names + (["cbam fused, C++"] if cpu_extension.engine() is not None else []) + ["copy"]
+    return names + (["cbam fused, C++"] if cpp.engine() is not None else []) + ["copy"]
 
 
 def table_rows(out: str) -> list[list[str]]:
@@ -128,7 +127,7 @@ def test_without_timm_the_ratios_are_over_the_reference(capsys, monkeypatch):
 
 
 def test_without_the_cpp_engine_its_row_is_skipped_with_a_note(capsys, monkeypatch):
-    monkeypatch.setattr(cpu_extension, "engine", lambda: None)
+    monkeypatch.setattr(cpp, "engine", lambda: None)
     status, out, err = run(capsys, *TINY, "--json")
     assert status == 0 and err == ""
     data = strict_json(out)
@@ -139,16 +138,16 @@ def test_without_the_cpp_engine_its_row_is_skipped_with_a_note(capsys, monkeypat
 
 def test_torch_ops_cbam_restores_the_engine_and_matches_fused():
     torch.manual_seed(0)
-    chosen = fused_ops._engine
+    x = torch.randn(2, 16, 5, 5)
+    chosen = engine_for(x)
     ours = fused_bench.TorchOpsCBAM(16, preset="timm", impl="fused")
     fused = cbam.CBAM(16, preset="timm", impl="fused")
     fused.load_state_dict(ours.state_dict())
-    x = torch.randn(2, 16, 5, 5)
     torch.testing.assert_close(ours.eval()(x), fused.eval()(x))
-    assert fused_ops._engine is chosen
+    assert engine_for(x) == chosen
     with pytest.raises(ValueError):
         ours(torch.randn(2, 15, 5, 5))
-    assert fused_ops._engine is chosen
+    assert engine_for(x) == chosen
 
 
 def test_resnet_overhead_rows_and_table():

@@ -8,20 +8,19 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import cbam
-from cbam.ops import cpu_extension, fused, torch_passes
+from cbam.ops import engines, fused
+from cbam.ops.engines import cpp, torch_ops
 from cbam.profile.benchmark import saved_bytes
 
 F64 = torch.float64
-ENGINES = {"torch": torch_passes}
-if cpu_extension.engine() is not None:
-    ENGINES["compiled"] = cpu_extension.engine()
+ENGINES = ["torch"] + (["cpp"] if cpp.engine() is not None else [])
 
 
-@pytest.fixture(params=list(ENGINES))
-def engine(request, monkeypatch):
-    """Run the fused path on one engine at a time."""
-    monkeypatch.setattr(fused, "_engine", lambda x: ENGINES[request.param] if x.is_contiguous() else torch_passes)
-    return request.param
+@pytest.fixture(params=ENGINES)
+def engine(request):
+    """Run the fused path on one engine at a time (``CBAM_ENGINE``)."""
+    with engines.using(request.param):
+        yield request.param
 
 
 def pair(channels, kernel, dims, seed=0, **options):
@@ -210,13 +209,13 @@ def test_saved_bytes_stay_near_the_input(engine, channels, side):
     assert results["fused"] <= 1.1 < results["reference"]
 
 
-needs_compiled = pytest.mark.skipif("compiled" not in ENGINES, reason="the C++ engine did not build here")
+needs_compiled = pytest.mark.skipif("cpp" not in ENGINES, reason="the C++ engine did not build here")
 
 
 @needs_compiled
-def test_compiled_passes_equal_the_torch_passes():
+def test_compiled_passes_equal_the_torch_ops():
     torch.manual_seed(0)
-    compiled = ENGINES["compiled"]
+    compiled = cpp.engine()
     x, g = torch.randn(2, 5, 1100, dtype=F64), torch.randn(2, 5, 1100, dtype=F64)  # > one 512-position chunk
     mc, ms = torch.rand(2, 5, dtype=F64), torch.rand(2, 1100, dtype=F64)
     vectors = [torch.randn(2, 1100, dtype=F64), torch.randn(2, 1100, dtype=F64)]
@@ -236,21 +235,21 @@ def test_compiled_passes_equal_the_torch_passes():
     calls += [("stats_grad", (x, *vectors, index, input_affine, mean)) for input_affine in (None, affine)
               for mean in (None, centre)]
     for name, args in calls:
-        for got, want in zip(getattr(compiled, name)(*args), getattr(torch_passes, name)(*args), strict=True):
+        for got, want in zip(getattr(compiled, name)(*args), getattr(torch_ops, name)(*args), strict=True):
             torch.testing.assert_close(got, want)
     channel = [torch.randn(2, 5, dtype=F64), torch.randn(2, 5, dtype=F64), torch.randint(0, 1100, (2, 5))]
     args = (g, x, mc, ms, *vectors, index, *channel)
-    torch.testing.assert_close(compiled.input_grad(*args), torch_passes.input_grad(*args))
+    torch.testing.assert_close(compiled.input_grad(*args), torch_ops.input_grad(*args))
 
 
 @needs_compiled
 @pytest.mark.parametrize("weighted", [True, False])
 def test_compiled_batch_norm_backward_equals_torchs(weighted):
     """The compiled engine builds a BatchNorm's backward (on batch statistics) from sums taken by the
-    earlier passes, never writing CBAM's input gradient; torch_passes runs torch's own BatchNorm
+    earlier passes, never writing CBAM's input gradient; torch_ops runs torch's own BatchNorm
     backward on that gradient. Channel maxima at positions that gated maxima also take."""
     torch.manual_seed(1)
-    compiled = ENGINES["compiled"]
+    compiled = cpp.engine()
     x, g = torch.randn(2, 5, 1100, dtype=F64) + 3, torch.randn(2, 5, 1100, dtype=F64)
     mc, ms = torch.rand(2, 5, dtype=F64), torch.rand(2, 1100, dtype=F64)
     vectors = [torch.randn(2, 1100, dtype=F64), torch.randn(2, 1100, dtype=F64)]
@@ -258,10 +257,10 @@ def test_compiled_batch_norm_backward_equals_torchs(weighted):
     channel = [torch.randn(2, 5, dtype=F64), torch.randn(2, 5, dtype=F64), index[:, :5].clone()]
     var, mean = torch.var_mean(x, dim=(0, 2), correction=0)
     invstd, weight = 1 / torch.sqrt(var + 1e-5), torch.randn(5, dtype=F64) if weighted else None
-    gated = torch_passes.gate_grads(g, x, mc, ms, None, channel[2], None, mean)[4]
-    centred = torch_passes.stats_grad(x, *vectors, index, None, mean)[1]
+    gated = torch_ops.gate_grads(g, x, mc, ms, None, channel[2], None, mean)[4]
+    centred = torch_ops.stats_grad(x, *vectors, index, None, mean)[1]
     args = (g, x, mc, ms, *vectors, index, *channel, gated, centred, mean, invstd, weight)
-    for got, want in zip(compiled.batch_norm_input_grad(*args), torch_passes.batch_norm_input_grad(*args), strict=True):
+    for got, want in zip(compiled.batch_norm_input_grad(*args), torch_ops.batch_norm_input_grad(*args), strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -273,7 +272,7 @@ def test_compiled_pool_finds_the_first_maximum(dtype, length):
     on an overlapping last vector: with many ties (values from a few integers) the index is the first
     occurrence, as torch.argmax documents, and no value is summed twice."""
     x = torch.randint(0, 3, (3, 40, length), generator=torch.Generator().manual_seed(length)).to(dtype)
-    avg, peak, index = ENGINES["compiled"].pool(x)
+    avg, peak, index = cpp.engine().pool(x)
     torch.testing.assert_close(avg, x.mean(2))
     torch.testing.assert_close(peak, x.amax(2))
     torch.testing.assert_close(index, x.argmax(2))
@@ -286,7 +285,7 @@ def test_compiled_pool_of_a_row_starting_with_nan_points_inside_it(length):
     equal to NaN, and the index must still be a position of the row: the backward writes there)."""
     x = torch.randn(2, 3, length)
     x[1, 2, 0] = float("nan")
-    _, peak, index = ENGINES["compiled"].pool(x)
+    _, peak, index = cpp.engine().pool(x)
     assert peak[1, 2].isnan() and index[1, 2] == 0 == x[1, 2].argmax()
     torch.testing.assert_close(index[0], x[0].argmax(1))
 
@@ -300,7 +299,7 @@ def test_compiled_gated_stats_find_the_first_channel_maximum(dtype, positions):
     gen = torch.Generator().manual_seed(positions)
     x = torch.randint(0, 3, (2, 37, positions), generator=gen).to(dtype)
     mc = torch.randint(1, 3, (2, 37), generator=gen).to(dtype) / 2
-    mean, peak, index = ENGINES["compiled"].gated_stats(x, mc)
+    mean, peak, index = cpp.engine().gated_stats(x, mc)
     gated = x * mc.unsqueeze(2)
     torch.testing.assert_close(mean, gated.mean(1))
     torch.testing.assert_close(peak, gated.amax(1))
@@ -315,8 +314,8 @@ def test_compiled_conv_backward_equals_autograd(kernel, inputs):
     size = [2, 6, 9] if kernel[0] > 1 else [1, 6, 9]
     maps = torch.randn(3, inputs, int(torch.tensor(size).prod()), dtype=F64)
     weight, d_out = torch.randn(inputs, *kernel, dtype=F64), torch.randn(3, maps.shape[2], dtype=F64)
-    got = ENGINES["compiled"].conv_backward(maps, d_out, weight, size, list(kernel))
-    for found, want in zip(got, torch_passes.conv_backward(maps, d_out, weight, size, list(kernel))):
+    got = cpp.engine().conv_backward(maps, d_out, weight, size, list(kernel))
+    for found, want in zip(got, torch_ops.conv_backward(maps, d_out, weight, size, list(kernel))):
         torch.testing.assert_close(found, want)
 
 
@@ -334,13 +333,13 @@ def test_compiled_channel_mlp_equals_autograd(hard, pools, biases, channels, hid
                fc2_w / hidden**0.5, torch.randn(channels, dtype=F64) if biases else None]
     leaves = [avg.clone().requires_grad_(), peak.clone().requires_grad_(), *(fused._leaf(w) for w in weights)]
     spec = fused.FusedSpec(pools, "hard-sigmoid" if hard else "sigmoid", "concat", None)
-    want = fused._channel_gate({"avg": leaves[0], "max": leaves[1]}, spec, *leaves[2:])
+    want = fused._channel_gate({"avg": leaves[0], "max": leaves[1]}, spec, leaves[2:])
     d_mc = torch.randn_like(want)
     want_grads = fused._grads(want, [leaf for leaf in leaves if leaf is not None], d_mc)  # zeros where unused
     coefficients = fused._pool_coefficients(spec)
-    mc = ENGINES["compiled"].channel_gate(avg, peak, *coefficients, *weights, hard)
+    mc = cpp.engine().channel_gate(avg, peak, *coefficients, *weights, hard)
     torch.testing.assert_close(mc, want.detach())
-    got = ENGINES["compiled"].channel_backward(avg, peak, *coefficients, *weights[:3], mc, d_mc, hard)
+    got = cpp.engine().channel_backward(avg, peak, *coefficients, *weights[:3], mc, d_mc, hard)
     d_avg, d_peak, d_w1, d_b1, d_w2, d_b2 = got
     found = [d_avg, d_peak, d_w1, *([d_b1] if biases else []), d_w2, *([d_b2] if biases else [])]
     for g, w in zip(found, want_grads):
@@ -349,7 +348,7 @@ def test_compiled_channel_mlp_equals_autograd(hard, pools, biases, channels, hid
 
 @needs_compiled
 def test_output_blocks_are_reused_only_once_freed():
-    cpu_extension.empty_cache()
+    cpp.empty_cache()
     module = cbam.CBAM(32, preset="timm").eval()
     x = torch.randn(2, 32, 12, 12)
     with torch.no_grad():
@@ -358,25 +357,25 @@ def test_output_blocks_are_reused_only_once_freed():
         torch.testing.assert_close(first, second)
         pointer = first.data_ptr()
         del first
-        assert cpu_extension.cached_bytes() == x.numel() * 4
+        assert cpp.cached_bytes() == x.numel() * 4
         third = module(x * 2)  # reuses the freed block, with new values
-    assert third.data_ptr() == pointer and cpu_extension.cached_bytes() == 0
+    assert third.data_ptr() == pointer and cpp.cached_bytes() == 0
     reference = cbam.CBAM(32, preset="timm", impl="reference").eval()
     reference.load_state_dict(module.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(third, reference(x * 2))
     del second, third
-    assert cpu_extension.cached_bytes() > 0
-    cpu_extension.empty_cache()
-    assert cpu_extension.cached_bytes() == 0
+    assert cpp.cached_bytes() > 0
+    cpp.empty_cache()
+    assert cpp.cached_bytes() == 0
 
 
 def test_output_cache_limit_must_be_a_whole_number(monkeypatch):
     monkeypatch.setenv("CBAM_OUTPUT_CACHE_MB", "lots")
     with pytest.raises(ValueError, match="CBAM_OUTPUT_CACHE_MB.*whole number.*'lots'"):
-        cpu_extension.cache_limit_bytes()
+        cpp.cache_limit_bytes()
     monkeypatch.setenv("CBAM_OUTPUT_CACHE_MB", "3")
-    assert cpu_extension.cache_limit_bytes() == 3 << 20
+    assert cpp.cache_limit_bytes() == 3 << 20
 
 
 @pytest.mark.parametrize("preset", [None, "timm"])
@@ -391,7 +390,7 @@ def test_fused_float32_matches_the_float64_reference(preset):
         assert ((got.double() - want).norm() / want.norm()).item() < 1e-5  # float32 rounding, summed
 
 
-def test_fused_on_bfloat16_runs_the_torch_passes():
+def test_fused_on_bfloat16_runs_the_torch_ops():
     """The C++ kernels are float32/float64 only; impl="fused" on bfloat16 runs the torch passes."""
     fast, slow = pair(16, 3, 2, preset="timm")
     x = torch.randn(2, 16, 6, 6, dtype=F64)
@@ -414,15 +413,6 @@ def test_fused_output_may_be_modified_in_place():
     torch.testing.assert_close(*grads)
 
 
-def test_auto_picks_fused_only_where_it_is_exact():
-    from cbam.ops import fused_applies
-
-    x = torch.randn(1, 4, 3, 3)
-    assert fused_applies("auto", "channel-spatial", x)
-    assert not fused_applies("auto", "spatial-channel", x)
-    assert not fused_applies("auto", "channel-spatial", x.half())
-    assert not fused_applies("reference", "channel-spatial", x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not fused_applies("auto", "channel-spatial", x)
+def test_fused_computes_channel_spatial_only():
     with pytest.raises(ValueError, match="fused.*channel-spatial.*'spatial-channel'"):
         cbam.CBAM(8, impl="fused", order="spatial-channel")

@@ -9,9 +9,9 @@ from torch import nn
 
 import cbam
 from cbam.models.resnet import Bottleneck
-from cbam.ops import cpu_extension
+from cbam.ops.engines import cpp
 
-needs_compiled = pytest.mark.skipif(cpu_extension.engine() is None, reason="the C++ engine did not build here")
+needs_compiled = pytest.mark.skipif(cpp.engine() is None, reason="the C++ engine did not build here")
 
 
 def randomised(module: nn.Module, seed: int = 0) -> nn.Module:

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 import cbam
-from cbam.ops import cpu_extension, folds_input_norm, fused_cbam
+from cbam.ops import folds_input_norm, fused_cbam
+from cbam.ops.engines import cpp
 
 F64 = torch.float64
 NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-needs_compiled = pytest.mark.skipif(cpu_extension.engine() is None, reason="the C++ engine did not build here")
+needs_compiled = pytest.mark.skipif(cpp.engine() is None, reason="the C++ engine did not build here")
 
 
 def randomised(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -193,8 +194,7 @@ def test_fused_function_refuses_a_norm_it_cannot_fold():
     other channels would otherwise be read out of bounds."""
     module = cbam.CBAM(8).eval()
     with pytest.raises(ValueError, match=r"cannot fold input_norm=BatchNorm2d\(5, .* shape \(2, 8, 5, 6\)"):
-        fused_cbam(torch.randn(2, 8, 5, 6), *module._fused_inputs()[:1], *module._fused_inputs()[1],
-                   input_norm=nn.BatchNorm2d(5))
+        fused_cbam(torch.randn(2, 8, 5, 6), *module._fused_inputs(), input_norm=nn.BatchNorm2d(5))
 
 
 @needs_compiled
@@ -209,7 +209,7 @@ def test_batch_statistics_come_with_the_pooling(dtype, length):
     x = (torch.randn(3, 6, length, generator=gen, dtype=F64) * 0.01 + 1000).to(dtype)
     weight = torch.tensor([1.5, -2.0, 0.0, 1.0, -0.5, 3.0], dtype=dtype)
     bias = torch.randn(6, generator=gen, dtype=dtype)
-    avg, peak, index, mean, var, invstd, affine = cpu_extension.engine().batch_norm_pool(x, weight, bias, 1e-5)
+    avg, peak, index, mean, var, invstd, affine = cpp.engine().batch_norm_pool(x, weight, bias, 1e-5)
     true_var, true_mean = torch.var_mean(x.double(), dim=(0, 2), correction=0)
     tolerance = {"rtol": 1e-6 if dtype == torch.float32 else 1e-9, "atol": 0}  # the truth's own error: ~1e-11
     torch.testing.assert_close(mean.double(), true_mean, **tolerance)

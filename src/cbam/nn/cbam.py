@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..ops import IMPLS, FusedSpec, folds_input_norm, fused_applies
+from ..ops import IMPLS, CbamWeights, FusedSpec, folds_input_norm, fused_applies
 from ..ops.fused import checked_fused_cbam
 from ..presets import ORDERS
 from ..validation import check_bool, check_callable, check_choice, check_residual
@@ -107,16 +107,17 @@ class CBAM(GatePair):
         """Whether ``forward(x)`` runs the fused implementation (see ``impl``)."""
         return fused_applies(self.impl, self.order, x)
 
-    def _fused_inputs(self) -> tuple[FusedSpec, tuple[Tensor | None, ...]]:
-        """The fused function's spec and weights, in ``FusedCBAM.forward``'s order."""
+    def _fused_inputs(self) -> tuple[FusedSpec, CbamWeights]:
+        """The fused function's spec and weights."""
         ca, sa = self.channel_att, self.spatial_att
         bn_weight, bn_bias = (None, None) if sa.bn is None else (sa.bn.weight, sa.bn.bias)
-        weights = (ca.fc1.weight, ca.fc1.bias, ca.fc2.weight, ca.fc2.bias, bn_weight, bn_bias, *sa.conv_weights())
+        weights = CbamWeights(ca.fc1.weight, ca.fc1.bias, ca.fc2.weight, ca.fc2.bias, bn_weight, bn_bias,
+                              tuple(sa.conv_weights()))
         return FusedSpec(ca.pool_types, ca.gate, sa.pool, sa.bn), weights
 
     def _fused(self, x: Tensor, residual: Tensor | None, input_norm: nn.Module | None, inplace: bool,
-               spec: FusedSpec, weights: tuple[Tensor | None, ...]) -> Tensor:
-        device = x.device.type  # under autocast (impl="fused" asked for it) it still computes in x's dtype
+               spec: FusedSpec, weights: CbamWeights) -> Tensor:
+        device = x.device.type  # under autocast: gates in float32 (float64 for float64 x), output in x's dtype
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
             return checked_fused_cbam(x, spec, weights, residual, input_norm, inplace)  # forward checked the norm
 

@@ -1,34 +1,37 @@
 """Implementations behind ``CBAM(impl=...)``: ``"reference"`` (the eager ``cbam.functional``
-composition) and ``"fused"`` (``FusedCBAM``, a hand-derived autograd.Function). ``"auto"`` picks the
-fused one wherever it computes the same function: see ``fused_applies``."""
+composition) and ``"fused"`` (``FusedCBAM``, a hand-derived autograd.Function over the passes of one
+of the engines in ``cbam.ops.engines``). ``"auto"`` picks the fused one wherever a compiled engine
+computes it: see ``fused_applies``; ``engine_for(x)`` names the engine an input would run on."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .fused import FusedCBAM, FusedSpec, folds_input_norm, fused_cbam
+from .engines import engine_for, requested
+from .fused import CbamWeights, FusedCBAM, FusedSpec, compute_dtype, folds_input_norm, fused_cbam
 
 IMPLS = ("auto", "reference", "fused")
-FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 def fused_applies(impl: str, order: str, x: Tensor) -> bool:
     """Whether a CBAM with this ``impl`` and ``order`` runs the fused path on ``x``.
 
-    ``"auto"`` takes it for channel-first CBAM on float32/float64 input, except while tracing,
-    compiling or exporting (those see the reference's plain ops) and under autocast (the reference
-    runs each op in autocast's dtype; the fused path computes in the input's dtype).
+    ``"auto"`` takes it for channel-first CBAM where a compiled engine covers ``x`` (``engine_for``
+    names ``cpp`` or ``triton``; or ``CBAM_ENGINE=torch`` asks for the plain-torch passes), under
+    autocast too (the gates then compute in float32 and the output keeps ``x``'s dtype), but not
+    while tracing or compiling (those see the reference's plain ops).
     """
     if impl != "auto":
         return impl == "fused"
     return (
         order == "channel-spatial"
-        and x.dtype in FUSED_DTYPES
+        and x.is_floating_point()
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
-        and not torch.is_autocast_enabled(x.device.type)
+        and (engine_for(x) != "torch" or requested() == "torch")
     )
 
 
-__all__ = ["IMPLS", "FusedCBAM", "FusedSpec", "folds_input_norm", "fused_applies", "fused_cbam"]
+__all__ = ["IMPLS", "CbamWeights", "FusedCBAM", "FusedSpec", "compute_dtype", "engine_for", "folds_input_norm",
+           "fused_applies", "fused_cbam"]

@@ -45,7 +45,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional, hooks
-from . import cpu_extension, spatial_gate, torch_passes
+from . import spatial_gate
+from .engines import Engine, is_channels_last_view, select
 
 NATIVE_POOLS = {"avg": (1.0, 0.0), "max": (0.0, 1.0), "mix": (0.5, 0.5)}  # (mean, max) coefficients
 
@@ -53,7 +54,7 @@ NATIVE_POOLS = {"avg": (1.0, 0.0), "max": (0.0, 1.0), "mix": (0.5, 0.5)}  # (mea
 @dataclass(frozen=True)
 class FusedSpec:
     """What the fused forward needs besides tensors. ``norm`` is the spatial BatchNorm module, which
-    runs as itself; its weight and bias must also be the ones passed to ``fused_cbam`` (so that the
+    runs as itself; its weight and bias must also be the ones in ``CbamWeights`` (so that the
     autograd function returns their gradients)."""
 
     pool_types: tuple[str, ...]
@@ -61,13 +62,53 @@ class FusedSpec:
     spatial_pool: str
     norm: nn.Module | None
 
+    @property
+    def native_pools(self) -> bool:
+        """Whether every pool type is a mix of mean and max (what the engines compute by themselves)."""
+        return set(self.pool_types) <= NATIVE_POOLS.keys()
 
-def _engine(x: Tensor):
-    """The compiled CPU passes for contiguous float32/float64 CPU input when they build, else
-    ``torch_passes`` (any device, layout and floating dtype)."""
-    if x.device.type == "cpu" and x.is_contiguous() and x.dtype in (torch.float32, torch.float64):
-        return cpu_extension.engine() or torch_passes
-    return torch_passes
+
+@dataclass(frozen=True)
+class CbamWeights:
+    """CBAM's parameters by name: the channel MLP ``fc1_weight (hidden, C)``, ``fc2_weight (C, hidden)``
+    and their biases, the spatial norm's weight and bias (``None`` without them) and the spatial conv,
+    one weight ``(1, I, *kernel)`` or a chain (``functional.spatial_conv``)."""
+
+    fc1_weight: Tensor
+    fc1_bias: Tensor | None
+    fc2_weight: Tensor
+    fc2_bias: Tensor | None
+    norm_weight: Tensor | None
+    norm_bias: Tensor | None
+    conv: tuple[Tensor, ...]
+
+    def flat(self) -> tuple[Tensor | None, ...]:
+        """All of them in one tuple, as ``FusedCBAM.apply`` takes them (autograd wants them positional)."""
+        return (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias, self.norm_weight, self.norm_bias,
+                *self.conv)
+
+    @classmethod
+    def from_flat(cls, flat) -> CbamWeights:
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias, norm_weight, norm_bias, *conv = flat
+        return cls(fc1_weight, fc1_bias, fc2_weight, fc2_bias, norm_weight, norm_bias, tuple(conv))
+
+    @property
+    def mlp(self) -> tuple[Tensor | None, ...]:
+        return self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias
+
+    @property
+    def norm(self) -> tuple[Tensor | None, Tensor | None]:
+        return self.norm_weight, self.norm_bias
+
+    def to(self, dtype: torch.dtype) -> CbamWeights:
+        """The weights in ``dtype`` (the fused path's small steps compute in ``compute_dtype``)."""
+        return CbamWeights.from_flat([None if w is None else w.to(dtype) for w in self.flat()])
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the gates, pooled vectors and small steps for ``x``: float64 for float64, else
+    float32 (bfloat16/float16 input accumulates in float32 and only the large outputs keep its dtype)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _leaf(t: Tensor | None) -> Tensor | None:
@@ -78,23 +119,24 @@ def _descriptors(x: Tensor, avg: Tensor, peak: Tensor, pool_types) -> dict[str, 
     """The pooled ``(B, C)`` vectors the pool types need."""
     found = {"avg": avg, "max": peak}
     if "lp" in pool_types:
-        found["lp"] = torch.linalg.vector_norm(x, 2, dim=2)
+        found["lp"] = torch.linalg.vector_norm(x, 2, dim=2, dtype=avg.dtype)
     if "lse" in pool_types:
-        found["lse"] = torch.logsumexp(x, dim=2)
+        found["lse"] = torch.logsumexp(x.to(avg.dtype), dim=2)
     return found
 
 
-def _channel_gate(pooled: dict[str, Tensor], spec: FusedSpec, fc1_w, fc1_b, fc2_w, fc2_b) -> Tensor:
+def _channel_gate(pooled: dict[str, Tensor], spec: FusedSpec, mlp) -> Tensor:
+    fc1_weight, fc1_bias, fc2_weight, fc2_bias = mlp
     mix = (pooled["avg"] + pooled["max"]) / 2 if "mix" in spec.pool_types else None
     stacked = torch.stack([mix if kind == "mix" else pooled[kind] for kind in spec.pool_types])
-    return functional.gate(functional.channel_mlp(stacked, fc1_w, fc2_w, fc1_b, fc2_b), spec.gate)
+    return functional.gate(functional.channel_mlp(stacked, fc1_weight, fc2_weight, fc1_bias, fc2_bias), spec.gate)
 
 
-def _spatial_logits(mean: Tensor, peak: Tensor, spatial: torch.Size, spec: FusedSpec, chain) -> Tensor:
+def _spatial_logits(mean: Tensor, peak: Tensor, spatial: torch.Size, spec: FusedSpec, conv) -> Tensor:
     """The spatial conv of the gated statistics ``(B, S)`` -> ``(B, S)``."""
     shape = (mean.shape[0], 1, *spatial)
     maps = functional.spatial_maps(mean.view(shape), peak.view(shape), spec.spatial_pool)
-    return functional.spatial_conv(maps, chain).view(mean.shape)
+    return functional.spatial_conv(maps, conv).view(mean.shape)
 
 
 def _spatial_gate(logits: Tensor, spatial: torch.Size, spec: FusedSpec, bn_w, bn_b) -> Tensor:
@@ -106,21 +148,30 @@ def _spatial_gate(logits: Tensor, spatial: torch.Size, spec: FusedSpec, bn_w, bn
     return functional.gate(logits, spec.gate)
 
 
-def _norm_tensors(norm: nn.Module | None, bn_w, bn_b) -> tuple:
-    """A plain BatchNorm as the C++ engine takes it, ``(weight, bias, running_mean, running_var, eps)``;
-    all ``None`` (and eps 0) without a norm."""
+@dataclass(frozen=True)
+class _NormTensors:
+    """A plain BatchNorm as the C++ engine takes it; all ``None`` (and eps 0) without a norm."""
+
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+    running_mean: Tensor | None = None
+    running_var: Tensor | None = None
+    eps: float = 0.0
+
+
+def _norm_tensors(norm: nn.Module | None, weight, bias) -> _NormTensors:
     if norm is None:
-        return None, None, None, None, 0.0
-    return bn_w, bn_b, norm.running_mean, norm.running_var, norm.eps
+        return _NormTensors()
+    return _NormTensors(weight, bias, norm.running_mean, norm.running_var, norm.eps)
 
 
-def _fixed_norm(spec: FusedSpec, bn_w, bn_b) -> tuple | None:
-    """``_norm_tensors`` where the spatial norm is a fixed affine map (none, or a plain BatchNorm on
-    running statistics); ``None`` where it uses batch statistics or is another kind of norm."""
+def _fixed_norm(spec: FusedSpec, weights: CbamWeights) -> _NormTensors | None:
+    """The spatial norm where it is a fixed affine map (none, or a plain BatchNorm on running
+    statistics); ``None`` where it uses batch statistics or is another kind of norm."""
     norm = spec.norm
     if norm is not None and (not spatial_gate.by_hand(norm) or spatial_gate.uses_batch_statistics(norm)):
         return None
-    return _norm_tensors(norm, bn_w, bn_b)
+    return _norm_tensors(norm, *weights.norm)
 
 
 def _padded(dims) -> list[int]:
@@ -135,48 +186,52 @@ def _conv_geometry(weight: Tensor, spatial) -> tuple[Tensor, list[int], list[int
     return weight[0].contiguous().view(weight.shape[1], *kernel), _padded(spatial), kernel
 
 
-def _native_pools(engine, spec: FusedSpec) -> bool:
-    """Whether ``engine`` is the compiled one and the pool types are ones it computes (avg/max/mix)."""
-    return engine is not torch_passes and set(spec.pool_types) <= NATIVE_POOLS.keys()
+def _native_applies(engine: Engine, spec: FusedSpec, weights: CbamWeights) -> bool:
+    """Whether the engine computes this CBAM's whole forward in one call: avg/max/mix pooling and one
+    spatial conv weight."""
+    return engine.has("forward") and spec.native_pools and len(weights.conv) == 1
 
 
-def _native_applies(engine, spec: FusedSpec, weights) -> bool:
-    """Whether ``cpu_passes.forward`` computes this CBAM: the compiled engine, avg/max/mix pooling and
-    one spatial conv weight."""
-    return _native_pools(engine, spec) and len(weights[6:]) == 1
+def _fold_applies(engine: Engine, spec: FusedSpec, weights: CbamWeights) -> bool:
+    """Whether the engine folds a BatchNorm before CBAM into its passes for this CBAM (an engine with a
+    one-call forward folds it there only)."""
+    if not (engine.has("fold") and spec.native_pools):
+        return False
+    return _native_applies(engine, spec, weights) or not engine.has("forward")
 
 
-def _native_forward(engine, x: Tensor, residual: Tensor | None, spec: FusedSpec, fixed_norm, weights,
-                    input_norm: _InputNorm | None = None, overwrite: bool = False):
-    """``cpu_passes.forward`` where it computes this CBAM, else ``None``; it stops at the spatial logits
-    where the norm is not fixed (``fixed_norm`` is ``None``). A folded input BatchNorm's map is applied
-    as the passes read ``x`` (its pooling taken as computed, where it was); with ``overwrite`` the
-    output is written over ``x``."""
-    fc1_w, fc1_b, fc2_w, fc2_b, _, _, *chain = weights
-    if not _native_applies(engine, spec, weights):
-        return None
-    finish = fixed_norm is not None
-    norm_args = fixed_norm if finish else _norm_tensors(None, None, None)  # unused when not finishing
-    return engine.forward(x, _padded(x.shape[2:]), *_pool_coefficients(spec), fc1_w.contiguous(), _contiguous(fc1_b),
-                          fc2_w.contiguous(), _contiguous(fc2_b), chain[0].contiguous(), _padded(chain[0].shape[2:]),
-                          spec.gate == "hard-sigmoid", finish, *norm_args, _contiguous(residual),
-                          None if input_norm is None else input_norm.affine, overwrite,
-                          [] if input_norm is None or input_norm.pooled is None else list(input_norm.pooled))
+def _native_forward(passes, x: Tensor, residual: Tensor | None, spec: FusedSpec, fixed_norm: _NormTensors | None,
+                    weights: CbamWeights, input_norm: _InputNorm | None, overwrite: bool):
+    """The engine's one-call forward; it stops at the spatial logits where the norm is not fixed
+    (``fixed_norm`` is ``None``). A folded input BatchNorm's map is applied as the passes read ``x``
+    (its pooling taken as computed, where it was); with ``overwrite`` the output is written over ``x``."""
+    norm = fixed_norm or _NormTensors()  # unused when not finishing
+    avg_coef, max_coef = _pool_coefficients(spec)
+    return passes.forward(
+        x=x, size=_padded(x.shape[2:]), avg_coef=avg_coef, max_coef=max_coef,
+        fc1_w=weights.fc1_weight.contiguous(), fc1_b=_contiguous(weights.fc1_bias),
+        fc2_w=weights.fc2_weight.contiguous(), fc2_b=_contiguous(weights.fc2_bias),
+        conv_w=weights.conv[0].contiguous(), kernel=_padded(weights.conv[0].shape[2:]),
+        hard=spec.gate == "hard-sigmoid", finish=fixed_norm is not None,
+        norm_w=norm.weight, norm_b=norm.bias, running_mean=norm.running_mean, running_var=norm.running_var,
+        eps=norm.eps, residual=_contiguous(residual), input_affine=None if input_norm is None else input_norm.affine,
+        overwrite=overwrite, pooled=[] if input_norm is None or input_norm.pooled is None else list(input_norm.pooled))
 
 
-def folds_input_norm(norm, x: Tensor, spec: FusedSpec, weights) -> bool:
+def folds_input_norm(norm, x: Tensor, spec: FusedSpec, weights: CbamWeights) -> bool:
     """Whether ``fused_cbam(x, ..., input_norm=norm)`` applies ``norm`` inside its passes (as they read
     ``x``, never writing ``norm(x)``): a plain BatchNorm, unwatched by hooks, matching ``x``'s
-    channels, dtype and device (on batch statistics: more than one value per channel, else torch's
-    own error), and a CBAM whose forward the C++ engine computes (``_native_applies``)."""
+    channels and device, with parameters in the dtype the passes compute in (on batch statistics:
+    more than one value per channel, else torch's own error), and an engine that folds it for this
+    CBAM (``_fold_applies``)."""
     if type(norm) not in spatial_gate.PLAIN_NORMS or hooks.watched(norm) or x.numel() == 0:
         return False
     tensors = [t for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var) if t is not None]
-    if any(t.shape != x.shape[1:2] or t.dtype != x.dtype or t.device != x.device for t in tensors):
+    if any(t.shape != x.shape[1:2] or t.dtype != compute_dtype(x) or t.device != x.device for t in tensors):
         return False
     if spatial_gate.uses_batch_statistics(norm) and x.numel() <= x.shape[1]:
         return False
-    return _native_applies(_engine(x), spec, weights)
+    return _fold_applies(select(x)[0], spec, weights)
 
 
 def _update_running_statistics(norm: nn.Module, mean: Tensor, var: Tensor, count: int) -> None:
@@ -207,59 +262,131 @@ class _InputNorm:
     pooled: tuple[Tensor, Tensor, Tensor] | None
 
 
-def _input_norm(norm: nn.Module, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> _InputNorm:
+def _input_norm(passes, norm: nn.Module, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> _InputNorm:
     """The folded BatchNorm ``norm`` for ``x``; on batch statistics the running ones are updated as the
     module's forward would."""
-    engine = cpu_extension.engine()
     with torch.no_grad():
         if not spatial_gate.uses_batch_statistics(norm):
             mean, var = norm.running_mean, norm.running_var
-            return _InputNorm(engine.batch_norm_affine(weight, bias, mean, var, norm.eps), mean, var, False, None)
-        avg, peak, index, mean, var, invstd, affine = engine.batch_norm_pool(
+            return _InputNorm(passes.batch_norm_affine(weight, bias, mean, var, norm.eps), mean, var, False, None)
+        avg, peak, index, mean, var, invstd, affine = passes.batch_norm_pool(
             x.reshape(*x.shape[:2], -1), weight, bias, norm.eps)
         _update_running_statistics(norm, mean, var, x.numel() // x.shape[1])
         return _InputNorm(affine, mean, invstd, True, (avg, peak, index))
 
 
-def _spatial_grads(engine, mean: Tensor, speak: Tensor, spatial, spec: FusedSpec, chain, d_logits: Tensor):
+def _spatial_grads(passes, mean: Tensor, speak: Tensor, spatial, spec: FusedSpec, conv, d_logits: Tensor):
     """Gradients for the gated statistics ``mean, speak (B, S)`` and the conv weights, given the
     spatial logits' gradient ``d_logits (B, S)``: on the engine for one conv weight, else autograd."""
-    if len(chain) == 1:
-        taps, size, kernel = _conv_geometry(chain[0], spatial)
+    if len(conv) == 1:
+        taps, size, kernel = _conv_geometry(conv[0], spatial)
         maps = torch.stack([mean, speak], 1) if spec.spatial_pool == "concat" else ((mean + speak) / 2).unsqueeze(1)
-        d_maps, d_taps = engine.conv_backward(maps, d_logits.contiguous(), taps, size, kernel)
+        d_maps, d_taps = passes.conv_backward(maps, d_logits.contiguous(), taps, size, kernel)
         d_stats = d_maps.unbind(1) if spec.spatial_pool == "concat" else [d_maps[:, 0] / 2] * 2
-        return [*d_stats, d_taps.view_as(chain[0])]
+        return [*d_stats, d_taps.view_as(conv[0])]
     stats = [_leaf(mean), _leaf(speak)]
-    leaves = [_leaf(w) for w in chain]
+    leaves = [_leaf(w) for w in conv]
     with torch.enable_grad():
         return _grads(_spatial_logits(*stats, spatial, spec, leaves), [*stats, *leaves], d_logits)
 
 
-def _spatial_backward(engine, ctx, saved, spatial, norm_weights, chain, d_ms: Tensor):
+def _spatial_backward(engine: Engine, passes, ctx, saved: dict[str, Tensor], weights: CbamWeights, d_ms: Tensor):
     """From the spatial gate's gradient ``d_ms (B, S)`` back to the gated statistics: ``d_mean,
     d_speak (B, S)``, the norm's weight/bias gradients (those that exist) and the conv weights'.
 
-    ``saved`` is ``(logits, ms, mean, speak)``, ``norm_weights`` the norm's ``(weight, bias)``. One C++
-    call for one conv weight and a norm that ``spatial_gate`` computes; else ``spatial_gate`` (or the
-    recorded norm) and ``_spatial_grads``.
+    One engine call for one conv weight and a norm that ``spatial_gate`` computes (where the engine
+    has the small steps); else ``spatial_gate`` (or the recorded norm) and ``_spatial_grads``.
     """
-    logits, ms, mean, speak = saved
-    spec, norm = ctx.spec, ctx.spec.norm
-    if engine is not torch_passes and ctx.ms_graph is None and len(chain) == 1:
-        weight, _, running_mean, running_var, eps = _norm_tensors(norm, *norm_weights)
-        d_mean, d_speak, d_conv, d_weight, d_bias = engine.spatial_backward(
-            logits, ms, d_ms, mean, speak, chain[0].contiguous(), _padded(spatial), _padded(chain[0].shape[2:]),
-            spec.gate == "hard-sigmoid", norm is not None, ctx.batch_statistics, weight, running_mean, running_var, eps)
-        d_norm = [g for g, w in zip((d_weight, d_bias), norm_weights) if w is not None]
+    spec, norm, spatial = ctx.spec, ctx.spec.norm, ctx.spatial
+    logits, ms, mean, speak = (saved[name] for name in ("logits", "ms", "mean", "speak"))
+    if engine.has("small-steps") and ctx.ms_graph is None and len(weights.conv) == 1:
+        tensors = _norm_tensors(norm, *weights.norm)
+        d_mean, d_speak, d_conv, d_weight, d_bias = passes.spatial_backward(
+            logits, ms, d_ms, mean, speak, weights.conv[0].contiguous(), _padded(spatial),
+            _padded(weights.conv[0].shape[2:]), spec.gate == "hard-sigmoid", norm is not None, ctx.batch_statistics,
+            tensors.weight, tensors.running_mean, tensors.running_var, tensors.eps)
+        d_norm = [g for g, w in zip((d_weight, d_bias), weights.norm) if w is not None]
         return d_mean, d_speak, d_norm, [d_conv]
     if ctx.ms_graph is None:
         d_logits, *d_norm = spatial_gate.backward(logits, ms, d_ms, norm, spec.gate, ctx.batch_statistics)
         d_norm = [g for g in d_norm if g is not None]
     else:
         d_logits, *d_norm = _grads(ctx.ms_graph[1], ctx.ms_graph[0], d_ms)
-    d_mean, d_speak, *d_chain = _spatial_grads(engine, mean, speak, spatial, spec, chain, d_logits)
-    return d_mean.contiguous(), d_speak.contiguous(), d_norm, d_chain
+    d_mean, d_speak, *d_conv = _spatial_grads(passes, mean, speak, spatial, spec, weights.conv, d_logits)
+    return d_mean.contiguous(), d_speak.contiguous(), d_norm, d_conv
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _in_layout(engine: Engine, t: Tensor | None) -> Tensor | None:
+    """``t`` as the engine reads it: itself where the engine takes its layout, else a contiguous copy."""
+    if t is None or t.is_contiguous() or (engine.channels_last and is_channels_last_view(t)):
+        return t
+    return t.contiguous()
+
+
+@dataclass
+class _Forward:
+    """One forward's results, computed without autograd; ``ms_graph`` is ``([logits, *norm weights]
+    leaves, ms)`` where a norm that ``spatial_gate`` does not compute was recorded. Vectors are in
+    ``compute_dtype(x)``; ``out`` in ``x``'s dtype and layout."""
+
+    out: Tensor
+    engine: Engine
+    passes: object  # the engine's module of passes
+    pooled: dict[str, Tensor]
+    mc: Tensor
+    mean: Tensor
+    speak: Tensor
+    channel_index: Tensor
+    spatial_index: Tensor
+    logits: Tensor
+    ms: Tensor
+    ms_graph: tuple[list[Tensor], Tensor] | None
+
+
+def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamWeights, record: bool,
+             selected: tuple[Engine, object], input_norm: _InputNorm | None = None,
+             overwrite: bool = False) -> _Forward:
+    """The fused forward, ``relu(cbam(x) + residual)`` with a residual; ``record`` keeps the autograd
+    graph of a norm that ``spatial_gate`` does not compute. ``input_norm``, a folded input BatchNorm
+    (only where ``folds_input_norm``); ``overwrite`` lets the one-call C++ forward write its output
+    over ``x``. ``weights`` are in ``compute_dtype(x)``."""
+    spatial = x.shape[2:]
+    engine, passes = selected
+    fixed_norm = _fixed_norm(spec, weights)
+    affine = None if input_norm is None else input_norm.affine
+    residual = _in_layout(engine, residual)
+    with torch.no_grad():
+        native = None
+        if _native_applies(engine, spec, weights):
+            native = _native_forward(passes, x, residual, spec, fixed_norm, weights, input_norm, overwrite)
+            out, mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits = native
+            pooled = {"avg": avg, "max": peak}
+        else:
+            x3 = x.reshape(*x.shape[:2], spatial.numel())
+            avg, peak, channel_index = passes.pool(x3) if input_norm is None else input_norm.pooled
+            pooled = _descriptors(x3, avg, peak, spec.pool_types)
+            mc = _channel_gate(pooled, spec, weights.mlp).contiguous()
+            stats = passes.gated_stats(x3, mc) if affine is None else passes.gated_stats(x3, mc, affine)
+            mean, speak, spatial_index = stats
+            logits = _spatial_logits(mean, speak, spatial, spec, weights.conv).contiguous()
+    ms_graph = None
+    if spatial_gate.by_hand(spec.norm):
+        if native is None or fixed_norm is None:  # the norm (once: it may update running statistics), gate
+            ms = spatial_gate.forward(logits, spatial, spec.norm, spec.gate).contiguous()
+    else:  # another norm: run once, recorded when a backward will follow
+        with torch.set_grad_enabled(record):
+            leaves = [logits.detach().requires_grad_(record), *(_leaf(w) for w in weights.norm if w is not None)]
+            ms_graph = (leaves, _spatial_gate(leaves[0], spatial, spec, *_with_nones(leaves[1:], weights.norm)))
+        ms = ms_graph[1].detach().contiguous()
+    if native is None or fixed_norm is None:
+        with torch.no_grad():
+            out = passes.apply(x, mc, ms, residual, affine)
+    return _Forward(out, engine, passes, pooled, mc, mean, speak, channel_index, spatial_index, logits, ms,
+                    ms_graph if record else None)
 
 
 def _with_nones(found: list[Tensor], like) -> list[Tensor | None]:
@@ -268,72 +395,17 @@ def _with_nones(found: list[Tensor], like) -> list[Tensor | None]:
     return [None if t is None else next(values) for t in like]
 
 
-def _contiguous(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.contiguous()
-
-
-@dataclass
-class _Forward:
-    """One forward's results, computed without autograd; ``ms_graph`` is ``([logits, *norm weights]
-    leaves, ms)`` where a norm that ``spatial_gate`` does not compute was recorded."""
-
-    out: Tensor
-    engine: object  # the module of passes that ran: cpu_passes or torch_passes
-    pooled: dict[str, Tensor]
-    mc: Tensor
-    stats: tuple[Tensor, Tensor]
-    indices: tuple[Tensor, Tensor]
-    logits: Tensor
-    ms: Tensor
-    ms_graph: tuple[list[Tensor], Tensor] | None
-
-
-def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights, record: bool,
-             input_norm: _InputNorm | None = None, overwrite: bool = False) -> _Forward:
-    """The fused forward, ``relu(cbam(x) + residual)`` with a residual; ``record`` keeps the autograd
-    graph of a norm that ``spatial_gate`` does not compute. ``input_norm``, a folded input BatchNorm
-    (only where ``folds_input_norm``); ``overwrite`` lets the one-call C++ forward write its output
-    over ``x``."""
-    spatial = x.shape[2:]
-    engine = _engine(x)
-    fixed_norm = _fixed_norm(spec, *weights[4:6])
-    with torch.no_grad():
-        native = _native_forward(engine, x, residual, spec, fixed_norm, weights, input_norm, overwrite)
-        if native is not None:
-            out, mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits = native
-            pooled = {"avg": avg, "max": peak}
-        else:
-            x3 = x.reshape(*x.shape[:2], spatial.numel())
-            avg, peak, channel_index = engine.pool(x3)
-            pooled = _descriptors(x3, avg, peak, spec.pool_types)
-            mc = _channel_gate(pooled, spec, *weights[:4]).contiguous()
-            mean, speak, spatial_index = engine.gated_stats(x3, mc)
-            logits = _spatial_logits(mean, speak, spatial, spec, weights[6:]).contiguous()
-    ms_graph = None
-    if spatial_gate.by_hand(spec.norm):
-        if native is None or fixed_norm is None:  # the norm (once: it may update running statistics), gate
-            ms = spatial_gate.forward(logits, spatial, spec.norm, spec.gate).contiguous()
-    else:  # another norm: run once, recorded when a backward will follow
-        with torch.set_grad_enabled(record):
-            leaves = [logits.detach().requires_grad_(record), *(_leaf(w) for w in weights[4:6] if w is not None)]
-            ms_graph = (leaves, _spatial_gate(leaves[0], spatial, spec, *_with_nones(leaves[1:], weights[4:6])))
-        ms = ms_graph[1].detach().contiguous()
-    if native is None or fixed_norm is None:
-        out = engine.apply(x, mc, ms, _contiguous(residual), None if input_norm is None else input_norm.affine)
-    return _Forward(out, engine, pooled, mc, (mean, speak), (channel_index, spatial_index), logits, ms,
-                    ms_graph if record else None)
-
-
-def fused_cbam(x: Tensor, spec: FusedSpec, *weights: Tensor | None, residual: Tensor | None = None,
+def fused_cbam(x: Tensor, spec: FusedSpec, weights: CbamWeights, *, residual: Tensor | None = None,
                input_norm: nn.Module | None = None, inplace: bool = False) -> Tensor:
-    """CBAM of ``x: (B, C, *spatial)`` on the fused passes; ``weights`` as ``FusedCBAM.forward`` takes them.
-    With ``residual`` (shaped like ``x``): ``relu(cbam(x) + residual)``, a residual block's tail, in
-    the same output pass. ``input_norm``, where given, must pass ``folds_input_norm``: CBAM's input is
-    then ``input_norm(x)``, computed as the passes read ``x`` (its running statistics updated as its
-    forward would). ``inplace`` lets the output overwrite ``x`` where no gradient is recorded (the
-    C++ forward in one call; elsewhere it is ignored).
+    """CBAM of ``x: (B, C, *spatial)`` on the fused passes. With ``residual`` (shaped like ``x``):
+    ``relu(cbam(x) + residual)``, a residual block's tail, in the same output pass. ``input_norm``,
+    where given, must pass ``folds_input_norm``: CBAM's input is then ``input_norm(x)``, computed as
+    the passes read ``x`` (its running statistics updated as its forward would). ``inplace`` lets the
+    output overwrite ``x`` where no gradient is recorded (the C++ forward in one call; elsewhere it is
+    ignored).
 
-    Where no gradient is wanted this skips the autograd function and what it saves.
+    The gates and small steps compute in ``compute_dtype(x)``; the output has ``x``'s dtype. Where no
+    gradient is wanted this skips the autograd function and what it saves.
     """
     if input_norm is not None and not folds_input_norm(input_norm, x, spec, weights):
         raise ValueError(f"fused_cbam cannot fold input_norm={input_norm!r} into its passes for an input of shape "
@@ -341,78 +413,91 @@ def fused_cbam(x: Tensor, spec: FusedSpec, *weights: Tensor | None, residual: Te
     return checked_fused_cbam(x, spec, weights, residual, input_norm, inplace)
 
 
-def checked_fused_cbam(x: Tensor, spec: FusedSpec, weights: tuple[Tensor | None, ...], residual: Tensor | None,
+def checked_fused_cbam(x: Tensor, spec: FusedSpec, weights: CbamWeights, residual: Tensor | None,
                        input_norm: nn.Module | None, inplace: bool) -> Tensor:
     """``fused_cbam`` where ``input_norm`` is known to fold (``CBAM.forward`` checked it)."""
     norm_weights = (None, None) if input_norm is None else (input_norm.weight, input_norm.bias)
-    inputs = (x, residual, *norm_weights, *weights)
+    inputs = (x, residual, *norm_weights, *weights.flat())
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return FusedCBAM.apply(x, residual, spec, input_norm, *norm_weights, *weights)
-    folded = None if input_norm is None else _input_norm(input_norm, x, *norm_weights)
-    return _forward(x, residual, spec, weights, record=False, input_norm=folded, overwrite=inplace).out
+        return FusedCBAM.apply(x, residual, spec, input_norm, *norm_weights, *weights.flat())
+    selected = select(x)
+    x = _in_layout(selected[0], x)
+    folded = None if input_norm is None else _input_norm(selected[1], input_norm, x, *norm_weights)
+    return _forward(x, residual, spec, weights.to(compute_dtype(x)), record=False, selected=selected,
+                    input_norm=folded, overwrite=inplace).out
 
 
 class FusedCBAM(torch.autograd.Function):
     """``out = y * Ms(y)``, ``y = x * Mc(x)`` for ``x: (B, C, *spatial)``, or ``relu(out + residual)``
-    with a residual; see the module docstring."""
+    with a residual; see the module docstring. ``weights`` are ``CbamWeights.flat()``."""
 
     @staticmethod
-    def forward(ctx, x, residual, spec: FusedSpec, input_norm, in_w, in_b, fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b,
-                *chain):
-        weights = (fc1_w, fc1_b, fc2_w, fc2_b, bn_w, bn_b, *chain)
-        folded, statistics, ctx.input_norm = None, [], None
+    def forward(ctx, x, residual, spec: FusedSpec, input_norm, in_w, in_b, *flat_weights):
+        selected = select(x)
+        x = _in_layout(selected[0], x)
+        weights = CbamWeights.from_flat(flat_weights)
+        computed = weights.to(compute_dtype(x))
+        folded, ctx.input_norm = None, None
+        saved: dict[str, Tensor | None] = {}
         if input_norm is not None:  # the folded BatchNorm: its map, and the statistics for its backward
-            folded = _input_norm(input_norm, x, in_w, in_b)
+            folded = _input_norm(selected[1], input_norm, x, in_w, in_b)
             # running statistics are the module's buffers: a later forward may update them before this backward
-            kept_statistics = (t if folded.batch else t.clone() for t in (folded.mean, folded.spread))
-            statistics, ctx.input_norm = [folded.affine, *kept_statistics], (folded.batch, input_norm.eps)
-        result = _forward(x, residual, spec, weights, record=True, input_norm=folded)
+            keep = (lambda t: t) if folded.batch else torch.clone
+            saved.update(affine=folded.affine, in_mean=keep(folded.mean), in_spread=keep(folded.spread))
+            ctx.input_norm = (folded.batch, input_norm.eps)
+        result = _forward(x, residual, spec, computed, record=True, selected=selected, input_norm=folded)
         kept = {kind: value for kind, value in result.pooled.items() if kind != "max"}  # maxima: gathered again
-        ctx.spec, ctx.engine, ctx.ms_graph, ctx.pool_names = spec, result.engine, result.ms_graph, list(kept)
-        ctx.has_residual = residual is not None  # then the output is saved too: the ReLU's mask
+        ctx.spec, ctx.engine, ctx.passes, ctx.ms_graph = spec, result.engine, result.passes, result.ms_graph
+        ctx.spatial, ctx.pool_names, ctx.has_residual = x.shape[2:], list(kept), residual is not None
         ctx.batch_statistics = spec.norm is not None and spatial_gate.uses_batch_statistics(spec.norm)
-        tail_output = [result.out] if ctx.has_residual else []
-        ctx.save_for_backward(x, result.logits, result.mc, result.ms, *result.stats, *result.indices, *tail_output,
-                              *statistics, *kept.values(), in_w, in_b, *weights)
+        saved.update(x=x, logits=result.logits, mc=result.mc, ms=result.ms, mean=result.mean, speak=result.speak,
+                     channel_index=result.channel_index, spatial_index=result.spatial_index, in_w=in_w, in_b=in_b,
+                     rectified=result.out if ctx.has_residual else None,  # the tail ReLU's mask
+                     **{f"pooled_{kind}": value for kind, value in kept.items()})
+        ctx.names, ctx.weight_count = list(saved), len(flat_weights)
+        ctx.save_for_backward(*saved.values(), *flat_weights)
         return result.out
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():
             raise RuntimeError("FusedCBAM has no double backward (create_graph=True); use CBAM(impl='reference')")
-        x, logits, mc, ms, mean, speak, channel_index, spatial_index, *rest = ctx.saved_tensors
-        spec, engine, spatial = ctx.spec, ctx.engine, x.shape[2:]
-        flat = (*x.shape[:2], spatial.numel())
-        x3, g3 = x.reshape(flat), grad.reshape(flat).contiguous()
-        rectified = rest.pop(0).reshape(flat) if ctx.has_residual else None
-        affine, in_mean, in_spread = [rest.pop(0) for _ in range(3)] if ctx.input_norm else (None, None, None)
-        pooled = dict(zip(ctx.pool_names, rest))
-        in_w, in_b, *weights = rest[len(pooled):]  # autograd fallbacks make their own leaves
+        tensors = ctx.saved_tensors
+        saved = dict(zip(ctx.names, tensors[:len(ctx.names)]))
+        weights = CbamWeights.from_flat(tensors[len(ctx.names):])
+        computed = weights.to(saved["mc"].dtype)
+        spec, engine, passes = ctx.spec, ctx.engine, ctx.passes
+        x, mc, ms = saved["x"], saved["mc"], saved["ms"]
+        flat = (*x.shape[:2], ctx.spatial.numel())
+        x3, g3 = x.reshape(flat), _in_layout(engine, grad.reshape(flat))
+        rectified = None if saved["rectified"] is None else saved["rectified"].reshape(flat)
+        affine, in_mean, in_spread = (saved.get(name) for name in ("affine", "in_mean", "in_spread"))
+        pooled = {kind: saved[f"pooled_{kind}"] for kind in ctx.pool_names}
 
         # On batch statistics the folded BatchNorm's backward is built from sums the passes take (centre:
         # its mean). g3 becomes the gradient through the tail's ReLU, which is also the residual's.
         centre = in_mean if ctx.input_norm and ctx.input_norm[0] else None
-        d_ms, d_mc, g3, pooled["max"], gated = engine.gate_grads(g3, x3, mc, ms, rectified, channel_index, affine,
-                                                                 centre)
-        if _native_pools(engine, spec):
-            channel = _NativeChannel(engine, spec, weights[:4], pooled, mc)
+        d_ms, d_mc, g3, pooled["max"], gated = passes.gate_grads(g3, x3, mc, ms, rectified, saved["channel_index"],
+                                                                 affine, centre)
+        if engine.has("small-steps") and spec.native_pools:
+            channel = _NativeChannel(passes, spec, computed.mlp, pooled, mc)
         else:
-            channel = _AutogradChannel(spec, weights[:4], pooled)
-        chain = [w for w in weights[6:] if w is not None]
-        d_mean, d_speak, d_norm, d_chain = _spatial_backward(engine, ctx, (logits, ms, mean, speak), spatial,
-                                                             weights[4:6], chain, d_ms)
-        d_stats, centred = engine.stats_grad(x3, d_mean, d_speak, spatial_index, affine, centre)
-        d_pooled, d_channel_weights = channel.grads(d_mc + d_stats)
-        found = iter([*d_channel_weights, *d_norm, *d_chain])  # in the order of weights, Nones skipped
+            channel = _AutogradChannel(spec, computed.mlp, pooled)
+        d_mean, d_speak, d_norm, d_conv = _spatial_backward(engine, passes, ctx, saved, computed, d_ms)
+        d_stats, centred = passes.stats_grad(x3, d_mean, d_speak, saved["spatial_index"], affine, centre)
+        d_pooled, d_mlp = channel.grads(d_mc + d_stats)
+        found = iter([*d_mlp, *d_norm, *d_conv])  # in the order of weights, Nones skipped
         d_residual = g3.view_as(x) if ctx.has_residual else None
-        d_weights = [None if w is None else next(found) for w in weights]
+        d_weights = [None if w is None else next(found).to(w.dtype) for w in weights.flat()]
+        in_w, in_b = saved["in_w"], saved["in_b"]
 
-        gradients = (g3, x3, mc, ms, d_mean, d_speak, spatial_index, d_pooled["avg"], d_pooled["max"], channel_index)
+        gradients = (g3, x3, mc, ms, d_mean, d_speak, saved["spatial_index"], d_pooled["avg"], d_pooled["max"],
+                     saved["channel_index"])
         if centre is not None:  # the BatchNorm's backward with CBAM's: one pass over x
-            dx, d_in_w, d_in_b = engine.batch_norm_input_grad(*gradients, gated, centred, in_mean, in_spread, in_w)
+            dx, d_in_w, d_in_b = passes.batch_norm_input_grad(*gradients, gated, centred, in_mean, in_spread, in_w)
             return (dx.view_as(x), d_residual, None, None, None if in_w is None else d_in_w,
                     None if in_b is None else d_in_b, *d_weights)
-        dx = engine.input_grad(*gradients)
+        dx = passes.input_grad(*gradients)
         if "lp" in pooled:
             norm = pooled["lp"].unsqueeze(2)
             dx.addcmul_(d_pooled["lp"].unsqueeze(2), torch.where(norm > 0, x3 / norm, 0))
@@ -432,31 +517,31 @@ def _pool_coefficients(spec: FusedSpec) -> list[list[float]]:
 
 
 class _NativeChannel:
-    """The channel MLP's backward on the compiled engine (avg/max/mix pooling), given the forward's
-    gate ``mc (B, C)``."""
+    """The channel MLP's backward on an engine with the small steps (avg/max/mix pooling), given the
+    forward's gate ``mc (B, C)``."""
 
-    def __init__(self, engine, spec: FusedSpec, weights, pooled: dict[str, Tensor], mc: Tensor):
-        fc1_w, fc1_b, fc2_w = (_contiguous(None if w is None else w.detach()) for w in weights[:3])
-        self.engine, self.weights, self.pooled, self.hard = engine, weights, pooled, spec.gate == "hard-sigmoid"
+    def __init__(self, passes, spec: FusedSpec, mlp, pooled: dict[str, Tensor], mc: Tensor):
+        fc1_w, fc1_b, fc2_w = (_contiguous(None if w is None else w.detach()) for w in mlp[:3])
+        self.passes, self.mlp, self.pooled, self.hard = passes, mlp, pooled, spec.gate == "hard-sigmoid"
         self.args = (*_pool_coefficients(spec), fc1_w, fc1_b, fc2_w)
         self.mc = mc
 
     def grads(self, d_mc: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
         """Gradients for the pooled vectors and the MLP weights that exist, given ``d_mc (B, C)``."""
-        d_avg, d_max, *d_weights = self.engine.channel_backward(self.pooled["avg"], self.pooled["max"], *self.args,
-                                                                self.mc, d_mc.contiguous(), self.hard)
-        return {"avg": d_avg, "max": d_max}, [g for g, w in zip(d_weights, self.weights) if w is not None]
+        d_avg, d_max, *d_mlp = self.passes.channel_backward(self.pooled["avg"], self.pooled["max"], *self.args,
+                                                            self.mc, d_mc.contiguous(), self.hard)
+        return {"avg": d_avg, "max": d_max}, [g for g, w in zip(d_mlp, self.mlp) if w is not None]
 
 
 class _AutogradChannel:
     """The channel MLP's backward through autograd (any pool types, any engine), its graph recomputed."""
 
-    def __init__(self, spec: FusedSpec, weights, pooled: dict[str, Tensor]):
-        weights = [_leaf(w) for w in weights]
-        self.weights = [w for w in weights if w is not None]
+    def __init__(self, spec: FusedSpec, mlp, pooled: dict[str, Tensor]):
+        mlp = [_leaf(w) for w in mlp]
+        self.weights = [w for w in mlp if w is not None]
         self.leaves = {kind: _leaf(value) for kind, value in pooled.items()}
         with torch.enable_grad():
-            self.graph = _channel_gate(self.leaves, spec, *weights)
+            self.graph = _channel_gate(self.leaves, spec, mlp)
 
     def grads(self, d_mc: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
         found = _grads(self.graph, [*self.leaves.values(), *self.weights], d_mc)

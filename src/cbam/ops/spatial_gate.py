@@ -29,11 +29,19 @@ def uses_batch_statistics(norm: nn.Module) -> bool:
 
 
 def forward(logits: Tensor, spatial: torch.Size, norm: nn.Module | None, gate: str) -> Tensor:
-    """``ms (B, S) = gate(norm(logits))``; a BatchNorm runs as a module (updating its statistics)."""
+    """``ms (B, S) = gate(norm(logits))``; a BatchNorm runs as a module (updating its statistics), on the
+    logits in its own dtype (a bfloat16 module's norm on float32 logits: torch wants them alike)."""
     with torch.no_grad():
         if norm is not None:
-            logits = norm(logits.view(logits.shape[0], 1, *spatial)).view(logits.shape)
+            shaped = logits.view(logits.shape[0], 1, *spatial).to(_dtype_of(norm, logits.dtype))
+            logits = norm(shaped).view(logits.shape).to(logits.dtype)
         return functional.gate(logits, gate)
+
+
+def _dtype_of(norm: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype of ``norm``'s parameters or buffers (``default`` where it has none)."""
+    tensors = [t for t in (*norm.parameters(recurse=False), *norm.buffers(recurse=False)) if t.is_floating_point()]
+    return tensors[0].dtype if tensors else default
 
 
 def backward(logits: Tensor, ms: Tensor, d_ms: Tensor, norm: nn.Module | None, gate: str,

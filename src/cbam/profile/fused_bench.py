@@ -30,8 +30,7 @@ from torch import nn
 from ..convert import from_timm
 from ..models import resnet50
 from ..nn import CBAM
-from ..ops import cpu_extension, torch_passes
-from ..ops import fused as fused_ops
+from ..ops import engines
 from ..validation import check_int
 from .benchmark import interleaved_medians, interleaved_samples, saved_bytes
 
@@ -47,22 +46,13 @@ COPY = "copy"
 
 
 class TorchOpsCBAM(CBAM):
-    """``CBAM(impl="fused")`` on the plain-torch passes (``cbam.ops.torch_passes``) even where the C++
-    engine exists. ``cbam.ops.fused`` picks its engine per call through its module-level ``_engine``
-    and takes no argument for it, so each forward swaps that function and restores it in ``finally``;
-    the backward keeps the engine its forward saw."""
+    """``CBAM(impl="fused")`` on the plain-torch passes (``cbam.ops.engines.torch_ops``) even where a
+    compiled engine exists: each forward runs under ``engines.using("torch")``; the backward keeps the
+    engine its forward saw."""
 
     def forward(self, x):
-        chosen = fused_ops._engine
-        fused_ops._engine = _torch_engine
-        try:
+        with engines.using("torch"):
             return super().forward(x)
-        finally:
-            fused_ops._engine = chosen
-
-
-def _torch_engine(x):
-    return torch_passes
 
 
 def _timm_cbam() -> type[nn.Module] | None:
@@ -186,7 +176,7 @@ def _peer_names(compile_reference: bool, notes: list[str]) -> list[str]:
     if not names:
         notes.append(f"timm is not installed: speed-ups are over '{REFERENCE}' instead of timm's CbamModule")
     names += [REFERENCE, TORCH_OPS]
-    if cpu_extension.engine() is not None:
+    if engines.ENGINES["cpp"].load() is not None:
         names.append(CPP)
     else:
         notes.append(f"the C++ engine is unavailable (no compiler or ninja, a failed build, or "

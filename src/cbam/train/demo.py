@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from ..atomic import write_text_atomic
-from ..ops.cpu_extension import engine
+from ..ops.engines.cpp import engine
 from ..profile import cost
 from ..tables import format_count, format_table
 from .data import load_split

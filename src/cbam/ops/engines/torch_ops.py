@@ -3,6 +3,9 @@
 Every function works on ``x: (B, C, S)`` (spatial dims flattened) and per-channel ``(B, C)`` or
 per-position ``(B, S)`` vectors. A compiled engine provides the same functions with fewer passes
 over memory; this one is the definition they are tested against.
+
+bfloat16/float16 tensors are widened to float32 as they are read (``wide``): the vectors come out in
+float32, the large outputs (``apply``'s, ``input_grad``'s) in the input's dtype.
 """
 
 from __future__ import annotations
@@ -11,9 +14,15 @@ import torch
 from torch import Tensor
 
 
+def wide(t: Tensor | None) -> Tensor | None:
+    """``t`` in float32 where it is a half-precision tensor, else itself."""
+    return t.float() if t is not None and t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def normed(x: Tensor, input_affine: Tensor | None) -> Tensor:
     """``x (B, C, ...)`` through the per-channel map ``scale * x + shift`` of ``input_affine (2, C)`` (an
     eval-mode BatchNorm's, or one on batch statistics), or ``x`` itself without one."""
+    x = wide(x)
     if input_affine is None:
         return x
     scale, shift = (t.view(1, -1, *[1] * (x.dim() - 2)) for t in input_affine)
@@ -22,12 +31,15 @@ def normed(x: Tensor, input_affine: Tensor | None) -> Tensor:
 
 def pool(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Spatial mean, max and arg-max of each channel: three ``(B, C)`` tensors."""
+    x = wide(x)
     peak, index = x.max(2)
     return x.mean(2), peak, index
 
 
-def gated_stats(x: Tensor, mc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Channel-wise mean, max and arg-max of ``y = x * mc`` at each position: three ``(B, S)``."""
+def gated_stats(x: Tensor, mc: Tensor, input_affine: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Channel-wise mean, max and arg-max of ``y = normed(x, input_affine) * mc`` at each position: three
+    ``(B, S)``."""
+    x = normed(x, input_affine)
     mean = torch.bmm(mc.unsqueeze(1), x).squeeze(1) / x.shape[1]
     peak, index = (x * mc.unsqueeze(2)).max(1)
     return mean, peak, index
@@ -38,10 +50,11 @@ def apply(x: Tensor, mc: Tensor, ms: Tensor, residual: Tensor | None = None,
     """``y * mc * ms`` for ``y = normed(x, input_affine)``, ``x: (B, C, *spatial)`` (not flattened: the
     output is no view), ``mc (B, C)``, ``ms (B, S)``; with a ``residual`` shaped like ``x``,
     ``relu(y * mc * ms + residual)``."""
-    x = normed(x, input_affine)
+    y = normed(x, input_affine)
     ones = [1] * (x.dim() - 2)
-    out = x * mc.view(*mc.shape, *ones) * ms.view(ms.shape[0], 1, *x.shape[2:])
-    return out if residual is None else out.add_(residual).relu_()
+    out = y * mc.view(*mc.shape, *ones) * ms.view(ms.shape[0], 1, *x.shape[2:])
+    out = out if residual is None else out.add_(residual).relu_()
+    return out.to(x.dtype)
 
 
 def _centred_sums(weights: Tensor, x: Tensor, centre: Tensor) -> Tensor:
@@ -61,9 +74,9 @@ def gate_grads(grad: Tensor, x: Tensor, mc: Tensor, ms: Tensor, rectified: Tenso
     y = normed(x, input_affine)
     if rectified is not None:
         grad = torch.ops.aten.threshold_backward(grad, rectified, 0)
-    gy = grad * y
+    gy = wide(grad) * y
     peaks = y.gather(2, channel_index.unsqueeze(2)).squeeze(2)
-    gated = None if centre is None else _centred_sums(grad * ms.unsqueeze(1), x, centre)
+    gated = None if centre is None else _centred_sums(wide(grad) * ms.unsqueeze(1), wide(x), centre)
     return torch.bmm(mc.unsqueeze(1), gy).squeeze(1), torch.bmm(gy, ms.unsqueeze(2)).squeeze(2), grad, peaks, gated
 
 
@@ -77,7 +90,7 @@ def stats_grad(x: Tensor, d_mean: Tensor, d_peak: Tensor, index: Tensor, input_a
     at_peak = y.gather(1, index.unsqueeze(1)).squeeze(1)
     centred = None
     if centre is not None:
-        offsets = x - centre.view(1, -1, 1)
+        offsets = wide(x) - centre.view(1, -1, 1)
         centred = torch.stack([(d_mean.unsqueeze(1) * offsets).sum(2), offsets.sum(2)], 1)
     return d_mc.scatter_add_(1, index, d_peak * at_peak), centred
 
@@ -92,12 +105,12 @@ def input_grad(
     ``channel_index`` ``(B, C)`` to ``pool``. Each max routes its gradient to the one arg-max.
     """
     channels, positions = x.shape[1], x.shape[2]
-    dx = grad * mc.unsqueeze(2) * ms.unsqueeze(1)
+    dx = wide(grad) * mc.unsqueeze(2) * ms.unsqueeze(1)
     rows = torch.stack([mc / channels, d_avg / positions], dim=2)  # (B, C, 2)
     cols = torch.stack([d_mean, torch.ones_like(d_mean)], dim=1)  # (B, 2, S)
     dx.baddbmm_(rows, cols)
     dx.scatter_add_(1, index.unsqueeze(1), (d_peak * mc.gather(1, index)).unsqueeze(1))
-    return dx.scatter_add_(2, channel_index.unsqueeze(2), d_max.unsqueeze(2))
+    return dx.scatter_add_(2, channel_index.unsqueeze(2), d_max.unsqueeze(2)).to(x.dtype)
 
 
 def batch_norm_input_grad(

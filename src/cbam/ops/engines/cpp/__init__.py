@@ -1,8 +1,8 @@
 """The compiled engine for the fused CBAM on the CPU: ``cpu_passes.cpp``, built on first use.
 
-``engine()`` returns the compiled module — the same functions as ``torch_passes`` for contiguous
+``engine()`` returns the compiled module — the same functions as ``torch_ops`` for contiguous
 float32/float64 CPU tensors — or ``None`` when it cannot be had (no C++ compiler, no ninja, a
-failed build, or ``CBAM_NO_EXTENSION=1``); the fused path then runs ``torch_passes``. The first
+failed build, or ``CBAM_NO_EXTENSION=1``); the fused path then runs ``torch_ops``. The first
 fused call on a machine builds it (about 30 s on 2 cores, silently); torch caches the build in
 ``TORCH_EXTENSIONS_DIR`` and later processes load it in a second.
 

@@ -1233,7 +1233,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stats_grad", &stats_grad);
   m.def("input_grad", &input_grad);
   m.def("batch_norm_input_grad", &batch_norm_input_grad);
-  m.def("forward", &forward);
+  m.def("forward", &forward, py::arg("x"), py::arg("size"), py::arg("avg_coef"), py::arg("max_coef"), py::arg("fc1_w"), py::arg("fc1_b"), py::arg("fc2_w"), py::arg("fc2_b"), py::arg("conv_w"), py::arg("kernel"), py::arg("hard"), py::arg("finish"), py::arg("norm_w"), py::arg("norm_b"), py::arg("running_mean"), py::arg("running_var"), py::arg("eps"), py::arg("residual"), py::arg("input_affine"), py::arg("overwrite"), py::arg("pooled"));
   m.def("batch_norm_affine", &batch_norm_affine);
   m.def("batch_norm_pool", &batch_norm_pool);
   m.def("conv_backward", &conv_backward);

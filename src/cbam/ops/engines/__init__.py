@@ -1,0 +1,149 @@
+"""The engines behind the fused CBAM, in one registry, and the one function that picks one for a tensor.
+
+An engine is a module of passes over the large tensor with the functions of ``torch_ops`` (the
+portable definition, every other engine tested against it). Each declares what it covers:
+
+========  ============================  ===============================  ==========================
+engine    devices                       dtypes                           layouts
+========  ============================  ===============================  ==========================
+torch     any                           any floating                     any (copies where needed)
+cpp       cpu                           float32, float64                 contiguous
+triton    cuda (cpu: TRITON_INTERPRET)  float32, float64, bf16, fp16     contiguous, channels-last
+========  ============================  ===============================  ==========================
+
+and which extras it computes itself (``Engine.extras``): ``"forward"`` the whole forward in one call,
+``"small-steps"`` the MLP's and the spatial conv's backward, ``"fold"`` a BatchNorm before CBAM
+folded into its passes. Where an engine lacks one, the fused path does that step in torch ops (or,
+for the fold, calls the BatchNorm first).
+
+``CBAM_ENGINE`` (``auto``, ``torch``, ``cpp``, ``triton``) picks the engine. ``auto`` takes the
+compiled engine of the input's device (``cpp`` on the CPU, ``triton`` on CUDA) where it covers the
+input and loads, else ``torch``; a named engine runs wherever it covers the input and loads, and
+``torch`` elsewhere (so a test suite run with ``CBAM_ENGINE=triton`` still runs its float64 CPU
+checks). The Triton interpreter counts as a CPU device only when ``triton`` is named.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+CHOICES = ("auto", "torch", "cpp", "triton")
+HALF_DTYPES = frozenset({torch.bfloat16, torch.float16})
+WIDE_DTYPES = frozenset({torch.float32, torch.float64})
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def is_channels_last_view(x: Tensor) -> bool:
+    """Whether ``x: (B, C, *spatial)`` lies channels-last in memory: its ``(B, C, S)`` view has strides
+    ``(S * C, 1, C)``."""
+    if x.dim() < 3 or x.shape[1] == 1:
+        return False
+    flat = x.view(*x.shape[:2], -1) if _viewable(x) else None
+    return flat is not None and flat.stride(1) == 1 and (flat.shape[2] == 1 or flat.stride(2) == x.shape[1])
+
+
+def _viewable(x: Tensor) -> bool:
+    try:
+        x.view(*x.shape[:2], -1)
+    except RuntimeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One engine: its name, what inputs it covers, what it computes beyond the passes, and how to load it."""
+
+    name: str
+    devices: frozenset[str]
+    dtypes: frozenset[torch.dtype]
+    channels_last: bool
+    extras: frozenset[str]
+    module_name: str
+    loader: Callable[[ModuleType], ModuleType | None] = lambda module: module
+
+    def covers(self, x: Tensor, named: bool = False) -> bool:
+        """Whether this engine computes the fused CBAM of ``x`` (``named``: ``CBAM_ENGINE`` asked for it)."""
+        device = x.device.type
+        on_device = device in self.devices or (named and self.name == "triton" and device == "cpu"
+                                               and _triton_interpreted())
+        if not on_device or x.dtype not in self.dtypes:
+            return False
+        return x.is_contiguous() or (self.channels_last and is_channels_last_view(x))
+
+    def load(self) -> ModuleType | None:
+        """The engine's module of passes, or ``None`` where it cannot be had (a failed build, no triton)."""
+        try:
+            module = importlib.import_module(self.module_name, __name__)
+        except ImportError:
+            return None
+        return self.loader(module)
+
+    def has(self, extra: str) -> bool:
+        return extra in self.extras
+
+
+ENGINES = {
+    "torch": Engine("torch", frozenset({"cpu", "cuda", "mps", "xpu", "meta"}), frozenset(), True, frozenset(),
+                    ".torch_ops"),
+    "cpp": Engine("cpp", frozenset({"cpu"}), WIDE_DTYPES, False, frozenset({"forward", "small-steps", "fold"}),
+                  ".cpp", lambda module: module.engine()),
+    "triton": Engine("triton", frozenset({"cuda"}), WIDE_DTYPES | HALF_DTYPES, True, frozenset({"fold"}),
+                     ".triton_ops"),
+}
+AUTO = {"cpu": ("cpp",), "cuda": ("triton",)}  # the compiled engine tried first on each device
+
+
+def requested() -> str:
+    """``CBAM_ENGINE``, checked (default ``auto``)."""
+    wanted = os.environ.get("CBAM_ENGINE", "auto").strip().lower() or "auto"
+    if wanted not in CHOICES:
+        raise ValueError(f"CBAM_ENGINE must be one of {', '.join(CHOICES)}, got {wanted!r}")
+    return wanted
+
+
+@contextlib.contextmanager
+def using(name: str) -> Iterator[None]:
+    """Run the block with ``CBAM_ENGINE=name`` (tests and benchmarks switch engines this way)."""
+    if name not in CHOICES:
+        raise ValueError(f"engine must be one of {', '.join(CHOICES)}, got {name!r}")
+    before = os.environ.get("CBAM_ENGINE")
+    os.environ["CBAM_ENGINE"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CBAM_ENGINE"]
+        else:
+            os.environ["CBAM_ENGINE"] = before
+
+
+def engine_for(x: Tensor) -> str:
+    """The name of the engine that a fused CBAM of ``x: (B, C, *spatial)`` runs on (see the module docstring)."""
+    wanted = requested()
+    candidates = AUTO.get(x.device.type, ()) if wanted == "auto" else (wanted,)
+    for name in candidates:
+        engine = ENGINES[name]
+        if name != "torch" and engine.covers(x, named=wanted != "auto") and engine.load() is not None:
+            return name
+    return "torch"
+
+
+def select(x: Tensor) -> tuple[Engine, ModuleType]:
+    """The engine for ``x`` and its module of passes."""
+    engine = ENGINES[engine_for(x)]
+    return engine, engine.load()
+
+
+__all__ = ["CHOICES", "ENGINES", "Engine", "engine_for", "is_channels_last_view", "requested", "select", "using"]
