@@ -12,7 +12,7 @@ import importlib
 import sys
 
 SUBCOMMANDS: list[str] = [  # module names under cbam.cli, in --help order
-    "trace", "check", "profile", "bench", "visualize", "train", "eval", "demo",
+    "trace", "check", "profile", "bench", "visualize", "train", "eval", "convert", "demo",
 ]
 
 

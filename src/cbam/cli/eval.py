@@ -1,4 +1,8 @@
-"""``cbam eval``: a ``cbam train`` checkpoint's test accuracy, confusion matrix and pointing game."""
+"""``cbam eval``: a checkpoint's test accuracy, confusion matrix and pointing game.
+
+A ``cbam train`` checkpoint names its model and data; any other checkpoint ``cbam.convert.load_weights``
+reads (official, timm, torchvision, safetensors) is evaluated with ``--model`` and ``--data``.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,23 @@ import json
 from pathlib import Path
 
 from ..tables import format_table
+from .model_spec import add_model_arguments, build_model
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "eval", help="evaluate a cbam train checkpoint",
-        description="Evaluate a checkpoint written by `cbam train` on a test split: accuracy, a confusion-matrix "
-                    "figure, and on synthetic data the pointing game of every CBAM's spatial attention against "
-                    "the object boxes. Checkpoints load with weights_only=True.",
+        "eval", help="evaluate a checkpoint",
+        description="Evaluate a checkpoint written by `cbam train` (or, with --model and --data, any checkpoint "
+                    "cbam convert reads) on a test split: accuracy, a confusion-matrix figure, and on synthetic "
+                    "data the pointing game of every CBAM's spatial attention against the object boxes. "
+                    "Checkpoints load with weights_only=True.",
     )
-    parser.add_argument("--checkpoint", type=Path, required=True, help="OUT/checkpoint.pt of a cbam train run")
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="OUT/checkpoint.pt of a cbam train run, or other weights with --model and --data")
+    add_model_arguments(parser)
+    parser.set_defaults(model=None, num_classes=None)
     parser.add_argument("--data", default=None, help="test data (default: the data the checkpoint was trained on)")
+    parser.add_argument("--image-size", type=int, default=64, help="side of imagefolder images with --model")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--out", type=Path, default=None,
                         help="confusion-matrix figure (default confusion.png beside the checkpoint)")
@@ -26,8 +36,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import build_model, load_split, predict, read_checkpoint
-    from ..train.checkpoint import load_state
+    from ..convert import load_weights
+    from ..train import build_model as build_trained_model
+    from ..train import load_split, predict, read_checkpoint
     from ..train.loop import FORMAT
     from ..train.metrics import confusion_figure, confusion_matrix
     from ..validation import check_int
@@ -37,14 +48,23 @@ def run(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else args.checkpoint.parent / "confusion.png"
     figure_format(out)
     checkpoint = read_checkpoint(args.checkpoint)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {str(args.checkpoint)!r} was not written by cbam train (no {FORMAT!r} format "
-                         f"tag); for bare weights use cbam visualize --checkpoint")
-    config, classes = checkpoint["config"], tuple(checkpoint["classes"])
-    model = build_model(config, len(classes))
-    load_state(model, checkpoint["model"], args.checkpoint)
-    data = args.data or config["data"]
-    split = load_split(data, False, image_size=config["image_size"])
+    source = f"checkpoint {str(args.checkpoint)!r}"
+    if isinstance(checkpoint, dict) and checkpoint.get("format") == FORMAT:
+        config, classes = checkpoint["config"], tuple(checkpoint["classes"])
+        model = build_trained_model(config, len(classes))
+        report = load_weights(checkpoint["model"], model, allow_missing_attention=False, source_name=source)
+        data = args.data or config["data"]
+        split = load_split(data, False, image_size=config["image_size"])
+    else:
+        if args.model is None or args.data is None:
+            raise ValueError(f"{source} was not written by cbam train (no {FORMAT!r} format tag): name its model "
+                             f"and test data with --model and --data")
+        data = args.data
+        split = load_split(data, False, image_size=args.image_size)
+        classes = split.classes
+        args.num_classes = len(classes) if args.num_classes is None else args.num_classes
+        model = build_model(args)
+        report = load_weights(checkpoint, model, allow_missing_attention=False, source_name=source)
     if split.classes != classes:
         raise ValueError(f"--data {data}: its classes {list(split.classes)} differ from the checkpoint's "
                          f"{list(classes)}")
@@ -59,8 +79,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"data": data, "images": len(result.labels), "accuracy": result.accuracy,
                           "confusion_matrix": matrix.tolist(), "classes": list(classes), "pointing_game": pointing,
-                          "figure": str(path)}, indent=2))
+                          "figure": str(path), "weights": str(report)}, indent=2))
         return 0
+    print(report)
     print(f"{data}: accuracy {result.accuracy:.2%} on {len(result.labels)} test images; wrote {path}")
     if pointing:
         print("\npointing game (the spatial gate's peak inside the object's box):")

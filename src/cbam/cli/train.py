@@ -30,6 +30,10 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT/checkpoint.pt (start afresh if there is none)")
+    parser.add_argument("--init-from", metavar="PATH", default=None,
+                        help="start from these weights: cbam, official, timm or torchvision checkpoints (.pt or "
+                             ".safetensors); attention a backbone lacks and a classifier of another size stay at "
+                             "their initialisation (ignored when --resume continues a run)")
     parser.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                         help="run at most this many epochs now, then exit (continue later with --resume)")
     parser.add_argument("--amp", action="store_true", help="autocast: bfloat16 on the CPU, float16 on CUDA")
@@ -55,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
         out=args.out, model=args.model, attention=args.attention, preset=args.preset, stem=args.stem, data=args.data,
         image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
         lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, amp=args.amp, channels_last=args.channels_last,
-        device=args.device, workers=args.workers, resume=args.resume, stop_after=args.stop_after,
-        dist_timeout=args.dist_timeout, progress=not args.no_progress,
+        device=args.device, workers=args.workers, resume=args.resume, init_from=args.init_from,
+        stop_after=args.stop_after, dist_timeout=args.dist_timeout, progress=not args.no_progress,
     )
     try:
         train(config)

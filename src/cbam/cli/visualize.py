@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from ..train.checkpoint import load_checkpoint
 from ..viz.image import MIN_SIDE
 from .model_spec import add_model_arguments, build_model
 
@@ -19,7 +18,9 @@ def register(subparsers) -> None:
                     "its channel weights (PNG, SVG or PDF by the --out extension).",
     )
     add_model_arguments(parser)
-    parser.add_argument("--checkpoint", type=Path, help="weights: a state dict, or a dict holding one under 'model'")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="weights in any layout cbam convert reads (cbam, official, timm; .pt or .safetensors), "
+                             "converted to the model's")
     parser.add_argument("--image", type=Path, required=True, help="any image Pillow reads")
     parser.add_argument("--size", type=_side, default=224, help="side of the square model input (default 224)")
     parser.add_argument("--layers", nargs="+", metavar="NAME",
@@ -42,6 +43,7 @@ def _side(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from .. import viz
+    from ..convert import load_weights
     from ..viz.extras import require
 
     try:
@@ -52,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     viz.figure_format(args.out)
     image = viz.load_image(args.image, args.size)
     model = build_model(args).eval()
-    if args.checkpoint is not None:
-        load_checkpoint(model, args.checkpoint)
+    if args.checkpoint is not None:  # attention left at initialisation would draw nothing learnt: strict
+        print(load_weights(args.checkpoint, model, allow_missing_attention=False))
     heatmaps = {}
     with viz.capture_attention(model) as records:
         if args.grad_cam is None:

@@ -8,12 +8,12 @@
 """
 
 from .layout import Layout, detect
-from .load import LoadReport, load_weights
+from .load import LoadReport, as_ours, load_weights
 from .read import find_state_dict, read_file, strip_wrappers
 from .rules import from_official, from_timm, to_official, to_timm
 from .write import save_weights
 
 __all__ = [
-    "Layout", "LoadReport", "detect", "find_state_dict", "from_official", "from_timm", "load_weights", "read_file",
-    "save_weights", "strip_wrappers", "to_official", "to_timm",
+    "Layout", "LoadReport", "as_ours", "detect", "find_state_dict", "from_official", "from_timm", "load_weights",
+    "read_file", "save_weights", "strip_wrappers", "to_official", "to_timm",
 ]

@@ -89,7 +89,9 @@ def _modules(keys) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _to_ours(state: Mapping[str, Tensor], layout: Layout) -> OrderedDict:
+def as_ours(state: Mapping[str, Tensor], layout: Layout | None = None) -> OrderedDict:
+    """``state`` (in ``layout``, detected if ``None``) with every CBAM in our keys; prefixes kept."""
+    layout = detect(state) if layout is None else layout
     return _FROM[layout.name](state) if layout.name in _FROM else OrderedDict(state)
 
 
@@ -171,15 +173,15 @@ def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_mi
 
     expected = model.state_dict()
     target = detect(expected)
-    target_prefixes = attention_prefixes(_to_ours(expected, target), OURS_ANCHOR)
-    weights = _match_attention_names(_to_ours(stripped.state, layout), target_prefixes)
+    target_prefixes = attention_prefixes(as_ours(expected, target), OURS_ANCHOR)
+    weights = _match_attention_names(as_ours(stripped.state, layout), target_prefixes)
     if target.name in _TO:
         weights = _TO[target.name](weights)
 
     missing = [key for key in expected if key not in weights]
     unexpected = [key for key in weights if key not in expected]
-    wrong = [(key, value, expected[key]) for key, value in weights.items()
-             if key in expected and value.shape != expected[key].shape]
+    wrong = [(key, weights[key], value) for key, value in expected.items()  # in the model's order
+             if key in weights and weights[key].shape != value.shape]
     left_at_init: tuple[str, ...] = ()
     if layout.name == PLAIN and target.name != PLAIN and allow_missing_attention:
         left_at_init = tuple(key for key in missing if key.startswith(target.prefixes))

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from .. import models
+from ..convert import load_weights
 from ..validation import check_choice, check_int
 from . import distributed
 from .checkpoint import load_state, read_checkpoint, save_checkpoint
@@ -63,6 +64,7 @@ class TrainConfig:
     device: str = "cpu"
     workers: int = 0
     resume: bool = False
+    init_from: str | None = None  # weights to start from (any layout load_weights reads); ignored on --resume
     stop_after: int | None = None  # epochs to run in this call (a time-sliced job), then exit
     dist_timeout: float = 300.0
     progress: bool = True
@@ -190,7 +192,11 @@ def _train(config: TrainConfig, context: distributed.Context, log: Callable[[str
                          f"training images")
 
     torch.manual_seed(config.seed)
-    model = build_model(config.run_settings(), len(train_split.classes)).to(context.device)
+    model = build_model(config.run_settings(), len(train_split.classes))
+    if config.init_from is not None and checkpoint is None:
+        # a backbone without attention leaves CBAM at its initialisation; another class count, the head
+        log(str(load_weights(config.init_from, model, new_head=True)))
+    model = model.to(context.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.optimizer == "sgd":
