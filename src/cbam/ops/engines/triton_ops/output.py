@@ -41,7 +41,7 @@ def apply(x: Tensor, mc: Tensor, ms: Tensor, residual: Tensor | None = None,
     channels-last; the output has its dtype, shape and layout), ``mc (B, C)``, ``ms (B, S)``; with a
     ``residual`` shaped like ``x``, ``relu(y * mc * ms + residual)``."""
     B, C = x.shape[:2]
-    x3 = x.reshape(B, C, -1)
+    x3 = x.flatten(2)
     S = x3.shape[2]
     out3 = torch.empty_like(x3)
     residual3 = x3 if residual is None else residual.reshape(B, C, S)
