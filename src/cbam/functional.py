@@ -145,13 +145,14 @@ def spatial_attention_map(x: Tensor, *args, gate_kind: str = "sigmoid", **kwargs
 
 
 def channel_attention(x: Tensor, *args, **kwargs) -> Tensor:
-    """``x * channel_attention_map(x, ...)``: same arguments, output shaped like ``x``."""
-    return x * channel_attention_map(x, *args, **kwargs)
+    """``x * channel_attention_map(x, ...)``: same arguments, output shaped and typed like ``x`` (under CUDA
+    autocast the MLP's sum, and so the gate, is float32: the gate is cast, ``x`` is not promoted)."""
+    return x * channel_attention_map(x, *args, **kwargs).to(x.dtype)
 
 
 def spatial_attention(x: Tensor, *args, **kwargs) -> Tensor:
-    """``x * spatial_attention_map(x, ...)``: same arguments, output shaped like ``x``."""
-    return x * spatial_attention_map(x, *args, **kwargs)
+    """``x * spatial_attention_map(x, ...)``: same arguments, output shaped and typed like ``x``."""
+    return x * spatial_attention_map(x, *args, **kwargs).to(x.dtype)
 
 
 def cbam(

@@ -74,7 +74,7 @@ class ChannelAttention(nn.Module):
         return functional.gate(self.logits(x), self.gate)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.attention(x)
+        return x * self.attention(x).to(x.dtype)  # a float32 gate (CUDA autocast) keeps x's dtype
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, reduction_ratio={self.reduction_ratio}, "

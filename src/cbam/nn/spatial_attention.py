@@ -98,7 +98,7 @@ class SpatialAttention(nn.Module):
         return functional.gate(self.logits(x), self.gate)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.attention(x)
+        return x * self.attention(x).to(x.dtype)  # a float32 gate (CUDA autocast) keeps x's dtype
 
     def extra_repr(self) -> str:
         return (f"kernel_size={self.kernel_size}, pool={self.pool!r}, conv={self.conv_kind!r}, gate={self.gate!r}, "

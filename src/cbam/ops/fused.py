@@ -462,6 +462,11 @@ class FusedCBAM(torch.autograd.Function):
     def backward(ctx, grad):
         if torch.is_grad_enabled():
             raise RuntimeError("FusedCBAM has no double backward (create_graph=True); use CBAM(impl='reference')")
+        with torch.autocast(grad.device.type, enabled=False):  # a backward called under autocast: as the forward
+            return FusedCBAM._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         tensors = ctx.saved_tensors
         saved = dict(zip(ctx.names, tensors[:len(ctx.names)]))
         weights = CbamWeights.from_flat(tensors[len(ctx.names):])
