@@ -1,0 +1,204 @@
+"""``cbam.convert.load_weights``: checkpoints as the official code, timm and torchvision write them load
+into our models (and ours into theirs) with the source's logits; bad files are refused in one line.
+
+Sources are built in ``wild_checkpoints`` (the official math re-stated from its code, timm and
+torchvision themselves); expectations are those models' own logits and key sets.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import cbam
+from cbam.convert import load_weights, save_weights, strip_wrappers
+
+from wild_checkpoints import NUM_CLASSES, Sources, assert_same_logits, torchvision_resnet
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    return Sources(tmp_path_factory.mktemp("sources"))
+
+
+def resnet50(**kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return cbam.models.resnet50(num_classes=NUM_CLASSES, **kwargs)
+
+
+def attention_keys(model: nn.Module) -> list[str]:
+    return [key for key in model.state_dict() if ".cbam." in key]
+
+
+def test_official_pth_tar_loads_with_the_official_logits(sources):
+    """train_imagenet.py's dict, DataParallel's ``module.`` prefix, [max, mean] spatial channels."""
+    model = resnet50(preset="official")
+    report = load_weights(sources.official_path, model)
+    assert_same_logits(model, sources.official)
+    assert (report.layout.name, report.entry, report.stripped, report.converted) == \
+        ("official", "state_dict", ("module.",), "official -> cbam")
+    assert report.loaded == len(model.state_dict()) and not report.left_at_init
+    text = str(report)
+    assert "official" in text and "ResNet-50" in text and "'module.'" in text and "loaded strictly" in text
+
+
+def test_timm_checkpoint_loads_its_model_or_its_ema(sources):
+    """timm's train.py dict: ``state_dict`` (compiled: ``_orig_mod.``) first, ``state_dict_ema`` on request."""
+    model = resnet50(preset="timm")
+    report = load_weights(sources.timm_path, model)
+    assert_same_logits(model, sources.timm)
+    assert (report.layout.name, report.entry, report.other_entries, report.stripped) == \
+        ("timm", "state_dict", ("state_dict_ema",), ("_orig_mod.",))
+    assert "state_dict_ema" in str(report)
+    report = load_weights(sources.timm_path, model, entry="state_dict_ema")
+    assert_same_logits(model, sources.timm_ema)
+    assert report.entry == "state_dict_ema" and report.stripped == ()
+
+
+def test_torchvision_resnet_loads_strictly_into_a_plain_model(sources):
+    model = resnet50(attention=None)
+    report = load_weights(sources.torchvision_path, model)
+    assert_same_logits(model, sources.torchvision)
+    assert report.layout.name == report.target.name == "plain" and report.loaded == len(model.state_dict())
+    assert "loaded strictly" in str(report)
+
+
+def test_torchvision_backbone_into_a_cbam_model_leaves_exactly_the_attention_at_init(sources):
+    model = resnet50()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    report = load_weights(sources.torchvision_path, model)
+    expected_left = attention_keys(model)
+    assert len(expected_left) == 16 * 3
+    assert sorted(report.left_at_init) == sorted(expected_left)
+    state, source = model.state_dict(), sources.torchvision.state_dict()
+    for key in expected_left:
+        assert torch.equal(state[key], before[key]), key
+    for key, value in source.items():
+        assert torch.equal(state[key], value), key
+    assert "left at initialisation: 48 attention keys" in str(report) and "16 modules" in str(report)
+    with pytest.raises(ValueError, match=r"48 missing and 0 unexpected keys \(first: missing 'layer1.0.cbam."):
+        load_weights(sources.torchvision_path, model, allow_missing_attention=False)
+
+
+def test_our_checkpoint_loads_into_timm_and_torchvision_hooks(sources, tmp_path):
+    """The other way: our safetensors into timm's CBAM ResNet (converted to its keys on the way in)."""
+    ours = resnet50(preset="timm")
+    load_weights(sources.timm_path, ours)
+    path = save_weights(tmp_path / "ours.safetensors", ours.state_dict())
+    theirs = timm.create_model("resnet50", block_args={"attn_layer": "cbam"}, num_classes=NUM_CLASSES)
+    report = load_weights(path, theirs)
+    assert report.converted == "cbam -> timm"
+    assert_same_logits(theirs, sources.timm)
+
+
+def test_add_cbam_model_takes_official_weights(sources):
+    """torchvision + ``add_cbam`` (hooked CBAMs beside bn3) holds the same keys as ``cbam.models``."""
+    torch.manual_seed(0)
+    model = cbam.add_cbam(torchvision.models.resnet50(num_classes=NUM_CLASSES), preset="official")
+    load_weights(sources.official_path, model)
+    assert_same_logits(model, sources.official)
+
+
+def test_new_head_leaves_another_classifier_at_init():
+    source = torchvision_resnet(18, num_classes=1000)
+    torch.manual_seed(0)
+    model = cbam.models.resnet18(num_classes=NUM_CLASSES)
+    fc = model.fc.weight.clone()
+    with pytest.raises(ValueError, match=r"size mismatch for fc.weight: found torch.Size\(\[1000, 512\]\) in the "
+                                         r"checkpoint, expected torch.Size\(\[10, 512\]\)"):
+        load_weights(source.state_dict(), model)
+    report = load_weights(source.state_dict(), model, new_head=True)
+    assert report.new_head == ("fc.weight", "fc.bias") and torch.equal(model.fc.weight, fc)
+    assert torch.equal(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+
+
+def test_wrappers_are_stripped_in_any_combination():
+    state = {"module._orig_mod.a.weight": torch.ones(1), "module._orig_mod.b._orig_mod.c": torch.zeros(1)}
+    stripped = strip_wrappers(state)
+    assert list(stripped.state) == ["a.weight", "b.c"] and stripped.removed == ("module.", "_orig_mod.")
+    assert strip_wrappers({"module.a": torch.ones(1), "b": torch.ones(1)}).removed == ()
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+class RunsCode:
+    """A pickle whose loading would run a shell command (``__reduce__``)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def _truncated(path, source):
+    save_weights(path, source.state_dict())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+BAD = {
+    "truncated .pt": (lambda d: _truncated(d / "t.pt", nn.Linear(64, 64)), r"cannot read checkpoint '.*t.pt': "),
+    "truncated .safetensors": (lambda d: _truncated(d / "t.safetensors", nn.Linear(64, 64)),
+                               r"cannot read checkpoint '.*t.safetensors': "),
+    "text file": (lambda d: (d / "notes.pth").write_text("hello") and d / "notes.pth",
+                  r"cannot read checkpoint '.*notes.pth': "),
+    "no state dict": (lambda d: torch.save({"epoch": 3, "arch": "resnet"}, d / "meta.pt") or d / "meta.pt",
+                      r"holds no state dict: expected a dict of tensors, or a dict with one under 'model'; got a dict "
+                      r"with keys \['epoch', 'arch'\]"),
+    "another depth": (lambda d: torch.save(cbam.models.resnet18(num_classes=10).state_dict(), d / "r18.pt")
+                      or d / "r18.pt",
+                      r"does not fit the model: size mismatch for layer1.0.conv1.weight: found "
+                      r"torch.Size\(\[64, 64, 3, 3\]\) .*expected torch.Size\(\[64, 64, 1, 1\]\).*"
+                      r"checkpoint: a ResNet-18 in cbam's layout .*model: a ResNet-50 in cbam's layout"),
+    "another architecture": (lambda d: torch.save(torchvision.models.squeezenet1_1().state_dict(), d / "sq.pt")
+                             or d / "sq.pt",
+                             r"missing and \d+ unexpected keys \(first: missing 'conv1.weight', unexpected "
+                             r"'features.0.weight'\); checkpoint: a network without attention, model: a ResNet-50"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_files_are_refused_in_one_line_and_the_model_is_untouched(case, tmp_path):
+    make, pattern = BAD[case]
+    path = make(tmp_path)
+    model = resnet50()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match=pattern) as info:
+        load_weights(path, model)
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path):
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pth.tar"
+    torch.save({"state_dict": nn.Linear(2, 2).state_dict(), "extra": RunsCode(marker)}, path)
+    with pytest.raises(ValueError, match=r"cannot read checkpoint '.*evil.pth.tar': weights-only loading \(tensors "
+                                         r"and plain containers, never code\) refused it: .*system") as info:
+        load_weights(path, nn.Linear(2, 2))
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_mixed_layouts_and_bad_arguments():
+    state = {"a.channel_att.fc1.weight": torch.ones(1, 4), "b.ChannelGate.mlp.1.weight": torch.ones(1, 4)}
+    with pytest.raises(ValueError, match="mixes CBAM layouts: cbam .at 'a'. and official .at 'b'."):
+        load_weights(state, nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="expects an nn.Module to load into, got dict"):
+        load_weights(state, {})
+    with pytest.raises(TypeError, match="expects a path or a checkpoint dict, got int"):
+        load_weights(3, nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"has no entry 'state_dict_ema': found entries \['model'\]"):
+        load_weights({"model": nn.Linear(2, 2).state_dict()}, nn.Linear(2, 2), entry="state_dict_ema")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_weights("/nonexistent/x.pt", nn.Linear(2, 2))
