@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-TILE = 4096  # elements one program holds at once
+TILE = 2048  # elements one program holds at once
 BUSY = 1024  # programs that keep a GPU's SMs busy; the interpreter wants as few as possible
 FIRST_OF_NONE = tl.constexpr(2**31 - 1)  # an index larger than any position or channel
 
