@@ -48,6 +48,7 @@ def acc_type(x: Tensor):
 
 
 def warps(block_a: int, block_b: int) -> int:
+    """Warps for a program holding a ``block_a x block_b`` tile: 8 for a full tile, else 4."""
     return 8 if block_a * block_b >= TILE else 4
 
 
