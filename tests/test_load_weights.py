@@ -26,7 +26,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    return Sources(tmp_path_factory.mktemp("sources"))
+    return Sources.shared(tmp_path_factory)
 
 
 def resnet50(**kwargs) -> nn.Module:
@@ -156,15 +156,16 @@ BAD = {
     "no state dict": (lambda d: torch.save({"epoch": 3, "arch": "resnet"}, d / "meta.pt") or d / "meta.pt",
                       r"holds no state dict: expected a dict of tensors, or a dict with one under 'model'; got a dict "
                       r"with keys \['epoch', 'arch'\]"),
-    "another depth": (lambda d: torch.save(cbam.models.resnet18(num_classes=10).state_dict(), d / "r18.pt")
-                      or d / "r18.pt",
+    "another depth": (lambda d: torch.save(cbam.models.resnet50(num_classes=10).state_dict(), d / "r50.pt")
+                      or d / "r50.pt",
                       r"does not fit the model: size mismatch for layer1.0.conv1.weight: found "
-                      r"torch.Size\(\[64, 64, 3, 3\]\) .*expected torch.Size\(\[64, 64, 1, 1\]\).*"
-                      r"checkpoint: a ResNet-18 in cbam's layout .*model: a ResNet-50 in cbam's layout"),
+                      r"torch.Size\(\[64, 64, 1, 1\]\) .*expected torch.Size\(\[64, 64, 3, 3\]\) \(and 39 more\); "
+                      r"0 missing and 221 unexpected keys \(first: unexpected 'layer1.0.conv3.weight'\); "
+                      r"checkpoint: a ResNet-50 in cbam's layout .*model: a ResNet-18 in cbam's layout"),
     "another architecture": (lambda d: torch.save(torchvision.models.squeezenet1_1().state_dict(), d / "sq.pt")
                              or d / "sq.pt",
                              r"missing and \d+ unexpected keys \(first: missing 'conv1.weight', unexpected "
-                             r"'features.0.weight'\); checkpoint: a network without attention, model: a ResNet-50"),
+                             r"'features.0.weight'\); checkpoint: a network without attention, model: a ResNet-18"),
 }
 
 
@@ -172,7 +173,8 @@ BAD = {
 def test_bad_files_are_refused_in_one_line_and_the_model_is_untouched(case, tmp_path):
     make, pattern = BAD[case]
     path = make(tmp_path)
-    model = resnet50()
+    torch.manual_seed(0)
+    model = cbam.models.resnet18(num_classes=NUM_CLASSES)
     before = {key: value.clone() for key, value in model.state_dict().items()}
     with pytest.raises(ValueError, match=pattern) as info:
         load_weights(path, model)

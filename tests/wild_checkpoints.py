@@ -103,13 +103,36 @@ def logits(model: nn.Module) -> torch.Tensor:
         return model.eval()(X)
 
 
+_EXPECTED: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+
+
+def source_logits(model: nn.Module) -> torch.Tensor:
+    """``logits(model)``, computed once per source model (sources are not modified)."""
+    if id(model) not in _EXPECTED or _EXPECTED[id(model)][0] is not model:
+        _EXPECTED[id(model)] = (model, logits(model))
+    return _EXPECTED[id(model)][1]
+
+
 def assert_same_logits(ours: nn.Module, theirs: nn.Module) -> None:
-    expected = logits(theirs)
+    expected = source_logits(theirs)
     torch.testing.assert_close(logits(ours), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
+_SHARED: dict = {}
+
+
 class Sources:
-    """The source models and their files in ``folder``: official .pth.tar, timm .pth.tar, torchvision .pth."""
+    """The source models and their files in ``folder``: official .pth.tar, timm .pth.tar, torchvision .pth.
+
+    ``Sources.shared(tmp_path_factory)``: one set for the whole session (building and saving three
+    ResNet-50s is most of these tests' time); tests must not modify the models or files.
+    """
+
+    @classmethod
+    def shared(cls, tmp_path_factory) -> Sources:
+        if "sources" not in _SHARED:
+            _SHARED["sources"] = cls(tmp_path_factory.mktemp("sources"))
+        return _SHARED["sources"]
 
     def __init__(self, folder) -> None:
         self.official = official_resnet50()

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         model = build_model(args)
         report = load_weights(content, model, entry=args.entry, source_name=source)
         print(report)
-        state = model.state_dict()
+        state, layout = model.state_dict(), report.target  # the model's layout, converted below
     else:
         found, entry = find_state_dict(content, source, args.entry)
         stripped = strip_wrappers(found)
@@ -66,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.input}: {layout}" + (f" under {entry!r}" if entry else "") + "".join(f"; {d}" for d in done))
         state = as_ours(stripped.state, layout)
     target = {"cbam": lambda sd: sd, "timm": to_timm, "official": to_official}[args.to](state)
-    layout = detect(state)
     path = save_weights(out, target)
     converted = f"converted {layout.name} -> {args.to}; " if layout.name not in ("plain", args.to) else ""
     print(f"{converted}wrote {path} ({len(target)} tensors, {args.to} layout)")

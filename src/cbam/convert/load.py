@@ -23,8 +23,9 @@ from .layout import PLAIN, Layout, detect
 from .read import find_state_dict, other_entries, read_file, strip_wrappers
 from .rules import OURS_ANCHOR, attention_prefixes, from_official, from_timm, to_official, to_timm
 
-_FROM = {"official": from_official, "timm": lambda sd: from_timm(sd, attention_name=None)}
-_TO = {"official": to_official, "timm": lambda sd: to_timm(sd, attention_name=None)}
+# timm's ResNet "se" slot <-> "cbam" both ways ("auto"): so a dict in ours matches cbam.models directly
+_FROM = {"official": from_official, "timm": from_timm}
+_TO = {"official": to_official, "timm": to_timm}
 _COUNTER = "num_batches_tracked"
 
 

@@ -1,0 +1,123 @@
+"""``cbam convert``: checkpoints from the official code and timm written as ours, timm's or the official
+layout (.safetensors or .pt), loading in timm and in our models; bad input ends in one line, nothing written."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import cbam
+from cbam.cli import main
+from test_load_weights import RunsCode
+
+from wild_checkpoints import NUM_CLASSES, Sources, assert_same_logits
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    return Sources.shared(tmp_path_factory)
+
+
+def convert(capsys, *args):
+    status = main(["convert", *map(str, args)])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_official_pth_tar_to_our_safetensors(sources, tmp_path, capsys):
+    out = tmp_path / "cbam_resnet50.safetensors"
+    status, printed, _ = convert(capsys, sources.official_path, out)
+    assert status == 0
+    assert re.search(r"a ResNet-50 in the official CBAM code's layout .* with 16 CBAMs under 'state_dict'; "
+                     r"stripped 'module.'", printed)
+    assert f"converted official -> cbam; wrote {out}" in printed
+    model = cbam.models.resnet50(num_classes=NUM_CLASSES, preset="official")
+    model.load_state_dict(load_file(out), strict=True)  # plain safetensors of our keys: no loader needed
+    assert_same_logits(model, sources.official)
+
+
+def test_timm_checkpoint_to_timm_and_ours(sources, tmp_path, capsys):
+    """timm's file -> ours (.pt) -> timm's layout (.safetensors, as --model checks it) -> timm itself."""
+    ours_path, timm_path = tmp_path / "ours.pt", tmp_path / "timm.safetensors"
+    assert convert(capsys, sources.timm_path, ours_path)[0] == 0
+    model = cbam.models.resnet50(num_classes=NUM_CLASSES, preset="timm")
+    model.load_state_dict(torch.load(ours_path, weights_only=True), strict=True)
+    assert_same_logits(model, sources.timm)
+
+    status, printed, _ = convert(capsys, ours_path, timm_path, "--to", "timm", "--model", "resnet50", "--preset",
+                                 "timm", "--num-classes", NUM_CLASSES)
+    assert status == 0 and "loaded strictly" in printed and "converted cbam -> timm" in printed
+    theirs = timm.create_model("resnet50", block_args={"attn_layer": "cbam"}, num_classes=NUM_CLASSES)
+    theirs.load_state_dict(load_file(timm_path), strict=True)
+    assert_same_logits(theirs, sources.timm)
+
+
+def test_to_official_and_back(sources, tmp_path, capsys):
+    official, back = tmp_path / "official.pth.tar", tmp_path / "back.safetensors"
+    assert convert(capsys, sources.official_path, official, "--to", "official")[0] == 0
+    expected = {key.removeprefix("module."): value for key, value in torch.load(
+        sources.official_path, weights_only=True)["state_dict"].items()}
+    written = torch.load(official, weights_only=True)
+    assert sorted(written) == sorted(expected)
+    assert all(torch.equal(written[key], value) for key, value in expected.items())
+    assert convert(capsys, official, back)[0] == 0
+    model = cbam.models.resnet50(num_classes=NUM_CLASSES, preset="official")
+    model.load_state_dict(load_file(back), strict=True)
+    assert_same_logits(model, sources.official)
+
+
+def _truncated(directory):
+    path = directory / "cut.pth"
+    torch.save(torch.nn.Linear(64, 64).state_dict(), path)
+    path.write_bytes(path.read_bytes()[:300])
+    return path
+
+
+ERRORS = {
+    "truncated file": (lambda d, s: [_truncated(d), d / "out.pt"], r"cannot read checkpoint '.*cut.pth': "),
+    "not a checkpoint": (lambda d, s: [(d / "a.pt").write_text("hello") and d / "a.pt", d / "out.pt"],
+                         r"cannot read checkpoint '.*a.pt': "),
+    "code in the pickle": (lambda d, s: [torch.save({"state_dict": {}, "x": RunsCode(d / "pwned")}, d / "e.pt")
+                                         or d / "e.pt", d / "out.pt"],
+                           r"weights-only loading .* refused it: .*system"),
+    "another depth": (lambda d, s: [s.official_path, d / "out.pt", "--model", "resnet101", "--preset", "official",
+                                    "--num-classes", NUM_CLASSES],
+                      # ResNet-101's 17 more layer3 blocks x (3 convs, 3 BNs x 4, CBAM 10 - 1): batch counters are
+                      # not counted (a missing one is tolerated)
+                      rf"does not fit the model: {17 * 24} missing and 0 unexpected keys \(first: missing "
+                      r"'layer3.6.conv1.weight'\); checkpoint: a ResNet-50 in the official .*, model: a ResNet-101 "
+                      r"in cbam's layout .* with 33 CBAMs"),
+    "another preset": (lambda d, s: [s.timm_path, d / "out.pt", "--to", "official"],
+                       r"to_official: the target's CBAM has MLP biases"),
+    "missing folder": (lambda d, s: [s.timm_path, d / "missing" / "out.safetensors"],
+                       r"cannot write '.*out.safetensors': directory '.*missing' does not exist"),
+    "existing output": (lambda d, s: [s.timm_path, (d / "out.pt").write_bytes(b"keep") and d / "out.pt"],
+                        r"'.*out.pt' exists; pass --force to replace it"),
+    "unknown suffix": (lambda d, s: [s.timm_path, d / "out.h5"], r"must end in .safetensors, .pt, .* got '.*out.h5'"),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_errors_are_one_line_and_write_nothing(case, sources, tmp_path, capsys):
+    make, pattern = ERRORS[case]
+    arguments = make(tmp_path, sources)
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    status, printed, err = convert(capsys, *arguments)
+    assert status == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("cbam convert: error: ") and re.search(pattern, err), err
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_force_replaces_an_existing_output(sources, tmp_path, capsys):
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"old")
+    assert convert(capsys, sources.official_path, out, "--force")[0] == 0
+    assert len(load_file(out)) == len(cbam.models.resnet50(preset="official").state_dict())
+    assert [path.name for path in tmp_path.iterdir()] == ["out.safetensors"]  # no temporary file left
