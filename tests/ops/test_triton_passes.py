@@ -10,7 +10,6 @@ computed in float32 and rounded once. Indices must be equal. Every call runs wit
 write shows.
 """
 
-import contextlib
 import math
 import os
 
@@ -21,6 +20,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton.jit decorates the kernels
 pytest.importorskip("triton")
 
+from poison import poisoned  # noqa: E402
+
 from cbam.ops.engines import torch_ops  # noqa: E402
 from cbam.ops.engines import triton_ops as engine  # noqa: E402
 
@@ -30,30 +31,11 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # (B, C, spatial): odd sizes, C no power of two, B = 1, S = 1, and tiles left over in both axes
 CASES = [(2, 5, (3, 7)), (1, 37, (5, 5)), (3, 3, (1, 1)), (2, 70, (9, 9))]
 LAYOUTS = ["contiguous", "channels_last"]
-POISON = -7777
 
 
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
-
-
-@contextlib.contextmanager
-def poisoned():
-    """``torch.empty`` and ``torch.empty_like`` hand out NaN-filled (integers: POISON) tensors."""
-    originals = torch.empty, torch.empty_like
-
-    def filled(make):
-        def fill(*args, **kwargs):
-            t = make(*args, **kwargs)
-            return t.fill_(math.nan if t.is_floating_point() else POISON)
-        return fill
-
-    torch.empty, torch.empty_like = (filled(make) for make in originals)
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = originals
 
 
 def run(name: str, *args, **kwargs):

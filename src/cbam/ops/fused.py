@@ -39,13 +39,14 @@ the maximum is unique. The backward is not itself differentiable (no double back
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from .. import functional, hooks
 from . import spatial_gate
+from .batch_norm_state import BatchNormState
 from .engines import Engine, is_channels_last_view, select
 
 NATIVE_POOLS = {"avg": (1.0, 0.0), "max": (0.0, 1.0), "mix": (0.5, 0.5)}  # (mean, max) coefficients
@@ -234,20 +235,6 @@ def folds_input_norm(norm, x: Tensor, spec: FusedSpec, weights: CbamWeights) -> 
     return _fold_applies(select(x)[0], spec, weights)
 
 
-def _update_running_statistics(norm: nn.Module, mean: Tensor, var: Tensor, count: int) -> None:
-    """Update ``norm``'s running statistics with a batch's ``mean`` and biased ``var`` over ``count``
-    values per channel, as its forward does (momentum or cumulative average, unbiased variance,
-    ``num_batches_tracked``), in double as torch's CPU kernel computes them."""
-    factor = 0.0 if norm.momentum is None else norm.momentum
-    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-    if norm.running_mean is None:
-        return
-    for running, batch in ((norm.running_mean, mean), (norm.running_var, var * count / (count - 1))):
-        running.copy_(factor * batch.double() + (1 - factor) * running.double())
-
-
 @dataclass
 class _InputNorm:
     """The folded BatchNorm of one forward: its map ``affine (2, C)``; on running statistics (``batch``
@@ -262,17 +249,27 @@ class _InputNorm:
     pooled: tuple[Tensor, Tensor, Tensor] | None
 
 
-def _input_norm(passes, norm: nn.Module, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> _InputNorm:
-    """The folded BatchNorm ``norm`` for ``x``; on batch statistics the running ones are updated as the
+def _input_norm(passes, state: BatchNormState, x: Tensor) -> _InputNorm:
+    """The folded BatchNorm of ``state`` for ``x``; on batch statistics its running ones are updated as the
     module's forward would."""
     with torch.no_grad():
-        if not spatial_gate.uses_batch_statistics(norm):
-            mean, var = norm.running_mean, norm.running_var
-            return _InputNorm(passes.batch_norm_affine(weight, bias, mean, var, norm.eps), mean, var, False, None)
+        if not state.batch:
+            mean, var = state.running_mean, state.running_var
+            affine = passes.batch_norm_affine(state.weight, state.bias, mean, var, state.eps)
+            return _InputNorm(affine, mean, var, False, None)
         avg, peak, index, mean, var, invstd, affine = passes.batch_norm_pool(
-            x.reshape(*x.shape[:2], -1), weight, bias, norm.eps)
-        _update_running_statistics(norm, mean, var, x.numel() // x.shape[1])
+            x.reshape(*x.shape[:2], -1), state.weight, state.bias, state.eps)
+        state.update(mean, var, x.numel() // x.shape[1])
         return _InputNorm(affine, mean, invstd, True, (avg, peak, index))
+
+
+def resolved(spec: FusedSpec) -> FusedSpec:
+    """``spec`` for one forward: a plain spatial BatchNorm that no hook watches becomes its
+    ``BatchNormState`` (counting the batch: once per forward); other norms stay modules, run as
+    themselves and recorded for autograd."""
+    if spatial_gate.is_plain(spec.norm) and not hooks.watched(spec.norm):
+        return replace(spec, norm=BatchNormState.step(spec.norm))
+    return spec
 
 
 def _spatial_grads(passes, mean: Tensor, speak: Tensor, spatial, spec: FusedSpec, conv, d_logits: Tensor):
@@ -290,28 +287,28 @@ def _spatial_grads(passes, mean: Tensor, speak: Tensor, spatial, spec: FusedSpec
         return _grads(_spatial_logits(*stats, spatial, spec, leaves), [*stats, *leaves], d_logits)
 
 
-def _spatial_backward(engine: Engine, passes, ctx, saved: dict[str, Tensor], weights: CbamWeights, d_ms: Tensor):
+def _spatial_backward(plan: _Plan, saved: dict[str, Tensor], weights: CbamWeights, d_ms: Tensor):
     """From the spatial gate's gradient ``d_ms (B, S)`` back to the gated statistics: ``d_mean,
     d_speak (B, S)``, the norm's weight/bias gradients (those that exist) and the conv weights'.
 
     One engine call for one conv weight and a norm that ``spatial_gate`` computes (where the engine
     has the small steps); else ``spatial_gate`` (or the recorded norm) and ``_spatial_grads``.
     """
-    spec, norm, spatial = ctx.spec, ctx.spec.norm, ctx.spatial
+    spec, norm, spatial, passes = plan.spec, plan.spec.norm, plan.spatial, plan.passes
     logits, ms, mean, speak = (saved[name] for name in ("logits", "ms", "mean", "speak"))
-    if engine.has("small-steps") and ctx.ms_graph is None and len(weights.conv) == 1:
+    if plan.engine.has("spatial-backward") and plan.ms_graph is None and len(weights.conv) == 1:
         tensors = _norm_tensors(norm, *weights.norm)
         d_mean, d_speak, d_conv, d_weight, d_bias = passes.spatial_backward(
             logits, ms, d_ms, mean, speak, weights.conv[0].contiguous(), _padded(spatial),
-            _padded(weights.conv[0].shape[2:]), spec.gate == "hard-sigmoid", norm is not None, ctx.batch_statistics,
+            _padded(weights.conv[0].shape[2:]), spec.gate == "hard-sigmoid", norm is not None, plan.batch_statistics,
             tensors.weight, tensors.running_mean, tensors.running_var, tensors.eps)
         d_norm = [g for g, w in zip((d_weight, d_bias), weights.norm) if w is not None]
         return d_mean, d_speak, d_norm, [d_conv]
-    if ctx.ms_graph is None:
-        d_logits, *d_norm = spatial_gate.backward(logits, ms, d_ms, norm, spec.gate, ctx.batch_statistics)
+    if plan.ms_graph is None:
+        d_logits, *d_norm = spatial_gate.backward(logits, ms, d_ms, norm, spec.gate, plan.batch_statistics)
         d_norm = [g for g in d_norm if g is not None]
     else:
-        d_logits, *d_norm = _grads(ctx.ms_graph[1], ctx.ms_graph[0], d_ms)
+        d_logits, *d_norm = _grads(plan.ms_graph[1], plan.ms_graph[0], d_ms)
     d_mean, d_speak, *d_conv = _spatial_grads(passes, mean, speak, spatial, spec, weights.conv, d_logits)
     return d_mean.contiguous(), d_speak.contiguous(), d_norm, d_conv
 
@@ -367,7 +364,10 @@ def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamW
             pooled = {"avg": avg, "max": peak}
         else:
             x3 = x.reshape(*x.shape[:2], spatial.numel())
-            avg, peak, channel_index = passes.pool(x3) if input_norm is None else input_norm.pooled
+            if input_norm is not None and input_norm.pooled is not None:  # taken with the batch statistics
+                avg, peak, channel_index = input_norm.pooled
+            else:
+                avg, peak, channel_index = passes.pool(x3) if affine is None else passes.pool(x3, affine)
             pooled = _descriptors(x3, avg, peak, spec.pool_types)
             mc = _channel_gate(pooled, spec, weights.mlp).contiguous()
             stats = passes.gated_stats(x3, mc) if affine is None else passes.gated_stats(x3, mc, affine)
@@ -422,9 +422,99 @@ def checked_fused_cbam(x: Tensor, spec: FusedSpec, weights: CbamWeights, residua
         return FusedCBAM.apply(x, residual, spec, input_norm, *norm_weights, *weights.flat())
     selected = select(x)
     x = _in_layout(selected[0], x)
-    folded = None if input_norm is None else _input_norm(selected[1], input_norm, x, *norm_weights)
-    return _forward(x, residual, spec, weights.to(compute_dtype(x)), record=False, selected=selected,
+    folded = None if input_norm is None else _input_norm(selected[1], BatchNormState.step(input_norm), x)
+    return _forward(x, residual, resolved(spec), weights.to(compute_dtype(x)), record=False, selected=selected,
                     input_norm=folded, overwrite=inplace).out
+
+
+@dataclass
+class _Plan:
+    """What a backward needs of its forward besides tensors: the ``resolved`` spec, the engine that ran,
+    the spatial size, the pooled vectors kept, whether a residual tail and a spatial norm on batch
+    statistics were there, a folded BatchNorm's ``(batch statistics, eps)`` and a recorded norm graph."""
+
+    spec: FusedSpec
+    engine: Engine
+    passes: object
+    spatial: torch.Size
+    pool_names: list[str]
+    has_residual: bool
+    batch_statistics: bool
+    input_norm: tuple[bool, float] | None
+    ms_graph: tuple[list[Tensor], Tensor] | None
+
+
+def forward_saving(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamWeights,
+                   input_state: BatchNormState | None, selected: tuple[Engine, object]):
+    """The forward for a backward to follow: ``(out, saved, plan)``, ``saved`` the tensors ``backward_from``
+    takes by name (``None`` where absent), ``spec`` already ``resolved``, ``input_state`` the folded
+    BatchNorm's state of this forward (its input weight saved as ``in_w``)."""
+    folded, in_meta, saved = None, None, {}
+    if input_state is not None:  # the folded BatchNorm: its map, and the statistics for its backward
+        folded = _input_norm(selected[1], input_state, x)
+        # running statistics are the module's buffers: a later forward may update them before this backward
+        keep = (lambda t: t) if folded.batch else torch.clone
+        saved.update(affine=folded.affine, in_mean=keep(folded.mean), in_spread=keep(folded.spread))
+        in_meta = (folded.batch, input_state.eps)
+    result = _forward(x, residual, spec, weights.to(compute_dtype(x)), record=True, selected=selected,
+                      input_norm=folded)
+    kept = {kind: value for kind, value in result.pooled.items() if kind != "max"}  # maxima: gathered again
+    batch_statistics = spec.norm is not None and spatial_gate.uses_batch_statistics(spec.norm)
+    plan = _Plan(spec, result.engine, result.passes, x.shape[2:], list(kept), residual is not None,
+                 batch_statistics, in_meta, result.ms_graph)
+    saved.update(x=x, logits=result.logits, mc=result.mc, ms=result.ms, mean=result.mean, speak=result.speak,
+                 channel_index=result.channel_index, spatial_index=result.spatial_index,
+                 in_w=None if input_state is None else input_state.weight,
+                 rectified=result.out if residual is not None else None,  # the tail ReLU's mask
+                 **{f"pooled_{kind}": value for kind, value in kept.items()})
+    return result.out, saved, plan
+
+
+def backward_from(grad: Tensor, saved: dict[str, Tensor | None], weights: CbamWeights, plan: _Plan):
+    """The backward of ``forward_saving``: ``(dx, d_residual, d_in_weight, d_in_bias, d_weights)``, the
+    last in ``weights.flat()``'s order, ``None`` where there is no such input."""
+    computed = weights.to(saved["mc"].dtype)
+    spec, engine, passes = plan.spec, plan.engine, plan.passes
+    x, mc, ms = saved["x"], saved["mc"], saved["ms"]
+    flat = (*x.shape[:2], plan.spatial.numel())
+    x3, g3 = x.reshape(flat), _in_layout(engine, grad.reshape(flat))
+    rectified = None if saved["rectified"] is None else saved["rectified"].reshape(flat)
+    affine, in_mean, in_spread = (saved.get(name) for name in ("affine", "in_mean", "in_spread"))
+    pooled = {kind: saved[f"pooled_{kind}"] for kind in plan.pool_names}
+
+    # On batch statistics the folded BatchNorm's backward is built from sums the passes take (centre:
+    # its mean). g3 becomes the gradient through the tail's ReLU, which is also the residual's.
+    centre = in_mean if plan.input_norm and plan.input_norm[0] else None
+    d_ms, d_mc, g3, pooled["max"], gated = passes.gate_grads(g3, x3, mc, ms, rectified, saved["channel_index"],
+                                                             affine, centre)
+    if spec.native_pools:
+        channel = _NativeChannel(passes, spec, computed.mlp, pooled, mc)
+    else:
+        channel = _AutogradChannel(spec, computed.mlp, pooled)
+    d_mean, d_speak, d_norm, d_conv = _spatial_backward(plan, saved, computed, d_ms)
+    d_stats, centred = passes.stats_grad(x3, d_mean, d_speak, saved["spatial_index"], affine, centre)
+    d_pooled, d_mlp = channel.grads(d_mc + d_stats)
+    found = iter([*d_mlp, *d_norm, *d_conv])  # in the order of weights, Nones skipped
+    d_residual = g3.view_as(x) if plan.has_residual else None
+    d_weights = [None if w is None else next(found).to(w.dtype) for w in weights.flat()]
+    in_w = saved["in_w"]
+
+    gradients = (g3, x3, mc, ms, d_mean, d_speak, saved["spatial_index"], d_pooled["avg"], d_pooled["max"],
+                 saved["channel_index"])
+    if centre is not None:  # the BatchNorm's backward with CBAM's: one pass over x
+        dx, d_in_w, d_in_b = passes.batch_norm_input_grad(*gradients, gated, centred, in_mean, in_spread, in_w)
+        return dx.view_as(x), d_residual, d_in_w, d_in_b, d_weights
+    dx = passes.input_grad(*gradients)
+    if "lp" in pooled:
+        norm = pooled["lp"].unsqueeze(2)
+        dx.addcmul_(d_pooled["lp"].unsqueeze(2), torch.where(norm > 0, x3 / norm, 0))
+    if "lse" in pooled:
+        dx.addcmul_(d_pooled["lse"].unsqueeze(2), (x3 - pooled["lse"].unsqueeze(2)).exp())
+    dx, d_in_w, d_in_b = dx.view_as(x), None, None
+    if plan.input_norm:  # dx is the folded BatchNorm's output gradient (running statistics): torch's backward
+        dx, d_in_w, d_in_b = torch.ops.aten.native_batch_norm_backward(
+            dx, x, in_w, in_mean, in_spread, None, None, False, plan.input_norm[1], [True, True, True])
+    return dx, d_residual, d_in_w, d_in_b, d_weights
 
 
 class FusedCBAM(torch.autograd.Function):
@@ -435,84 +525,23 @@ class FusedCBAM(torch.autograd.Function):
     def forward(ctx, x, residual, spec: FusedSpec, input_norm, in_w, in_b, *flat_weights):
         selected = select(x)
         x = _in_layout(selected[0], x)
-        weights = CbamWeights.from_flat(flat_weights)
-        computed = weights.to(compute_dtype(x))
-        folded, ctx.input_norm = None, None
-        saved: dict[str, Tensor | None] = {}
-        if input_norm is not None:  # the folded BatchNorm: its map, and the statistics for its backward
-            folded = _input_norm(selected[1], input_norm, x, in_w, in_b)
-            # running statistics are the module's buffers: a later forward may update them before this backward
-            keep = (lambda t: t) if folded.batch else torch.clone
-            saved.update(affine=folded.affine, in_mean=keep(folded.mean), in_spread=keep(folded.spread))
-            ctx.input_norm = (folded.batch, input_norm.eps)
-        result = _forward(x, residual, spec, computed, record=True, selected=selected, input_norm=folded)
-        kept = {kind: value for kind, value in result.pooled.items() if kind != "max"}  # maxima: gathered again
-        ctx.spec, ctx.engine, ctx.passes, ctx.ms_graph = spec, result.engine, result.passes, result.ms_graph
-        ctx.spatial, ctx.pool_names, ctx.has_residual = x.shape[2:], list(kept), residual is not None
-        ctx.batch_statistics = spec.norm is not None and spatial_gate.uses_batch_statistics(spec.norm)
-        saved.update(x=x, logits=result.logits, mc=result.mc, ms=result.ms, mean=result.mean, speak=result.speak,
-                     channel_index=result.channel_index, spatial_index=result.spatial_index, in_w=in_w, in_b=in_b,
-                     rectified=result.out if ctx.has_residual else None,  # the tail ReLU's mask
-                     **{f"pooled_{kind}": value for kind, value in kept.items()})
-        ctx.names, ctx.weight_count = list(saved), len(flat_weights)
+        input_state = None if input_norm is None else BatchNormState.step(input_norm)
+        out, saved, ctx.plan = forward_saving(x, residual, resolved(spec), CbamWeights.from_flat(flat_weights),
+                                              input_state, selected)
+        ctx.names, ctx.has_in = list(saved), (in_w is not None, in_b is not None)
         ctx.save_for_backward(*saved.values(), *flat_weights)
-        return result.out
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():
             raise RuntimeError("FusedCBAM has no double backward (create_graph=True); use CBAM(impl='reference')")
-        with torch.autocast(grad.device.type, enabled=False):  # a backward called under autocast: as the forward
-            return FusedCBAM._backward(ctx, grad)
-
-    @staticmethod
-    def _backward(ctx, grad):
         tensors = ctx.saved_tensors
         saved = dict(zip(ctx.names, tensors[:len(ctx.names)]))
         weights = CbamWeights.from_flat(tensors[len(ctx.names):])
-        computed = weights.to(saved["mc"].dtype)
-        spec, engine, passes = ctx.spec, ctx.engine, ctx.passes
-        x, mc, ms = saved["x"], saved["mc"], saved["ms"]
-        flat = (*x.shape[:2], ctx.spatial.numel())
-        x3, g3 = x.reshape(flat), _in_layout(engine, grad.reshape(flat))
-        rectified = None if saved["rectified"] is None else saved["rectified"].reshape(flat)
-        affine, in_mean, in_spread = (saved.get(name) for name in ("affine", "in_mean", "in_spread"))
-        pooled = {kind: saved[f"pooled_{kind}"] for kind in ctx.pool_names}
-
-        # On batch statistics the folded BatchNorm's backward is built from sums the passes take (centre:
-        # its mean). g3 becomes the gradient through the tail's ReLU, which is also the residual's.
-        centre = in_mean if ctx.input_norm and ctx.input_norm[0] else None
-        d_ms, d_mc, g3, pooled["max"], gated = passes.gate_grads(g3, x3, mc, ms, rectified, saved["channel_index"],
-                                                                 affine, centre)
-        if engine.has("small-steps") and spec.native_pools:
-            channel = _NativeChannel(passes, spec, computed.mlp, pooled, mc)
-        else:
-            channel = _AutogradChannel(spec, computed.mlp, pooled)
-        d_mean, d_speak, d_norm, d_conv = _spatial_backward(engine, passes, ctx, saved, computed, d_ms)
-        d_stats, centred = passes.stats_grad(x3, d_mean, d_speak, saved["spatial_index"], affine, centre)
-        d_pooled, d_mlp = channel.grads(d_mc + d_stats)
-        found = iter([*d_mlp, *d_norm, *d_conv])  # in the order of weights, Nones skipped
-        d_residual = g3.view_as(x) if ctx.has_residual else None
-        d_weights = [None if w is None else next(found).to(w.dtype) for w in weights.flat()]
-        in_w, in_b = saved["in_w"], saved["in_b"]
-
-        gradients = (g3, x3, mc, ms, d_mean, d_speak, saved["spatial_index"], d_pooled["avg"], d_pooled["max"],
-                     saved["channel_index"])
-        if centre is not None:  # the BatchNorm's backward with CBAM's: one pass over x
-            dx, d_in_w, d_in_b = passes.batch_norm_input_grad(*gradients, gated, centred, in_mean, in_spread, in_w)
-            return (dx.view_as(x), d_residual, None, None, None if in_w is None else d_in_w,
-                    None if in_b is None else d_in_b, *d_weights)
-        dx = passes.input_grad(*gradients)
-        if "lp" in pooled:
-            norm = pooled["lp"].unsqueeze(2)
-            dx.addcmul_(d_pooled["lp"].unsqueeze(2), torch.where(norm > 0, x3 / norm, 0))
-        if "lse" in pooled:
-            dx.addcmul_(d_pooled["lse"].unsqueeze(2), (x3 - pooled["lse"].unsqueeze(2)).exp())
-        dx, d_in_w, d_in_b = dx.view_as(x), None, None
-        if ctx.input_norm:  # dx is the folded BatchNorm's output gradient (running statistics): torch's backward
-            dx, d_in_w, d_in_b = torch.ops.aten.native_batch_norm_backward(
-                dx, x, in_w, in_mean, in_spread, None, None, False, ctx.input_norm[1],
-                [True, in_w is not None, in_b is not None])
+        with torch.autocast(grad.device.type, enabled=False):  # a backward called under autocast: as the forward
+            dx, d_residual, d_in_w, d_in_b, d_weights = backward_from(grad, saved, weights, ctx.plan)
+        d_in_w, d_in_b = (g if present else None for g, present in zip((d_in_w, d_in_b), ctx.has_in))
         return (dx, d_residual, None, None, d_in_w, d_in_b, *d_weights)
 
 

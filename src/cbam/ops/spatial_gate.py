@@ -3,9 +3,10 @@ autograd: the forward and its backward by hand, for no norm or a plain BatchNorm
 batch statistics). Other norms (``SyncBatchNorm``, a user's replacement) go through autograd in
 ``fused.py``.
 
-The forward calls the BatchNorm module itself, once, so its running statistics, momentum and
-``num_batches_tracked`` behave exactly as torch's; the backward recomputes the batch mean and
-variance from the saved logits (two reductions over ``(B, S)``) instead of keeping them.
+The forward normalises through the BatchNorm's ``BatchNormState`` of this forward (``F.batch_norm`` on
+its tensors), so its running statistics, momentum and ``num_batches_tracked`` behave exactly as
+torch's; the backward recomputes the batch mean and variance from the saved logits (two reductions
+over ``(B, S)``) instead of keeping them.
 """
 
 from __future__ import annotations
@@ -14,37 +15,45 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional
+from .batch_norm_state import BatchNormState
 
 PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def by_hand(norm: nn.Module | None) -> bool:
-    """Whether this module computes the gate for ``norm``: none or a plain BatchNorm."""
-    return norm is None or type(norm) in PLAIN_NORMS
+def is_plain(norm: nn.Module | None) -> bool:
+    """Whether ``norm`` is a plain BatchNorm (not a subclass such as ``SyncBatchNorm``)."""
+    return type(norm) in PLAIN_NORMS
 
 
-def uses_batch_statistics(norm: nn.Module) -> bool:
+def by_hand(norm: BatchNormState | nn.Module | None) -> bool:
+    """Whether this module computes the gate for ``norm``: none or a plain BatchNorm's state."""
+    return norm is None or isinstance(norm, BatchNormState)
+
+
+def uses_batch_statistics(norm: BatchNormState | nn.Module) -> bool:
     """Whether a BatchNorm normalises with the batch's statistics (training, or no running ones)."""
+    if isinstance(norm, BatchNormState):
+        return norm.batch
     return norm.training or norm.running_mean is None
 
 
-def forward(logits: Tensor, spatial: torch.Size, norm: nn.Module | None, gate: str) -> Tensor:
-    """``ms (B, S) = gate(norm(logits))``; a BatchNorm runs as a module (updating its statistics), on the
-    logits in its own dtype (a bfloat16 module's norm on float32 logits: torch wants them alike)."""
+def forward(logits: Tensor, spatial: torch.Size, norm: BatchNormState | None, gate: str) -> Tensor:
+    """``ms (B, S) = gate(norm(logits))`` (updating the norm's running statistics on batch statistics), the
+    norm on the logits in its own dtype (a bfloat16 module's norm on float32 logits: torch wants them alike)."""
     with torch.no_grad():
         if norm is not None:
             shaped = logits.view(logits.shape[0], 1, *spatial).to(_dtype_of(norm, logits.dtype))
-            logits = norm(shaped).view(logits.shape).to(logits.dtype)
+            logits = norm.normalize(shaped).view(logits.shape).to(logits.dtype)
         return functional.gate(logits, gate)
 
 
-def _dtype_of(norm: nn.Module, default: torch.dtype) -> torch.dtype:
-    """The dtype of ``norm``'s parameters or buffers (``default`` where it has none)."""
-    tensors = [t for t in (*norm.parameters(recurse=False), *norm.buffers(recurse=False)) if t.is_floating_point()]
+def _dtype_of(norm: BatchNormState, default: torch.dtype) -> torch.dtype:
+    """The dtype of ``norm``'s tensors (``default`` where it has none)."""
+    tensors = [t for t in (norm.weight, norm.running_mean) if t is not None]
     return tensors[0].dtype if tensors else default
 
 
-def backward(logits: Tensor, ms: Tensor, d_ms: Tensor, norm: nn.Module | None, gate: str,
+def backward(logits: Tensor, ms: Tensor, d_ms: Tensor, norm: BatchNormState | None, gate: str,
              batch_statistics: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Gradients for the logits ``(B, S)`` and the norm's weight and bias (``None`` where it has none),
     given the gate ``ms`` the forward returned and its gradient ``d_ms``; ``batch_statistics`` as the

@@ -12,9 +12,11 @@ triton    cuda (cpu: TRITON_INTERPRET)  float32, float64, bf16, fp16     contigu
 ========  ============================  ===============================  ==========================
 
 and which extras it computes itself (``Engine.extras``): ``"forward"`` the whole forward in one call,
-``"small-steps"`` the MLP's and the spatial conv's backward, ``"fold"`` a BatchNorm before CBAM
-folded into its passes. Where an engine lacks one, the fused path does that step in torch ops (or,
-for the fold, calls the BatchNorm first).
+``"spatial-backward"`` the spatial gate's and conv's backward in one call, ``"fold"`` a BatchNorm before
+CBAM folded into its passes. Where an engine lacks one, the fused path does that step in torch ops
+(or, for the fold, calls the BatchNorm first). Every engine has the channel MLP's and the spatial
+conv's backward by formula (``channel_backward``, ``conv_backward``: the torch engine's where it has
+none of its own), so that the backward runs without autograd inside a ``torch.library`` op.
 
 ``CBAM_ENGINE`` (``auto``, ``torch``, ``cpp``, ``triton``) picks the engine. ``auto`` takes the
 compiled engine of the input's device (``cpp`` on the CPU, ``triton`` on CUDA) where it covers the
@@ -97,7 +99,7 @@ class Engine:
 ENGINES = {
     "torch": Engine("torch", frozenset({"cpu", "cuda", "mps", "xpu", "meta"}), frozenset(), True, frozenset(),
                     ".torch_ops"),
-    "cpp": Engine("cpp", frozenset({"cpu"}), WIDE_DTYPES, False, frozenset({"forward", "small-steps", "fold"}),
+    "cpp": Engine("cpp", frozenset({"cpu"}), WIDE_DTYPES, False, frozenset({"forward", "spatial-backward", "fold"}),
                   ".cpp", lambda module: module.engine()),
     "triton": Engine("triton", frozenset({"cuda"}), WIDE_DTYPES | HALF_DTYPES, True, frozenset({"fold"}),
                      ".triton_ops"),

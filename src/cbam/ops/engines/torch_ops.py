@@ -11,6 +11,7 @@ float32, the large outputs (``apply``'s, ``input_grad``'s) in the input's dtype.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -29,9 +30,9 @@ def normed(x: Tensor, input_affine: Tensor | None) -> Tensor:
     return x * scale + shift
 
 
-def pool(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Spatial mean, max and arg-max of each channel: three ``(B, C)`` tensors."""
-    x = wide(x)
+def pool(x: Tensor, input_affine: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Spatial mean, max and arg-max of each channel of ``normed(x, input_affine)``: three ``(B, C)``."""
+    x = normed(x, input_affine)
     peak, index = x.max(2)
     return x.mean(2), peak, index
 
@@ -131,8 +132,24 @@ def conv_backward(maps: Tensor, d_out: Tensor, weight: Tensor, size: list[int], 
     """Gradients for ``maps (B, I, S)`` and ``weight (I, kd, kh, kw)`` of the size-keeping correlation
     ``out (B, S)`` of the maps (spatial ``size = [D, H, W]``) with the weight, given ``d_out (B, S)``."""
     batch, inputs = maps.shape[:2]
-    with torch.enable_grad():
-        maps_leaf, weight_leaf = maps.detach().requires_grad_(), weight.detach().requires_grad_()
-        out = torch.nn.functional.conv3d(maps_leaf.view(batch, inputs, *size), weight_leaf.unsqueeze(0),
-                                         padding=[k // 2 for k in kernel])
-        return list(torch.autograd.grad(out, [maps_leaf, weight_leaf], d_out.view(out.shape)))
+    d_maps, d_weight, _ = torch.ops.aten.convolution_backward(
+        d_out.reshape(batch, 1, *size), maps.reshape(batch, inputs, *size), weight.unsqueeze(0), None, [1, 1, 1],
+        [k // 2 for k in kernel], [1, 1, 1], False, [0, 0, 0], 1, [True, True, False])
+    return [d_maps.view(batch, inputs, -1), d_weight[0]]
+
+
+def channel_backward(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef: list[float], fc1_w: Tensor,
+                     fc1_b: Tensor | None, fc2_w: Tensor, mc: Tensor, d_mc: Tensor, hard: bool) -> list[Tensor]:
+    """Gradients of the channel gate ``mc = gate(sum_p fc2(relu(fc1(avg_coef[p] * avg + max_coef[p] * peak))))``
+    for ``avg, peak (B, C)``, ``fc1_w (H, C)``, ``fc1_b (H)``, ``fc2_w (C, H)`` and fc2's bias ``(C)``, given
+    the gate ``mc`` the forward returned and ``d_mc (B, C)``; by formula, without autograd."""
+    count = len(avg_coef)
+    a, m = (avg.new_tensor(coef).view(count, 1, 1) for coef in (avg_coef, max_coef))
+    stacked = a * avg + m * peak  # (P, B, C)
+    pre = F.linear(stacked, fc1_w, fc1_b)  # (P, B, H)
+    slope = ((mc > 0) & (mc < 1)).to(mc.dtype) / 6 if hard else mc * (1 - mc)
+    d_logits = d_mc * slope  # (B, C)
+    d_pre = (d_logits @ fc2_w) * (pre > 0)  # (P, B, H)
+    d_stacked = d_pre @ fc1_w
+    return [(a * d_stacked).sum(0), (m * d_stacked).sum(0), d_pre.flatten(0, 1).t() @ stacked.flatten(0, 1),
+            d_pre.sum((0, 1)), d_logits.t() @ pre.relu().sum(0), d_logits.sum(0) * count]
