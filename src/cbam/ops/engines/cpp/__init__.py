@@ -1,10 +1,16 @@
-"""The compiled engine for the fused CBAM on the CPU: ``cpu_passes.cpp``, built on first use.
+"""The compiled engine for the fused CBAM on the CPU: the C++ passes of this folder, built on first use.
 
 ``engine()`` returns the compiled module — the same functions as ``torch_ops`` for contiguous
 float32/float64 CPU tensors — or ``None`` when it cannot be had (no C++ compiler, no ninja, a
-failed build, or ``CBAM_NO_EXTENSION=1``); the fused path then runs ``torch_ops``. The first
-fused call on a machine builds it (about 30 s on 2 cores, silently); torch caches the build in
-``TORCH_EXTENSIONS_DIR`` and later processes load it in a second.
+failed build, or ``CBAM_NO_EXTENSION=1``); the fused path then runs ``torch_ops``, after one
+``RuntimeWarning``. The files: ``passes.h`` declares every pass; ``forward.cpp``, ``backward.cpp``,
+``small_steps.cpp`` (the MLP and the spatial conv) and ``batch_norm.cpp`` (the folded BatchNorm)
+define them over the helpers of ``vector.h``, ``input_norm.h`` and ``small_steps.h``;
+``bindings.cpp`` names their arguments for Python.
+
+``build.py`` builds them: the first fused call on a machine (or ``python -m cbam.ops.build``, ahead of
+time) compiles them in about a minute, saying so on stderr, into a folder of ``TORCH_EXTENSIONS_DIR``
+named after a hash of the sources, the flags and the target ISA; later processes load it in a second.
 
 Its large outputs (the CBAM output, the input gradient) come from ``output_cache.cpp``: blocks freed
 by earlier outputs are reused instead of fresh pages (which the kernel zeroes on first touch). Up to
@@ -14,18 +20,11 @@ by earlier outputs are reused instead of fresh pages (which the kernel zeroes on
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import warnings
-from pathlib import Path
 from types import ModuleType
 
-SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu_passes.cpp", "output_cache.cpp")]
-
-FLAGS = [  # -fopenmp: at::parallel_for uses torch's OpenMP runtime; the math flags let reductions vectorise
-    "-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
-    "-fno-signed-zeros",
-]
+from . import build
 
 
 def cache_limit_bytes() -> int:
@@ -38,23 +37,16 @@ def cache_limit_bytes() -> int:
 
 @functools.cache
 def engine() -> ModuleType | None:
-    """The compiled passes, built once per process (and once per machine, in torch's cache)."""
+    """The compiled passes, built once per process (and once per machine and install, in torch's cache)."""
     if os.environ.get("CBAM_NO_EXTENSION") == "1":
         return None
-    quiet = logging.getLogger("torch.utils.cpp_extension")  # it warns that no CUDA runtime exists
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     try:
-        from torch.utils import cpp_extension
-
-        module = cpp_extension.load(name="cbam_cpu_passes", sources=SOURCES, extra_cflags=FLAGS,
-                                    extra_ldflags=["-fopenmp"])
+        module = build.load().module
     except Exception as error:  # no compiler, no ninja, a failed build: fall back, say so once
-        warnings.warn(f"cbam: the fused CPU kernels are unavailable ({str(error).splitlines()[0]}); "
-                      "using plain torch ops", RuntimeWarning, stacklevel=2)
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        warnings.warn(f"cbam: the fused CPU kernels are unavailable ({reason}); using plain torch ops",
+                      RuntimeWarning, stacklevel=2)
         return None
-    finally:
-        quiet.setLevel(level)
     module.set_output_cache_limit(cache_limit_bytes())
     return module
 

@@ -2,10 +2,9 @@
 // A fresh allocation of tens of MB comes from mmap: the kernel zeroes every 4 KB page on first touch,
 // which costs more than the pass that fills it. Freed blocks wait here, by exact size, up to a limit
 // of cached bytes (a block beyond it goes back to the system); empty_output_cache() returns them all.
-#pragma once
-
 #include <ATen/EmptyTensor.h>
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <c10/core/Allocator.h>
 
 #include <algorithm>
 #include <cstdlib>

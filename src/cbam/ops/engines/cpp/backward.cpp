@@ -1,0 +1,342 @@
+// The backward passes over the large tensors: the gates' gradients (gate_grads), the gated statistics'
+// (stats_grad), and the input gradient in one write (input_grad; batch_norm_input_grad through a
+// BatchNorm on batch statistics before CBAM). torch_ops.py is the definition.
+#include "input_norm.h"
+#include "passes.h"
+
+namespace cbam_cpu {
+namespace {
+
+// What one row of gate_grads sums over its positions: sum_s g[s] y[s] gate[s] and, for a BatchNorm's
+// backward (kCentred), sum_s g[s] gate[s] and sum_s g[s] gate[s] (x[s] - centre).
+template <typename scalar_t>
+struct GateSums {
+  scalar_t dot = 0, gated = 0, centred = 0;
+};
+
+// One row of gate_grads over n positions, y = norm(x): acc[s] += g[s] y[s] m, and the row's GateSums.
+// With rectified, g is first zeroed where rectified <= 0 (torch's threshold_backward at 0) and written
+// to through.
+template <typename scalar_t, bool kRectified, bool kNormed, bool kCentred>
+GateSums<scalar_t> gate_grads_row(const scalar_t* __restrict grad, const scalar_t* __restrict x,
+                                  Affine<scalar_t, kNormed> norm, scalar_t centre, const scalar_t* __restrict gate,
+                                  scalar_t m, int64_t n, scalar_t* __restrict acc,
+                                  const scalar_t* __restrict rectified, scalar_t* __restrict through) {
+  scalar_t dot = 0, gated = 0, centred = 0;
+  for (int64_t s = 0; s < n; ++s) {
+    scalar_t g = grad[s];
+    if (kRectified) {
+      g = rectified[s] <= 0 ? scalar_t(0) : g;
+      through[s] = g;
+    }
+    const scalar_t t = g * norm(x[s]);
+    acc[s] += t * m;
+    dot += t * gate[s];
+    if (kCentred) {
+      const scalar_t u = g * gate[s];
+      gated += u;
+      centred += u * (x[s] - centre);
+    }
+  }
+  return {dot, gated, centred};
+}
+
+// gate_grads' work, task by task: grad, x, rectified and through (B, C, S), mc (B, C), ms (B, S), centre
+// (C) or null, channel_index and peaks (B, C).
+template <typename scalar_t>
+struct GateGrads {
+  const scalar_t *grad, *x, *mc, *ms, *rectified, *centre;
+  const int64_t* channel_index;
+  scalar_t *through, *peaks;
+  int64_t C, S;
+
+  // gate_grads_row from element row = (b, c, s0) on, with the ReLU and the centred sums known at
+  // compile time.
+  template <bool kRectified, bool kCentred, typename Norm>
+  GateSums<scalar_t> sums_of(Norm norm, int64_t row, int64_t c, const scalar_t* gate, scalar_t* acc, int64_t n) const {
+    return gate_grads_row<scalar_t, kRectified, decltype(norm[0])::kIsNormed, kCentred>(
+        grad + row, x + row, norm[c], centre ? centre[c] : scalar_t(0), gate, mc[row / S], n, acc,
+        rectified ? rectified + row : nullptr, rectified ? through + row : nullptr);
+  }
+
+  // Sample b's positions s0 .. s0 + n - 1 over every channel: acc (n), its share of d_ms; found (sums, C),
+  // each row's GateSums; and the row maxima that lie among these positions.
+  template <typename Norm>
+  void task(Norm norm, int64_t b, int64_t s0, int64_t n, scalar_t* acc, scalar_t* found) const {
+    const scalar_t* gate = ms + b * S + s0;
+    std::fill(acc, acc + n, scalar_t(0));
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t row = (b * C + c) * S + s0;
+      const GateSums<scalar_t> got =
+          rectified ? (centre ? sums_of<true, true>(norm, row, c, gate, acc, n)
+                              : sums_of<true, false>(norm, row, c, gate, acc, n))
+                    : (centre ? sums_of<false, true>(norm, row, c, gate, acc, n)
+                              : sums_of<false, false>(norm, row, c, gate, acc, n));
+      found[c] = got.dot;
+      if (centre) {
+        found[C + c] = got.gated;
+        found[2 * C + c] = got.centred;
+      }
+      const int64_t at = channel_index[b * C + c] - s0;  // the row's maximum, if in this task's positions
+      if (at >= 0 && at < n) peaks[b * C + c] = norm[c](x[row + at]);
+    }
+  }
+};
+
+// stats_grad for one sample: x (C, S), its d_mean w, d_peak and index (S), centre (C) or null; writes
+// out (C), its d_mc, and, with centre, centred (2, C).
+template <typename scalar_t, typename Norm>
+void stats_grad_sample(const scalar_t* x, const scalar_t* w, const scalar_t* d_peak, const int64_t* index,
+                       const scalar_t* centre, Norm norm, int64_t C, int64_t S, scalar_t* out, scalar_t* centred) {
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* row = x + c * S;
+    const auto row_norm = norm[c];
+    scalar_t dot = 0, weighted = 0, offsets = 0;
+    if (centre) {
+      const scalar_t mu = centre[c];
+      for (int64_t s = 0; s < S; ++s) {
+        dot += w[s] * row_norm(row[s]);
+        weighted += w[s] * (row[s] - mu);
+        offsets += row[s] - mu;
+      }
+      centred[c] = weighted;
+      centred[C + c] = offsets;
+    } else {
+      for (int64_t s = 0; s < S; ++s) dot += w[s] * row_norm(row[s]);
+    }
+    out[c] = dot / C;
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t c = index[s];
+    out[c] += d_peak[s] * norm[c](x[c * S + s]);
+  }
+}
+
+// CBAM's input gradient, the pieces it is made of: per element grad (B, C, S) through the gates mc
+// (B, C) and ms (B, S), per row mc d_mean / C (d_mean (B, S)) and d_avg / S (d_avg (B, C)), and the
+// maxima's shares: d_max (B, C) at each row's channel_index, d_peak (B, S) mc at each position's
+// index (the channel of its gated maximum).
+template <typename scalar_t>
+struct InputGradient {
+  int64_t B, C, S;
+  const scalar_t *grad, *mc, *ms, *d_mean, *d_peak, *d_avg, *d_max;
+  const int64_t *index, *channel_index;
+
+  InputGradient(const at::Tensor& grad_, const at::Tensor& mc_, const at::Tensor& ms_, const at::Tensor& d_mean_,
+                const at::Tensor& d_peak_, const at::Tensor& index_, const at::Tensor& d_avg_,
+                const at::Tensor& d_max_, const at::Tensor& channel_index_)
+      : B(grad_.size(0)), C(grad_.size(1)), S(grad_.size(2)), grad(grad_.data_ptr<scalar_t>()),
+        mc(mc_.data_ptr<scalar_t>()), ms(ms_.data_ptr<scalar_t>()), d_mean(d_mean_.data_ptr<scalar_t>()),
+        d_peak(d_peak_.data_ptr<scalar_t>()), d_avg(d_avg_.data_ptr<scalar_t>()), d_max(d_max_.data_ptr<scalar_t>()),
+        index(index_.data_ptr<int64_t>()), channel_index(channel_index_.data_ptr<int64_t>()) {}
+
+  // Writes out (B, C, S) = a[c] dy + shift[c] + slope[c] (x - centre[c]) for CBAM's input gradient dy,
+  // a BatchNorm's backward (kNormed), or dy itself.
+  template <bool kNormed>
+  void write(scalar_t* out, const scalar_t* x = nullptr, const scalar_t* a = nullptr, const scalar_t* shift = nullptr,
+             const scalar_t* slope = nullptr, const scalar_t* centre = nullptr) const {
+    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / C, c = r % C;
+        const scalar_t m = mc[r], m_over_c = mc[r] / C, avg_share = d_avg[r] / S;
+        const scalar_t* gate = ms + b * S;
+        const scalar_t* w = d_mean + b * S;
+        const scalar_t* g = grad + r * S;
+        scalar_t* o = out + r * S;
+        if constexpr (kNormed) {
+          const scalar_t* xr = x + r * S;
+          const scalar_t ac = a[c], t = shift[c], k = slope[c], mu = centre[c];
+          for (int64_t s = 0; s < S; ++s)
+            o[s] = ac * (g[s] * m * gate[s] + m_over_c * w[s] + avg_share) + t + k * (xr[s] - mu);
+          o[channel_index[r]] += ac * d_max[r];
+        } else {
+          for (int64_t s = 0; s < S; ++s) o[s] = g[s] * m * gate[s] + m_over_c * w[s] + avg_share;
+          o[channel_index[r]] += d_max[r];
+        }
+      }
+    });
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t c = index[b * S + s];
+          const scalar_t share = d_peak[b * S + s] * mc[b * C + c];
+          out[(b * C + c) * S + s] += kNormed ? a[c] * share : share;
+        }
+      }
+    });
+  }
+};
+
+// batch_norm_input_grad's sums per row (b, c), in double: plain = sum_s dy and moment = sum_s dy (x - mean),
+// dy = g mc ms + mc d_mean / C + d_avg / S and the maxima's shares, from gated and centred (B, 2, C).
+template <typename scalar_t>
+void batch_norm_row_sums(const InputGradient<scalar_t>& pieces, const scalar_t* xp, const scalar_t* gs,
+                         const scalar_t* cs, const scalar_t* mu, double* plain, double* moment) {
+  const int64_t B = pieces.B, C = pieces.C, S = pieces.S;
+  const scalar_t* mp = pieces.mc;
+  const scalar_t* dm = pieces.d_mean;
+  const scalar_t* dp = pieces.d_peak;
+  const int64_t* ip = pieces.index;
+  const scalar_t* da = pieces.d_avg;
+  const scalar_t* dx_max = pieces.d_max;
+  const int64_t* cp = pieces.channel_index;
+  for (int64_t b = 0; b < B; ++b) {
+    double d_mean_sum = 0;
+    for (int64_t s = 0; s < S; ++s) d_mean_sum += dm[b * S + s];
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t r = b * C + c;
+      const double m = mp[r], m_over_c = m / C;
+      const scalar_t* g_sums = gs + b * 2 * C;
+      const scalar_t* x_sums = cs + b * 2 * C;
+      plain[r] = m * g_sums[c] + m_over_c * d_mean_sum + da[r] + dx_max[r];
+      moment[r] = m * g_sums[C + c] + m_over_c * x_sums[c] + double(da[r]) / S * x_sums[C + c] +
+                  double(dx_max[r]) * (xp[r * S + cp[r]] - mu[c]);
+    }
+    for (int64_t s = 0; s < S; ++s) {  // the gated maxima's shares
+      const int64_t c = ip[b * S + s], r = b * C + c;
+      const double share = double(dp[b * S + s]) * mp[r];
+      plain[r] += share;
+      moment[r] += share * (xp[r * S + s] - mu[c]);
+    }
+  }
+}
+
+// Per channel, from the row sums over B samples of S positions: the weight and bias gradients d_weight,
+// d_bias (C) and the map of dx = a dy + shift + slope (x - mean); invstd (C), weight (C) or null.
+template <typename scalar_t>
+void batch_norm_channel_maps(const double* plain, const double* moment, const scalar_t* is, const scalar_t* w,
+                             int64_t B, int64_t C, int64_t S, scalar_t* d_weight, scalar_t* d_bias, scalar_t* a,
+                             scalar_t* shift, scalar_t* slope) {
+  for (int64_t c = 0; c < C; ++c) {
+    double sum = 0, moment_sum = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      sum += plain[b * C + c];
+      moment_sum += moment[b * C + c];
+    }
+    const double count = static_cast<double>(B * S), inverse = is[c];
+    const double scale = inverse * (w ? w[c] : scalar_t(1));
+    d_weight[c] = static_cast<scalar_t>(moment_sum * inverse);
+    d_bias[c] = static_cast<scalar_t>(sum);
+    a[c] = static_cast<scalar_t>(scale);
+    shift[c] = static_cast<scalar_t>(-scale * sum / count);
+    slope[c] = static_cast<scalar_t>(-scale * inverse * inverse * moment_sum / count);
+  }
+}
+
+}  // namespace
+
+// d/d ms (B, S) and d/d mc (B, C) of sum(grad * y * mc * ms), y = x or, with input_affine (2, C), the
+// BatchNorm map of x, in one read of grad and x: row by row within a sample (streaming reads);
+// threads split samples, or a sample's positions when there are fewer samples than threads. With the
+// output of a residual tail (rectified = relu(... + residual), shaped like x) grad first goes through
+// the ReLU: grad where rectified > 0, else 0. While each row streams by it also reads y at the row's
+// channel_index (B, C): the maxima pool found, again (gathered later they would be one cache miss
+// each). With centre (C), the mean of a BatchNorm on batch statistics, it also sums what that
+// BatchNorm's backward needs (batch_norm_input_grad): gated (B, 2, C), each row's sum of g ms and of
+// g ms (x - centre), g the gradient used.
+// Returns d_ms, d_mc, the gradient used (written where rectified, else grad itself), the maxima and
+// gated (undefined without centre).
+std::vector<at::Tensor> gate_grads(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mc,
+                                   const at::Tensor& ms, const std::optional<at::Tensor>& rectified,
+                                   const at::Tensor& channel_index, const std::optional<at::Tensor>& input_affine,
+                                   const std::optional<at::Tensor>& centre) {
+  const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
+  const bool by_sample = B >= at::get_num_threads();
+  const int64_t K = by_sample ? 1 : chunks(S), span = by_sample ? S : kChunk, sums = centre ? 3 : 1;
+  auto d_ms = at::empty({B, S}, x.options());
+  auto partial = at::empty({B, K, sums, C}, x.options());
+  auto through = rectified ? output_cache::empty_like(grad) : grad;
+  auto peaks = at::empty({B, C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_gate_grads", [&] {
+    const GateGrads<scalar_t> work{grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), mc.data_ptr<scalar_t>(),
+                                   ms.data_ptr<scalar_t>(), data_or_null<scalar_t>(rectified),
+                                   data_or_null<scalar_t>(centre), channel_index.data_ptr<int64_t>(),
+                                   through.data_ptr<scalar_t>(), peaks.data_ptr<scalar_t>(), C, S};
+    with_input_norm<scalar_t>(input_affine, C, [&](auto norm) {
+      at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task / K, k = task % K, s0 = k * span, n = std::min(span, S - s0);
+          work.task(norm, b, s0, n, d_ms.data_ptr<scalar_t>() + b * S + s0,
+                    partial.data_ptr<scalar_t>() + (b * K + k) * sums * C);
+        }
+      });
+    });
+  });
+  const auto summed = partial.sum(1);  // (B, sums, C)
+  return {d_ms, summed.select(1, 0), through, peaks, centre ? summed.narrow(1, 1, 2).contiguous() : at::Tensor()};
+}
+
+// d/d mc (B, C) through gated_stats: mean term sum_s d_mean * y / C, max term at each position's arg-max;
+// y = x or, with input_affine (2, C), the BatchNorm map of x. With centre (C), the mean of a BatchNorm
+// on batch statistics, also centred (B, 2, C): each row's sum of d_mean (x - centre) and of x - centre,
+// for batch_norm_input_grad (undefined without centre).
+std::vector<at::Tensor> stats_grad(const at::Tensor& x, const at::Tensor& d_mean, const at::Tensor& d_peak,
+                                   const at::Tensor& index, const std::optional<at::Tensor>& input_affine,
+                                   const std::optional<at::Tensor>& centre) {
+  const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
+  auto d_mc = at::empty({B, C}, x.options());
+  auto centred = centre ? at::empty({B, 2, C}, x.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_stats_grad", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* dm = d_mean.data_ptr<scalar_t>();
+    const scalar_t* dp = d_peak.data_ptr<scalar_t>();
+    const int64_t* ip = index.data_ptr<int64_t>();
+    const scalar_t* cp = data_or_null<scalar_t>(centre);
+    scalar_t* out = d_mc.data_ptr<scalar_t>();
+    with_input_norm<scalar_t>(input_affine, C, [&](auto norm) {
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b)
+          stats_grad_sample(xp + b * C * S, dm + b * S, dp + b * S, ip + b * S, cp, norm, C, S, out + b * C,
+                            cp ? centred.data_ptr<scalar_t>() + b * 2 * C : nullptr);
+      });
+    });
+  });
+  return {d_mc, centred};
+}
+
+// d/d x (B, C, S): through the output, the gated statistics and the pooling, in one write of dx.
+at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms,
+                      const at::Tensor& d_mean, const at::Tensor& d_peak, const at::Tensor& index,
+                      const at::Tensor& d_avg, const at::Tensor& d_max, const at::Tensor& channel_index) {
+  auto dx = output_cache::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_input_grad", [&] {
+    InputGradient<scalar_t>(grad, mc, ms, d_mean, d_peak, index, d_avg, d_max, channel_index)
+        .template write<false>(dx.data_ptr<scalar_t>());
+  });
+  return dx;
+}
+
+// d/d x (B, C, S) where CBAM's input is a BatchNorm on batch statistics of x — mean, invstd (C), weight
+// (C) or none, so y = a (x - mean) + bias, a = invstd * weight — and the BatchNorm's weight and bias
+// gradients, in one read of grad and x and one write: torch's BatchNorm backward of input_grad's dy,
+// dx = a (dy - sum(dy) / N - (x - mean) invstd^2 sum(dy (x - mean)) / N), sums over (B, S) per
+// channel (N values), with those sums built from what the earlier passes summed while reading x:
+// gated (gate_grads) and centred (stats_grad), each (B, 2, C). dy is never written.
+// Returns dx, d_weight (sum dy (x - mean) invstd) and d_bias (sum dy), both (C).
+std::vector<at::Tensor> batch_norm_input_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mc,
+                                              const at::Tensor& ms, const at::Tensor& d_mean,
+                                              const at::Tensor& d_peak, const at::Tensor& index,
+                                              const at::Tensor& d_avg, const at::Tensor& d_max,
+                                              const at::Tensor& channel_index, const at::Tensor& gated,
+                                              const at::Tensor& centred, const at::Tensor& mean,
+                                              const at::Tensor& invstd, const std::optional<at::Tensor>& weight) {
+  const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
+  auto dx = output_cache::empty_like(x);
+  auto d_weight = at::empty({C}, x.options()), d_bias = at::empty({C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_batch_norm_input_grad", [&] {
+    const InputGradient<scalar_t> pieces(grad, mc, ms, d_mean, d_peak, index, d_avg, d_max, channel_index);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* mu = mean.data_ptr<scalar_t>();
+    std::vector<double> plain(B * C), moment(B * C);
+    batch_norm_row_sums(pieces, xp, gated.data_ptr<scalar_t>(), centred.data_ptr<scalar_t>(), mu, plain.data(),
+                        moment.data());
+    std::vector<scalar_t> a(C), shift(C), slope(C);
+    batch_norm_channel_maps(plain.data(), moment.data(), invstd.data_ptr<scalar_t>(), data_or_null<scalar_t>(weight),
+                            B, C, S, d_weight.data_ptr<scalar_t>(), d_bias.data_ptr<scalar_t>(), a.data(),
+                            shift.data(), slope.data());
+    pieces.template write<true>(dx.data_ptr<scalar_t>(), xp, a.data(), shift.data(), slope.data(), mu);
+  });
+  return {dx, d_weight, d_bias};
+}
+
+}  // namespace cbam_cpu

@@ -1,0 +1,156 @@
+// The BatchNorm before CBAM, folded into CBAM's passes: its eval-mode affine map, and a training-mode
+// BatchNorm's statistics taken in CBAM's pooling pass (its backward is batch_norm_input_grad, in
+// backward.cpp).
+#include "passes.h"
+#include "vector.h"
+
+#include <tuple>
+#include <utility>
+
+namespace cbam_cpu {
+namespace {
+
+typedef double Doubles __attribute__((vector_size(64)));
+
+// Adds lanes 8 kPart .. 8 kPart + 7 of v, as doubles minus centre, to sums[kPart], and their squares
+// to squares[kPart].
+template <int kPart, typename Vector>
+void add_part(Vector v, double centre, Doubles* sums, Doubles* squares) {
+  const Doubles d = __builtin_convertvector(lanes_at<8 * kPart>(v, std::make_index_sequence<8>{}), Doubles) - centre;
+  sums[kPart] += d;
+  squares[kPart] += d * d;
+}
+
+// What a BatchNorm on the batch's statistics needs of one row of S values, in one read: the sums of
+// row[s] - centre and of its square, in double (centre, a value of the channel, keeps them exact
+// enough), and the row's first minimum and maximum with their positions.
+template <typename scalar_t>
+void moments_row(const scalar_t* row, int64_t S, scalar_t centre, double& sum, double& squares,
+                 std::pair<scalar_t, int64_t>& low, std::pair<scalar_t, int64_t>& high) {
+  using Values = typename Lanes<scalar_t>::Values;
+  constexpr int kParts = sizeof(Values) / sizeof(scalar_t) / 8;  // vectors of 8 doubles per vector of values
+  Doubles sums[2] = {}, square_sums[2] = {};
+  LaneMaximum<scalar_t> highest(row[0]), lowest(-row[0]);  // the minimum: the maximum of -row
+  scan_row(row, S, [&](Values v, auto positions, auto fresh) {
+    highest.take(v, positions);
+    lowest.take(-v, positions);
+    const Values kept = fresh ? v : centre + Values{};  // lanes seen before add 0
+    add_part<0>(kept, centre, sums, square_sums);
+    if constexpr (kParts == 2) add_part<1>(kept, centre, sums, square_sums);
+  });
+  auto add = [](auto a, auto b) { return a + b; };
+  sum = fold_lanes(sums[0] + sums[1], add);
+  squares = fold_lanes(square_sums[0] + square_sums[1], add);
+  high = highest.result();
+  low = lowest.result();
+  low.first = -low.first;
+}
+
+// batch_norm_pool's work, by row and by channel: x (B, C, S); per row (b, c) the sums and squares of
+// moments_row, the maximum and its position (peak, index: then the pooled ones) and the minimum;
+// per channel the statistics (mean, var, invstd) and the map (scale, shift); avg (B, C) the pooling.
+template <typename scalar_t>
+struct FoldedPool {
+  const scalar_t* x;
+  int64_t B, C, S;
+  double eps;
+  const scalar_t* weight;  // (C) or null
+  const scalar_t* bias;    // (C) or null
+  double* sums;
+  double* squares;
+  std::pair<scalar_t, int64_t>* minima;
+  scalar_t *avg, *peak, *mean, *var, *invstd, *scale, *shift;
+  int64_t* index;
+
+  // Row r = (b, c): its moments about the channel's first value, its maximum and its minimum.
+  void row(int64_t r) const {
+    std::pair<scalar_t, int64_t> high;
+    moments_row(x + r * S, S, x[(r % C) * S], sums[r], squares[r], minima[r], high);
+    std::tie(peak[r], index[r]) = high;
+  }
+
+  // Channel c: its statistics over (B, S), its map, and the pooling of the map's output on its rows.
+  void channel(int64_t c) const {
+    double sum = 0, square_sum = 0;
+    for (int64_t k = 0; k < B; ++k) {
+      sum += sums[k * C + c];
+      square_sum += squares[k * C + c];
+    }
+    const double count = static_cast<double>(B * S), offset = sum / count;
+    const double variance = std::max(square_sum / count - offset * offset, 0.0);
+    const scalar_t centre = x[c * S], channel_mean = static_cast<scalar_t>(centre + offset);
+    mean[c] = channel_mean;
+    var[c] = static_cast<scalar_t>(variance);
+    invstd[c] = static_cast<scalar_t>(1 / std::sqrt(variance + eps));
+    const scalar_t a = invstd[c] * (weight ? weight[c] : scalar_t(1));
+    const scalar_t t = (bias ? bias[c] : scalar_t(0)) - channel_mean * a;
+    scale[c] = a;
+    shift[c] = t;
+    for (int64_t k = 0; k < B; ++k) {  // the pooling of the map's output, row (k, c)
+      const int64_t r = k * C + c;
+      avg[r] = static_cast<scalar_t>(a * (centre + sums[r] / S) + t);
+      if (a < 0) std::tie(peak[r], index[r]) = minima[r];
+      peak[r] = std::fma(a, peak[r], t);
+      if (a == 0) index[r] = 0;  // every value maps to t: the first is the maximum
+    }
+  }
+};
+
+}  // namespace
+
+// The per-channel affine map (2, C) — scale, then shift — of an eval-mode BatchNorm: scale = weight /
+// sqrt(running_var + eps), shift = bias - running_mean * scale (weight and bias optional), rounded as
+// torch's CPU kernel rounds them.
+at::Tensor batch_norm_affine(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& running_mean, const at::Tensor& running_var, double eps) {
+  const int64_t C = running_mean.numel();
+  auto affine = at::empty({2, C}, running_mean.options());
+  AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "cbam_batch_norm_affine", [&] {
+    const scalar_t* mean = running_mean.data_ptr<scalar_t>();
+    const scalar_t* var = running_var.data_ptr<scalar_t>();
+    const scalar_t* w = weight ? weight->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
+    scalar_t* scale = affine.data_ptr<scalar_t>();
+    scalar_t* shift = scale + C;
+    for (int64_t c = 0; c < C; ++c) {
+      scale[c] = scalar_t(1) / std::sqrt(var[c] + static_cast<scalar_t>(eps)) * (w ? w[c] : scalar_t(1));
+      shift[c] = (b ? b[c] : scalar_t(0)) - mean[c] * scale[c];
+    }
+  });
+  return affine;
+}
+
+// A training-mode BatchNorm folded into CBAM's pooling, in one read of x (B, C, S): its statistics over
+// (B, S) — mean, biased var, and invstd = 1 / sqrt(var + eps) in double, as torch computes them — its
+// map (2, C) (scale = invstd * weight, shift = bias - mean * scale) and CBAM's pooling of the map's
+// output: each row's mean, and its max and first arg-max from the row's maximum or minimum (the map
+// is monotone). Returns avg, peak, channel_index (B, C), mean, var, invstd (C) and the map.
+std::vector<at::Tensor> batch_norm_pool(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                        const std::optional<at::Tensor>& bias, double eps) {
+  const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
+  check_positions(S);
+  const auto wide = x.options().dtype(at::kDouble), positions = x.options().dtype(at::kLong);
+  auto sums = at::empty({B, C}, wide), squares = at::empty({B, C}, wide);
+  auto avg = at::empty({B, C}, x.options()), peak = at::empty({B, C}, x.options());
+  auto index = at::empty({B, C}, positions);
+  auto mean = at::empty({C}, x.options()), var = at::empty({C}, x.options()), invstd = at::empty({C}, x.options());
+  auto affine = at::empty({2, C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_batch_norm_pool", [&] {
+    std::vector<std::pair<scalar_t, int64_t>> minima(B * C);
+    scalar_t* scale = affine.data_ptr<scalar_t>();
+    const FoldedPool<scalar_t> fold{x.data_ptr<scalar_t>(), B, C, S, eps, data_or_null<scalar_t>(weight),
+                                    data_or_null<scalar_t>(bias), sums.data_ptr<double>(),
+                                    squares.data_ptr<double>(), minima.data(), avg.data_ptr<scalar_t>(),
+                                    peak.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(),
+                                    invstd.data_ptr<scalar_t>(), scale, scale + C, index.data_ptr<int64_t>()};
+    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) fold.row(r);
+    });
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) fold.channel(c);
+    });
+  });
+  return {avg, peak, index, mean, var, invstd, affine};
+}
+
+}  // namespace cbam_cpu

@@ -1,0 +1,363 @@
+// The forward passes over x (pool, gated_stats, apply) and the whole forward in one call (forward),
+// sample by sample so that a sample's x stays in cache from its pooling to its output where it can.
+// torch_ops.py is the definition.
+#include "input_norm.h"
+#include "passes.h"
+#include "small_steps.h"
+#include "vector.h"
+
+#include <functional>
+#include <tuple>
+#include <utility>
+
+namespace cbam_cpu {
+namespace {
+
+// Mean, max and first arg-max of one row of S values norm(row[s]), in one read.
+template <typename scalar_t, bool kNormed>
+void pool_row(const scalar_t* row, int64_t S, Affine<scalar_t, kNormed> norm, scalar_t& mean, scalar_t& peak,
+              int64_t& index) {
+  using Values = typename Lanes<scalar_t>::Values;
+  Values sums = {};
+  LaneMaximum<scalar_t> highest(norm(row[0]));
+  scan_row(row, S, [&](Values v, auto positions, auto fresh) {
+    v = norm(v);
+    highest.take(v, positions);
+    sums += fresh ? v : Values{};
+  });
+  mean = fold_lanes(sums, [](auto a, auto b) { return a + b; }) / S;
+  std::tie(peak, index) = highest.result();
+}
+
+// Channel-wise mean, max and first arg-max of mc[c] * norm[c](x[c, s]) for one block of kBlock vectors of
+// positions of one sample (x points at its first position of channel 0, rows are S apart): sums, maxima
+// and arg-maxima stay in registers while the channels stream by, summed over channels in order.
+template <int kBlock, typename scalar_t, bool kNormed>
+void gated_block(const scalar_t* x, const scalar_t* mc, InputNorm<scalar_t, kNormed> norm, int64_t C, int64_t S,
+                 scalar_t* mean, scalar_t* peak, int64_t* index) {
+  using Values = typename Lanes<scalar_t>::Values;
+  using Positions = typename Lanes<scalar_t>::Positions;
+  constexpr int kWidth = sizeof(Values) / sizeof(scalar_t);
+  auto load = [](const scalar_t* at) {
+    Values v;
+    std::memcpy(&v, at, sizeof(Values));
+    return v;
+  };
+  Values sum[kBlock], best[kBlock];
+  Positions arg[kBlock];
+  for (int j = 0; j < kBlock; ++j) {
+    sum[j] = best[j] = mc[0] * norm[0](load(x + j * kWidth));
+    arg[j] = Positions{};
+  }
+  for (int64_t c = 1; c < C; ++c) {
+    const scalar_t* row = x + c * S;
+    const auto row_norm = norm[c];
+    const Positions channel = static_cast<typename std::remove_reference<decltype(arg[0][0])>::type>(c) +
+                              Positions{};
+    for (int j = 0; j < kBlock; ++j) {
+      const Values v = mc[c] * row_norm(load(row + j * kWidth));
+      const Positions above = v > best[j];
+      sum[j] += v;
+      best[j] = above ? v : best[j];
+      arg[j] = above ? channel : arg[j];
+    }
+  }
+  for (int j = 0; j < kBlock; ++j)
+    for (int l = 0; l < kWidth; ++l) {
+      mean[j * kWidth + l] = sum[j][l] / C;
+      peak[j * kWidth + l] = best[j][l];
+      index[j * kWidth + l] = arg[j][l];
+    }
+}
+
+// The same for the rest positions (fewer than a block) in per-position arrays, still vectorised
+// across positions.
+template <int kBlock, typename scalar_t, bool kNormed>
+void gated_rest(const scalar_t* x, const scalar_t* mc, InputNorm<scalar_t, kNormed> norm, int64_t C, int64_t S,
+                int64_t rest, scalar_t* mean, scalar_t* peak, int64_t* index) {
+  constexpr int kWidth = sizeof(typename Lanes<scalar_t>::Values) / sizeof(scalar_t);
+  scalar_t sum[kBlock * kWidth], best[kBlock * kWidth];
+  int32_t arg[kBlock * kWidth];
+  for (int64_t t = 0; t < rest; ++t) {
+    sum[t] = best[t] = mc[0] * norm[0](x[t]);
+    arg[t] = 0;
+  }
+  for (int64_t c = 1; c < C; ++c) {
+    const scalar_t m = mc[c];
+    const scalar_t* row = x + c * S;
+    const auto row_norm = norm[c];
+    for (int64_t t = 0; t < rest; ++t) {
+      const scalar_t v = m * row_norm(row[t]);
+      const bool above = v > best[t];
+      sum[t] += v;
+      best[t] = above ? v : best[t];
+      arg[t] = above ? static_cast<int32_t>(c) : arg[t];
+    }
+  }
+  for (int64_t t = 0; t < rest; ++t) {
+    mean[t] = sum[t] / C;
+    peak[t] = best[t];
+    index[t] = arg[t];
+  }
+}
+
+// Channel-wise mean, max and first arg-max of mc[c] * norm[c](x[c, s]) for n positions of one sample;
+// x points at the chunk's first position of channel 0, rows are S apart. Blocks of kBlock vectors of
+// positions keep their sums, maxima and arg-maxima in registers while the channels stream by; the
+// positions left over keep them in arrays. Sums run over channels in order either way.
+template <typename scalar_t, bool kNormed>
+void gated_chunk(const scalar_t* x, const scalar_t* mc, InputNorm<scalar_t, kNormed> norm, int64_t C, int64_t S,
+                 int64_t n, scalar_t* mean, scalar_t* peak, int64_t* index) {
+  constexpr int kWidth = sizeof(typename Lanes<scalar_t>::Values) / sizeof(scalar_t), kBlock = 4;
+  int64_t s = 0;
+  for (; s + kBlock * kWidth <= n; s += kBlock * kWidth)
+    gated_block<kBlock>(x + s, mc, norm, C, S, mean + s, peak + s, index + s);
+  gated_rest<kBlock>(x + s, mc, norm, C, S, n - s, mean + s, peak + s, index + s);
+}
+
+// Spatial mean, max and first arg-max of every row (b, c) of norm(x), x: (B, C, S): avg, peak, index (B, C).
+template <typename scalar_t, bool kNormed>
+void pool_rows(const scalar_t* x, InputNorm<scalar_t, kNormed> norm, int64_t B, int64_t C, int64_t S, scalar_t* avg,
+               scalar_t* peak, int64_t* index) {
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) pool_row(x + r * S, S, norm[r % C], avg[r], peak[r], index[r]);
+  });
+}
+
+// One output row of S positions: out = y * m * ms, or relu(y * m * ms + residual) with a residual row
+// (the residual block's tail; NaN stays NaN as in torch.relu), y = norm(x). Rounded as torch's
+// separate ops round, (y * m) * ms then + residual: no reassociation, no other fused multiply-add
+// than norm's (written as a builtin: under these options no function call would be inlined).
+template <typename scalar_t, bool kNormed>
+__attribute__((optimize("no-associative-math", "fp-contract=off")))
+void output_row(const scalar_t* x, Affine<scalar_t, kNormed> norm, scalar_t m, const scalar_t* ms,
+                const scalar_t* residual, int64_t S, scalar_t* out) {
+  const auto y = [&](int64_t s) -> scalar_t {
+    if constexpr (!kNormed) return x[s];
+    if constexpr (std::is_same_v<scalar_t, float>) return __builtin_fmaf(x[s], norm.a, norm.b);
+    return __builtin_fma(x[s], norm.a, norm.b);
+  };
+  if (residual == nullptr) {
+    for (int64_t s = 0; s < S; ++s) out[s] = y(s) * m * ms[s];
+    return;
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    const scalar_t v = y(s) * m * ms[s] + residual[s];
+    out[s] = v < 0 ? scalar_t(0) : v;
+  }
+}
+
+// The one-call forward's work on the tensors forward() made: x, out (B, C, S), residual shaped like x
+// or null, mc, avg, peak, channel_index (B, C), mean, speak, spatial_index, logits, ms (B, S).
+template <typename scalar_t, typename Norm>
+struct OneCall {
+  const scalar_t *x, *conv_w, *residual;
+  const ChannelMLP<scalar_t>& mlp;
+  Norm norm;
+  int64_t B, C, S, I;
+  const int64_t *size, *kernel;
+  bool hard, finish;
+  double scale, shift;  // the fixed norm of the spatial logits: scale * z + shift
+  scalar_t *out, *ms, *mc, *avg, *peak, *mean, *speak, *logits;
+  int64_t *channel_index, *spatial_index;
+
+  // Every sample's pooling, then every sample's MLP in plain loops.
+  void pool_all() const { pool_rows(x, norm, B, C, S, avg, peak, channel_index); }
+  void gate_all() const {
+    for (int64_t b = 0; b < B; ++b) mlp.gate(avg + b * C, peak + b * C, mc + b * C);
+  }
+
+  // Sample b's pooling, then its MLP.
+  void pool_and_mlp(int64_t b) const {
+    pool_rows(x + b * C * S, norm, 1, C, S, avg + b * C, peak + b * C, channel_index + b * C);
+    mlp.gate(avg + b * C, peak + b * C, mc + b * C);
+  }
+
+  // The rest for sample b: gated statistics, spatial conv, gate and output.
+  void rest(int64_t b) const {
+    const scalar_t* xb = x + b * C * S;
+    const scalar_t* mc_b = mc + b * C;
+    scalar_t *mean_b = mean + b * S, *speak_b = speak + b * S;
+    at::parallel_for(0, chunks(S), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t s0 = k * kChunk;
+        gated_chunk(xb + s0, mc_b, norm, C, S, std::min(kChunk, S - s0), mean_b + s0, speak_b + s0,
+                    spatial_index + b * S + s0);
+      }
+    });
+    std::vector<scalar_t> maps(I * S);
+    statistic_maps(mean_b, speak_b, I, S, maps.data());
+    scalar_t* logits_b = logits + b * S;
+    spatial_conv(maps.data(), conv_w, I, size, kernel, logits_b);
+    if (finish) output(b);
+  }
+
+  // Sample b's spatial gate from its logits, and its output.
+  void output(int64_t b) const {
+    const scalar_t* logits_b = logits + b * S;
+    scalar_t* ms_b = ms + b * S;
+    for (int64_t s = 0; s < S; ++s) ms_b[s] = squash(scalar_t(scale) * logits_b[s] + scalar_t(shift), hard);
+    const scalar_t* xb = x + b * C * S;
+    const scalar_t* mc_b = mc + b * C;
+    scalar_t* ob = out + b * C * S;
+    const scalar_t* rb = residual ? residual + b * C * S : nullptr;
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c)
+        output_row(xb + c * S, norm[c], mc_b[c], ms_b, rb ? rb + c * S : nullptr, S, ob + c * S);
+    });
+  }
+
+  // work(b) for every sample: samples split among threads where there are enough (the passes inside
+  // then run serially), else one after the other.
+  void each_sample(const std::function<void(int64_t)>& work) const {
+    if (B >= at::get_num_threads()) {
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) work(b);
+      });
+    } else {
+      for (int64_t b = 0; b < B; ++b) work(b);
+    }
+  }
+};
+
+
+// The spatial logits' eval-mode BatchNorm (weight, bias optional) as scale * z + shift; (1, 0) without one.
+std::pair<double, double> fixed_norm(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                     const std::optional<at::Tensor>& running_mean,
+                                     const std::optional<at::Tensor>& running_var, double eps) {
+  double scale = 1, shift = 0;
+  if (running_var) {
+    scale = (weight ? weight->item<double>() : 1.0) / std::sqrt(running_var->item<double>() + eps);
+    shift = (bias ? bias->item<double>() : 0.0) - running_mean->item<double>() * scale;
+  }
+  return {scale, shift};
+}
+
+}  // namespace
+
+// Spatial mean, max and first arg-max of every row (b, c).
+std::vector<at::Tensor> pool(const at::Tensor& x) {
+  const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
+  check_positions(S);
+  auto avg = at::empty({B, C}, x.options());
+  auto peak = at::empty({B, C}, x.options());
+  auto index = at::empty({B, C}, x.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_pool", [&] {
+    pool_rows(x.data_ptr<scalar_t>(), InputNorm<scalar_t, false>{}, B, C, S, avg.data_ptr<scalar_t>(),
+              peak.data_ptr<scalar_t>(), index.data_ptr<int64_t>());
+  });
+  return {avg, peak, index};
+}
+
+// Channel-wise mean, max and first arg-max of y = x * mc at every position, without writing y.
+std::vector<at::Tensor> gated_stats(const at::Tensor& x, const at::Tensor& mc) {
+  const int64_t B = x.size(0), C = x.size(1), S = x.size(2), K = chunks(S);
+  auto mean = at::empty({B, S}, x.options());
+  auto peak = at::empty({B, S}, x.options());
+  auto index = at::empty({B, S}, x.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_gated_stats", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* mp = mc.data_ptr<scalar_t>();
+    at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / K, s0 = (task % K) * kChunk, offset = b * S + s0;
+        gated_chunk(xp + b * C * S + s0, mp + b * C, InputNorm<scalar_t, false>{}, C, S, std::min(kChunk, S - s0),
+                    mean.data_ptr<scalar_t>() + offset, peak.data_ptr<scalar_t>() + offset,
+                    index.data_ptr<int64_t>() + offset);
+      }
+    });
+  });
+  return {mean, peak, index};
+}
+
+// out = y * mc * ms (relu(... + residual) with a residual shaped like x), y = x or, with input_affine
+// (2, C), the BatchNorm map of x; out has x's shape (the caller passes x unflattened but contiguous).
+at::Tensor apply(const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms,
+                 const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& input_affine) {
+  const int64_t B = x.size(0), C = x.size(1), S = x.numel() / std::max<int64_t>(B * C, 1);
+  auto out = output_cache::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_apply", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* mp = mc.data_ptr<scalar_t>();
+    const scalar_t* sp = ms.data_ptr<scalar_t>();
+    const scalar_t* rp = data_or_null<scalar_t>(residual);
+    scalar_t* op = out.data_ptr<scalar_t>();
+    with_input_norm<scalar_t>(input_affine, C, [&](auto norm) {
+      at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r)
+          output_row(xp + r * S, norm[r % C], mp[r], sp + (r / C) * S, rp ? rp + r * S : nullptr, S, op + r * S);
+      });
+    });
+  });
+  return out;
+}
+
+// The whole CBAM forward: pooling, channel MLP, gated statistics, spatial conv, gate and output.
+// Descriptor k of the channel MLP is avg_coef[k] * mean + max_coef[k] * max over positions. The
+// spatial conv's weight is (1, I, *kernel) as the module holds it. With running_mean/running_var the
+// spatial logits go through that eval-mode BatchNorm (norm_weight/norm_bias optional) before the
+// gate. With finish = false it stops at the spatial logits (a BatchNorm on batch statistics comes
+// next, in Python); out and ms are then empty. With a residual (shaped like x) the output is
+// relu(x * mc * ms + residual). With input_affine (2, C) (batch_norm_affine) CBAM's input is
+// scale[c] * x + shift[c], computed as the passes read x: the BatchNorm before CBAM, never written.
+// With overwrite the output is written over x (each sample's output pass is its last read of it).
+// pooled, where not empty, is (avg, peak, channel_index) computed already (batch_norm_pool).
+// x is (B, C, *spatial), contiguous. Returns out (shaped like x), mc, ms, avg, peak, channel_index,
+// mean, speak, spatial_index, logits.
+std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, std::vector<double> avg_coef,
+                                std::vector<double> max_coef, const at::Tensor& fc1_w,
+                                const std::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
+                                const std::optional<at::Tensor>& fc2_b, const at::Tensor& conv_w,
+                                std::vector<int64_t> kernel, bool hard, bool finish,
+                                const std::optional<at::Tensor>& norm_weight,
+                                const std::optional<at::Tensor>& norm_bias,
+                                const std::optional<at::Tensor>& running_mean,
+                                const std::optional<at::Tensor>& running_var, double eps,
+                                const std::optional<at::Tensor>& residual,
+                                const std::optional<at::Tensor>& input_affine, bool overwrite,
+                                const std::vector<at::Tensor>& pooled) {
+  const int64_t B = x.size(0), C = x.size(1), S = size[0] * size[1] * size[2];
+  const int64_t I = conv_w.numel() / (kernel[0] * kernel[1] * kernel[2]);
+  const std::pair<double, double> spatial_norm =
+      finish ? fixed_norm(norm_weight, norm_bias, running_mean, running_var, eps) : std::pair<double, double>(1, 0);
+  check_positions(S);
+  auto vec = [&](int64_t n) { return at::empty({B, n}, x.options()); };
+  auto idx = [&](int64_t n) { return at::empty({B, n}, x.options().dtype(at::kLong)); };
+  at::Tensor out = !finish ? at::empty({0}, x.options()) : overwrite ? x : output_cache::empty_like(x);
+  at::Tensor ms = finish ? vec(S) : at::empty({0}, x.options());
+  const bool pool_here = pooled.empty();
+  at::Tensor mc = vec(C), avg = pool_here ? vec(C) : pooled[0], peak = pool_here ? vec(C) : pooled[1];
+  at::Tensor channel_index = pool_here ? idx(C) : pooled[2];
+  at::Tensor mean = vec(S), speak = vec(S), spatial_index = idx(S), logits = vec(S);
+  const bool blas_mlp = (fc1_w.numel() + fc2_w.numel()) > C * S;  // MLP weights outweigh a sample's x
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_forward", [&] {
+    const auto mlp = channel_mlp<scalar_t>(avg_coef, max_coef, fc1_w, fc1_b, fc2_w, fc2_b, hard);
+    with_input_norm<scalar_t>(input_affine, C, [&](auto norm) {
+      OneCall<scalar_t, decltype(norm)> call{
+          x.data_ptr<scalar_t>(), conv_w.data_ptr<scalar_t>(), data_or_null<scalar_t>(residual), mlp, norm, B, C, S,
+          I, size.data(), kernel.data(), hard, finish, spatial_norm.first, spatial_norm.second,
+          finish ? out.data_ptr<scalar_t>() : nullptr, finish ? ms.data_ptr<scalar_t>() : nullptr,
+          mc.data_ptr<scalar_t>(), avg.data_ptr<scalar_t>(),
+          peak.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), speak.data_ptr<scalar_t>(),
+          logits.data_ptr<scalar_t>(), channel_index.data_ptr<int64_t>(), spatial_index.data_ptr<int64_t>()};
+      if (!blas_mlp && pool_here) {  // sample by sample: its x stays in cache from the pooling to the output
+        call.each_sample([&](int64_t b) {
+          call.pool_and_mlp(b);
+          call.rest(b);
+        });
+        return;
+      }
+      if (pool_here) call.pool_all();  // every sample pooled first, then the MLP, then the rest sample by sample
+      if (blas_mlp) {
+        mc = channel_gate(avg, peak, avg_coef, max_coef, fc1_w, fc1_b, fc2_w, fc2_b, hard);
+        call.mc = mc.data_ptr<scalar_t>();
+      } else {
+        call.gate_all();
+      }
+      call.each_sample([&](int64_t b) { call.rest(b); });
+    });
+  });
+  return {out, mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits};
+}
+
+}  // namespace cbam_cpu

@@ -1,0 +1,127 @@
+// The large-tensor passes of the fused CBAM for contiguous CPU tensors x: (B, C, S), float or double.
+// Same functions and semantics as torch_ops.py (the definition), each one read of x (and of the
+// incoming gradient) instead of several: loops run over contiguous rows so the compiler vectorises
+// them; at::parallel_for splits batches, rows or position chunks across threads.
+//
+// This header declares what bindings.cpp exposes, file by file (each definition carries its full
+// comment), and the few helpers every pass file shares. The helpers live in an unnamed namespace, as
+// they did when the passes were one file: each pass file gets its own copy with internal linkage, so
+// the compiler inlines and vectorises them as it did then (the bitwise tests depend on it).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace output_cache {  // output_cache.cpp
+at::Tensor empty_like(const at::Tensor& x);
+void set_limit(size_t bytes);
+size_t cached();
+}  // namespace output_cache
+
+namespace cbam_cpu {
+
+// forward.cpp: the forward passes and the whole forward in one call.
+std::vector<at::Tensor> pool(const at::Tensor& x);
+std::vector<at::Tensor> gated_stats(const at::Tensor& x, const at::Tensor& mc);
+at::Tensor apply(const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms,
+                 const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& input_affine);
+std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, std::vector<double> avg_coef,
+                                std::vector<double> max_coef, const at::Tensor& fc1_w,
+                                const std::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
+                                const std::optional<at::Tensor>& fc2_b, const at::Tensor& conv_w,
+                                std::vector<int64_t> kernel, bool hard, bool finish,
+                                const std::optional<at::Tensor>& norm_weight,
+                                const std::optional<at::Tensor>& norm_bias,
+                                const std::optional<at::Tensor>& running_mean,
+                                const std::optional<at::Tensor>& running_var, double eps,
+                                const std::optional<at::Tensor>& residual,
+                                const std::optional<at::Tensor>& input_affine, bool overwrite,
+                                const std::vector<at::Tensor>& pooled);
+
+// backward.cpp: the backward passes over the large tensors.
+std::vector<at::Tensor> gate_grads(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mc,
+                                   const at::Tensor& ms, const std::optional<at::Tensor>& rectified,
+                                   const at::Tensor& channel_index, const std::optional<at::Tensor>& input_affine,
+                                   const std::optional<at::Tensor>& centre);
+std::vector<at::Tensor> stats_grad(const at::Tensor& x, const at::Tensor& d_mean, const at::Tensor& d_peak,
+                                   const at::Tensor& index, const std::optional<at::Tensor>& input_affine,
+                                   const std::optional<at::Tensor>& centre);
+at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms,
+                      const at::Tensor& d_mean, const at::Tensor& d_peak, const at::Tensor& index,
+                      const at::Tensor& d_avg, const at::Tensor& d_max, const at::Tensor& channel_index);
+std::vector<at::Tensor> batch_norm_input_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mc,
+                                              const at::Tensor& ms, const at::Tensor& d_mean,
+                                              const at::Tensor& d_peak, const at::Tensor& index,
+                                              const at::Tensor& d_avg, const at::Tensor& d_max,
+                                              const at::Tensor& channel_index, const at::Tensor& gated,
+                                              const at::Tensor& centred, const at::Tensor& mean,
+                                              const at::Tensor& invstd, const std::optional<at::Tensor>& weight);
+
+// small_steps.cpp: the channel MLP and the spatial conv, on vectors and maps rather than on x.
+at::Tensor channel_gate(const at::Tensor& avg, const at::Tensor& peak, std::vector<double> avg_coef,
+                        std::vector<double> max_coef, const at::Tensor& fc1_w, const std::optional<at::Tensor>& fc1_b,
+                        const at::Tensor& fc2_w, const std::optional<at::Tensor>& fc2_b, bool hard);
+std::vector<at::Tensor> channel_backward(const at::Tensor& avg, const at::Tensor& peak, std::vector<double> avg_coef,
+                                         std::vector<double> max_coef, const at::Tensor& fc1_w,
+                                         const std::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
+                                         const at::Tensor& mc, const at::Tensor& d_mc, bool hard);
+std::vector<at::Tensor> conv_backward(const at::Tensor& maps, const at::Tensor& d_out, const at::Tensor& weight,
+                                      std::vector<int64_t> size, std::vector<int64_t> kernel);
+std::vector<at::Tensor> spatial_backward(const at::Tensor& logits, const at::Tensor& ms, const at::Tensor& d_ms,
+                                         const at::Tensor& mean, const at::Tensor& speak, const at::Tensor& conv_w,
+                                         std::vector<int64_t> size, std::vector<int64_t> kernel, bool hard, bool norm,
+                                         bool batch_statistics, const std::optional<at::Tensor>& weight,
+                                         const std::optional<at::Tensor>& running_mean,
+                                         const std::optional<at::Tensor>& running_var, double eps);
+
+// batch_norm.cpp: a BatchNorm before CBAM, folded into its passes.
+at::Tensor batch_norm_affine(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& running_mean, const at::Tensor& running_var, double eps);
+std::vector<at::Tensor> batch_norm_pool(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                        const std::optional<at::Tensor>& bias, double eps);
+
+namespace {
+
+constexpr int64_t kChunk = 512;  // positions per task in the position-major passes
+
+inline int64_t chunks(int64_t positions) { return (positions + kChunk - 1) / kChunk; }
+
+// The positions of one sample must fit the 32-bit lane positions of the vector passes.
+inline void check_positions(int64_t S) {
+  TORCH_CHECK(S < std::numeric_limits<int32_t>::max(), "cbam: at most 2^31 - 1 positions per sample, got ", S);
+}
+
+// An optional tensor's data (a residual, a centre), or null without one.
+template <typename scalar_t>
+const scalar_t* data_or_null(const std::optional<at::Tensor>& t) {
+  return t ? t->data_ptr<scalar_t>() : nullptr;
+}
+
+// The gate: sigmoid, or hard-sigmoid relu6(z + 3) / 6.
+template <typename scalar_t>
+scalar_t squash(scalar_t z, bool hard) {
+  if (hard) return std::min(std::max(z + scalar_t(3), scalar_t(0)), scalar_t(6)) / scalar_t(6);
+  return scalar_t(1) / (scalar_t(1) + std::exp(-z));
+}
+
+// The gate's derivative from its output y: sigmoid y (1 - y), hard-sigmoid 1/6 inside (0, 1).
+template <typename scalar_t>
+scalar_t gate_slope(scalar_t y, bool hard) {
+  if (hard) return (y > 0 && y < 1) ? scalar_t(1) / 6 : scalar_t(0);
+  return y * (1 - y);
+}
+
+}  // namespace
+}  // namespace cbam_cpu

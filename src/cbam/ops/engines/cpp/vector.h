@@ -1,0 +1,135 @@
+// Vector helpers of the pass files: 64-byte vectors (GCC/Clang vector extensions), reductions over
+// their lanes, a row scanned a vector at a time, lane-wise maxima with their positions, a dot product.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <utility>
+
+namespace cbam_cpu {
+namespace {
+
+// 64-byte vectors of values and of same-width integer positions (GCC/Clang vector extensions).
+template <typename scalar_t>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  typedef float Values __attribute__((vector_size(64)));
+  typedef int32_t Positions __attribute__((vector_size(64)));
+};
+template <>
+struct Lanes<double> {
+  typedef double Values __attribute__((vector_size(64)));
+  typedef int64_t Positions __attribute__((vector_size(64)));
+};
+
+// Lanes kOffset + I... of v, as a vector of that many lanes.
+template <size_t kOffset, typename Vector, size_t... I>
+auto lanes_at(Vector v, std::index_sequence<I...>) {
+  return __builtin_shufflevector(v, v, (kOffset + I)...);
+}
+
+// The lanes of v folded into one by combine (on vectors and on lanes), halves onto halves: log2(width)
+// dependent steps instead of width - 1 (the row-wise reductions of short rows, such as ResNet's 7x7
+// maps, are latency-bound).
+template <typename Vector, typename Combine>
+auto fold_lanes(Vector v, Combine combine) {
+  constexpr size_t kWidth = sizeof(Vector) / sizeof(v[0]);
+  if constexpr (kWidth == 2) {
+    return combine(v[0], v[1]);
+  } else {
+    constexpr auto half = std::make_index_sequence<kWidth / 2>{};
+    return fold_lanes(combine(lanes_at<0>(v, half), lanes_at<kWidth / 2>(v, half)), combine);
+  }
+}
+
+// Calls visit(v, positions, fresh) on one row of S values (S < 2^31), a vector v at a time: whole
+// vectors, then, where S is no multiple of the width, the row's last vector's worth of values, which
+// overlaps the ones before; a row shorter than a vector comes padded with its first value (at position
+// 0). positions holds each lane's position in the row, fresh marks the lanes not visited before.
+template <typename scalar_t, typename Visit>
+void scan_row(const scalar_t* row, int64_t S, Visit visit) {
+  using Values = typename Lanes<scalar_t>::Values;
+  using Positions = typename Lanes<scalar_t>::Positions;
+  using Position = typename std::remove_reference<decltype(Positions{}[0])>::type;
+  constexpr int kWidth = sizeof(Values) / sizeof(scalar_t);
+  const Positions every = Positions{} - 1;  // a mask of all lanes
+  Positions positions;
+  for (int l = 0; l < kWidth; ++l) positions[l] = l;
+  int64_t s = 0;
+  for (; s + kWidth <= S; s += kWidth) {
+    Values v;
+    std::memcpy(&v, row + s, sizeof(Values));
+    visit(v, positions, every);
+    positions += kWidth;
+  }
+  if (s == S) return;
+  Values v = row[0] + Values{};
+  if (S >= kWidth) {
+    std::memcpy(&v, row + S - kWidth, sizeof(Values));
+    positions -= static_cast<Position>(s - (S - kWidth));
+    visit(v, positions, positions >= static_cast<Position>(s) + Positions{});
+  } else {
+    std::memcpy(&v, row, S * sizeof(scalar_t));
+    const Positions inside = positions < static_cast<Position>(S) + Positions{};
+    visit(v, inside ? positions : Positions{}, inside);
+  }
+}
+
+// Each lane's maximum over the vectors taken, with the first position where it was reached, from a
+// first value at position 0.
+template <typename scalar_t>
+struct LaneMaximum {
+  using Values = typename Lanes<scalar_t>::Values;
+  using Positions = typename Lanes<scalar_t>::Positions;
+  Values best;
+  Positions at = {};
+
+  explicit LaneMaximum(scalar_t first) : best(first + Values{}) {}
+
+  void take(Values v, Positions positions) {
+    const Positions above = v > best;
+    best = above ? v : best;
+    at = above ? positions : at;
+  }
+
+  // The maximum over all lanes and its first position (0 where none equals it: a NaN first value).
+  std::pair<scalar_t, int64_t> result() const {
+    const scalar_t peak = fold_lanes(best, [](auto a, auto b) { return b > a ? b : a; });
+    const auto none = std::numeric_limits<typename std::remove_reference<decltype(at[0])>::type>::max();
+    const Positions candidates = best == peak + Values{} ? at : none + Positions{};
+    const int64_t first = fold_lanes(candidates, [](auto a, auto b) { return b < a ? b : a; });
+    return {peak, first == none ? 0 : first};
+  }
+};
+
+// a . b over n values, in four independent vector accumulators.
+template <typename scalar_t>
+scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  using Values = typename Lanes<scalar_t>::Values;
+  constexpr int kWidth = sizeof(Values) / sizeof(scalar_t);
+  Values sums[4] = {};
+  int64_t i = 0;
+  for (; i + 4 * kWidth <= n; i += 4 * kWidth) {
+    for (int k = 0; k < 4; ++k) {
+      Values u, v;
+      std::memcpy(&u, a + i + k * kWidth, sizeof(Values));
+      std::memcpy(&v, b + i + k * kWidth, sizeof(Values));
+      sums[k] += u * v;
+    }
+  }
+  for (; i + kWidth <= n; i += kWidth) {
+    Values u, v;
+    std::memcpy(&u, a + i, sizeof(Values));
+    std::memcpy(&v, b + i, sizeof(Values));
+    sums[0] += u * v;
+  }
+  scalar_t sum = fold_lanes((sums[0] + sums[1]) + (sums[2] + sums[3]), [](auto u, auto v) { return u + v; });
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+}  // namespace
+}  // namespace cbam_cpu
