@@ -50,6 +50,18 @@ def test_official_pth_tar_loads_with_the_official_logits(sources):
     assert "official" in text and "ResNet-50" in text and "'module.'" in text and "loaded strictly" in text
 
 
+def test_official_checkpoint_without_batch_counters(sources):
+    """Checkpoints from PyTorch < 0.4.1 have no ``num_batches_tracked``: loaded, the counters listed as kept."""
+    state = torch.load(sources.official_path, weights_only=True)["state_dict"]
+    state = {key: value for key, value in state.items() if not key.endswith("num_batches_tracked")}
+    model = resnet50(preset="official")
+    report = load_weights(state, model)
+    assert_same_logits(model, sources.official)
+    norms = [name for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)]
+    assert sorted(report.counters) == sorted(f"{name}.num_batches_tracked" for name in norms)
+    assert f"{len(norms)} BatchNorm batch counters absent" in str(report)
+
+
 def test_timm_checkpoint_loads_its_model_or_its_ema(sources):
     """timm's train.py dict: ``state_dict`` (compiled: ``_orig_mod.``) first, ``state_dict_ema`` on request."""
     model = resnet50(preset="timm")
