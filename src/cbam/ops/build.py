@@ -27,11 +27,9 @@ def main() -> int:
         print(f"cbam: the C++ CPU engine did not build ({reason}); the fused path will run on torch ops",
               file=sys.stderr)
         return 1
-    if built.seconds is None:
-        print(f"cbam: the C++ CPU engine is built already: {built.directory} "
-              f"(loaded in {time.perf_counter() - start:.1f} s)")
-    else:
-        print(f"cbam: built the C++ CPU engine in {built.seconds:.0f} s: {built.directory}")
+    took = (f"built in {built.seconds:.0f} s" if built.seconds is not None
+            else f"built already, loaded in {time.perf_counter() - start:.1f} s")
+    print(f"cbam: the C++ CPU engine is ready in {built.directory} ({took})")
     return 0
 
 

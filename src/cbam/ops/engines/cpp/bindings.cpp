@@ -1,6 +1,7 @@
 // The Python module of the CPU engine: every pass with named arguments (the names of torch_ops.py where
-// it has the function; fused.py calls forward by keyword). The only file that includes pybind11.
-#include <torch/extension.h>
+// it has the function; fused.py calls forward by keyword). The only file that includes pybind11, and
+// only torch's pybind11 casters for tensors, not all of torch/extension.h (a third of the build's time).
+#include <torch/csrc/utils/pybind.h>
 
 #include "passes.h"
 
