@@ -172,8 +172,9 @@ def _module_set(channels: int, mode: str, device: str, compile_timm: bool, compi
         reference.load_state_dict(from_timm(timm_module.state_dict()))
         found[TIMM] = timm_module
         if compile_timm:
-            found[COMPILED_TIMM] = torch.compile(timm_class(channels), dynamic=False)
-            found[COMPILED_TIMM].load_state_dict(timm_module.state_dict())
+            twin = timm_class(channels)
+            twin.load_state_dict(timm_module.state_dict())
+            found[COMPILED_TIMM] = torch.compile(twin, dynamic=False)
     found[REFERENCE] = reference
     found[FUSED] = CBAM(channels, preset="timm", impl="auto")
     found[FUSED].load_state_dict(reference.state_dict())

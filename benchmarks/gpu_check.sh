@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The GPU measurement of issue 15 in one short run (at most 5.5 minutes), from the repository root:
+#
+#     OUT=./out bash benchmarks/gpu_check.sh
+#
+# Needs a CUDA GPU with torch, Triton and timm importable; installs nothing and runs the project from
+# src/ (PYTHONPATH=src). Everything goes under $OUT (default ./out): per step NAME.md (its report),
+# NAME.log (progress and errors, kept even when the step runs out of time), NAME.json where it has one,
+# and steps.txt (step, exit status, seconds). Steps, each under its own `timeout` so a slow one cannot
+# eat the next one's time (budgets in seconds, overridable by environment variables):
+#
+#   1. correctness  (T_CHECK=90)    CBAM(impl="fused") on the Triton engine vs CBAM(impl="reference") in
+#                                   float64 on the GPU, TF32 off: output, every gradient, running
+#                                   statistics; fp32/bf16/fp16, NCHW and channels_last, residual, the
+#                                   folded BatchNorm, train and eval (cbam.profile.cuda_check)
+#   2. modules      (T_MODULES=150) cbam bench --device cuda, one run per mode (bf16-autocast, bf16, fp32;
+#                                   T_MODULES split evenly), batch 64 at ResNet-50's stage shapes
+#   3. resnet       (T_RESNET=70)   cbam bench --device cuda --resnet-only: ResNet-50 batch 128, 224²,
+#                                   bf16 autocast and fp32, plain vs ours vs timm
+#   4. compiled     (T_COMPILE=240) only with GPU_CHECK_COMPILE=1 (beyond the 5 minutes): --resnet-only
+#                                   --compile --modes bf16-autocast
+#
+# Exit status: 0 when every step exited 0 (the correctness step exits 1 on any failed case).
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+export CBAM_NO_EXTENSION=1  # the C++ CPU engine is not measured here: never build it on the GPU machine
+OUT="${OUT:-./out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+T_CHECK="${T_CHECK:-90}" T_MODULES="${T_MODULES:-150}" T_RESNET="${T_RESNET:-70}" T_COMPILE="${T_COMPILE:-240}"
+failed=0
+: > "$OUT/steps.txt"
+
+step() {  # step NAME BUDGET COMMAND...: stdout to NAME.md, stderr to NAME.log and the console
+    local name=$1 budget=$2 start rc
+    shift 2
+    echo "== $name (budget ${budget} s): $(printf '%s ' "$@" | head -n 1)" >&2
+    start=$(date +%s)
+    timeout -k 10 "$budget" "$@" > "$OUT/$name.md" 2> >(tee "$OUT/$name.log" >&2)
+    rc=$?
+    [ "$rc" -eq 124 ] && echo "== $name: out of time after ${budget} s (partial progress in $OUT/$name.log)" >&2
+    echo "$name $rc $(( $(date +%s) - start ))" >> "$OUT/steps.txt"
+    echo "== $name: exit $rc in $(( $(date +%s) - start )) s" >&2
+    [ "$rc" -eq 0 ] || failed=1
+}
+
+step environment 60 "$PY" -c '
+import platform, torch
+import triton
+try:
+    import timm; timm_version = timm.__version__
+except ImportError:
+    timm_version = None
+cuda = torch.cuda.is_available()
+print(f"device: {torch.cuda.get_device_name() if cuda else None} (CUDA available: {cuda}, CUDA {torch.version.cuda})")
+print(f"torch {torch.__version__}, triton {triton.__version__}, timm {timm_version}, python {platform.python_version()}")
+if not cuda:
+    raise SystemExit("no CUDA device: nothing to measure")
+'
+cat "$OUT/environment.md"
+if grep -q "^device: None" "$OUT/environment.md" || [ ! -s "$OUT/environment.md" ]; then
+    echo "gpu_check: no CUDA device or no torch/triton; stopping" >&2
+    exit 2
+fi
+
+step correctness "$T_CHECK" "$PY" -m cbam.profile.cuda_check --device cuda --engine triton \
+    --budget $(( T_CHECK - 20 )) --json "$OUT/correctness.json"
+cat "$OUT/correctness.md"
+
+per_mode=$(( T_MODULES / 3 ))
+for mode in bf16-autocast bf16 fp32; do
+    step "modules_$mode" "$per_mode" "$PY" -m cbam bench --device cuda --modes "$mode" \
+        --save "$OUT/modules_$mode.json"
+    cat "$OUT/modules_$mode.md"
+done
+
+step resnet "$T_RESNET" "$PY" -m cbam bench --device cuda --resnet-only --save "$OUT/resnet.json"
+cat "$OUT/resnet.md"
+
+if [ "${GPU_CHECK_COMPILE:-0}" = 1 ]; then
+    step compiled "$T_COMPILE" "$PY" -m cbam bench --device cuda --resnet-only --compile --modes bf16-autocast \
+        --save "$OUT/compiled.json"
+    cat "$OUT/compiled.md"
+fi
+
+echo "== steps (name, exit status, seconds):" >&2
+cat "$OUT/steps.txt" >&2
+exit "$failed"
