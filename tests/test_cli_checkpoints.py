@@ -1,7 +1,8 @@
 """Every ``--checkpoint`` (``visualize``, ``eval``) and ``train --init-from`` takes the official code's,
 timm's and torchvision's checkpoints: the model the command builds computes the source's logits.
 
-The commands build their model from ``--model test_cli_checkpoints:FACTORY`` (or, in ``train``,
+Sources are ResNet-18s here (the loader's ResNet-50 cases are ``test_load_weights``'s). The
+commands build their model from ``--model test_cli_checkpoints:FACTORY`` (or, in ``train``,
 by name); the factories keep what they built, and ``train``'s loader is wrapped to keep the model
 as the weights arrive (then stop the run: the training itself is ``test_train_loop``'s).
 """
@@ -27,23 +28,23 @@ BUILT: list[torch.nn.Module] = []
 
 
 def official_target():
-    BUILT.append(cbam.models.resnet50(num_classes=NUM_CLASSES, preset="official"))
+    BUILT.append(cbam.models.resnet18(num_classes=NUM_CLASSES, preset="official"))
     return BUILT[-1]
 
 
 def timm_target():
-    BUILT.append(cbam.models.resnet50(num_classes=NUM_CLASSES, preset="timm"))
+    BUILT.append(cbam.models.resnet18(num_classes=NUM_CLASSES, preset="timm"))
     return BUILT[-1]
 
 
 def plain_target():
-    BUILT.append(cbam.models.resnet50(num_classes=NUM_CLASSES, attention=None))
+    BUILT.append(cbam.models.resnet18(num_classes=NUM_CLASSES, attention=None))
     return BUILT[-1]
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    return Sources.shared(tmp_path_factory)
+    return Sources.shared(tmp_path_factory, depth=18)
 
 
 @pytest.fixture
@@ -66,7 +67,7 @@ def test_visualize_checkpoint(source, factory, sources, image, tmp_path, capsys)
     out = tmp_path / "figure.svg"
     status = main(["visualize", "--model", f"test_cli_checkpoints:{factory}", "--checkpoint",
                    str(getattr(sources, f"{source}_path")), "--image", str(image), "--size", "32",
-                   "--layers", "layer4.2.cbam", "--out", str(out)])
+                   "--layers", "layer4.1.cbam", "--out", str(out)])
     printed = capsys.readouterr().out
     assert status == 0 and out.exists()
     assert f"converted {source} -> cbam" in printed and "loaded strictly" in printed
@@ -111,9 +112,9 @@ def _init_from(monkeypatch, tmp_path, path, *model_args):
 
 
 @pytest.mark.parametrize(("source", "model_args"), [
-    ("official", ["--model", "resnet50", "--preset", "official"]),
-    ("timm", ["--model", "resnet50", "--preset", "timm"]),
-    ("torchvision", ["--model", "resnet50", "--attention", "none"]),
+    ("official", ["--model", "resnet18", "--preset", "official"]),
+    ("timm", ["--model", "resnet18", "--preset", "timm"]),
+    ("torchvision", ["--model", "resnet18", "--attention", "none"]),
 ])
 def test_train_init_from(source, model_args, sources, monkeypatch, tmp_path):
     model, report = _init_from(monkeypatch, tmp_path, getattr(sources, f"{source}_path"), *model_args)

@@ -21,7 +21,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    return Sources.shared(tmp_path_factory)
+    return Sources.shared(tmp_path_factory, depth=18)
 
 
 def convert(capsys, *args):
@@ -31,13 +31,13 @@ def convert(capsys, *args):
 
 
 def test_official_pth_tar_to_our_safetensors(sources, tmp_path, capsys):
-    out = tmp_path / "cbam_resnet50.safetensors"
+    out = tmp_path / "cbam_resnet18.safetensors"
     status, printed, _ = convert(capsys, sources.official_path, out)
     assert status == 0
-    assert re.search(r"a ResNet-50 in the official CBAM code's layout .* with 16 CBAMs under 'state_dict'; "
+    assert re.search(r"a ResNet-18 in the official CBAM code's layout .* with 8 CBAMs under 'state_dict'; "
                      r"stripped 'module.'", printed)
     assert f"converted official -> cbam; wrote {out}" in printed
-    model = cbam.models.resnet50(num_classes=NUM_CLASSES, preset="official")
+    model = cbam.models.resnet18(num_classes=NUM_CLASSES, preset="official")
     model.load_state_dict(load_file(out), strict=True)  # plain safetensors of our keys: no loader needed
     assert_same_logits(model, sources.official)
 
@@ -46,14 +46,14 @@ def test_timm_checkpoint_to_timm_and_ours(sources, tmp_path, capsys):
     """timm's file -> ours (.pt) -> timm's layout (.safetensors, as --model checks it) -> timm itself."""
     ours_path, timm_path = tmp_path / "ours.pt", tmp_path / "timm.safetensors"
     assert convert(capsys, sources.timm_path, ours_path)[0] == 0
-    model = cbam.models.resnet50(num_classes=NUM_CLASSES, preset="timm")
+    model = cbam.models.resnet18(num_classes=NUM_CLASSES, preset="timm")
     model.load_state_dict(torch.load(ours_path, weights_only=True), strict=True)
     assert_same_logits(model, sources.timm)
 
-    status, printed, _ = convert(capsys, ours_path, timm_path, "--to", "timm", "--model", "resnet50", "--preset",
+    status, printed, _ = convert(capsys, ours_path, timm_path, "--to", "timm", "--model", "resnet18", "--preset",
                                  "timm", "--num-classes", NUM_CLASSES)
     assert status == 0 and "loaded strictly" in printed and "converted cbam -> timm" in printed
-    theirs = timm.create_model("resnet50", block_args={"attn_layer": "cbam"}, num_classes=NUM_CLASSES)
+    theirs = timm.create_model("resnet18", block_args={"attn_layer": "cbam"}, num_classes=NUM_CLASSES)
     theirs.load_state_dict(load_file(timm_path), strict=True)
     assert_same_logits(theirs, sources.timm)
 
@@ -67,7 +67,7 @@ def test_to_official_and_back(sources, tmp_path, capsys):
     assert sorted(written) == sorted(expected)
     assert all(torch.equal(written[key], value) for key, value in expected.items())
     assert convert(capsys, official, back)[0] == 0
-    model = cbam.models.resnet50(num_classes=NUM_CLASSES, preset="official")
+    model = cbam.models.resnet18(num_classes=NUM_CLASSES, preset="official")
     model.load_state_dict(load_file(back), strict=True)
     assert_same_logits(model, sources.official)
 
@@ -86,13 +86,13 @@ ERRORS = {
     "code in the pickle": (lambda d, s: [torch.save({"state_dict": {}, "x": RunsCode(d / "pwned")}, d / "e.pt")
                                          or d / "e.pt", d / "out.pt"],
                            r"weights-only loading .* refused it: .*system"),
-    "another depth": (lambda d, s: [s.official_path, d / "out.pt", "--model", "resnet101", "--preset", "official",
+    "another depth": (lambda d, s: [s.official_path, d / "out.pt", "--model", "resnet34", "--preset", "official",
                                     "--num-classes", NUM_CLASSES],
-                      # ResNet-101's 17 more layer3 blocks x (3 convs, 3 BNs x 4, CBAM 10 - 1): batch counters are
-                      # not counted (a missing one is tolerated)
-                      rf"does not fit the model: {17 * 24} missing and 0 unexpected keys \(first: missing "
-                      r"'layer3.6.conv1.weight'\); checkpoint: a ResNet-50 in the official .*, model: a ResNet-101 "
-                      r"in cbam's layout .* with 33 CBAMs"),
+                      # ResNet-34's 8 more blocks x (2 convs, 2 BNs x 4, CBAM 10 - 1): batch counters are not
+                      # counted (a missing one is tolerated)
+                      rf"does not fit the model: {8 * 19} missing and 0 unexpected keys \(first: missing "
+                      r"'layer1.2.conv1.weight'\); checkpoint: a ResNet-18 in the official .*, model: a ResNet-34 "
+                      r"in cbam's layout .* with 16 CBAMs"),
     "another preset": (lambda d, s: [s.timm_path, d / "out.pt", "--to", "official"],
                        r"to_official: the target's CBAM has MLP biases"),
     "missing folder": (lambda d, s: [s.timm_path, d / "missing" / "out.safetensors"],
@@ -119,5 +119,5 @@ def test_force_replaces_an_existing_output(sources, tmp_path, capsys):
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"old")
     assert convert(capsys, sources.official_path, out, "--force")[0] == 0
-    assert len(load_file(out)) == len(cbam.models.resnet50(preset="official").state_dict())
+    assert len(load_file(out)) == len(cbam.models.resnet18(preset="official").state_dict())
     assert [path.name for path in tmp_path.iterdir()] == ["out.safetensors"]  # no temporary file left

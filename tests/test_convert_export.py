@@ -30,7 +30,7 @@ def timm_model(depth: int = 18):
 
 
 def official_model():
-    """The official ResidualNet(ImageNet, 18, 10, 'CBAM') layout (see ``wild_checkpoints.official_resnet50``)."""
+    """The official ResidualNet(ImageNet, 18, 10, 'CBAM') layout (see ``wild_checkpoints.official_resnet``)."""
     model = torchvision.models.resnet18(num_classes=NUM_CLASSES)
     for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
         for block in stage:
@@ -45,7 +45,7 @@ def assert_same_dict(got, expected):
         assert got[key].shape == value.shape and torch.equal(got[key], value), key
 
 
-@pytest.mark.parametrize("depth", [18])  # ResNet-50: test_cli_convert (timm's file -> ours -> timm)
+@pytest.mark.parametrize("depth", [18])  # ResNet-50 into timm: test_load_weights
 def test_to_timm_gives_timms_keys_and_logits(depth):
     source = ours(depth, preset="timm")
     target = timm_model(depth)

@@ -1,15 +1,18 @@
 """Checkpoints as other people's code writes them, built here for the loader's tests.
 
-- ``official_resnet50``: the official code's ``ResidualNet('ImageNet', 50, 10, 'CBAM')`` key layout
+- ``official_resnet``: the official code's ``ResidualNet('ImageNet', 50, 10, 'CBAM')`` key layout
   (Jongchan/attention-module, ``MODELS/model_resnet.py``: torchvision's block and stem names, a
   ``cbam`` attribute per block holding ``ChannelGate.mlp`` (Flatten, Linear, ReLU, Linear) and
   ``SpatialGate.spatial.conv``/``.bn``), computed with the official math (``test_convert.official_cbam``:
   [max, mean] spatial pooling, BN momentum 0.01) in a forward hook on the block's last BatchNorm,
   where the official block calls ``self.cbam(out)``; saved as ``train_imagenet.py`` saves it.
-- ``timm_resnet50``: ``timm.create_model("resnet50", block_args={"attn_layer": "cbam"})`` (timm's
+- ``timm_resnet``: ``timm.create_model("resnet50", block_args={"attn_layer": "cbam"})`` (timm's
   ``attn_layer="cbam"``), saved as timm's ``train.py`` saves it, with an EMA copy and a
   ``torch.compile`` prefix.
 - ``torchvision_resnet``: a plain torchvision ResNet.
+
+ResNet-50 by default, as the issue's users have them; ResNet-18 (the official code builds it too)
+where a test runs whole commands, to keep the suite fast.
 
 Every model is in eval mode with random attention weights and BatchNorm statistics, so that a
 wrong key, transpose or channel order changes the logits.
@@ -57,13 +60,14 @@ class OfficialCBAM(_OfficialCBAM):
         return official_cbam(self.state_dict(), x, ("avg", "max"), training=False)[0]
 
 
-def official_resnet50(seed: int = 0) -> nn.Module:
+def official_resnet(depth: int = 50, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = torchvision.models.resnet50(num_classes=NUM_CLASSES)
+    model = getattr(torchvision.models, f"resnet{depth}")(num_classes=NUM_CLASSES)
     for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
         for block in stage:
-            block.cbam = OfficialCBAM(block.bn3.num_features, 16)
-            block.bn3.register_forward_hook(lambda module, inputs, out, cbam=block.cbam: cbam(out))
+            last_norm = block.bn3 if hasattr(block, "bn3") else block.bn2
+            block.cbam = OfficialCBAM(last_norm.num_features, 16)
+            last_norm.register_forward_hook(lambda module, inputs, out, cbam=block.cbam: cbam(out))
     return perturb(model, seed, attention_only_params="cbam")
 
 
@@ -74,9 +78,9 @@ def official_checkpoint(model: nn.Module) -> dict:
             "optimizer": optimizer.state_dict()}
 
 
-def timm_resnet50(seed: int = 0) -> nn.Module:
+def timm_resnet(depth: int = 50, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = timm.create_model("resnet50", block_args={"attn_layer": "cbam"}, num_classes=NUM_CLASSES)
+    model = timm.create_model(f"resnet{depth}", block_args={"attn_layer": "cbam"}, num_classes=NUM_CLASSES)
     return perturb(model, seed, attention_only_params=".se.")
 
 
@@ -129,18 +133,19 @@ class Sources:
     """
 
     @classmethod
-    def shared(cls, tmp_path_factory) -> Sources:
-        if "sources" not in _SHARED:
-            _SHARED["sources"] = cls(tmp_path_factory.mktemp("sources"))
-        return _SHARED["sources"]
+    def shared(cls, tmp_path_factory, depth: int = 50) -> Sources:
+        if depth not in _SHARED:
+            _SHARED[depth] = cls(tmp_path_factory.mktemp(f"sources{depth}"), depth)
+        return _SHARED[depth]
 
-    def __init__(self, folder) -> None:
-        self.official = official_resnet50()
-        self.timm, self.torchvision = timm_resnet50(), torchvision_resnet()
+    def __init__(self, folder, depth: int = 50) -> None:
+        self.depth = depth
+        self.official = official_resnet(depth)
+        self.timm, self.torchvision = timm_resnet(depth), torchvision_resnet(depth)
         self.timm_ema = timm_ema(self.timm)
-        self.official_path = folder / "official_cbam_resnet50.pth.tar"
-        self.timm_path = folder / "timm_resnet50_cbam.pth.tar"
-        self.torchvision_path = folder / "torchvision_resnet50.pth"
+        self.official_path = folder / f"official_cbam_resnet{depth}.pth.tar"
+        self.timm_path = folder / f"timm_resnet{depth}_cbam.pth.tar"
+        self.torchvision_path = folder / f"torchvision_resnet{depth}.pth"
         torch.save(official_checkpoint(self.official), self.official_path)
         torch.save(timm_checkpoint(self.timm, self.timm_ema), self.timm_path)
         torch.save(self.torchvision.state_dict(), self.torchvision_path)
