@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 
 import pytest
 import timm
@@ -217,3 +218,13 @@ def test_mixed_layouts_and_bad_arguments():
         load_weights({"model": nn.Linear(2, 2).state_dict()}, nn.Linear(2, 2), entry="state_dict_ema")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_weights("/nonexistent/x.pt", nn.Linear(2, 2))
+
+
+def test_safetensors_without_the_package_names_the_extra(tmp_path, monkeypatch):
+    path = save_weights(tmp_path / "w.safetensors", nn.Linear(2, 2).state_dict())
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # import fails as if not installed
+    with pytest.raises(RuntimeError, match=r"need the safetensors package: pip install 'cbam\[convert\]'"):
+        load_weights(path, nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match="safetensors package"):
+        save_weights(tmp_path / "x.safetensors", nn.Linear(2, 2).state_dict())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]

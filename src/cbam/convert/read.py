@@ -45,6 +45,15 @@ def is_safetensors(path) -> bool:
     return str(path).lower().endswith(".safetensors")
 
 
+def safetensors_torch():
+    """``safetensors.torch``, or ``RuntimeError`` naming the extra that installs it."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise RuntimeError(".safetensors files need the safetensors package: pip install 'cbam[convert]'") from None
+    return safetensors.torch
+
+
 def read_file(path):
     """What ``path`` holds, on the CPU: a safetensors file's tensors, or a ``torch.load(weights_only=True)``.
 
@@ -54,15 +63,11 @@ def read_file(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    load_safetensors = safetensors_torch().load_file if is_safetensors(path) else None
     try:
-        if is_safetensors(path):
-            from safetensors.torch import load_file
-
-            return load_file(path, device="cpu")
+        if load_safetensors is not None:
+            return load_safetensors(path, device="cpu")
         return torch.load(path, weights_only=True, map_location="cpu")
-    except ImportError:
-        raise ValueError(f"cannot read {str(path)!r}: .safetensors files need the safetensors package "
-                         "(pip install 'cbam[convert]')") from None
     except Exception as error:  # torch.load raises pickle, zip, EOF and runtime errors; safetensors its own
         raise ValueError(f"cannot read checkpoint {str(path)!r}: {_load_error(error)}") from None
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..atomic import write_atomic
-from .read import is_safetensors
+from .read import is_safetensors, safetensors_torch
 
 TORCH_SUFFIXES = (".pt", ".pth", ".pth.tar", ".bin")
 
@@ -29,8 +29,7 @@ def save_weights(path, state: Mapping[str, Tensor]) -> Path:
     failure leaves ``path`` as it was. The folder must exist."""
     path = check_weights_path(path)
     if is_safetensors(path):
-        from safetensors.torch import save
-
+        save = safetensors_torch().save
         # safetensors refuses tensors that share memory or are not contiguous: give it plain copies
         tensors = {key: value.detach().contiguous().clone() for key, value in state.items()}
         return write_atomic(path, lambda file: file.write(save(tensors, metadata={"format": "pt"})))
