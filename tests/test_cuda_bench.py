@@ -140,3 +140,33 @@ def test_resnet_table_without_the_peer_or_with_a_bad_precision(monkeypatch):
     assert table.notes == ["timm is not installed: no timm peer"]
     with pytest.raises(ValueError, match="precisions among bf16-autocast, fp32"):
         cuda_bench.resnet_table(precisions=["bf16"], device="cpu")
+
+
+def test_goals_read_our_rows_against_the_issue_limits():
+    row = cuda_bench.CudaModuleRow
+    modules = cuda_bench.CudaModuleTable(
+        [row("bf16", 256, 56, cuda_bench.FUSED, 0.2, 0.9, 2.0, 9.0, 4.0, 6.0, 3.0, 2.0, "triton", True),
+         row("bf16", 2048, 7, cuda_bench.FUSED, 0.2, 0.9, 9.0, 20.0, None, 6.0, None, None, "triton", True),
+         row("bf16-autocast", 256, 56, cuda_bench.FUSED, 0.2, 0.9, 9.0, 20.0, 1.0, 1.0, 1.0, 1.0, "triton", True),
+         row("bf16", 256, 56, cuda_bench.TIMM, 0.2, 0.9, 9.0, 20.0, 1.0, 1.0, 1.0, 1.0)],
+        64, "channels_last", ["bf16"], "cuda", "do_bench")
+    net = cuda_bench.CudaResNetRow
+    resnet = cuda_bench.CudaResNetTable(
+        [net("fp32", cuda_bench.PLAIN, False, 50.0, 17.0, 10.0, 1.0, 1.0, 1.0),
+         net("fp32", cuda_bench.OURS, False, 54.0, 18.0, 10.2, 1.08, 18 / 17, 1.02),
+         net("fp32", cuda_bench.OURS, True, 60.0, 17.0, 10.0, 1.2, 1.0, 1.0, graph_breaks=0)],
+        128, 224, 20, 5, "cuda")
+    found = {g.goal: (round(g.value, 3), g.met) for g in cuda_bench.goals(modules, resnet)}
+    assert found == {
+        "bf16 256×56² forward × copy": (2.0, True), "bf16 256×56² fwd+bwd × copy": (9.0, False),
+        "bf16 256×56² fwd+bwd × timm": (6.0, True), "bf16 256×56² fwd+bwd × compiled timm": (2.0, False),
+        "bf16 2048×7² fwd+bwd × timm": (6.0, True),
+        "ResNet-50 fp32 train step vs plain": (1.08, True), "ResNet-50 fp32 inference vs plain": (1.059, False),
+        "ResNet-50 fp32 peak memory vs plain": (1.02, True),
+        "ResNet-50 fp32 compiled train step vs plain": (1.2, False),
+    }
+    report = cuda_bench.CudaBenchReport(cuda_bench.environment("cpu"), modules, resnet)
+    text = str(report)
+    assert "| goal (issue 15) | measured | limit | met |" in text
+    assert "| bf16 256×56² forward × copy | 2.00 | ≤ 3.00 | yes |" in text
+    assert len(strict(report.as_dict())["goals"]) == len(found)

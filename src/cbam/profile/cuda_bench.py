@@ -445,6 +445,59 @@ def format_resnet_table(table: CudaResNetTable) -> str:
 
 
 @dataclass
+class Goal:
+    """One goal of issue 15 against this run: ``value`` (a ratio) against ``limit``; ``met`` is
+    ``value <= limit`` for "at most" goals and ``value >= limit`` for "at least" ones."""
+
+    goal: str
+    value: float
+    limit: float
+    at_most: bool
+
+    @property
+    def met(self) -> bool:
+        return self.value <= self.limit if self.at_most else self.value >= self.limit
+
+
+GOAL_SHAPES = ((256, 56), (512, 28))  # where the "× copy" goals apply
+
+
+def goals(modules: CudaModuleTable | None, resnet: CudaResNetTable | None) -> list[Goal]:
+    """The goals of issue 15 that this run measured: module level in fp32 and bf16 (our ``auto`` row:
+    forward ≤ 3× copy and forward+backward ≤ 8× copy at 256×56² and 512×28²; forward+backward ≥ 5×
+    timm and ≥ 2.5× compiled timm at every shape), ResNet-50 in bf16 autocast and fp32 (ours over
+    plain: train step ≤ 1.10, inference ≤ 1.05, peak memory ≤ 1.05; compiled: train step ≤ 1.10)."""
+    found: list[Goal] = []
+    for r in (modules.rows if modules is not None else []):
+        if r.name != FUSED or r.mode not in ("fp32", "bf16"):
+            continue
+        where = f"{r.mode} {r.channels}×{r.side}²"
+        if (r.channels, r.side) in GOAL_SHAPES:
+            found += [Goal(f"{where} {what} × copy", v, limit, True)
+                      for what, v, limit in (("forward", r.forward_vs_copy, 3.0), ("fwd+bwd", r.train_vs_copy, 8.0))
+                      if v is not None]
+        found += [Goal(f"{where} fwd+bwd × {peer}", v, limit, False)
+                  for v, peer, limit in ((r.train_vs_timm, "timm", 5.0), (r.train_vs_compiled, "compiled timm", 2.5))
+                  if v is not None]
+    for r in (resnet.rows if resnet is not None else []):
+        if r.name != OURS:
+            continue
+        where = f"ResNet-50 {r.precision}{' compiled' if r.compiled else ''}"
+        limits = (("train step", r.train_vs_plain, 1.10),) if r.compiled else (
+            ("train step", r.train_vs_plain, 1.10), ("inference", r.inference_vs_plain, 1.05),
+            ("peak memory", r.peak_vs_plain, 1.05))
+        found += [Goal(f"{where} {what} vs plain", v, limit, True) for what, v, limit in limits if v is not None]
+    return found
+
+
+def format_goals(found: Sequence[Goal]) -> str:
+    lines = ["| goal (issue 15) | measured | limit | met |", "| --- | ---: | ---: | --- |"]
+    lines += [f"| {g.goal} | {g.value:.2f} | {'≤' if g.at_most else '≥'} {g.limit:.2f} | {'yes' if g.met else 'no'} |"
+              for g in found]
+    return "\n".join(lines)
+
+
+@dataclass
 class CudaBenchReport:
     """``run``'s result: the environment and the tables asked for."""
 
@@ -453,7 +506,9 @@ class CudaBenchReport:
     resnet: CudaResNetTable | None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["goals"] = [{**asdict(g), "met": g.met} for g in goals(self.modules, self.resnet)]
+        return data
 
     def __str__(self) -> str:
         env = self.environment
@@ -466,6 +521,9 @@ class CudaBenchReport:
             parts += ["", format_module_table(self.modules)]
         if self.resnet is not None:
             parts += ["", format_resnet_table(self.resnet)]
+        found = goals(self.modules, self.resnet)
+        if found:
+            parts += ["", format_goals(found)]
         return "\n".join(parts)
 
 
