@@ -122,24 +122,18 @@ def _head_keys(model: nn.Module) -> set[str]:
     return {prefix + name for name, _ in model.get_submodule(linears[-1]).named_parameters()}
 
 
-def _shape(value: Tensor) -> str:
-    return str(value.shape)
-
-
-def mismatch_message(source: str, missing, unexpected, wrong_shapes, layout=None, target=None) -> str:
+def _mismatch(source: str, missing, unexpected, wrong_shapes, layout: Layout, target: Layout) -> str:
     """One line: the first wrong-shape key, the missing/unexpected counts with the first of each, the layouts."""
     parts = []
     if wrong_shapes:
         key, found, expected = wrong_shapes[0]
         more = f" (and {len(wrong_shapes) - 1} more)" if len(wrong_shapes) > 1 else ""
-        parts.append(f"size mismatch for {key}: found {_shape(found)} in the checkpoint, expected {_shape(expected)}"
-                     f"{more}")
+        parts.append(f"size mismatch for {key}: found {found.shape} in the checkpoint, expected {expected.shape}{more}")
     if missing or unexpected:
         first = ", ".join(f"{kind} {keys[0]!r}" for kind, keys in (("missing", missing), ("unexpected", unexpected))
                           if keys)
         parts.append(f"{len(missing)} missing and {len(unexpected)} unexpected keys (first: {first})")
-    layouts = f"; checkpoint: {layout}, model: {target}" if layout is not None else ""
-    return f"{source} does not fit the model: {'; '.join(parts)}{layouts}"
+    return f"{source} does not fit the model: {'; '.join(parts)}; checkpoint: {layout}, model: {target}"
 
 
 def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_missing_attention: bool = True,
@@ -196,7 +190,7 @@ def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_mi
     missing = [key for key in missing if key not in counters and key not in left_at_init]
     wrong = [item for item in wrong if item[0] not in head]
     if missing or unexpected or wrong:
-        raise ValueError(mismatch_message(name, missing, unexpected, wrong, layout, target))
+        raise ValueError(_mismatch(name, missing, unexpected, wrong, layout, target))
     weights = OrderedDict((key, value) for key, value in weights.items() if key not in head)
     try:
         model.load_state_dict(weights, strict=False)
