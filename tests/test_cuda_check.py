@@ -19,8 +19,6 @@ from cbam.profile.cuda_check import Case  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(
     ENGINES["triton"].load() is None, reason="the Triton engine does not load (no triton, or the engine incomplete)")
-FOLD_EVAL = pytest.mark.xfail(reason="ops: the Triton engine's fold on running statistics with autograd "
-                                     "(eval mode) reads input_norm.pooled, which is None", strict=False)
 SHAPE, SAMPLE = (2, 37, 5, 7), (1, 37, 5, 5)  # odd sizes, C no power of two; B = 1
 
 
@@ -29,13 +27,10 @@ def _params():
     for layout in cuda_check.LAYOUTS:
         for variant in cuda_check.VARIANTS:
             for mode in cuda_check.MODES:
-                marks = [FOLD_EVAL] if variant.startswith("fold") and mode == "eval" else []
-                found.append(pytest.param(Case(SHAPE, "fp32", layout, "timm", variant, mode), marks=marks))
+                found.append(Case(SHAPE, "fp32", layout, "timm", variant, mode))
     for dtype in ("bf16", "fp16"):
         for variant, mode in (("residual", "train"), ("fold+residual", "train"), ("fold+residual", "eval")):
-            marks = [FOLD_EVAL] if mode == "eval" else []
-            found.append(pytest.param(Case(SHAPE, dtype, "channels_last", "timm", variant, mode, autocast=True),
-                                      marks=marks))
+            found.append(Case(SHAPE, dtype, "channels_last", "timm", variant, mode, autocast=True))
         found.append(Case(SHAPE, dtype, "contiguous", "timm", "residual", "train", weights="input"))
     for preset in ("official", "paper"):
         found.append(Case(SHAPE, "fp32", "contiguous", preset, "residual", "train"))

@@ -15,9 +15,9 @@ no max pool has a tie (the fused backward routes a tie's gradient to the first m
 it; both are valid, but they differ).
 
 Error: ``max |got - want| / max |want|`` per tensor (NaN or infinity in ``got``: failed), against a
-tolerance set by the dtype ``got`` is stored in (``TOLERANCES``). A case also fails where the fused
-path did not run on the requested engine, did not fold the BatchNorm it was given, or returned
-another dtype or memory layout than its input's.
+tolerance set by the dtype ``got`` is stored in or the input's, whichever is looser (``TOLERANCES``).
+A case also fails where the fused path did not run on the requested engine, did not fold the
+BatchNorm it was given, or returned another dtype or memory layout than its input's.
 
 On CUDA, run with TF32 off (``tf32_off()``): the reference's cuDNN convolutions would otherwise use
 TF32. On the CPU the Triton engine runs in its interpreter (``TRITON_INTERPRET=1`` before the kernels
@@ -56,8 +56,10 @@ PRESETS = ("timm", "official", "paper")
 # each one compiles the kernels' specialisations again)
 CUDA_SHAPES = ((2, 70, 9, 9), (1, 37, 5, 5), (4, 256, 28, 28))
 TINY_SHAPES = ((2, 37, 5, 7),)
-# max |got - want| / max |want| allowed, by the dtype the compared tensor is stored in: float32 sums of
-# thousands of terms; half outputs a few roundings (seen in the interpreter: bf16 up to 6e-3, fp16 4e-4)
+# max |got - want| / max |want| allowed, by the dtype the compared tensor is stored in, or the input's
+# where that is looser (a float32 gradient may come through a big tensor stored in the input's dtype, as
+# the BatchNorm's weight gradient on running statistics does): float32 sums of thousands of terms; half
+# values a few roundings (seen in the interpreter: bf16 up to 6e-3, fp16 4e-4)
 TOLERANCES = {torch.float32: 1e-4, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-8, torch.float64: 1e-10}
 F64 = torch.float64
 
@@ -350,7 +352,7 @@ def run_case(case: Case, device: str = "cuda", engine: str = "triton", seed: int
     comparisons = []
     for name, got, wanted in zip(names, got_all, want_all, strict=True):
         stored = got.dtype if got is not None else torch.float32
-        comparisons.append(Comparison(name, _error(got, wanted), TOLERANCES.get(stored, TOLERANCES[torch.float32])))
+        comparisons.append(Comparison(name, _error(got, wanted), max(TOLERANCES[stored], TOLERANCES[dtype])))
     return CaseResult(case.name, ran_on, folded, comparisons, problems)
 
 
