@@ -382,9 +382,10 @@ def test_timm_cbam_resnet50_converts_to_ours_with_equal_logits():
 
 
 def test_from_timm_attention_name_renames_only_cbam_holders():
-    """Only the attribute holding a CBAM is renamed; the rest, and the CBAMs' own names, as without it."""
+    """Only the attribute holding a CBAM is renamed; the rest, and the CBAMs' own names, as with
+    ``attention_name=None`` (every prefix kept)."""
     source = timm.create_model("resnet18", pretrained=False, block_args=dict(attn_layer="cbam")).state_dict()
-    kept, renamed = from_timm(source), from_timm(source, attention_name="attn")
+    kept, renamed = from_timm(source, attention_name=None), from_timm(source, attention_name="attn")
     assert list(renamed) == [key.replace(".se.", ".attn.") for key in kept]
     assert all(torch.equal(renamed[new], kept[old]) for new, old in zip(renamed, kept))
     assert sum(key.endswith(".attn.channel_att.fc1.weight") for key in renamed) == 8

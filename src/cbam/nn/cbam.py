@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..ops import IMPLS, CbamWeights, FusedSpec, folds_input_norm, fused_applies
+from ..ops import IMPLS, CbamWeights, FusedSpec, folds_input_norm, fused_applies, library
 from ..ops.fused import checked_fused_cbam
 from ..presets import ORDERS
 from ..validation import check_bool, check_callable, check_choice, check_residual
@@ -104,8 +104,11 @@ class CBAM(GatePair):
         return out if residual is None else torch.relu(out + residual)
 
     def fuses(self, x: Tensor) -> bool:
-        """Whether ``forward(x)`` runs the fused implementation (see ``impl``)."""
-        return fused_applies(self.impl, self.order, x)
+        """Whether ``forward(x)`` runs the fused implementation (see ``impl``); under ``torch.compile``
+        ``"auto"`` takes it where the ``torch.library`` ops cover this CBAM (``cbam.ops.library``)."""
+        if not fused_applies(self.impl, self.order, x):
+            return False
+        return self.impl == "fused" or not torch.compiler.is_compiling() or library.covers(*self._fused_inputs())
 
     def _fused_inputs(self) -> tuple[FusedSpec, CbamWeights]:
         """The fused function's spec and weights."""
@@ -119,6 +122,8 @@ class CBAM(GatePair):
                spec: FusedSpec, weights: CbamWeights) -> Tensor:
         device = x.device.type  # under autocast: gates in float32 (float64 for float64 x), output in x's dtype
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
+            if torch.compiler.is_compiling() and library.covers(spec, weights):  # no graph break: the custom ops
+                return library.fused_cbam_op(x, residual, spec, weights, input_norm)
             return checked_fused_cbam(x, spec, weights, residual, input_norm, inplace)  # forward checked the norm
 
     def extra_repr(self) -> str:

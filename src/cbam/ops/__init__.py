@@ -19,18 +19,18 @@ def fused_applies(impl: str, order: str, x: Tensor) -> bool:
 
     ``"auto"`` takes it for channel-first CBAM where a compiled engine covers ``x`` (``engine_for``
     names ``cpp`` or ``triton``; or ``CBAM_ENGINE=torch`` asks for the plain-torch passes), under
-    autocast too (the gates then compute in float32 and the output keeps ``x``'s dtype), but not
-    while tracing or compiling (those see the reference's plain ops).
+    autocast too (the gates then compute in float32 and the output keeps ``x``'s dtype) and under
+    ``torch.compile`` (through the ``torch.library`` ops, where they cover the module: see
+    ``CBAM.fuses``), but not while tracing with ``torch.jit`` or exporting with ``torch.export`` (ONNX
+    and other exporters see the reference's standard ops).
     """
     if impl != "auto":
         return impl == "fused"
-    return (
-        order == "channel-spatial"
-        and x.is_floating_point()
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
-        and (engine_for(x) != "torch" or requested() == "torch")
-    )
+    if order != "channel-spatial" or not x.is_floating_point() or torch.jit.is_tracing():
+        return False
+    if torch.compiler.is_compiling():  # the op picks its engine when it runs; exports see the reference's ops
+        return not torch.compiler.is_exporting()
+    return engine_for(x) != "torch" or requested() == "torch"
 
 
 __all__ = ["IMPLS", "CbamWeights", "FusedCBAM", "FusedSpec", "compute_dtype", "engine_for", "folds_input_norm",

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from .. import functional, hooks
 from . import spatial_gate
 from .batch_norm_state import BatchNormState
-from .engines import Engine, is_channels_last_view, select
+from .engines import ENGINES, Engine, engine_for, is_channels_last_view, select
 
 NATIVE_POOLS = {"avg": (1.0, 0.0), "max": (0.0, 1.0), "mix": (0.5, 0.5)}  # (mean, max) coefficients
 
@@ -232,7 +232,7 @@ def folds_input_norm(norm, x: Tensor, spec: FusedSpec, weights: CbamWeights) -> 
         return False
     if spatial_gate.uses_batch_statistics(norm) and x.numel() <= x.shape[1]:
         return False
-    return _fold_applies(select(x)[0], spec, weights)
+    return _fold_applies(ENGINES[engine_for(x)], spec, weights)
 
 
 @dataclass
@@ -264,10 +264,10 @@ def _input_norm(passes, state: BatchNormState, x: Tensor) -> _InputNorm:
 
 
 def resolved(spec: FusedSpec) -> FusedSpec:
-    """``spec`` for one forward: a plain spatial BatchNorm that no hook watches becomes its
-    ``BatchNormState`` (counting the batch: once per forward); other norms stay modules, run as
-    themselves and recorded for autograd."""
-    if spatial_gate.is_plain(spec.norm) and not hooks.watched(spec.norm):
+    """``spec`` for one forward: a plain spatial BatchNorm becomes its ``BatchNormState`` (counting the
+    batch: once per forward; it is applied as part of CBAM, as its conv is, so hooks on it do not run);
+    other norms stay modules, run as themselves and recorded for autograd."""
+    if spatial_gate.is_plain(spec.norm):
         return replace(spec, norm=BatchNormState.step(spec.norm))
     return spec
 

@@ -97,8 +97,8 @@ class Engine:
 
 
 ENGINES = {
-    "torch": Engine("torch", frozenset({"cpu", "cuda", "mps", "xpu", "meta"}), frozenset(), True, frozenset(),
-                    ".torch_ops"),
+    "torch": Engine("torch", frozenset({"cpu", "cuda", "mps", "xpu", "meta"}), WIDE_DTYPES | HALF_DTYPES, True,
+                    frozenset({"fold"}), ".torch_ops"),
     "cpp": Engine("cpp", frozenset({"cpu"}), WIDE_DTYPES, False, frozenset({"forward", "spatial-backward", "fold"}),
                   ".cpp", lambda module: module.engine()),
     "triton": Engine("triton", frozenset({"cuda"}), WIDE_DTYPES | HALF_DTYPES, True, frozenset({"fold"}),
@@ -132,18 +132,21 @@ def using(name: str) -> Iterator[None]:
 
 
 def engine_for(x: Tensor) -> str:
-    """The name of the engine that a fused CBAM of ``x: (B, C, *spatial)`` runs on (see the module docstring)."""
+    """The name of the engine that a fused CBAM of ``x: (B, C, *spatial)`` runs on (see the module docstring).
+    While ``torch.compile`` traces, engines are not loaded (an import is no graph op): the name is the one
+    that covers ``x``, and the ``torch.library`` op falls back to ``torch`` at run time if it fails to load."""
     wanted = requested()
     candidates = AUTO.get(x.device.type, ()) if wanted == "auto" else (wanted,)
+    tracing = torch.compiler.is_compiling()
     for name in candidates:
         engine = ENGINES[name]
-        if name != "torch" and engine.covers(x, named=wanted != "auto") and engine.load() is not None:
+        if name != "torch" and engine.covers(x, named=wanted != "auto") and (tracing or engine.load() is not None):
             return name
     return "torch"
 
 
 def select(x: Tensor) -> tuple[Engine, ModuleType]:
-    """The engine for ``x`` and its module of passes."""
+    """The engine for ``x`` and its module of passes (not while ``torch.compile`` traces)."""
     engine = ENGINES[engine_for(x)]
     return engine, engine.load()
 

@@ -153,3 +153,19 @@ def channel_backward(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef:
     d_stacked = d_pre @ fc1_w
     return [(a * d_stacked).sum(0), (m * d_stacked).sum(0), d_pre.flatten(0, 1).t() @ stacked.flatten(0, 1),
             d_pre.sum((0, 1)), d_logits.t() @ pre.relu().sum(0), d_logits.sum(0) * count]
+
+
+def batch_norm_affine(weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    """A BatchNorm with statistics ``mean, var (C)`` as the per-channel map ``(2, C)``: scale and shift."""
+    scale = torch.rsqrt(var + eps)
+    scale = scale if weight is None else scale * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return torch.stack([scale, shift])
+
+
+def batch_norm_pool(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> list[Tensor]:
+    """A BatchNorm on the batch statistics of ``x (B, C, S)`` and CBAM's pooling of its output: ``avg, peak,
+    channel_index (B, C)``, the batch ``mean``, biased ``var``, ``invstd (C)`` and the map ``(2, C)``."""
+    var, mean = torch.var_mean(wide(x), dim=(0, 2), correction=0)
+    affine = batch_norm_affine(weight, bias, mean, var, eps)
+    return [*pool(x, affine), mean, var, torch.rsqrt(var + eps), affine]

@@ -1,0 +1,213 @@
+"""The fused CBAM as ``torch.library`` custom ops, so that ``torch.compile(..., fullgraph=True)`` keeps its
+kernels: ``cbam::fused_forward`` returns the output, the tensors its backward needs and the new
+running statistics of the BatchNorms it applies; ``cbam::fused_backward`` returns the gradients. Both
+are functional (no input is mutated: ``fused_cbam_op`` copies the new running statistics into the
+BatchNorms' buffers, as traced code), with fake implementations for tracing and the backward
+registered with ``register_autograd``. Eager code runs the same ``forward_saving`` / ``backward_from``
+through ``FusedCBAM``; the ops are what a compiled graph calls.
+
+They cover (``covers``) avg/max/mix pooling, one spatial conv weight, no spatial norm or a plain
+BatchNorm, the residual tail and the folded BatchNorm before CBAM; a CBAM with
+anything else runs the reference under compile (``impl="auto"``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import spatial_gate
+from .batch_norm_state import BatchNormState
+from .engines import select
+from .fused import CbamWeights, FusedSpec, _in_layout, _Plan, backward_from, compute_dtype, forward_saving
+
+SAVED = ("logits", "mc", "ms", "mean", "speak", "channel_index", "spatial_index", "affine", "in_mean", "in_spread",
+         "pooled_avg")
+NONE, RUNNING, BATCH = 0, 1, 2  # how a BatchNorm normalises: absent, on running statistics, on the batch's
+
+
+def covers(spec: FusedSpec, weights: CbamWeights) -> bool:
+    """Whether the ops compute this CBAM (see the module docstring)."""
+    plain_norm = spec.norm is None or spatial_gate.is_plain(spec.norm)
+    return spec.native_pools and len(weights.conv) == 1 and plain_norm
+
+
+def _tensors(state: BatchNormState | None) -> list[Tensor | None]:
+    return [None] * 4 if state is None else [state.weight, state.bias, state.running_mean, state.running_var]
+
+
+def _filled(tensors: list[Tensor | None], like: Tensor) -> list[Tensor]:
+    """``None`` as an empty tensor: the ops take plain tensor lists (autograd pairs their gradients by
+    position)."""
+    return [like.new_empty(0) if t is None else t for t in tensors]
+
+
+def _holes(tensors: list[Tensor]) -> list[Tensor | None]:
+    """Empty tensors back to ``None``."""
+    return [None if t.numel() == 0 else t for t in tensors]
+
+
+def _mode(state: BatchNormState | None) -> int:
+    return NONE if state is None else BATCH if state.batch else RUNNING
+
+
+def _state(tensors: list[Tensor | None], mode: int, factor: float, eps: float) -> BatchNormState | None:
+    """A BatchNorm's state from the ops' arguments, on copies of running statistics it would update."""
+    if mode == NONE:
+        return None
+    weight, bias, mean, var = tensors
+    return BatchNormState(weight, bias, mean, var, eps, factor, mode == BATCH).detached_copy()
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+def _spec(pool_types: str, gate: str, spatial_pool: str, norm: BatchNormState | None) -> FusedSpec:
+    return FusedSpec(tuple(pool_types.split(",")), gate, spatial_pool, norm)
+
+
+@torch.library.custom_op("cbam::fused_forward", mutates_args=())
+def fused_forward(x: Tensor, residual: Tensor | None, weights: list[Tensor], norm: list[Tensor],
+                  input_norm: list[Tensor], pool_types: str, gate: str, spatial_pool: str, norm_mode: int,
+                  norm_factor: float, norm_eps: float, input_mode: int, input_factor: float,
+                  input_eps: float) -> list[Tensor]:
+    """``[out, norm's new running mean and var, input norm's new running mean and var, *SAVED]`` for
+    ``x: (B, C, *spatial)``; ``weights`` as ``CbamWeights.flat()``, each norm ``[weight, bias,
+    running_mean, running_var]``; empty tensors where an argument or a result does not exist."""
+    weights, norm, input_norm = _holes(weights), _holes(norm), _holes(input_norm)
+    norm_state = _state(norm, norm_mode, norm_factor, norm_eps)
+    input_state = _state(input_norm, input_mode, input_factor, input_eps)
+    selected = select(x)
+    x = _in_layout(selected[0], x)
+    out, saved, _ = forward_saving(x, residual, _spec(pool_types, gate, spatial_pool, norm_state),
+                                   CbamWeights.from_flat(weights), input_state, selected)
+    statistics = []
+    for state in (norm_state, input_state):
+        updated = state is not None and state.updates
+        statistics += [state.running_mean, state.running_var] if updated else [_empty(x), _empty(x)]
+    return _unshared([out, *statistics, *(_empty(x) if saved.get(name) is None else saved[name] for name in SAVED)],
+                     [x, *(t for t in (residual, *weights, *norm, *input_norm) if t is not None)])
+
+
+@fused_forward.register_fake
+def _(x, residual, weights, norm, input_norm, pool_types, gate, spatial_pool, norm_mode, norm_factor, norm_eps,
+      input_mode, input_factor, input_eps):
+    batch, channels, positions = x.shape[0], x.shape[1], x[0, 0].numel()
+    dtype = compute_dtype(x)
+    norm, input_norm = _holes(norm), _holes(input_norm)
+
+    def vector(*shape, kind=dtype):
+        return x.new_empty(shape, dtype=kind)
+
+    statistics = []
+    for tensors, mode in ((norm, norm_mode), (input_norm, input_mode)):
+        running = tensors[2]
+        updated = mode == BATCH and running is not None
+        statistics += [torch.empty_like(running), torch.empty_like(tensors[3])] if updated else [vector(0), vector(0)]
+    folded = [vector(2, channels), vector(channels), vector(channels)] if input_mode != NONE else [vector(0)] * 3
+    folded = [torch.empty_like(t) for t in folded]  # distinct tensors, as the real op returns
+    indices = [vector(batch, channels, kind=torch.int64), vector(batch, positions, kind=torch.int64)]
+    per_position = [vector(batch, positions) for _ in range(4)]
+    return [torch.empty_like(x), *statistics, *per_position[:1], vector(batch, channels), *per_position[1:],
+            *indices, *folded, vector(batch, channels)]
+
+
+@torch.library.custom_op("cbam::fused_backward", mutates_args=())
+def fused_backward(grad: Tensor, x: Tensor, rectified: Tensor | None, saved: list[Tensor], weights: list[Tensor],
+                   norm: list[Tensor], input_weight: Tensor | None, pool_types: str, gate: str,
+                   spatial_pool: str, norm_mode: int, norm_eps: float, input_mode: int,
+                   input_eps: float) -> list[Tensor]:
+    """``[dx, d_residual, d_input_weight, d_input_bias, *d_weights]`` of ``fused_forward`` (``saved``: its
+    ``SAVED`` results); empty tensors where there is no such input."""
+    engine, passes = select(x)
+    x = _in_layout(engine, x)
+    weights, norm = _holes(weights), _holes(norm)
+    norm_state = _state(norm, norm_mode, 0.0, norm_eps)
+    plan = _Plan(_spec(pool_types, gate, spatial_pool, norm_state), engine, passes, x.shape[2:], ["avg"],
+                 rectified is not None, norm_mode == BATCH, None if input_mode == NONE else (input_mode == BATCH,
+                                                                                                input_eps), None)
+    named = {name: (None if value.numel() == 0 and name in ("affine", "in_mean", "in_spread") else value)
+             for name, value in zip(SAVED, saved)}
+    named.update(x=x, rectified=rectified, in_w=input_weight)
+    dx, d_residual, d_in_w, d_in_b, d_weights = backward_from(grad, named, CbamWeights.from_flat(weights), plan)
+    present = input_mode != NONE and input_weight is not None
+    return _unshared([dx, _empty(x) if d_residual is None else d_residual, d_in_w if present else _empty(x),
+                      d_in_b if present else _empty(x), *(_empty(x) if g is None else g for g in d_weights)], [grad])
+
+
+def _unshared(outputs: list[Tensor], inputs: list[Tensor]) -> list[Tensor]:
+    """``outputs`` with a copy wherever one shares memory with an input or an earlier output (an op's
+    results must not alias; the passes may hand back the incoming gradient, or two views of one
+    tensor)."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs}
+    found = []
+    for t in outputs:
+        pointer = t.untyped_storage().data_ptr()
+        found.append(t.clone() if pointer and pointer in seen else t)
+        seen.add(pointer)
+    return found
+
+
+@fused_backward.register_fake
+def _(grad, x, rectified, saved, weights, norm, input_weight, pool_types, gate, spatial_pool, norm_mode, norm_eps,
+      input_mode, input_eps):
+    folded = input_mode != NONE and input_weight is not None
+    return [torch.empty_like(x), x.new_empty(0) if rectified is None else torch.empty_like(x),
+            *(torch.empty_like(input_weight) if folded else x.new_empty(0) for _ in range(2)),
+            *(torch.empty_like(w) for w in weights)]
+
+
+def _setup_context(ctx, inputs, output):
+    (x, residual, weights, norm, input_norm, pool_types, gate, spatial_pool, norm_mode, _, norm_eps, input_mode, _,
+     input_eps) = inputs
+    # a BatchNorm on running statistics needs them in the backward; on batch statistics they are updated
+    # right after this forward, so they are not saved (autograd would see them modified)
+    kept_norm = norm if norm_mode == RUNNING else [*norm[:2], x.new_empty(0), x.new_empty(0)]
+    ctx.options = (pool_types, gate, spatial_pool, norm_mode, norm_eps, input_mode, input_eps)
+    ctx.has_residual, ctx.count = residual is not None, (len(weights), len(norm))
+    ctx.input_affine = (input_norm[0].numel() > 0, input_norm[1].numel() > 0)
+    ctx.save_for_backward(x, output[0] if residual is not None else None, *output[5:], *weights, *kept_norm,
+                          input_norm[0] if input_norm[0].numel() else None)
+
+
+def _backward(ctx, grads):
+    x, rectified, *rest = ctx.saved_tensors
+    weight_count, norm_count = ctx.count
+    saved, rest = rest[:len(SAVED)], rest[len(SAVED):]
+    weights, norm, input_weight = rest[:weight_count], rest[weight_count:weight_count + norm_count], rest[-1]
+    found = torch.ops.cbam.fused_backward(grads[0], x, rectified, saved, weights, norm, input_weight, *ctx.options)
+    dx, d_residual, d_in_w, d_in_b, *d_weights = found
+    d_input_norm = [d_in_w if ctx.input_affine[0] else None, d_in_b if ctx.input_affine[1] else None, None, None]
+    d_weights = [_present(g, w) for g, w in zip(d_weights, weights)]
+    # the spatial norm's weight and bias come twice (in weights and in norm): their gradients once
+    return (dx, d_residual if ctx.has_residual else None, d_weights, [None] * 4, d_input_norm,
+            None, None, None, None, None, None, None, None, None)
+
+
+def _present(grad: Tensor, weight: Tensor) -> Tensor | None:
+    return None if weight.numel() == 0 else grad
+
+
+fused_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_cbam_op(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamWeights,
+                  input_norm: nn.Module | None) -> Tensor:
+    """``fused_cbam`` through the custom ops (where ``covers``; ``input_norm`` where it folds): what
+    ``CBAM.forward`` calls under ``torch.compile``. Counts each BatchNorm's batch and copies its new
+    running statistics into its buffers as its own forward would."""
+    norm_state = None if spec.norm is None else BatchNormState.step(spec.norm)
+    input_state = None if input_norm is None else BatchNormState.step(input_norm)
+    results = torch.ops.cbam.fused_forward(
+        x, residual, _filled(list(weights.flat()), x), _filled(_tensors(norm_state), x),
+        _filled(_tensors(input_state), x), ",".join(spec.pool_types),
+        spec.gate, spec.spatial_pool, _mode(norm_state), norm_state.factor if norm_state else 0.0,
+        norm_state.eps if norm_state else 0.0, _mode(input_state), input_state.factor if input_state else 0.0,
+        input_state.eps if input_state else 0.0)
+    with torch.no_grad():
+        for state, mean, var in ((norm_state, *results[1:3]), (input_state, *results[3:5])):
+            if state is not None and state.updates:
+                state.running_mean.copy_(mean)
+                state.running_var.copy_(var)
+    return results[0]

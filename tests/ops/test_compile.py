@@ -1,0 +1,105 @@
+"""``torch.compile(fullgraph=True)`` keeps the fused CBAM as the ``cbam::fused_forward`` / ``fused_backward``
+custom ops (no graph break), and the compiled network equals the eager one: outputs, every gradient,
+every running statistic."""
+
+import pytest
+import torch
+from torch import nn
+
+import cbam
+from cbam.ops import library
+
+F64 = torch.float64
+
+
+def twins(factory):
+    torch.manual_seed(0)
+    first = factory()
+    second = factory()
+    second.load_state_dict(first.state_dict())
+    return first, second
+
+
+def step(model, x):
+    """Output and parameter gradients of one training step's loss."""
+    out = model(x)
+    out.square().sum().backward()
+    return out
+
+
+def recording_backend(found: set):
+    """A backend that notes the ops in the graph dynamo hands it and runs that graph as it is."""
+    def backend(graph_module, inputs):
+        found.update(str(node.target) for node in graph_module.graph.nodes)
+        return graph_module.forward
+    return backend
+
+
+def test_compiled_resnet18_keeps_the_fused_ops_and_equals_eager():
+    compiled, eager = twins(lambda: cbam.models.resnet18(num_classes=10, stem="cifar"))
+    found: set[str] = set()
+    x = torch.randn(2, 3, 32, 32)
+    got = step(torch.compile(compiled, fullgraph=True, backend=recording_backend(found)), x)
+    want = step(eager, x)
+    assert any(target.startswith("cbam.fused_forward") for target in found)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    for p, q in zip(compiled.buffers(), eager.buffers(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_aot_compiled_resnet18_forward_backward_equals_eager(training):
+    """Through AOTAutograd (functionalisation, the fake implementations, the registered backward)."""
+    compiled, eager = twins(lambda: cbam.models.resnet18(num_classes=10, stem="cifar").train(training))
+    x = torch.randn(2, 3, 32, 32)
+    got = step(torch.compile(compiled, fullgraph=True, backend="aot_eager"), x)
+    want = step(eager, x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+    for p, q in zip(compiled.buffers(), eager.buffers(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+def test_the_op_matches_the_float64_reference_with_a_folded_norm_and_a_residual():
+    torch.manual_seed(1)
+    fused = cbam.CBAM(8, 2, 3, preset="timm", impl="fused", dtype=F64)
+    reference = cbam.CBAM(8, 2, 3, preset="timm", impl="reference", dtype=F64)
+    reference.load_state_dict(fused.state_dict())
+    norms = [nn.BatchNorm2d(8, dtype=F64) for _ in range(2)]
+    x, residual = torch.randn(2, 8, 5, 6, dtype=F64), torch.randn(2, 8, 5, 6, dtype=F64)
+    leaves = [[t.clone().requires_grad_() for t in (x, residual)] for _ in range(2)]
+    got = library.fused_cbam_op(*leaves[0], *fused._fused_inputs(), norms[0])
+    want = torch.relu(reference(norms[1](leaves[1][0])) + leaves[1][1])
+    torch.testing.assert_close(got, want)
+    runs = ((got, leaves[0], fused, norms[0]), (want, leaves[1], reference, norms[1]))
+    grads = [torch.autograd.grad(out.sum(), [*inputs, *module.parameters(), *norm.parameters()])
+             for out, inputs, module, norm in runs]
+    for found, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(found, expected)
+    torch.testing.assert_close(norms[0].running_var, norms[1].running_var)
+    assert norms[0].num_batches_tracked == norms[1].num_batches_tracked == 1
+
+
+def test_opcheck_passes():
+    """torch's own checks of the op: schema, fake tensors, autograd registration, AOT dispatch."""
+    module = cbam.CBAM(8, 2, 3, preset="timm", dtype=F64)
+    spec, weights = module._fused_inputs()
+    x = torch.randn(2, 8, 4, 5, dtype=F64, requires_grad=True)
+    empty = x.new_empty(0)
+    norm = [spec.norm.weight, spec.norm.bias, spec.norm.running_mean, spec.norm.running_var]
+    args = (x, None, [empty if w is None else w for w in weights.flat()], norm, [empty] * 4, "avg,max", "sigmoid",
+            "concat", library.RUNNING, 0.1, 1e-5, library.NONE, 0.0, 0.0)
+    module.eval()
+    torch.library.opcheck(torch.ops.cbam.fused_forward.default, args)
+
+
+def test_what_the_ops_cover():
+    assert library.covers(*cbam.CBAM(8, preset="timm")._fused_inputs())
+    assert not library.covers(*cbam.CBAM(8, pool_types=("avg", "lp"))._fused_inputs())
+    assert not library.covers(*cbam.CBAM(8, spatial_conv="factorized")._fused_inputs())
+    module = cbam.CBAM(8, preset="timm")
+    module.spatial_att.bn = nn.SyncBatchNorm(1)
+    assert not library.covers(*module._fused_inputs())
