@@ -5,11 +5,14 @@ Only three things touch the full ``x: (B, C, S)`` (spatial dims flattened): the 
 materialising ``y``), and the output ``x * Mc * Ms``. Everything between them works on ``(B, C)``
 and ``(B, S)`` vectors: the shared MLP, the spatial conv, its BatchNorm and the gates.
 
-The forward runs without autograd. Where the C++ engine has it (``cpu_passes.forward``: avg/max/mix
-pooling, one spatial conv weight, a BatchNorm that is an affine map or none) the whole forward is one
-call that keeps each sample's ``x`` in cache between its passes; otherwise the passes run one by one
-with the small steps in torch. The backward differentiates the small steps from the saved vectors:
-the MLP and the spatial conv on the engine (or through autograd, recomputed), the spatial norm and
+The passes come from the engine ``engines.select(x)`` picks (torch ops, C++, Triton); the gates and
+small steps compute in ``compute_dtype(x)``. The forward runs without autograd. Where the engine
+has it (the C++ ``forward``: avg/max/mix pooling, one spatial conv weight, a BatchNorm that is an
+affine map or none) the whole forward is one call that keeps each sample's ``x`` in cache between
+its passes; otherwise the passes run one by one with the small steps in torch. The backward
+(``backward_from``, shared by ``FusedCBAM`` and the ``torch.library`` ops of ``library.py``)
+differentiates the small steps from the saved vectors by formula: the MLP and the spatial conv
+(through autograd only for lp/lse pooling or a conv chain, recomputed), the spatial norm and
 gate by formula (``spatial_gate``); only a norm that is no plain BatchNorm is recorded with autograd
 in the forward (a norm may update running statistics, so it runs exactly once).
 
