@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..debug.poison import poisoned
 from ..nn import CBAM
 from ..ops import engine_for, folds_input_norm
 from ..ops import engines as engine_seam
@@ -61,6 +62,9 @@ TINY_SHAPES = ((2, 37, 5, 7),)
 # the BatchNorm's weight gradient on running statistics does): float32 sums of thousands of terms; half
 # values a few roundings (seen in the interpreter: bf16 up to 6e-3, fp16 4e-4)
 TOLERANCES = {torch.float32: 1e-4, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-8, torch.float64: 1e-10}
+# a half-precision parameter's gradient: a sum with cancellation (the spatial BatchNorm's bias: one
+# number) over terms computed from half-precision tensors; seen in the interpreter: bf16 1.4e-2
+HALF_PARAMETER_GRADIENT_FACTOR = 4
 F64 = torch.float64
 
 
@@ -191,24 +195,6 @@ def tf32_off() -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-
-
-@contextlib.contextmanager
-def poisoned() -> Iterator[None]:
-    """``torch.empty`` and ``torch.empty_like`` hand out NaN-filled tensors (integers: -7777)."""
-    originals = torch.empty, torch.empty_like
-
-    def filled(make):
-        def fill(*args, **kwargs):
-            t = make(*args, **kwargs)
-            return t.fill_(math.nan if t.is_floating_point() else -7777)
-        return fill
-
-    torch.empty, torch.empty_like = (filled(make) for make in originals)
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = originals
 
 
 def cases(shapes: Sequence[tuple[int, ...]] = CUDA_SHAPES, dtypes: Sequence[str] = tuple(DTYPES),
@@ -352,7 +338,10 @@ def run_case(case: Case, device: str = "cuda", engine: str = "triton", seed: int
     comparisons = []
     for name, got, wanted in zip(names, got_all, want_all, strict=True):
         stored = got.dtype if got is not None else torch.float32
-        comparisons.append(Comparison(name, _error(got, wanted), max(TOLERANCES[stored], TOLERANCES[dtype])))
+        tolerance = max(TOLERANCES[stored], TOLERANCES[dtype])
+        if case.weights == "input" and name.startswith("grad ") and name not in ("grad x", "grad residual"):
+            tolerance *= HALF_PARAMETER_GRADIENT_FACTOR
+        comparisons.append(Comparison(name, _error(got, wanted), tolerance))
     return CaseResult(case.name, ran_on, folded, comparisons, problems)
 
 
