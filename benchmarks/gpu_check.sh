@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurement of issue 15 in one short run (at most 5.5 minutes), from the repository root:
+# The GPU measurement of issue 15 in one short run (at most 5 minutes), from the repository root:
 #
 #     OUT=./out bash benchmarks/gpu_check.sh
 #
@@ -9,26 +9,28 @@
 # and steps.txt (step, exit status, seconds). Steps, each under its own `timeout` so a slow one cannot
 # eat the next one's time (budgets in seconds, overridable by environment variables):
 #
-#   1. correctness  (T_CHECK=90)    CBAM(impl="fused") on the Triton engine vs CBAM(impl="reference") in
+#   1. correctness  (T_CHECK=70)    CBAM(impl="fused") on the Triton engine vs CBAM(impl="reference") in
 #                                   float64 on the GPU, TF32 off: output, every gradient, running
 #                                   statistics; fp32/bf16/fp16, NCHW and channels_last, residual, the
 #                                   folded BatchNorm, train and eval (cbam.profile.cuda_check)
-#   2. modules      (T_MODULES=150) cbam bench --device cuda, one run per mode (bf16-autocast, bf16, fp32;
+#   2. modules      (T_MODULES=156) cbam bench --device cuda, one run per mode (bf16-autocast, bf16, fp32;
 #                                   T_MODULES split evenly), batch 64 at ResNet-50's stage shapes
-#   3. resnet       (T_RESNET=70)   cbam bench --device cuda --resnet-only: ResNet-50 batch 128, 224²,
+#   3. resnet       (T_RESNET=60)   cbam bench --device cuda --resnet-only: ResNet-50 batch 128, 224²,
 #                                   bf16 autocast and fp32, plain vs ours vs timm
 #   4. compiled     (T_COMPILE=240) only with GPU_CHECK_COMPILE=1 (beyond the 5 minutes): --resnet-only
 #                                   --compile --modes bf16-autocast
 #
+# BENCH_ARGS adds options to the module-table runs (e.g. BENCH_ARGS="--shapes 256x56,2048x7" for a rerun).
+# A step that runs out of time leaves what it measured in NAME.log (one line per module or model).
 # Exit status: 0 when every step exited 0 (the correctness step exits 1 on any failed case).
 set -u
+mkdir -p "${OUT:-./out}"
+OUT="$(cd "${OUT:-./out}" && pwd)"  # absolute: the script moves to the repository root next
 cd "$(dirname "$0")/.."
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 export CBAM_NO_EXTENSION=1  # the C++ CPU engine is not measured here: never build it on the GPU machine
-OUT="${OUT:-./out}"
-mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
-T_CHECK="${T_CHECK:-90}" T_MODULES="${T_MODULES:-150}" T_RESNET="${T_RESNET:-70}" T_COMPILE="${T_COMPILE:-240}"
+T_CHECK="${T_CHECK:-70}" T_MODULES="${T_MODULES:-156}" T_RESNET="${T_RESNET:-60}" T_COMPILE="${T_COMPILE:-240}"
 failed=0
 : > "$OUT/steps.txt"
 
@@ -65,13 +67,14 @@ if grep -q "^device: None" "$OUT/environment.md" || [ ! -s "$OUT/environment.md"
 fi
 
 step correctness "$T_CHECK" "$PY" -m cbam.profile.cuda_check --device cuda --engine triton \
-    --budget $(( T_CHECK - 20 )) --json "$OUT/correctness.json"
+    --budget $(( T_CHECK - 15 )) --json "$OUT/correctness.json"
 cat "$OUT/correctness.md"
 
 per_mode=$(( T_MODULES / 3 ))
 for mode in bf16-autocast bf16 fp32; do
+    # shellcheck disable=SC2086  # BENCH_ARGS: extra options, word-split on purpose (e.g. "--shapes 256x56")
     step "modules_$mode" "$per_mode" "$PY" -m cbam bench --device cuda --modes "$mode" \
-        --save "$OUT/modules_$mode.json"
+        --save "$OUT/modules_$mode.json" ${BENCH_ARGS:-}
     cat "$OUT/modules_$mode.md"
 done
 

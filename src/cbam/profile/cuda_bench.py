@@ -387,6 +387,8 @@ def resnet_table(batch: int = 128, image_size: int = 224, steps: int = 20, warmu
                 train, inference, peak, breaks = measure_resnet(build, precision, batch=batch, image_size=image_size,
                                                                 steps=steps, warmup=warmup, device=device,
                                                                 compile=compiled)
+                if compiled:
+                    torch._dynamo.reset()  # compiled code may hold the model's tensors
                 gc.collect()  # the model, its gradients and optimizer state go before the next is built
                 if cuda:
                     torch.cuda.empty_cache()
