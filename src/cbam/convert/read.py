@@ -38,7 +38,9 @@ def _load_error(error: Exception) -> str:
         rest = text.split(marker, 1)[1] if marker in text else "\n".join(text.split("\n\n")[1:])
         cause = _first_line(rest).split(". ")[0].rstrip(".") or "a global outside the allowed types"
         return f"weights-only loading (tensors and plain containers, never code) refused it: {cause}"
-    return _first_line(text) or type(error).__name__
+    cause = _first_line(text).split(". ")[0]
+    detail = f"{type(error).__name__}: {cause}" if cause else type(error).__name__
+    return f"expected a complete file written by torch.save or safetensors ({detail})"
 
 
 def is_safetensors(path) -> bool:
