@@ -67,10 +67,10 @@ class _ResidualBlock(nn.Module):
     """
 
     def _residual(self, out: Tensor, conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
-        if isinstance(self.cbam, CBAM) and self.cbam.fuses(out) and not watched(self.cbam):
-            return self.cbam(out, self._shortcut(x), input_norm=norm, inplace=not watched(conv))
-        out = norm(out)
         shortcut = self._shortcut(x)
+        if isinstance(self.cbam, CBAM) and not watched(self.cbam) and self.cbam.fuses(out, shortcut, norm):
+            return self.cbam(out, shortcut, input_norm=norm, inplace=not watched(conv))
+        out = norm(out)
         if self.cbam is not None:
             out = self.cbam(out)
         return self.relu(out + shortcut)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..ops import IMPLS, CbamWeights, FusedSpec, folds_input_norm, fused_applies, library
+from ..ops import IMPLS, CbamWeights, FusedSpec, calibration, folds_input_norm, fused_applies, library
 from ..ops.fused import checked_fused_cbam
 from ..presets import ORDERS
 from ..validation import check_bool, check_callable, check_choice, check_residual
@@ -86,13 +86,13 @@ class CBAM(GatePair):
         """
         self._check(x)
         check_bool("inplace", inplace)
-        fused = self._fused_inputs() if self.fuses(x) else None
+        fused = self._fused_inputs() if self.fuses(x, residual, input_norm) else None
         if input_norm is not None:
             check_callable("input_norm", input_norm)
             if not (fused and folds_input_norm(input_norm, x, *fused)):
                 x, input_norm, inplace = input_norm(x), None, False  # its hooks may have kept its output
                 self._check(x)
-                fused = self._fused_inputs() if self.fuses(x) else None
+                fused = self._fused_inputs() if self.fuses(x, residual) else None
         if residual is not None:
             check_residual(residual, x, f"{type(self).__name__}(in_channels={self.channel_att.in_channels})")
         if fused:
@@ -103,12 +103,48 @@ class CBAM(GatePair):
             out = self.channel_att(self.spatial_att(x))
         return out if residual is None else torch.relu(out + residual)
 
-    def fuses(self, x: Tensor) -> bool:
-        """Whether ``forward(x)`` runs the fused implementation (see ``impl``); under ``torch.compile``
-        ``"auto"`` takes it where the ``torch.library`` ops cover this CBAM (``cbam.ops.library``)."""
+    def fuses(self, x: Tensor, residual: Tensor | None = None, input_norm: Callable | None = None) -> bool:
+        """Whether ``forward(x, residual, input_norm)`` runs the fused implementation (see ``impl``); under
+        ``torch.compile`` ``"auto"`` takes it where the ``torch.library`` ops cover this CBAM
+        (``cbam.ops.library``). Elsewhere, on the C++ engine, ``"auto"`` takes the path that the one-time
+        calibration found faster for this call's shape, dtype, mode (gradients recorded or not), residual
+        and folded ``input_norm`` (``cbam.ops.calibration``; ``CBAM_CALIBRATE=0``: always fused there)."""
         if not fused_applies(self.impl, self.order, x):
             return False
-        return self.impl == "fused" or not torch.compiler.is_compiling() or library.covers(*self._fused_inputs())
+        if self.impl == "fused":
+            return True
+        if torch.compiler.is_compiling():
+            return library.covers(*self._fused_inputs())
+        return self._calibrated(x, residual, input_norm)
+
+    def _calibrated(self, x: Tensor, residual: Tensor | None, input_norm: Callable | None) -> bool:
+        """``calibration.choose`` for a call like ``forward(x, residual, input_norm)``: fused unless timing
+        found the reference faster (or the call is not calibrated: ``calibration.applies``; a residual
+        unlike ``x`` is left to ``forward``'s check)."""
+        if not calibration.applies(x) or (residual is not None and not (
+                isinstance(residual, Tensor) and residual.shape == x.shape and residual.dtype == x.dtype)):
+            return True
+        spec, weights = self._fused_inputs()
+        norm = input_norm if input_norm is not None and folds_input_norm(input_norm, x, spec, weights) else None
+        tensors = (x, residual, *weights.flat(), *(() if norm is None else (norm.weight, norm.bias)))
+        training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        ca, sa = self.channel_att, self.spatial_att
+        config = (type(self).__name__, ca.hidden_channels, ca.pool_types, ca.gate, ca.fc1.bias is not None, sa.pool,
+                  sa.gate, sa.conv_kind, sa.kernel_size, sa.bn is not None, self.training,
+                  norm is not None and norm.training)
+        key = calibration.Key(tuple(x.shape), x.dtype, training, residual is not None, norm is not None, config,
+                              torch.get_num_threads())
+
+        def reference(x: Tensor, residual: Tensor | None) -> Tensor:
+            out = self.spatial_att.forward(self.channel_att.forward(x if norm is None else norm(x)))
+            return out if residual is None else torch.relu(out + residual)
+
+        def fused(x: Tensor, residual: Tensor | None) -> Tensor:
+            return self._fused(x, residual, norm, False, spec, weights)
+
+        params = [t for t in tensors[2:] if t is not None]
+        buffers = [*self.buffers(), *(() if norm is None else norm.buffers())]
+        return calibration.choose(key, fused, reference, x, residual, params, buffers)
 
     def _fused_inputs(self) -> tuple[FusedSpec, CbamWeights]:
         """The fused function's spec and weights."""

@@ -1,0 +1,173 @@
+"""One-time calibration of ``impl="auto"`` on the C++ engine, cached for the process (like
+``torch.backends.cudnn.benchmark``): the first time a CBAM meets a ``Key`` (input shape and dtype,
+inference or training, residual tail, folded BatchNorm, the module's settings, threads), its fused
+path and its reference path are timed on detached copies of that call's inputs, and the faster one
+is kept for every later call with that key.
+
+Why: the fused C++ passes are several times faster than the reference on some CPUs and slower on
+others for some shapes and modes (issue 16: on an AMD Zen 3 the fused inference forward took 2× the
+reference's time at 512×28²); no fixed rule measured on the CPUs we had holds on the ones we did not.
+
+How: ``REPEATS`` interleaved rounds after one warm-up of each path (the order alternates between
+rounds), medians compared; ties go to the fused path (it saves less for backward). Inference times a
+forward; training a forward and ``torch.autograd.grad`` of it to the inputs and parameters that
+require grad (so no ``.grad`` is touched). The buffers the runs may update (BatchNorm running
+statistics, ``num_batches_tracked``) are restored afterwards. The clock is ``timer`` (tests replace it).
+
+Off switch: ``CBAM_CALIBRATE=0`` (then ``"auto"`` fuses wherever a compiled engine covers the input,
+as before calibration existed). Never under ``torch.compile``, tracing or export: the caller decides
+there as before. ``decisions()`` shows what was chosen; ``clear()`` forgets it.
+
+This module knows nothing of modules: the caller (``CBAM.fuses``) passes the key and two callables.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .engines import engine_for
+
+ENV = "CBAM_CALIBRATE"
+REPEATS = 3  # timed rounds per path after one warm-up
+_ON, _OFF = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Key:
+    """What a decision is cached under: ``x``'s shape and dtype, ``training`` (autograd records the call:
+    forward+backward timed) or inference (forward timed), a residual tail, a folded BatchNorm, the
+    module's settings that change its cost (``config``) and torch's intra-op threads."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    training: bool
+    residual: bool
+    fold: bool
+    config: tuple = ()
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The path chosen for a key and the median seconds each path took."""
+
+    fused: bool
+    fused_s: float
+    reference_s: float
+
+    @property
+    def path(self) -> str:
+        return "fused" if self.fused else "reference"
+
+
+def enabled() -> bool:
+    """``CBAM_CALIBRATE``: on unless ``0``/``false``/``no``/``off`` (default on)."""
+    value = os.environ.get(ENV, "1").strip().lower()
+    if value not in _ON + _OFF:
+        raise ValueError(f"{ENV} must be 1 or 0 (or true/false, yes/no, on/off), got {value!r}")
+    return value in _ON
+
+
+def applies(x: Tensor) -> bool:
+    """Whether a call on ``x`` is calibrated: switched on, not compiling or tracing, and on the C++ engine
+    (the Triton engine and an explicitly requested torch engine are used as before)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting() or x.numel() == 0:
+        return False
+    return enabled() and engine_for(x) == "cpp"
+
+
+def timer(path: str, run: Callable[[], None]) -> float:
+    """Wall seconds of ``run()``, one call of ``path`` (``"fused"`` or ``"reference"``)."""
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+_decisions: dict[Key, Decision] = {}
+_lock = threading.RLock()
+
+
+def decisions() -> dict[Key, Decision]:
+    """Every decision of this process so far (a copy)."""
+    with _lock:
+        return dict(_decisions)
+
+
+def clear() -> None:
+    """Forget every decision: the next call of each key is timed again."""
+    with _lock:
+        _decisions.clear()
+
+
+Run = Callable[[Tensor, Tensor | None], Tensor]
+
+
+def choose(key: Key, fused: Run, reference: Run, x: Tensor, residual: Tensor | None = None,
+           params: Sequence[Tensor] = (), buffers: Sequence[Tensor] = ()) -> bool:
+    """Whether the call of ``key`` takes the fused path: the cached decision, else ``calibrate``'s."""
+    with _lock:
+        found = _decisions.get(key)
+        if found is None:
+            found = _decisions[key] = calibrate(key, fused, reference, x, residual, params, buffers)
+    return found.fused
+
+
+def calibrate(key: Key, fused: Run, reference: Run, x: Tensor, residual: Tensor | None = None,
+              params: Sequence[Tensor] = (), buffers: Sequence[Tensor] = ()) -> Decision:
+    """Time ``fused(x, residual)`` against ``reference(x, residual)`` on detached copies of the inputs (for
+    ``key.training`` a forward and ``torch.autograd.grad`` to the copies and ``params`` that require grad,
+    else a forward without autograd) and restore ``buffers`` afterwards."""
+    inputs = [None if t is None else t.detach().clone().requires_grad_(key.training and t.requires_grad)
+              for t in (x, residual)]
+    wanted = [t for t in (*inputs, *params) if t is not None and t.requires_grad] if key.training else []
+    saved = [b.detach().clone() for b in buffers]
+
+    def step(run: Run) -> Callable[[], None]:
+        def go() -> None:
+            if not wanted:
+                with torch.no_grad():
+                    run(*inputs)
+                return
+            with torch.enable_grad():
+                out = run(*inputs)
+                torch.autograd.grad(out, wanted, torch.ones_like(out), allow_unused=True)
+        return go
+
+    runs = {"fused": step(fused), "reference": step(reference)}
+    times: dict[str, list[float]] = {"fused": [], "reference": []}
+    try:
+        for name, run in runs.items():
+            timer(name, run)  # warm-up: lazy loads, output blocks, caches
+        for round_ in range(REPEATS):
+            for name in (("fused", "reference") if round_ % 2 == 0 else ("reference", "fused")):
+                times[name].append(timer(name, runs[name]))
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+    fused_s, reference_s = statistics.median(times["fused"]), statistics.median(times["reference"])
+    return Decision(fused_s <= reference_s, fused_s, reference_s)
+
+
+def describe(decision_map: dict[Key, Decision] | None = None) -> list[str]:
+    """One line per decision: shape, mode, tail, fold, the path and both times."""
+    lines = []
+    for key, decision in (decisions() if decision_map is None else decision_map).items():
+        shape = "×".join(str(n) for n in key.shape)
+        extras = ", ".join(name for name, on in (("residual", key.residual), ("fold", key.fold)) if on)
+        lines.append(f"{shape} {str(key.dtype).removeprefix('torch.')} {'training' if key.training else 'inference'}"
+                     f"{f' ({extras})' if extras else ''}: {decision.path} "
+                     f"(fused {1e3 * decision.fused_s:.2f} ms, reference {1e3 * decision.reference_s:.2f} ms)")
+    return lines
+
+
+__all__ = ["ENV", "REPEATS", "Decision", "Key", "applies", "calibrate", "choose", "clear", "decisions", "describe",
+           "enabled", "timer"]
