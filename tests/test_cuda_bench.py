@@ -170,3 +170,30 @@ def test_goals_read_our_rows_against_the_issue_limits():
     assert "| goal (issue 15) | measured | limit | met |" in text
     assert "| bf16 256×56² forward × copy | 2.00 | ≤ 3.00 | yes |" in text
     assert len(strict(report.as_dict())["goals"]) == len(found)
+
+
+class Broken(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        raise RuntimeError("kernel launch failed\nmore detail")
+
+
+def test_a_failing_module_or_model_is_a_note_not_the_end(monkeypatch):
+    real = cuda_bench._module_set
+    monkeypatch.setattr(cuda_bench, "_module_set", lambda *args: {**real(*args), cuda_bench.FUSED: Broken()})
+    table = cuda_bench.module_table(batch=1, shapes=[(8, 4)], modes=["fp32"], device="cpu",
+                                    timer=cuda_bench.host_timer(1, warmup=0))
+    assert cuda_bench.FUSED not in [r.name for r in table.rows] and cuda_bench.REFERENCE in [r.name for r in table.rows]
+    assert table.notes[-1] == "fp32 8x4² cbam auto failed, row left out: RuntimeError: kernel launch failed"
+
+    def build(attention="cbam", **options):
+        return Broken() if attention == "cbam" else cbam.models.resnet18(attention=None)
+
+    monkeypatch.setattr(cuda_bench, "resnet50", build)
+    table = cuda_bench.resnet_table(batch=2, image_size=32, steps=1, warmup=0, precisions=["fp32"], device="cpu",
+                                    peer=False)
+    assert [r.name for r in table.rows] == [cuda_bench.PLAIN]
+    assert table.notes == [f"fp32 {cuda_bench.OURS} failed, row left out: RuntimeError: kernel launch failed"]

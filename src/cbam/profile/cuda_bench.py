@@ -90,6 +90,11 @@ def host_timer(repeats: int = 3, warmup: int = 1) -> Timer:
     return timer
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _synchronize() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
@@ -223,10 +228,16 @@ def module_table(batch: int = 64, shapes: Sequence[tuple[int, int]] = SHAPES, mo
             times: dict[str, tuple[float, float | None]] = {COPY: (timer(lambda x=x, target=target: target.copy_(x)),
                                                                      None)}
             for name, module in modules.items():
-                module.eval()
-                forward = timer(_in_autocast(_forward(module, x), device, autocast))
-                module.train()
-                train = timer(_in_autocast(_forward_backward(module, leaf, upstream), device, autocast))
+                try:
+                    module.eval()
+                    forward = timer(_in_autocast(_forward(module, x), device, autocast))
+                    module.train()
+                    train = timer(_in_autocast(_forward_backward(module, leaf, upstream), device, autocast))
+                except Exception as error:  # one failing module leaves the others' numbers standing
+                    notes.append(f"{mode} {channels}x{side}² {name} failed, row left out: {_first_line(error)}")
+                    if progress is not None:
+                        progress(notes[-1])
+                    continue
                 times[name] = (forward, train)
                 if progress is not None:
                     progress(f"{mode} {channels}x{side}² {name}: forward {forward:.3f} ms, fwd+bwd {train:.3f} ms")
@@ -384,19 +395,28 @@ def resnet_table(batch: int = 128, image_size: int = 224, steps: int = 20, warmu
         for compiled in (False, True) if compile else (False,):
             plain = None
             for name, build in models.items():
-                train, inference, peak, breaks = measure_resnet(build, precision, batch=batch, image_size=image_size,
-                                                                steps=steps, warmup=warmup, device=device,
-                                                                compile=compiled)
+                try:
+                    train, inference, peak, breaks = measure_resnet(
+                        build, precision, batch=batch, image_size=image_size, steps=steps, warmup=warmup,
+                        device=device, compile=compiled)
+                except Exception as error:  # one failing model leaves the others' numbers standing
+                    notes.append(f"{precision}{' compiled' if compiled else ''} {name} failed, row left out: "
+                                 f"{_first_line(error)}")
+                    if progress is not None:
+                        progress(notes[-1])
+                    plain = plain or False  # without the plain twin, no ratios in this group
+                    continue
                 if compiled:
                     torch._dynamo.reset()  # compiled code may hold the model's tensors
                 gc.collect()  # the model, its gradients and optimizer state go before the next is built
                 if cuda:
                     torch.cuda.empty_cache()
                 row = CudaResNetRow(precision, name, compiled, train, inference, peak, graph_breaks=breaks)
-                plain = plain or row
-                row.train_vs_plain = _ratio(train, plain.train_ms)
-                row.inference_vs_plain = _ratio(inference, plain.inference_ms)
-                row.peak_vs_plain = _ratio(peak, plain.peak_gb)
+                plain = row if plain is None else plain
+                if plain:
+                    row.train_vs_plain = _ratio(train, plain.train_ms)
+                    row.inference_vs_plain = _ratio(inference, plain.inference_ms)
+                    row.peak_vs_plain = _ratio(peak, plain.peak_gb)
                 rows.append(row)
                 if progress is not None:
                     progress(f"{precision}{' compiled' if compiled else ''} {name}: train {train:.1f} ms, "
