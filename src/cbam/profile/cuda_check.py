@@ -268,7 +268,12 @@ def _memory_format(layout: str, dims: int) -> torch.memory_format:
 
 
 def run_case(case: Case, device: str = "cuda", engine: str = "triton", seed: int = 0) -> CaseResult:
-    """One case (see the module docstring)."""
+    """One case (see the module docstring), with TF32 off."""
+    with tf32_off():
+        return _run_case(case, device, engine, seed)
+
+
+def _run_case(case: Case, device: str, engine: str, seed: int) -> CaseResult:
     generator = torch.Generator().manual_seed(seed)
     dtype, channels, dims = DTYPES[case.dtype], case.shape[1], len(case.shape) - 2
     preset = None if case.preset == "paper" else case.preset
