@@ -54,7 +54,7 @@ def test_bench_prints_one_row_per_module_and_the_copy(capsys):
     assert copy[4] == "1.0" and copy[5:] == ["", "", "", ""]
     for row in rows[:-1]:
         assert all(cell for cell in row), row  # every module has every number
-    means = [line for line in out.splitlines() if line.startswith("- ")]
+    means = [line for line in out.split('impl="auto" chose')[0].splitlines() if line.startswith("- ")]
     assert [line.split(":")[0][2:] for line in means] == expected_modules()[:-1]
     assert "ResNet-50" not in out
 
@@ -152,7 +152,7 @@ def test_torch_ops_cbam_restores_the_engine_and_matches_fused():
 
 def test_resnet_overhead_rows_and_table():
     table = fused_bench.resnet_overhead(batch=1, repeats=1, image_size=64)
-    names = ["none", "cbam fused (auto)", "cbam fused, block ops separate", "cbam reference"]
+    names = ["none", "cbam auto", "cbam fused, block ops separate", "cbam reference"]
     assert [r.name for r in table.rows] == names
     for r in table.rows:
         assert r.train_s > 0 and r.inference_s > 0
@@ -171,3 +171,27 @@ def test_resnet_overheads_are_paired_within_rounds():
     median, (low, high) = fused_bench._paired_overheads(samples, "cbam")
     assert median == pytest.approx(0.1)
     assert 0.0 <= low <= median <= high <= 0.2
+
+
+def test_bench_says_which_path_auto_took_per_shape(capsys):
+    status, out, err = run(capsys, *TINY)
+    path = "fused" if cpp.engine() is not None else "reference"  # the suite runs with CBAM_CALIBRATE=0
+    assert status == 0 and 'impl="auto" chose (CBAM_CALIBRATE=0: fused wherever' in out
+    assert f"- 16×8²: inference {path}, training {path}" in out
+
+
+@pytest.mark.skipif(cpp.engine() is None, reason="the calibration times the C++ engine's path")
+def test_auto_choice_reports_the_calibration(monkeypatch):
+    from cbam.ops import calibration
+
+    monkeypatch.setenv("CBAM_CALIBRATE", "1")
+    monkeypatch.setattr(calibration, "timer", lambda path, go: (go(), 1.0 if path == "reference" else 2.0)[1])
+    calibration.clear()
+    x = torch.randn(1, 16, 8, 8)
+    choice = fused_bench.auto_choice(16, 8, x, x.clone().requires_grad_())
+    calibration.clear()
+    assert (choice.inference, choice.training) == ("reference", "reference")
+    assert choice.inference_ms == choice.training_ms == (2000.0, 1000.0)
+    text = fused_bench.format_auto_choices([choice])
+    assert text.startswith('impl="auto" chose (one-time calibration')
+    assert "- 16×8²: inference reference (fused 2000.00 ms, reference 1000.00 ms), training reference" in text

@@ -8,6 +8,9 @@ mode, gradients for the input and the weights from a fixed dense upstream gradie
 ``CbamModule`` when timm is installed, else our reference path. "× copy" is the module's time over
 that of copying ``x`` into preallocated memory (one read and one write, the floor for any layer
 that writes an output). "saved / input" is the bytes autograd keeps for backward over ``x``'s bytes.
+Each table also says which path ``impl="auto"`` took (``AutoChoice``; on the C++ engine the one-time
+calibration of ``cbam.ops.calibration`` picks it, ``CBAM_CALIBRATE=0`` turns that off) with the
+calibration's own medians of the fused and the reference path.
 
 >>> from cbam.profile import fused_bench
 >>> table = fused_bench.module_table(batch=1, repeats=1, shapes=[(16, 8)])  # doctest: +SKIP
@@ -30,7 +33,7 @@ from torch import nn
 from ..convert import from_timm
 from ..models import resnet50
 from ..nn import CBAM
-from ..ops import engines
+from ..ops import calibration, engines
 from ..validation import check_int
 from .benchmark import interleaved_medians, interleaved_samples, saved_bytes
 
@@ -43,6 +46,7 @@ TORCH_OPS = "cbam fused, torch ops"
 CPP = "cbam fused, C++"
 COMPILED = "torch.compile(reference)"
 COPY = "copy"
+AUTO = "cbam auto"  # impl="auto": fused or reference, as the calibration chose
 
 
 class TorchOpsCBAM(CBAM):
@@ -126,9 +130,24 @@ class GeometricMean:
 
 
 @dataclass
+class AutoChoice:
+    """The path ``CBAM(preset="timm")`` with ``impl="auto"`` takes at ``(batch, channels, side, side)`` in
+    inference (eval, no autograd) and in training (train mode, gradients), with the calibration's medians
+    ``(fused ms, reference ms)`` where it timed them (``None``: not calibrated here: ``CBAM_CALIBRATE=0``,
+    or not the C++ engine)."""
+
+    channels: int
+    side: int
+    inference: str
+    training: str
+    inference_ms: tuple[float, float] | None
+    training_ms: tuple[float, float] | None
+
+
+@dataclass
 class ModuleTable:
     """``module_table``'s result: rows per shape (modules, then the copy), the geometric means, the
-    peer the speed-ups are over and notes on what was left out."""
+    peer the speed-ups are over, notes on what was left out and what ``impl="auto"`` chose per shape."""
 
     rows: list[ModuleRow]
     geometric_means: list[GeometricMean]
@@ -137,6 +156,7 @@ class ModuleTable:
     repeats: int
     train_repeats: int
     notes: list[str] = field(default_factory=list)
+    auto: list[AutoChoice] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -159,12 +179,14 @@ class ResNetRow:
 
 @dataclass
 class ResNetTable:
-    """``resnet_overhead``'s result."""
+    """``resnet_overhead``'s result; ``auto``: the calibration's decisions made while timing
+    (``cbam.ops.calibration.describe``), empty where it is off or they were made before."""
 
     rows: list[ResNetRow]
     batch: int
     image_size: int
     repeats: int
+    auto: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -225,6 +247,28 @@ def _forward_backward(module: nn.Module, leaf: torch.Tensor,
     return run
 
 
+def _calibrated(before: dict, training: bool) -> tuple[float, float] | None:
+    """The ``(fused ms, reference ms)`` of the one decision made since ``before`` in this mode, if any."""
+    new = [d for k, d in calibration.decisions().items() if k not in before and k.training == training]
+    return (1e3 * new[0].fused_s, 1e3 * new[0].reference_s) if len(new) == 1 else None
+
+
+def auto_choice(channels: int, side: int, x: torch.Tensor, leaf: torch.Tensor,
+                state: dict | None = None) -> AutoChoice:
+    """What ``impl="auto"`` takes for ``x`` in inference and for ``leaf`` (requiring grad) in training, timing
+    it where the calibration has not yet (``CBAM.fuses``)."""
+    module = CBAM(channels, preset="timm")
+    if state is not None:
+        module.load_state_dict(state)
+    before = calibration.decisions()
+    with torch.no_grad():
+        inference = module.eval().fuses(x)
+    training = module.train().fuses(leaf)
+    path = {True: "fused", False: "reference"}
+    return AutoChoice(channels, side, path[inference], path[training], _calibrated(before, False),
+                      _calibrated(before, True))
+
+
 def module_table(batch: int = 8, repeats: int = 5, shapes: Sequence[tuple[int, int]] = SHAPES,
                  compile_reference: bool = False, train_repeats: int | None = None) -> ModuleTable:
     """Time the CBAM modules and a copy at each ``(C, H)`` of ``shapes`` on ``x: (batch, C, H, H)``.
@@ -232,7 +276,8 @@ def module_table(batch: int = 8, repeats: int = 5, shapes: Sequence[tuple[int, i
     Modules: timm's ``CbamModule`` (when timm is installed), ``CBAM(preset="timm")`` on the reference
     path, fused on the plain-torch passes, fused on the C++ engine (when it builds) and, with
     ``compile_reference``, ``torch.compile`` of the reference. ``repeats`` rounds time the forward,
-    ``train_repeats`` (default ``max(3, repeats // 2)``) the forward+backward.
+    ``train_repeats`` (default ``max(3, repeats // 2)``) the forward+backward. Then, per shape, what
+    ``impl="auto"`` takes there (``auto_choice``).
     """
     batch, repeats = check_int("batch", batch), check_int("repeats", repeats)
     train_repeats = max(3, repeats // 2) if train_repeats is None else check_int("train_repeats", train_repeats)
@@ -243,6 +288,7 @@ def module_table(batch: int = 8, repeats: int = 5, shapes: Sequence[tuple[int, i
     names = _peer_names(compile_reference, notes)
     peer = names[0]
     rows: list[ModuleRow] = []
+    auto: list[AutoChoice] = []
     speedups: dict[str, list[tuple[float, float]]] = {}
     for channels, side in shapes:
         torch.manual_seed(0)
@@ -267,9 +313,10 @@ def module_table(batch: int = 8, repeats: int = 5, shapes: Sequence[tuple[int, i
             if row.forward_speedup is not None and row.train_speedup is not None:
                 speedups.setdefault(name, []).append((row.forward_speedup, row.train_speedup))
         rows.append(ModuleRow(channels, side, COPY, 1e3 * forward[COPY], None, None, None, 1.0, None, None))
+        auto.append(auto_choice(channels, side, x, leaf, modules[REFERENCE].state_dict()))
     means = [GeometricMean(name, geometric_mean(f for f, _ in pairs), geometric_mean(t for _, t in pairs))
              for name, pairs in speedups.items()]
-    return ModuleTable(rows, means, peer, batch, repeats, train_repeats, notes)
+    return ModuleTable(rows, means, peer, batch, repeats, train_repeats, notes, auto)
 
 
 def _paired_overheads(samples: dict[str, list[float]], name: str) -> tuple[float, tuple[float, float]]:
@@ -294,18 +341,20 @@ def _with_watched_cbams(model: nn.Module) -> nn.Module:
 def resnet_overhead(batch: int = 8, repeats: int = 3, image_size: int = 224) -> ResNetTable:
     """Seconds per training step (forward+backward) and per inference of ResNet-50 on
     ``(batch, 3, image_size, image_size)`` without attention, with CBAM (``preset="timm"``, default
-    ``impl="auto"``: fused, the block's last BatchNorm in its passes and the residual add and ReLU in
-    its output pass), with the fused CBAM but those block ops separate,
+    ``impl="auto"``: fused where the calibration found it faster, the block's last BatchNorm in its passes
+    and the residual add and ReLU in its output pass), with the fused CBAM but those block ops separate,
     and with CBAM on the reference path, over ``repeats`` rounds after one
-    warm-up; overheads are paired within rounds (``ResNetRow``)."""
+    warm-up (which makes the calibration's decisions, listed in ``auto``); overheads are paired within
+    rounds (``ResNetRow``)."""
     batch, repeats = check_int("batch", batch), check_int("repeats", repeats)
     image_size = check_int("image_size", image_size, minimum=32)
     torch.manual_seed(0)
     x = torch.randn(batch, 3, image_size, image_size)
     models = {"none": resnet50(attention=None),
-              "cbam fused (auto)": resnet50(attention="cbam", preset="timm"),
+              AUTO: resnet50(attention="cbam", preset="timm"),
               SEPARATE_TAIL: _with_watched_cbams(resnet50(attention="cbam", preset="timm")),
               "cbam reference": resnet50(attention="cbam", preset="timm", impl="reference")}
+    before = calibration.decisions()
     for model in models.values():
         model.train()
     train = interleaved_samples({n: _forward_backward(m, x) for n, m in models.items()}, repeats, warmup=1)
@@ -314,7 +363,8 @@ def resnet_overhead(batch: int = 8, repeats: int = 3, image_size: int = 224) -> 
     inference = interleaved_samples({n: _forward(m, x) for n, m in models.items()}, repeats, warmup=1)
     rows = [ResNetRow(name, statistics.median(train[name]), *_paired_overheads(train, name),
                       statistics.median(inference[name]), *_paired_overheads(inference, name)) for name in models]
-    return ResNetTable(rows, batch, image_size, repeats)
+    made = {k: d for k, d in calibration.decisions().items() if k not in before}
+    return ResNetTable(rows, batch, image_size, repeats, calibration.describe(made))
 
 
 def _cell(value: float | None, digits: int, suffix: str = "") -> str:
@@ -338,6 +388,22 @@ def format_module_table(table: ModuleTable) -> str:
     peer = "timm" if table.peer == TIMM else table.peer
     lines += ["", f"Geometric mean speed-up over {peer} (forward, forward+backward):"]
     lines += [f"- {m.name}: {m.forward:.2f}×, {m.train:.2f}×" for m in table.geometric_means]
+    if table.auto:
+        lines += ["", format_auto_choices(table.auto)]
+    return "\n".join(lines)
+
+
+def _choice(path: str, ms: tuple[float, float] | None) -> str:
+    return path if ms is None else f"{path} (fused {ms[0]:.2f} ms, reference {ms[1]:.2f} ms)"
+
+
+def format_auto_choices(choices: Sequence[AutoChoice]) -> str:
+    """What ``impl="auto"`` took per shape, as a list under a one-line title."""
+    how = ("one-time calibration, medians of its interleaved runs" if calibration.enabled()
+           else f"{calibration.ENV}=0: fused wherever the C++ engine covers the input")
+    lines = [f'impl="auto" chose ({how}):']
+    lines += [f"- {c.channels}×{c.side}²: inference {_choice(c.inference, c.inference_ms)}, "
+              f"training {_choice(c.training, c.training_ms)}" for c in choices]
     return "\n".join(lines)
 
 
@@ -354,6 +420,9 @@ def format_resnet_table(table: ResNetTable) -> str:
              "| --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r.name} | {r.train_s:.3f} | {_overhead(r.train_overhead, r.train_quartiles)} | "
               f"{r.inference_s:.3f} | {_overhead(r.inference_overhead, r.inference_quartiles)} |" for r in table.rows]
+    if table.auto:
+        lines += ["", f'impl="auto" in the ResNet-50 (\'{AUTO}\' row), the calibration\'s decisions:']
+        lines += [f"- {line}" for line in table.auto]
     return "\n".join(lines)
 
 
