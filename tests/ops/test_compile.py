@@ -83,16 +83,18 @@ def test_the_op_matches_the_float64_reference_with_a_folded_norm_and_a_residual(
     assert norms[0].num_batches_tracked == norms[1].num_batches_tracked == 1
 
 
-def test_opcheck_passes():
-    """torch's own checks of the op: schema, fake tensors, autograd registration, AOT dispatch."""
-    module = cbam.CBAM(8, 2, 3, preset="timm", dtype=F64)
+@pytest.mark.parametrize(("dtype", "training"), [(F64, False), (torch.bfloat16, True)])
+def test_opcheck_passes(dtype, training):
+    """torch's own checks of the op: schema, fake tensors (dtypes, shapes and strides of every result,
+    the empty placeholders included), autograd registration, AOT dispatch."""
+    module = cbam.CBAM(8, 2, 3, preset="timm", dtype=F64 if dtype == F64 else torch.float32).train(training)
     spec, weights = module._fused_inputs()
-    x = torch.randn(2, 8, 4, 5, dtype=F64, requires_grad=True)
+    x = torch.randn(2, 8, 4, 5, dtype=dtype).to(memory_format=torch.channels_last).requires_grad_()
     empty = x.new_empty(0)
     norm = [spec.norm.weight, spec.norm.bias, spec.norm.running_mean, spec.norm.running_var]
+    mode = library.BATCH if training else library.RUNNING
     args = (x, None, [empty if w is None else w for w in weights.flat()], norm, [empty] * 4, "avg,max", "sigmoid",
-            "concat", library.RUNNING, 0.1, 1e-5, library.NONE, 0.0, 0.0)
-    module.eval()
+            "concat", mode, 0.1, 1e-5, library.NONE, 0.0, 0.0)
     torch.library.opcheck(torch.ops.cbam.fused_forward.default, args)
 
 

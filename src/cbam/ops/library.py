@@ -59,7 +59,13 @@ def _state(tensors: list[Tensor | None], mode: int, factor: float, eps: float) -
     return BatchNormState(weight, bias, mean, var, eps, factor, mode == BATCH).detached_copy()
 
 
+def _no_autocast(x: Tensor):
+    """Autocast off on ``x``'s device: the gates compute in ``compute_dtype(x)``, as the fake kernels say."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def _empty(like: Tensor) -> Tensor:
+    """A placeholder result: empty, in ``like``'s dtype (the fake kernels say the same)."""
     return like.new_empty(0)
 
 
@@ -80,8 +86,9 @@ def fused_forward(x: Tensor, residual: Tensor | None, weights: list[Tensor], nor
     input_state = _state(input_norm, input_mode, input_factor, input_eps)
     selected = select(x)
     x = _in_layout(selected[0], x)
-    out, saved, _ = forward_saving(x, residual, _spec(pool_types, gate, spatial_pool, norm_state),
-                                   CbamWeights.from_flat(weights), input_state, selected)
+    with _no_autocast(x):  # a compiled graph may call the op inside an autocast region: compute as traced
+        out, saved, _ = forward_saving(x, residual, _spec(pool_types, gate, spatial_pool, norm_state),
+                                       CbamWeights.from_flat(weights), input_state, selected)
     statistics = []
     for state in (norm_state, input_state):
         updated = state is not None and state.updates
@@ -104,8 +111,8 @@ def _(x, residual, weights, norm, input_norm, pool_types, gate, spatial_pool, no
     for tensors, mode in ((norm, norm_mode), (input_norm, input_mode)):
         running = tensors[2]
         updated = mode == BATCH and running is not None
-        statistics += [torch.empty_like(running), torch.empty_like(tensors[3])] if updated else [vector(0), vector(0)]
-    folded = [vector(2, channels), vector(channels), vector(channels)] if input_mode != NONE else [vector(0)] * 3
+        statistics += [torch.empty_like(running), torch.empty_like(tensors[3])] if updated else [_empty(x), _empty(x)]
+    folded = [vector(2, channels), vector(channels), vector(channels)] if input_mode != NONE else [_empty(x)] * 3
     folded = [torch.empty_like(t) for t in folded]  # distinct tensors, as the real op returns
     indices = [vector(batch, channels, kind=torch.int64), vector(batch, positions, kind=torch.int64)]
     per_position = [vector(batch, positions) for _ in range(4)]
@@ -130,7 +137,8 @@ def fused_backward(grad: Tensor, x: Tensor, rectified: Tensor | None, saved: lis
     named = {name: (None if value.numel() == 0 and name in ("affine", "in_mean", "in_spread") else value)
              for name, value in zip(SAVED, saved)}
     named.update(x=x, rectified=rectified, in_w=input_weight)
-    dx, d_residual, d_in_w, d_in_b, d_weights = backward_from(grad, named, CbamWeights.from_flat(weights), plan)
+    with _no_autocast(x):
+        dx, d_residual, d_in_w, d_in_b, d_weights = backward_from(grad, named, CbamWeights.from_flat(weights), plan)
     present = input_mode != NONE and input_weight is not None
     return _unshared([dx, _empty(x) if d_residual is None else d_residual, d_in_w if present else _empty(x),
                       d_in_b if present else _empty(x), *(_empty(x) if g is None else g for g in d_weights)], [grad])
