@@ -118,12 +118,21 @@ class CBAM(GatePair):
         return self._calibrated(x, residual, input_norm)
 
     def _calibrated(self, x: Tensor, residual: Tensor | None, input_norm: Callable | None) -> bool:
-        """``calibration.choose`` for a call like ``forward(x, residual, input_norm)``: fused unless timing
+        """``calibration.decide`` for a call like ``forward(x, residual, input_norm)``: fused unless timing
         found the reference faster (or the call is not calibrated: ``calibration.applies``; a residual
-        unlike ``x`` is left to ``forward``'s check)."""
+        unlike ``x`` is left to ``forward``'s check). Looked up by what the call cheaply tells; the key,
+        the fold check and the runs are built only the first time."""
         if not calibration.applies(x) or (residual is not None and not (
                 isinstance(residual, Tensor) and residual.shape == x.shape and residual.dtype == x.dtype)):
             return True
+        grad = torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)
+                                            or self.channel_att.fc1.weight.requires_grad)
+        quick = (x.shape, x.dtype, grad, residual is not None, type(input_norm), getattr(input_norm, "training", None),
+                 self.training, torch.get_num_threads())
+        return calibration.decide(self, quick, lambda: self._calibration_call(x, residual, input_norm))
+
+    def _calibration_call(self, x: Tensor, residual: Tensor | None, input_norm: Callable | None) -> tuple:
+        """``calibration.choose``'s arguments for a call like ``forward(x, residual, input_norm)``."""
         spec, weights = self._fused_inputs()
         norm = input_norm if input_norm is not None and folds_input_norm(input_norm, x, spec, weights) else None
         tensors = (x, residual, *weights.flat(), *(() if norm is None else (norm.weight, norm.bias)))
@@ -144,7 +153,7 @@ class CBAM(GatePair):
 
         params = [t for t in tensors[2:] if t is not None]
         buffers = [*self.buffers(), *(() if norm is None else norm.buffers())]
-        return calibration.choose(key, fused, reference, x, residual, params, buffers)
+        return key, fused, reference, x, residual, params, buffers
 
     def _fused_inputs(self) -> tuple[FusedSpec, CbamWeights]:
         """The fused function's spec and weights."""

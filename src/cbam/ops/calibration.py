@@ -27,6 +27,7 @@ import os
 import statistics
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -92,6 +93,7 @@ def timer(path: str, run: Callable[[], None]) -> float:
 
 
 _decisions: dict[Key, Decision] = {}
+_answers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # owner -> {quick key: fused?}
 _lock = threading.RLock()
 
 
@@ -105,9 +107,23 @@ def clear() -> None:
     """Forget every decision: the next call of each key is timed again."""
     with _lock:
         _decisions.clear()
+        _answers.clear()
 
 
 Run = Callable[[Tensor, Tensor | None], Tensor]
+
+
+def decide(owner: object, quick: tuple, call: Callable[[], tuple]) -> bool:
+    """Whether ``owner`` (a module) takes the fused path for a call it describes cheaply by ``quick``: its
+    answer for ``quick`` if it has one, else ``choose(*call())`` (``call`` builds the ``Key`` and the runs,
+    which costs more than a lookup: a ResNet-50 asks 32 times per forward)."""
+    with _lock:
+        answers = _answers.get(owner)
+        if answers is None:
+            answers = _answers[owner] = {}
+        if quick not in answers:
+            answers[quick] = choose(*call())
+        return answers[quick]
 
 
 def choose(key: Key, fused: Run, reference: Run, x: Tensor, residual: Tensor | None = None,
@@ -169,5 +185,5 @@ def describe(decision_map: dict[Key, Decision] | None = None) -> list[str]:
     return lines
 
 
-__all__ = ["ENV", "REPEATS", "Decision", "Key", "applies", "calibrate", "choose", "clear", "decisions", "describe",
-           "enabled", "timer"]
+__all__ = ["ENV", "REPEATS", "Decision", "Key", "applies", "calibrate", "choose", "clear", "decide", "decisions",
+           "describe", "enabled", "timer"]
