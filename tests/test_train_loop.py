@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cbam.cli import main
-from cbam.train import build_model, load_split, read_checkpoint
+from cbam.train import load_split, model_for, read_checkpoint
 
 torch.set_num_threads(2)
 
@@ -108,7 +108,7 @@ def test_eval_matches_a_hand_count(full, capsys):
     assert main(["eval", "--checkpoint", str(full / "checkpoint.pt"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     checkpoint = read_checkpoint(full / "checkpoint.pt")
-    model = build_model(checkpoint["config"], 10)
+    model = model_for(checkpoint["config"], 10)
     model.load_state_dict(checkpoint["model"])
     split = load_split("synthetic:48,24", False)
     images = torch.stack([split.dataset[i][0] for i in range(24)])

@@ -59,3 +59,4 @@ PRESETS: dict[str | None, Preset] = {
     "timm": Preset(spatial_norm=True, hidden_rounding="nearest"),  # timm.layers.CbamModule
     "official": Preset(mlp_bias=True, spatial_norm=True, bn_momentum=0.01),  # Jongchan/attention-module
 }
+PRESET_NAMES = tuple(name for name in PRESETS if name is not None)  # what preset= and --preset accept by name

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .presets import GATES, POOL_TYPES, PRESETS, Preset
+from .presets import GATES, POOL_TYPES, PRESET_NAMES, PRESETS, Preset
 
 LAYOUTS = {1: "(B, C, L)", 2: "(B, C, H, W)", 3: "(B, C, D, H, W)"}
 
@@ -84,7 +84,7 @@ def check_pool_types(value) -> tuple[str, ...]:
 def check_preset(value) -> Preset:
     """The ``Preset`` named by ``value`` (``None`` is the paper's form)."""
     if value is not None and not isinstance(value, str):
-        raise TypeError(f"preset must be None or one of {[p for p in PRESETS if p]}; got {_describe(value)}")
+        raise TypeError(f"preset must be None or one of {list(PRESET_NAMES)}; got {_describe(value)}")
     return PRESETS[check_choice("preset", value, tuple(PRESETS))]
 
 

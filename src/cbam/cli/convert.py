@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .model_spec import add_model_arguments, build_model
+from .model_spec import add_model_arguments, model_from_args
 
 TARGETS = ("cbam", "timm", "official")
 
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     source = f"checkpoint {str(args.input)!r}"
     content = read_file(args.input)
     if args.model is not None:
-        model = build_model(args)
+        model = model_from_args(args)
         report = load_weights(content, model, entry=args.entry, source_name=source)
         print(report)
         state, layout = model.state_dict(), report.target  # the model's layout, converted below

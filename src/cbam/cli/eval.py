@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..tables import format_table
-from .model_spec import add_model_arguments, build_model
+from .model_spec import add_model_arguments, model_from_args
 
 
 def register(subparsers) -> None:
@@ -37,8 +37,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..convert import load_weights
-    from ..train import build_model as build_trained_model
-    from ..train import load_split, predict, read_checkpoint
+    from ..train import load_split, model_for, predict, read_checkpoint
     from ..train.loop import FORMAT
     from ..train.metrics import confusion_figure, confusion_matrix
     from ..validation import check_int
@@ -51,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     source = f"checkpoint {str(args.checkpoint)!r}"
     if isinstance(checkpoint, dict) and checkpoint.get("format") == FORMAT:
         config, classes = checkpoint["config"], tuple(checkpoint["classes"])
-        model = build_trained_model(config, len(classes))
+        model = model_for(config, len(classes))
         report = load_weights(checkpoint["model"], model, allow_missing_attention=False, source_name=source)
         data = args.data or config["data"]
         split = load_split(data, False, image_size=config["image_size"])
@@ -63,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         split = load_split(data, False, image_size=args.image_size)
         classes = split.classes
         args.num_classes = len(classes) if args.num_classes is None else args.num_classes
-        model = build_model(args)
+        model = model_from_args(args)
         report = load_weights(checkpoint, model, allow_missing_attention=False, source_name=source)
     if split.classes != classes:
         raise ValueError(f"--data {data}: its classes {list(split.classes)} differ from the checkpoint's "

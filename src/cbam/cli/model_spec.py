@@ -12,7 +12,9 @@ import sys
 import torch
 from torch import nn
 
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+from ..presets import PRESET_NAMES
+from ..resnets import RESNETS
+
 ATTENTIONS = ("cbam", "none")
 
 
@@ -20,17 +22,22 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="resnet18",
                         help=f"one of {', '.join(RESNETS)}, or pkg.module:factory for your own model")
     parser.add_argument("--attention", default="cbam", choices=ATTENTIONS, help="CBAM in every block, or none")
-    parser.add_argument("--preset", default=None, choices=("paper", "timm", "official"), help="CBAM preset")
+    add_preset_argument(parser)
     parser.add_argument("--num-classes", type=int, default=1000)
 
 
-def build_model(args: argparse.Namespace) -> nn.Module:
-    """A built-in ResNet, or whatever ``pkg.module:factory`` returns when called with no arguments."""
-    if args.model in RESNETS:
-        from .. import models
+def add_preset_argument(parser: argparse.ArgumentParser) -> None:
+    """``--preset``, one of the names in ``cbam.presets.PRESETS``."""
+    parser.add_argument("--preset", default=None, choices=PRESET_NAMES, help="CBAM preset")
 
-        attention = None if args.attention == "none" else args.attention
-        return getattr(models, args.model)(num_classes=args.num_classes, attention=attention, preset=args.preset)
+
+def model_from_args(args: argparse.Namespace) -> nn.Module:
+    """``--model``: a built-in ResNet (``cbam.models.build_model``), or whatever ``pkg.module:factory``
+    returns when called with no arguments."""
+    if args.model in RESNETS:
+        from ..models import build_model
+
+        return build_model(args.model, args.num_classes, attention=args.attention, preset=args.preset)
     module_name, _, factory_name = args.model.partition(":")
     if not factory_name:
         raise ValueError(f"--model must be one of {', '.join(RESNETS)} or pkg.module:factory, got {args.model!r}")
@@ -67,7 +74,7 @@ def add_input_arguments(parser: argparse.ArgumentParser, default: str = "1,3,224
 
 
 def build_model_and_input(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
-    """The model (``build_model``, in eval mode, on ``--device``) and a ``randn(--input)`` tensor."""
+    """The model (``model_from_args``, in eval mode, on ``--device``) and a ``randn(--input)`` tensor."""
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -75,7 +82,7 @@ def build_model_and_input(args: argparse.Namespace) -> tuple[nn.Module, torch.Te
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here")
     torch.manual_seed(args.seed)
-    model = build_model(args).eval().to(device)
+    model = model_from_args(args).eval().to(device)
     return model, torch.randn(args.input, device=device)
 
 

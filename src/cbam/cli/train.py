@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .model_spec import ATTENTIONS, RESNETS
+from .model_spec import ATTENTIONS, RESNETS, add_preset_argument
 
 
 def register(subparsers) -> None:
@@ -17,7 +17,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--model", default="resnet18", choices=RESNETS)
     parser.add_argument("--attention", default="cbam", choices=ATTENTIONS, help="CBAM in every block, or none")
-    parser.add_argument("--preset", default=None, choices=("paper", "timm", "official"), help="CBAM preset")
+    add_preset_argument(parser)
     parser.add_argument("--stem", default="imagenet", choices=("imagenet", "cifar"),
                         help="imagenet: 7x7/2 conv + max-pool; cifar: 3x3/1 conv, for 32x32 images")
     add_data_arguments(parser)

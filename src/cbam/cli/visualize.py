@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..viz.image import MIN_SIDE
-from .model_spec import add_model_arguments, build_model
+from .model_spec import add_model_arguments, model_from_args
 
 
 def register(subparsers) -> None:
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise RuntimeError(str(error)) from None
     viz.figure_format(args.out)
     image = viz.load_image(args.image, args.size)
-    model = build_model(args).eval()
+    model = model_from_args(args).eval()
     if args.checkpoint is not None:  # attention left at initialisation would draw nothing learnt: strict
         print(load_weights(args.checkpoint, model, allow_missing_attention=False))
     heatmaps = {}

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from ..resnets import RESNET_BLOCKS, depth
 from .rules import OFFICIAL_ANCHOR, OURS_ANCHOR, TIMM_ANCHOR, attention_prefixes, is_resnet
 
 LAYOUTS = {  # name -> (anchor, how a report names it)
@@ -20,8 +21,7 @@ LAYOUTS = {  # name -> (anchor, how a report names it)
     "timm": (TIMM_ANCHOR, "timm's layout (CbamModule)"),
 }
 PLAIN = "plain"
-_DEPTHS = {(False, (2, 2, 2, 2)): 18, (False, (3, 4, 6, 3)): 34, (True, (3, 4, 6, 3)): 50,
-           (True, (3, 4, 23, 3)): 101, (True, (3, 8, 36, 3)): 152}
+_DEPTHS = {(kind == "bottleneck", blocks): depth(name) for name, (kind, blocks) in RESNET_BLOCKS.items()}
 _BLOCK = re.compile(r"layer([1-4])\.(\d+)\.")
 
 

@@ -1,8 +1,10 @@
 """Models with CBAM: the ResNet family under torchvision's state-dict keys, and CBAM surgery on yours."""
 
-from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
+from ..resnets import RESNETS
+from .resnet import BasicBlock, Bottleneck, ResNet, build_model, resnet18, resnet34, resnet50, resnet101, resnet152
 from .surgery import add_cbam
 
 __all__ = [
-    "BasicBlock", "Bottleneck", "ResNet", "add_cbam", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "RESNETS", "BasicBlock", "Bottleneck", "ResNet", "add_cbam", "build_model", "resnet18", "resnet34", "resnet50",
+    "resnet101", "resnet152",
 ]

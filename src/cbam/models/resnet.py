@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..hooks import watched
 from ..nn import CBAM
+from ..resnets import RESNET_BLOCKS, RESNETS
 from ..validation import check_choice, check_int
 
 Attention = Callable[..., nn.Module]
@@ -217,26 +218,40 @@ class ResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
+def _resnet(name: str, num_classes, attention, preset, stem, cbam_kwargs: dict) -> ResNet:
+    kind, layers = RESNET_BLOCKS[name]
+    block = BasicBlock if kind == "basic" else Bottleneck
+    return ResNet(block, layers, num_classes, attention, preset, stem, **cbam_kwargs)
+
+
+def build_model(name: str, num_classes: int = 1000, *, attention: str | None = "cbam", preset: str | None = None,
+                stem: str = "imagenet") -> ResNet:
+    """The ResNet that builder ``name`` (one of ``cbam.resnets.RESNETS``) makes; ``attention`` also takes
+    ``"none"`` for ``None``, as the CLI and ``cbam train`` checkpoints spell it."""
+    check_choice("model", name, RESNETS)
+    return _resnet(name, num_classes, None if attention == "none" else attention, preset, stem, {})
+
+
 def resnet18(num_classes=1000, attention="cbam", preset=None, stem="imagenet", **cbam_kwargs) -> ResNet:
     """ResNet-18: BasicBlocks 2-2-2-2, 8 CBAMs. Arguments as ``ResNet`` (``attention=None``: torchvision's)."""
-    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, attention, preset, stem, **cbam_kwargs)
+    return _resnet("resnet18", num_classes, attention, preset, stem, cbam_kwargs)
 
 
 def resnet34(num_classes=1000, attention="cbam", preset=None, stem="imagenet", **cbam_kwargs) -> ResNet:
     """ResNet-34: BasicBlocks 3-4-6-3, 16 CBAMs. Arguments as ``ResNet`` (``attention=None``: torchvision's)."""
-    return ResNet(BasicBlock, (3, 4, 6, 3), num_classes, attention, preset, stem, **cbam_kwargs)
+    return _resnet("resnet34", num_classes, attention, preset, stem, cbam_kwargs)
 
 
 def resnet50(num_classes=1000, attention="cbam", preset=None, stem="imagenet", **cbam_kwargs) -> ResNet:
     """ResNet-50: Bottlenecks 3-4-6-3, 16 CBAMs. Arguments as ``ResNet`` (``attention=None``: torchvision's)."""
-    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, attention, preset, stem, **cbam_kwargs)
+    return _resnet("resnet50", num_classes, attention, preset, stem, cbam_kwargs)
 
 
 def resnet101(num_classes=1000, attention="cbam", preset=None, stem="imagenet", **cbam_kwargs) -> ResNet:
     """ResNet-101: Bottlenecks 3-4-23-3, 33 CBAMs. Arguments as ``ResNet`` (``attention=None``: torchvision's)."""
-    return ResNet(Bottleneck, (3, 4, 23, 3), num_classes, attention, preset, stem, **cbam_kwargs)
+    return _resnet("resnet101", num_classes, attention, preset, stem, cbam_kwargs)
 
 
 def resnet152(num_classes=1000, attention="cbam", preset=None, stem="imagenet", **cbam_kwargs) -> ResNet:
     """ResNet-152: Bottlenecks 3-8-36-3, 50 CBAMs. Arguments as ``ResNet`` (``attention=None``: torchvision's)."""
-    return ResNet(Bottleneck, (3, 8, 36, 3), num_classes, attention, preset, stem, **cbam_kwargs)
+    return _resnet("resnet152", num_classes, attention, preset, stem, cbam_kwargs)

@@ -32,7 +32,6 @@ from .checkpoint import load_state, read_checkpoint, save_checkpoint
 from .data import load_split
 from .metrics import curves_figure, write_metrics
 
-MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 OPTIMIZERS = {"sgd": 0.05, "adamw": 2e-3}  # name -> default learning rate
 FORMAT = "cbam-train-1"
 CHECKPOINT = "checkpoint.pt"
@@ -70,7 +69,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        check_choice("model", self.model, MODELS)
+        check_choice("model", self.model, models.RESNETS)
         check_choice("attention", self.attention, ("cbam", "none"))
         check_choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
         for name in ("epochs", "batch_size"):
@@ -98,11 +97,11 @@ class TrainResult(NamedTuple):
     out: Path
 
 
-def build_model(settings: dict, num_classes: int) -> nn.Module:
-    """The ResNet named in ``settings`` (a ``TrainConfig.run_settings()``) for ``num_classes`` classes."""
-    attention = None if settings["attention"] == "none" else settings["attention"]
-    return getattr(models, settings["model"])(num_classes, attention=attention, preset=settings["preset"],
-                                              stem=settings["stem"])
+def model_for(settings: dict, num_classes: int) -> nn.Module:
+    """``cbam.models.build_model`` with the model settings of ``settings`` (a ``TrainConfig.run_settings()``,
+    as a checkpoint stores it) for ``num_classes`` classes."""
+    return models.build_model(settings["model"], num_classes, attention=settings["attention"],
+                              preset=settings["preset"], stem=settings["stem"])
 
 
 def _autocast(config: TrainConfig, device: torch.device):
@@ -192,7 +191,7 @@ def _train(config: TrainConfig, context: distributed.Context, log: Callable[[str
                          f"training images")
 
     torch.manual_seed(config.seed)
-    model = build_model(config.run_settings(), len(train_split.classes))
+    model = model_for(config.run_settings(), len(train_split.classes))
     if config.init_from is not None and checkpoint is None:
         # a backbone without attention leaves CBAM at its initialisation; another class count, the head
         log(str(load_weights(config.init_from, model, new_head=True)))
