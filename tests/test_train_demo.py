@@ -42,3 +42,15 @@ def test_quick_demo(tmp_path, capsys):
     assert main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     again = json.loads((tmp_path / "demo.json").read_text())
     assert again["runs"] == summary["runs"] and again["pointing_game"] == summary["pointing_game"]
+
+
+def test_default_budget():
+    """The default demo's workload, which its time in the README follows: two ResNet-18s, each trained on at
+    most 8,000 images (images x epochs) and tested on at most 1,000 per epoch."""
+    from cbam.train.data import _synthetic_sizes
+    from cbam.train.demo import FULL, RUNS
+
+    kind, _, sizes = FULL["data"].partition(":")
+    train_images, test_images = _synthetic_sizes(sizes)
+    assert kind == "synthetic" and len(RUNS) == 2
+    assert train_images * FULL["epochs"] <= 8000 and test_images <= 1000

@@ -26,7 +26,7 @@ from .inference import Pointing, predict
 from .loop import TrainConfig, train
 from .metrics import curves_figure
 
-FULL = {"data": "synthetic:6000,1000", "epochs": 3, "batch_size": 64, "optimizer": "adamw", "lr": 2e-3}
+FULL = {"data": "synthetic:4000,1000", "epochs": 2, "batch_size": 64, "optimizer": "adamw", "lr": 2e-3}
 QUICK = {"data": "synthetic:96,48", "epochs": 1, "batch_size": 32, "optimizer": "adamw", "lr": 2e-3}
 RUNS = {"plain": "none", "cbam": "cbam"}  # output folder -> --attention
 FIGURE_IMAGES = 4
