@@ -230,3 +230,12 @@ def test_describe_names_shape_mode_and_path(calibrated):
     _call(cbam.CBAM(16, 4).eval(), torch.randn(2, 16, 5, 5), training=False)
     line, = calibration.describe()
     assert line.startswith("2×16×5×5 float32 inference: reference (fused 2000.00 ms, reference 1000.00 ms)")
+
+
+def test_calibration_runs_are_invisible_to_saved_tensor_hooks(calibrated):
+    """``cbam.profile.saved_bytes`` counts what autograd saves inside its hooks: not calibration's runs."""
+    calibrated("fused")
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        cbam.CBAM(16, 4).fuses(torch.randn(2, 16, 5, 5, requires_grad=True))
+    assert len(calibration.decisions()) == 1 and packed == []

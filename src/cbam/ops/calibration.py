@@ -9,7 +9,11 @@ others for some shapes and modes (issue 16: on an AMD Zen 3 the fused inference 
 reference's time at 512×28²); no fixed rule measured on the CPUs we had holds on the ones we did not.
 
 How: ``REPEATS`` interleaved rounds after one warm-up of each path (the order alternates between
-rounds), medians compared; ties go to the fused path (it saves less for backward). Inference times a
+rounds), the fastest run of each compared; ties go to the fused path (it saves less for backward). The
+fastest, not the median: on a shared machine a run is delayed by others (with two OpenMP threads and
+other jobs on two cores, every parallel region could wait a scheduler slice: a 3 MB copy took 8 ms),
+never sped up; a median of three such runs once chose the reference at 2048×7², where the fused
+forward was 2–3× faster in every other measurement. Inference times a
 forward; training a forward and ``torch.autograd.grad`` of it to the inputs and parameters that
 require grad (so no ``.grad`` is touched). The buffers the runs may update (BatchNorm running
 statistics, ``num_batches_tracked``) are restored afterwards. The clock is ``timer`` (tests replace it).
@@ -24,7 +28,6 @@ This module knows nothing of modules: the caller (``CBAM.fuses``) passes the key
 from __future__ import annotations
 
 import os
-import statistics
 import threading
 import time
 import weakref
@@ -37,7 +40,7 @@ from torch import Tensor
 from .engines import engine_for
 
 ENV = "CBAM_CALIBRATE"
-REPEATS = 3  # timed rounds per path after one warm-up
+REPEATS = 5  # timed rounds per path after one warm-up
 _ON, _OFF = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")
 
 
@@ -58,7 +61,7 @@ class Key:
 
 @dataclass(frozen=True)
 class Decision:
-    """The path chosen for a key and the median seconds each path took."""
+    """The path chosen for a key and the fastest run of each path, in seconds."""
 
     fused: bool
     fused_s: float
@@ -159,18 +162,28 @@ def calibrate(key: Key, fused: Run, reference: Run, x: Tensor, residual: Tensor 
 
     runs = {"fused": step(fused), "reference": step(reference)}
     times: dict[str, list[float]] = {"fused": [], "reference": []}
-    try:
-        for name, run in runs.items():
-            timer(name, run)  # warm-up: lazy loads, output blocks, caches
-        for round_ in range(REPEATS):
-            for name in (("fused", "reference") if round_ % 2 == 0 else ("reference", "fused")):
-                times[name].append(timer(name, runs[name]))
+    try:  # identity hooks shadow a caller's saved-tensor hooks (``saved_bytes`` must not see these runs)
+        with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+            _time(runs, times)
     finally:
         with torch.no_grad():
             for buffer, value in zip(buffers, saved):
                 buffer.copy_(value)
-    fused_s, reference_s = statistics.median(times["fused"]), statistics.median(times["reference"])
+    fused_s, reference_s = min(times["fused"]), min(times["reference"])
     return Decision(fused_s <= reference_s, fused_s, reference_s)
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def _time(runs: dict[str, Callable[[], None]], times: dict[str, list[float]]) -> None:
+    """One warm-up of each run, then ``REPEATS`` interleaved rounds, the order alternating."""
+    for name, run in runs.items():
+        timer(name, run)  # warm-up: lazy loads, output blocks, caches
+    for round_ in range(REPEATS):
+        for name in (("fused", "reference") if round_ % 2 == 0 else ("reference", "fused")):
+            times[name].append(timer(name, runs[name]))
 
 
 def describe(decision_map: dict[Key, Decision] | None = None) -> list[str]:

@@ -10,7 +10,7 @@ that of copying ``x`` into preallocated memory (one read and one write, the floo
 that writes an output). "saved / input" is the bytes autograd keeps for backward over ``x``'s bytes.
 Each table also says which path ``impl="auto"`` took (``AutoChoice``; on the C++ engine the one-time
 calibration of ``cbam.ops.calibration`` picks it, ``CBAM_CALIBRATE=0`` turns that off) with the
-calibration's own medians of the fused and the reference path.
+calibration's own times of the fused and the reference path (the fastest of its runs).
 
 >>> from cbam.profile import fused_bench
 >>> table = fused_bench.module_table(batch=1, repeats=1, shapes=[(16, 8)])  # doctest: +SKIP
@@ -132,9 +132,9 @@ class GeometricMean:
 @dataclass
 class AutoChoice:
     """The path ``CBAM(preset="timm")`` with ``impl="auto"`` takes at ``(batch, channels, side, side)`` in
-    inference (eval, no autograd) and in training (train mode, gradients), with the calibration's medians
-    ``(fused ms, reference ms)`` where it timed them (``None``: not calibrated here: ``CBAM_CALIBRATE=0``,
-    or not the C++ engine)."""
+    inference (eval, no autograd) and in training (train mode, gradients), with the calibration's times
+    ``(fused ms, reference ms)`` (the fastest of its runs) where it timed them (``None``: not calibrated
+    here: ``CBAM_CALIBRATE=0``, or not the C++ engine)."""
 
     channels: int
     side: int
@@ -399,7 +399,7 @@ def _choice(path: str, ms: tuple[float, float] | None) -> str:
 
 def format_auto_choices(choices: Sequence[AutoChoice]) -> str:
     """What ``impl="auto"`` took per shape, as a list under a one-line title."""
-    how = ("one-time calibration, medians of its interleaved runs" if calibration.enabled()
+    how = ("one-time calibration, the fastest of its interleaved runs" if calibration.enabled()
            else f"{calibration.ENV}=0: fused wherever the C++ engine covers the input")
     lines = [f'impl="auto" chose ({how}):']
     lines += [f"- {c.channels}×{c.side}²: inference {_choice(c.inference, c.inference_ms)}, "
