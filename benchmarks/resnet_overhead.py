@@ -6,8 +6,9 @@ differ):
     python benchmarks/resnet_overhead.py --label new          # this checkout, as installed
 
 Prints one line: the median over rounds of each round's ratio of ``attention="cbam"`` (``preset="timm"``,
-``impl="auto"``) to ``attention=None``, for a training step and for an inference. An older checkout's
-C++ extension must be renamed in its ``ops/cpu_extension.py`` so that both stay built side by side.
+``impl="auto"``) to ``attention=None``, for a training step and for an inference. Two checkouts keep
+their C++ builds side by side (the build's name hashes its install path and sources); a checkout from
+before ``ops/engines/cpp/build.py`` existed must have its extension renamed in its ``ops/cpu_extension.py``.
 """
 
 from __future__ import annotations
