@@ -30,6 +30,14 @@ def chunk_max(values, index, axis: tl.constexpr):
 
 
 @triton.jit
+def affine_at(affine_ptr, c, c_in, C, ACC: tl.constexpr):
+    """The folded BatchNorm's ``(scale, shift)`` for channels ``c`` from its ``(2, C)`` map (1 and 0 off range)."""
+    scale = tl.load(affine_ptr + c, mask=c_in, other=1).to(ACC)
+    shift = tl.load(affine_ptr + C + c, mask=c_in, other=0).to(ACC)
+    return scale, shift
+
+
+@triton.jit
 def merge_max(best, at, peak, first):
     """The running maximum ``best`` at ``at`` after a later chunk's ``peak`` at ``first``: taken only
     where strictly larger (or the first NaN), so the first maximal index stays."""

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import BUSY, acc_type, elementwise_tile, reduction_tile, small_outputs, warps
+from .common import BUSY, acc_type, affine_at, elementwise_tile, reduction_tile, small_outputs, warps
 
 
 @triton.jit
@@ -28,8 +28,7 @@ def _gate_grads_kernel(grad_ptr, x_ptr, rectified_ptr, through_ptr, mc_ptr, ms_p
     c_in = c < C
     mc = tl.load(mc_ptr + b * C + c, mask=c_in, other=0).to(ACC)
     if NORMED:
-        scale = tl.load(affine_ptr + c, mask=c_in, other=1).to(ACC)
-        shift = tl.load(affine_ptr + C + c, mask=c_in, other=0).to(ACC)
+        scale, shift = affine_at(affine_ptr, c, c_in, C, ACC)
     if CENTRED:
         centre = tl.load(centre_ptr + c, mask=c_in, other=0).to(ACC)
         gated = tl.zeros([BLOCK_C], ACC)
@@ -101,8 +100,8 @@ def _stats_grad_kernel(x_ptr, d_mean_ptr, d_peak_ptr, index_ptr, affine_ptr, cen
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_in = c < C
     if NORMED:
-        scale = tl.load(affine_ptr + c, mask=c_in, other=1).to(ACC)[:, None]
-        shift = tl.load(affine_ptr + C + c, mask=c_in, other=0).to(ACC)[:, None]
+        scale, shift = affine_at(affine_ptr, c, c_in, C, ACC)
+        scale, shift = scale[:, None], shift[:, None]
     if CENTRED:
         centre = tl.load(centre_ptr + c, mask=c_in, other=0).to(ACC)[:, None]
         weighted = tl.zeros([BLOCK_C], ACC)

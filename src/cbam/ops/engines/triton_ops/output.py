@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import acc_type, elementwise_tile, warps
+from .common import acc_type, affine_at, elementwise_tile, warps
 
 
 @triton.jit
@@ -23,8 +23,7 @@ def _apply_kernel(x_ptr, mc_ptr, ms_ptr, residual_ptr, affine_ptr, out_ptr, C, S
     inside = c_in[:, None] & s_in[None, :]
     y = tl.load(x_ptr + b * sxb + c[:, None] * sxc + s[None, :] * sxs, mask=inside, other=0).to(ACC)
     if NORMED:
-        scale = tl.load(affine_ptr + c, mask=c_in, other=1).to(ACC)
-        shift = tl.load(affine_ptr + C + c, mask=c_in, other=0).to(ACC)
+        scale, shift = affine_at(affine_ptr, c, c_in, C, ACC)
         y = y * scale[:, None] + shift[:, None]
     mc = tl.load(mc_ptr + b * C + c, mask=c_in, other=0).to(ACC)
     ms = tl.load(ms_ptr + b * S + s, mask=s_in, other=0).to(ACC)

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import acc_type, chunk_max, merge_max, reduction_tile, small_outputs, warps
+from .common import acc_type, affine_at, chunk_max, merge_max, reduction_tile, small_outputs, warps
 
 
 @triton.jit
@@ -19,8 +19,8 @@ def _pool_kernel(x_ptr, affine_ptr, avg_ptr, peak_ptr, index_ptr, C, S, sxb, sxc
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_in = c < C
     if NORMED:
-        scale = tl.load(affine_ptr + c, mask=c_in, other=1).to(ACC)[:, None]
-        shift = tl.load(affine_ptr + C + c, mask=c_in, other=0).to(ACC)[:, None]
+        scale, shift = affine_at(affine_ptr, c, c_in, C, ACC)
+        scale, shift = scale[:, None], shift[:, None]
     rows = x_ptr + b * sxb + c[:, None] * sxc
     total = tl.zeros([BLOCK_C], ACC)
     best = tl.full([BLOCK_C], float("-inf"), ACC)
@@ -69,8 +69,7 @@ def _gated_stats_kernel(x_ptr, mc_ptr, affine_ptr, mean_ptr, peak_ptr, index_ptr
         inside = c_in[:, None] & s_in[None, :]
         y = tl.load(columns + c[:, None] * sxc, mask=inside, other=0).to(ACC)
         if NORMED:
-            scale = tl.load(affine_ptr + c, mask=c_in, other=1).to(ACC)
-            shift = tl.load(affine_ptr + C + c, mask=c_in, other=0).to(ACC)
+            scale, shift = affine_at(affine_ptr, c, c_in, C, ACC)
             y = y * scale[:, None] + shift[:, None]
         gated = y * tl.load(mc_ptr + b * C + c, mask=c_in, other=0).to(ACC)[:, None]
         total += tl.sum(tl.where(inside, gated, 0), 0)
