@@ -138,21 +138,28 @@ def conv_backward(maps: Tensor, d_out: Tensor, weight: Tensor, size: list[int], 
     return [d_maps.view(batch, inputs, -1), d_weight[0]]
 
 
+def _combination(coefficients: list[float], tensors: list[Tensor]) -> Tensor:
+    """``sum_i coefficients[i] * tensors[i]`` with the coefficients as Python numbers (a tensor made of them
+    would be a host-to-device copy, which waits for the GPU); terms of 0 left out, 1 not multiplied."""
+    terms = [t if c == 1 else c * t for c, t in zip(coefficients, tensors) if c != 0]
+    return sum(terms[1:], terms[0]) if terms else torch.zeros_like(tensors[0])
+
+
 def channel_backward(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef: list[float], fc1_w: Tensor,
                      fc1_b: Tensor | None, fc2_w: Tensor, mc: Tensor, d_mc: Tensor, hard: bool) -> list[Tensor]:
     """Gradients of the channel gate ``mc = gate(sum_p fc2(relu(fc1(avg_coef[p] * avg + max_coef[p] * peak))))``
     for ``avg, peak (B, C)``, ``fc1_w (H, C)``, ``fc1_b (H)``, ``fc2_w (C, H)`` and fc2's bias ``(C)``, given
     the gate ``mc`` the forward returned and ``d_mc (B, C)``; by formula, without autograd."""
     count = len(avg_coef)
-    a, m = (avg.new_tensor(coef).view(count, 1, 1) for coef in (avg_coef, max_coef))
-    stacked = a * avg + m * peak  # (P, B, C)
+    stacked = torch.stack([_combination([a, m], [avg, peak]) for a, m in zip(avg_coef, max_coef)])  # (P, B, C)
     pre = F.linear(stacked, fc1_w, fc1_b)  # (P, B, H)
     slope = ((mc > 0) & (mc < 1)).to(mc.dtype) / 6 if hard else mc * (1 - mc)
     d_logits = d_mc * slope  # (B, C)
     d_pre = (d_logits @ fc2_w) * (pre > 0)  # (P, B, H)
-    d_stacked = d_pre @ fc1_w
-    return [(a * d_stacked).sum(0), (m * d_stacked).sum(0), d_pre.flatten(0, 1).t() @ stacked.flatten(0, 1),
-            d_pre.sum((0, 1)), d_logits.t() @ pre.relu().sum(0), d_logits.sum(0) * count]
+    d_stacked = list((d_pre @ fc1_w).unbind(0))
+    return [_combination(avg_coef, d_stacked), _combination(max_coef, d_stacked),
+            d_pre.flatten(0, 1).t() @ stacked.flatten(0, 1), d_pre.sum((0, 1)), d_logits.t() @ pre.relu().sum(0),
+            d_logits.sum(0) * count]
 
 
 def batch_norm_affine(weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float) -> Tensor:
