@@ -1,6 +1,7 @@
-"""The C++ engine's build: a name per sources/flags/ISA, a message when it starts and ends, the fallback
-to torch ops when it fails, and ``python -m cbam.ops.build``. Stub builds stand in for the compiler
-(a real one takes a minute); the last test reuses the build the test session already has."""
+"""The C++ engine's build: a name per sources/flags/ISA, the CBAM_CPU_ARCH target, a message when it
+starts and ends, the fallback to torch ops when it fails, and ``python -m cbam.ops.build``. Stub builds
+stand in for the compiler (a real one takes a minute); the last test reuses the build the test session
+already has."""
 
 import functools
 import os
@@ -60,6 +61,29 @@ def test_the_target_isa_is_resolved_here():
     assert re.fullmatch(r"cbam_cpu_passes_[0-9a-f]{12}", build.current_name())
 
 
+def test_the_target_is_native_by_default(monkeypatch):
+    monkeypatch.delenv("CBAM_CPU_ARCH", raising=False)
+    assert build.cpu_arch() == "native" and "-march=native" in build.flags()
+
+
+def test_each_target_resolves_and_builds_under_its_own_name(monkeypatch):
+    def resolved(arch):
+        monkeypatch.setenv("CBAM_CPU_ARCH", arch)
+        return build.target_isa(), build.architecture(), build.current_name()
+
+    (native_isa, _, native_name), (isa, arch, v3_name) = resolved("native"), resolved("x86-64-v3")
+    assert "-march=x86-64-v3" in build.flags() and arch == "x86-64-v3"
+    assert v3_name != native_name
+    assert isa != native_isa or "-march=" not in isa  # the compiler's own answer, where it gives one
+
+
+@pytest.mark.parametrize("value", ["", "x86-64 -O0", "-O0", "x86;rm", "native\n"])
+def test_a_bad_target_is_refused(monkeypatch, value):
+    monkeypatch.setenv("CBAM_CPU_ARCH", value)
+    with pytest.raises(ValueError, match=rf"CBAM_CPU_ARCH must be a -march= target .*got {re.escape(repr(value))}"):
+        build.current_name()
+
+
 def test_the_package_ships_every_source_file():
     pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     patterns = re.findall(r'"(ops/engines/cpp/[^"]+)"', pyproject.split("[tool.setuptools.package-data]")[1])
@@ -108,7 +132,16 @@ def test_a_build_says_when_it_starts_and_how_long_it_took(stub_build, capsys, tm
     assert call["name"] == built.name == build.current_name()
     assert Path(call["build_directory"]) == built.directory == tmp_path / built.name
     assert {Path(source).name for source in call["sources"]} == set(build.UNITS)
-    assert list(build.FLAGS) == call["extra_cflags"] and built.seconds is not None
+    assert list(build.flags()) == call["extra_cflags"] and built.seconds is not None
+
+
+def test_a_build_follows_cbam_cpu_arch(stub_build, monkeypatch, capsys):
+    monkeypatch.setenv("CBAM_CPU_ARCH", "x86-64-v3")
+    built = build.load()
+    assert "cbam: building the fused CPU kernels for x86-64-v3 in" in capsys.readouterr().err
+    (call,) = stub_build.calls
+    assert "-march=x86-64-v3" in call["extra_cflags"] and "-march=native" not in call["extra_cflags"]
+    assert call["name"] == built.name == build.current_name()
 
 
 def test_a_build_already_there_loads_in_silence(stub_build, capsys):
@@ -158,6 +191,13 @@ def test_build_command_reports_a_failure_in_one_line(stub_build, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[-1] == ("cbam: the C++ CPU engine did not build (error: command 'c++' failed); "
                        "the fused path will run on torch ops")
+
+
+def test_build_command_reports_a_bad_target_in_one_line(stub_build, monkeypatch, capsys):
+    monkeypatch.setenv("CBAM_CPU_ARCH", "x86-64 -O0")
+    assert build_command.main() == 1
+    assert "did not build (CBAM_CPU_ARCH must be a -march= target" in capsys.readouterr().err.splitlines()[-1]
+    assert not stub_build.calls
 
 
 def test_build_command_without_the_extension(monkeypatch, capsys):

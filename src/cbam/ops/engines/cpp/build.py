@@ -1,11 +1,12 @@
 """How the C++ engine is built: its files, its flags, the build's name and folder, and the build itself.
 
 The build is named ``cbam_cpu_passes_<hash>``, a hash of the sources' paths and contents, the compiler
-flags, the target ISA that ``-march=native`` means on this machine and the toolchain (compiler, torch and
-Python versions). So two installs on one machine, or machines of different ISAs sharing
-``TORCH_EXTENSIONS_DIR``, never load or overwrite each other's builds, and an edited source builds anew
-under a new name instead of over the old one. A build prints one line on stderr when it starts (it takes
-about a minute, once) and one when it ends, with the seconds it took.
+flags, the target ISA that ``-march=$CBAM_CPU_ARCH`` (default ``native``) means on this machine and the
+toolchain (compiler, torch and Python versions). So two installs on one machine, machines of different
+ISAs sharing ``TORCH_EXTENSIONS_DIR``, or builds for different ``CBAM_CPU_ARCH`` targets (``x86-64-v3``:
+AVX2 only, even on an AVX-512 machine) never load or overwrite each other's builds, and an edited source
+builds anew under a new name instead of over the old one. A build prints one line on stderr when it
+starts (it takes about a minute, once) and one when it ends, with the seconds it took.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -26,10 +28,6 @@ from types import ModuleType
 HERE = Path(__file__).parent
 UNITS = ("bindings.cpp", "forward.cpp", "backward.cpp", "small_steps.cpp", "batch_norm.cpp", "output_cache.cpp")
 
-FLAGS = (  # -fopenmp: at::parallel_for uses torch's OpenMP runtime; the math flags let reductions vectorise
-    "-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
-    "-fno-signed-zeros",
-)
 LDFLAGS = ("-fopenmp",)
 
 
@@ -50,7 +48,7 @@ def source_files() -> list[Path]:
 
 def build_name(sources: Mapping[str, bytes], flags: Sequence[str], isa: str, toolchain: str = "") -> str:
     """``cbam_cpu_passes_`` and 12 hex digits of a hash of ``sources`` (path -> contents), ``flags``,
-    ``isa`` (what ``-march=native`` resolves to) and ``toolchain``; a change to any of them changes it."""
+    ``isa`` (what the ``-march=`` target resolves to) and ``toolchain``; a change to any of them changes it."""
     digest = hashlib.sha256()
     for part in [*(item for path in sorted(sources) for item in (path.encode(), sources[path])),
                  "\0".join(flags).encode(), isa.encode(), toolchain.encode()]:
@@ -66,16 +64,37 @@ def _output(command: list[str]) -> str:
         return ""
 
 
+def cpu_arch() -> str:
+    """``CBAM_CPU_ARCH``, the ``-march=`` target to build for: ``native`` (the default), ``x86-64-v3``, ..."""
+    arch = os.environ.get("CBAM_CPU_ARCH", "native")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", arch):
+        raise ValueError("CBAM_CPU_ARCH must be a -march= target such as native or x86-64-v3 "
+                         f"(letters, digits, '-', '_', '.'), got {arch!r}")
+    return arch
+
+
+def flags() -> tuple[str, ...]:
+    """The compile flags, for the target ``cpu_arch()``."""
+    return (  # -fopenmp: at::parallel_for uses torch's OpenMP runtime; the math flags let reductions vectorise
+        "-O3", f"-march={cpu_arch()}", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+        "-fassociative-math", "-fno-signed-zeros",
+    )
+
+
 def compiler() -> str:
     """The C++ compiler torch's build uses: ``$CXX``, else ``c++``."""
     return os.environ.get("CXX", "c++")
 
 
-@functools.cache
 def target_isa() -> str:
-    """What ``-march=native`` means here: the target options the compiler resolves it to (GCC's
+    """What ``-march=<cpu_arch()>`` means here: the target options the compiler resolves it to (GCC's
     ``-Q --help=target``), or, where the compiler cannot say, the machine and the CPU's flags."""
-    resolved = _output([compiler(), "-march=native", "-Q", "--help=target"])
+    return _resolved_isa(cpu_arch())
+
+
+@functools.cache
+def _resolved_isa(arch: str) -> str:
+    resolved = _output([compiler(), f"-march={arch}", "-Q", "--help=target"])
     options = sorted(" ".join(line.split()) for line in resolved.splitlines() if line.strip().startswith("-m"))
     if options:
         return "\n".join(options)
@@ -91,11 +110,11 @@ def _cpu_info() -> str:
 
 
 def architecture() -> str:
-    """The short name of the target (``znver3``, ``sapphirerapids``, ...), or the machine's."""
+    """The short name of the target (``znver3``, ``x86-64-v3``, ...), else ``CBAM_CPU_ARCH`` or the machine's."""
     for line in target_isa().splitlines():
         if line.startswith("-march="):
             return line.split()[-1] if len(line.split()) > 1 else line.removeprefix("-march=")
-    return platform.machine() or "this CPU"
+    return cpu_arch() if cpu_arch() != "native" else platform.machine() or "this CPU"
 
 
 @functools.cache
@@ -109,7 +128,7 @@ def toolchain() -> str:
 
 def current_name() -> str:
     """The build name for the files, flags and target here."""
-    return build_name({str(path): path.read_bytes() for path in source_files()}, FLAGS, target_isa(), toolchain())
+    return build_name({str(path): path.read_bytes() for path in source_files()}, flags(), target_isa(), toolchain())
 
 
 def build_directory(name: str) -> Path:
@@ -159,7 +178,7 @@ def load() -> Built:
             "(about a minute, once per install and machine)")
     start = time.perf_counter()
     try:
-        module = compile_extension(name=name, sources=[str(HERE / unit) for unit in UNITS], extra_cflags=list(FLAGS),
+        module = compile_extension(name=name, sources=[str(HERE / unit) for unit in UNITS], extra_cflags=list(flags()),
                                    extra_ldflags=list(LDFLAGS), build_directory=str(directory))
     except BaseException:
         if compiles:
