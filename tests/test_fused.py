@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import cbam
-from cbam.ops import engines, fused
+from cbam.ops import engines
 from cbam.ops.engines import cpp, torch_ops
 from cbam.profile.benchmark import saved_bytes
 
@@ -317,33 +317,6 @@ def test_compiled_conv_backward_equals_autograd(kernel, inputs):
     got = cpp.engine().conv_backward(maps, d_out, weight, size, list(kernel))
     for found, want in zip(got, torch_ops.conv_backward(maps, d_out, weight, size, list(kernel))):
         torch.testing.assert_close(found, want)
-
-
-@needs_compiled
-@pytest.mark.parametrize("hard", [False, True])
-@pytest.mark.parametrize("pools", [("avg", "max"), ("max",), ("mix", "avg")])
-@pytest.mark.parametrize("biases", [False, True])
-@pytest.mark.parametrize(("channels", "hidden"), [(37, 5), (300, 64)])  # loops, BLAS (W1 over 2^14 weights)
-def test_compiled_channel_mlp_equals_autograd(hard, pools, biases, channels, hidden):
-    """channel_gate and channel_backward against torch's linear/relu/gate and autograd, in float64."""
-    torch.manual_seed(0)
-    avg, peak = torch.randn(3, channels, dtype=F64), torch.randn(3, channels, dtype=F64)
-    fc1_w, fc2_w = torch.randn(hidden, channels, dtype=F64) / channels**0.5, torch.randn(channels, hidden, dtype=F64)
-    weights = [fc1_w, torch.randn(hidden, dtype=F64) if biases else None,
-               fc2_w / hidden**0.5, torch.randn(channels, dtype=F64) if biases else None]
-    leaves = [avg.clone().requires_grad_(), peak.clone().requires_grad_(), *(fused._leaf(w) for w in weights)]
-    spec = fused.FusedSpec(pools, "hard-sigmoid" if hard else "sigmoid", "concat", None)
-    want = fused._channel_gate({"avg": leaves[0], "max": leaves[1]}, spec, leaves[2:])
-    d_mc = torch.randn_like(want)
-    want_grads = fused._grads(want, [leaf for leaf in leaves if leaf is not None], d_mc)  # zeros where unused
-    coefficients = fused._pool_coefficients(spec)
-    mc = cpp.engine().channel_gate(avg, peak, *coefficients, *weights, hard)
-    torch.testing.assert_close(mc, want.detach())
-    got = cpp.engine().channel_backward(avg, peak, *coefficients, *weights[:3], mc, d_mc, hard)
-    d_avg, d_peak, d_w1, d_b1, d_w2, d_b2 = got
-    found = [d_avg, d_peak, d_w1, *([d_b1] if biases else []), d_w2, *([d_b2] if biases else [])]
-    for g, w in zip(found, want_grads):
-        torch.testing.assert_close(g, w)
 
 
 @needs_compiled

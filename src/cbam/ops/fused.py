@@ -372,7 +372,11 @@ def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamW
             else:
                 avg, peak, channel_index = passes.pool(x3) if affine is None else passes.pool(x3, affine)
             pooled = _descriptors(x3, avg, peak, spec.pool_types)
-            mc = _channel_gate(pooled, spec, weights.mlp).contiguous()
+            if spec.native_pools:
+                mc = passes.channel_gate(avg, peak, *_pool_coefficients(spec), *map(_contiguous, weights.mlp),
+                                         spec.gate == "hard-sigmoid")
+            else:
+                mc = _channel_gate(pooled, spec, weights.mlp).contiguous()
             stats = passes.gated_stats(x3, mc) if affine is None else passes.gated_stats(x3, mc, affine)
             mean, speak, spatial_index = stats
             logits = _spatial_logits(mean, speak, spatial, spec, weights.conv).contiguous()

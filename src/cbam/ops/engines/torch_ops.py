@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ... import functional
+
 
 def wide(t: Tensor | None) -> Tensor | None:
     """``t`` in float32 where it is a half-precision tensor, else itself."""
@@ -143,6 +145,16 @@ def _combination(coefficients: list[float], tensors: list[Tensor]) -> Tensor:
     would be a host-to-device copy, which waits for the GPU); terms of 0 left out, 1 not multiplied."""
     terms = [t if c == 1 else c * t for c, t in zip(coefficients, tensors) if c != 0]
     return sum(terms[1:], terms[0]) if terms else torch.zeros_like(tensors[0])
+
+
+def channel_gate(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef: list[float], fc1_w: Tensor,
+                 fc1_b: Tensor | None, fc2_w: Tensor, fc2_b: Tensor | None, hard: bool) -> Tensor:
+    """The channel gate ``mc = gate(sum_p fc2(relu(fc1(avg_coef[p] * avg + max_coef[p] * peak))))`` ``(B, C)``
+    of ``avg, peak (B, C)`` (fc2 once, on the sum of the activations: it is linear)."""
+    stacked = torch.stack([_combination([a, m], [avg, peak]) for a, m in zip(avg_coef, max_coef)])  # (P, B, C)
+    hidden = F.linear(stacked, fc1_w, fc1_b).relu_().sum(0)
+    logits = F.linear(hidden, fc2_w, None if fc2_b is None else fc2_b * len(avg_coef))
+    return functional.gate(logits, "hard-sigmoid" if hard else "sigmoid")
 
 
 def channel_backward(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef: list[float], fc1_w: Tensor,

@@ -10,17 +10,20 @@ input), indices int64 (the first maximal one, a NaN being the maximum, as ``torc
 and ``gated_stats`` also take the folded BatchNorm's ``input_affine`` as the other passes do.
 Launches: one per pass, but ``gate_grads`` two (a zeroed allocation for its atomic sums, then the
 pass), ``batch_norm_pool`` two (rows, then channels), ``batch_norm_input_grad`` three (zeroed sums,
-their per-sample shares, the element-wise pass). The small steps (``conv_backward`` on ``(B, S)``
-maps, ``channel_backward`` on ``(B, C)`` vectors) are torch_ops' own.
+their per-sample shares, the element-wise pass). The channel MLP on the pooled ``(B, C)`` vectors
+(``channel_gate``, ``channel_backward``: ``channel_mlp.py``) takes two launches forward and three
+backward; the spatial conv's backward on ``(B, S)`` maps (``conv_backward``) is torch_ops' own.
 """
 
-from ..torch_ops import channel_backward, conv_backward
+from ..torch_ops import conv_backward
 from .batch_norm import batch_norm_affine, batch_norm_input_grad, batch_norm_pool
+from .channel_mlp import channel_backward, channel_gate
 from .gradients import gate_grads, input_grad, stats_grad
 from .output import apply
 from .pooling import gated_stats, pool
 
 __all__ = [
-    "apply", "batch_norm_affine", "batch_norm_input_grad", "batch_norm_pool", "channel_backward", "conv_backward",
+    "apply", "batch_norm_affine", "batch_norm_input_grad", "batch_norm_pool", "channel_backward", "channel_gate",
+    "conv_backward",
     "gate_grads", "gated_stats", "input_grad", "pool", "stats_grad",
 ]

@@ -1,0 +1,261 @@
+"""The channel gate's shared MLP on the pooled vectors, forward (two launches) and backward (three), instead
+of the dozen small torch ops (and their launches) it takes otherwise.
+
+``mc = gate(sum_p fc2(relu(fc1(a_p * avg + m_p * peak))))`` for ``avg, peak (B, C)``, ``fc1 (H, C)`` and
+``fc2 (C, H)`` with biases, ``p`` over the pool types' ``(a_p, m_p)`` coefficients (at most three). fc1 is
+linear, so every pool type's pre-activation comes from the same two products ``U = avg @ fc1ᵀ`` and
+``V = peak @ fc1ᵀ``: ``pre_p = a_p U + m_p V + b1``; fc2 is linear too, so it runs once on
+``r = sum_p relu(pre_p)``. Products are sums of ``(BLOCK_B, BLOCK_H, BLOCK_C)`` tiles in float32
+(float64 for float64 vectors), never ``tl.dot`` (TF32 on a GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import small_outputs
+
+BLOCK = 16  # samples, hidden units and channels per tile edge: 16 x 16 x 16 products held at once
+MAX_POOLS = 3
+
+
+@triton.jit
+def _coefficient(p: tl.constexpr, C0, C1, C2):
+    """The ``p``-th of three scalar coefficients (``p`` known when compiling)."""
+    if p == 0:
+        return C0
+    elif p == 1:
+        return C1
+    else:
+        return C2
+
+
+@triton.jit
+def _gate(logits, HARD: tl.constexpr):
+    if HARD:
+        return tl.minimum(tl.maximum(logits + 3, 0), 6) / 6
+    return 1 / (1 + tl.exp(-logits))
+
+
+@triton.jit
+def _products(avg_ptr, peak_ptr, w1_ptr, b, h, b_in, h_in, C, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``U = avg @ fc1ᵀ`` and ``V = peak @ fc1ᵀ`` on the ``(b, h)`` tile ``(BLOCK_B, BLOCK_H)``."""
+    u = tl.zeros([b.shape[0], h.shape[0]], ACC)
+    v = tl.zeros([b.shape[0], h.shape[0]], ACC)
+    for start in range(0, C, BLOCK_C):
+        c = start + tl.arange(0, BLOCK_C)
+        c_in = c < C
+        rows = b[:, None] * C + c[None, :]
+        row_in = b_in[:, None] & c_in[None, :]
+        avg = tl.load(avg_ptr + rows, mask=row_in, other=0).to(ACC)[:, None, :]
+        peak = tl.load(peak_ptr + rows, mask=row_in, other=0).to(ACC)[:, None, :]
+        w1 = tl.load(w1_ptr + h[:, None] * C + c[None, :], mask=h_in[:, None] & c_in[None, :], other=0).to(ACC)
+        u += tl.sum(avg * w1[None, :, :], 2)
+        v += tl.sum(peak * w1[None, :, :], 2)
+    return u, v
+
+
+@triton.jit
+def _hidden_kernel(avg_ptr, peak_ptr, w1_ptr, b1_ptr, hidden_ptr, B, C, H, A0, A1, A2, M0, M1, M2,
+                   POOLS: tl.constexpr, BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    b_in, h_in = b < B, h < H
+    u, v = _products(avg_ptr, peak_ptr, w1_ptr, b, h, b_in, h_in, C, ACC, BLOCK_C)
+    bias = tl.load(b1_ptr + h, mask=h_in, other=0).to(ACC)[None, :] if BIAS else 0
+    hidden = tl.zeros([BLOCK_B, BLOCK_H], ACC)
+    for p in tl.static_range(POOLS):
+        pre = _coefficient(p, A0, A1, A2) * u + _coefficient(p, M0, M1, M2) * v + bias
+        hidden += tl.maximum(pre, 0)
+    tl.store(hidden_ptr + b[:, None] * H + h[None, :], hidden, mask=b_in[:, None] & h_in[None, :])
+
+
+@triton.jit
+def _gate_kernel(hidden_ptr, w2_ptr, b2_ptr, mc_ptr, B, C, H, POOLS: tl.constexpr, BIAS: tl.constexpr,
+                 HARD: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b_in, c_in = b < B, c < C
+    logits = tl.zeros([BLOCK_B, BLOCK_C], ACC)
+    for start in range(0, H, BLOCK_H):
+        h = start + tl.arange(0, BLOCK_H)
+        h_in = h < H
+        hidden = tl.load(hidden_ptr + b[:, None] * H + h[None, :], mask=b_in[:, None] & h_in[None, :], other=0)
+        w2 = tl.load(w2_ptr + c[:, None] * H + h[None, :], mask=c_in[:, None] & h_in[None, :], other=0).to(ACC)
+        logits += tl.sum(hidden[:, None, :] * w2[None, :, :], 2)
+    if BIAS:
+        logits += POOLS * tl.load(b2_ptr + c, mask=c_in, other=0).to(ACC)[None, :]
+    tl.store(mc_ptr + b[:, None] * C + c[None, :], _gate(logits, HARD), mask=b_in[:, None] & c_in[None, :])
+
+
+def _coefficients(avg_coef: list[float], max_coef: list[float]) -> dict[str, float]:
+    if not 1 <= len(avg_coef) == len(max_coef) <= MAX_POOLS:
+        raise ValueError(f"channel MLP: expected 1 to {MAX_POOLS} pool types' coefficients, got {avg_coef}, {max_coef}")
+    padded = [[*coef, *[0.0] * (MAX_POOLS - len(coef))] for coef in (avg_coef, max_coef)]
+    return {f"{name}{i}": float(value) for name, coef in zip("AM", padded) for i, value in enumerate(coef)}
+
+
+def _grid(*extents: int) -> tuple[int, ...]:
+    return tuple(triton.cdiv(extent, BLOCK) for extent in extents)
+
+
+def channel_gate(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef: list[float], fc1_w: Tensor,
+                 fc1_b: Tensor | None, fc2_w: Tensor, fc2_b: Tensor | None, hard: bool) -> Tensor:
+    """The channel gate ``mc (B, C)`` of the pooled ``avg, peak (B, C)`` (contiguous, float32 or float64)
+    through ``fc1_w (H, C)``, ``fc1_b (H)``, ``fc2_w (C, H)``, ``fc2_b (C)`` (biases may be ``None``) and
+    the sigmoid (hard-sigmoid with ``hard``). Two launches: the hidden sums, then the gate."""
+    B, C = avg.shape
+    H = fc1_w.shape[0]
+    hidden, mc = small_outputs(avg, (B, H), (B, C))
+    if B == 0:
+        return mc
+    acc = tl.float64 if avg.dtype == torch.float64 else tl.float32
+    blocks = {"BLOCK_B": BLOCK, "BLOCK_H": BLOCK, "BLOCK_C": BLOCK}
+    _hidden_kernel[_grid(B, H)](avg, peak, fc1_w, fc1_b, hidden, B, C, H, **_coefficients(avg_coef, max_coef),
+                                POOLS=len(avg_coef), BIAS=fc1_b is not None, ACC=acc, **blocks)
+    _gate_kernel[_grid(B, C)](hidden, fc2_w, fc2_b, mc, B, C, H, POOLS=len(avg_coef), BIAS=fc2_b is not None,
+                              HARD=hard, ACC=acc, **blocks)
+    return mc
+
+
+@triton.jit
+def _slope(mc, HARD: tl.constexpr):
+    """The gate's derivative from its value."""
+    if HARD:
+        return tl.where((mc > 0) & (mc < 1), 1.0 / 6, 0.0)
+    return mc * (1 - mc)
+
+
+@triton.jit
+def _hidden_grads_kernel(avg_ptr, peak_ptr, w1_ptr, b1_ptr, w2_ptr, mc_ptr, d_mc_ptr, hidden_ptr, B, C, H,
+                         A0, A1, A2, M0, M1, M2, POOLS: tl.constexpr, BIAS: tl.constexpr, HARD: tl.constexpr,
+                         ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per sample and hidden unit: ``r = sum_p relu(pre_p)`` and the pre-activations' gradients summed
+    with the avg coefficients, the max coefficients and plainly, into ``hidden (4, B, H)``."""
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    b_in, h_in = b < B, h < H
+    u, v = _products(avg_ptr, peak_ptr, w1_ptr, b, h, b_in, h_in, C, ACC, BLOCK_C)
+    d_r = tl.zeros([BLOCK_B, BLOCK_H], ACC)  # d_logits @ fc2
+    for start in range(0, C, BLOCK_C):
+        c = start + tl.arange(0, BLOCK_C)
+        c_in = c < C
+        rows = b[:, None] * C + c[None, :]
+        row_in = b_in[:, None] & c_in[None, :]
+        mc = tl.load(mc_ptr + rows, mask=row_in, other=0).to(ACC)
+        d_logits = tl.load(d_mc_ptr + rows, mask=row_in, other=0).to(ACC) * _slope(mc, HARD)
+        w2 = tl.load(w2_ptr + c[:, None] * H + h[None, :], mask=c_in[:, None] & h_in[None, :], other=0).to(ACC)
+        d_r += tl.sum(d_logits[:, :, None] * w2[None, :, :], 1)
+    bias = tl.load(b1_ptr + h, mask=h_in, other=0).to(ACC)[None, :] if BIAS else 0
+    hidden = tl.zeros([BLOCK_B, BLOCK_H], ACC)
+    d_avg_side = tl.zeros([BLOCK_B, BLOCK_H], ACC)
+    d_max_side = tl.zeros([BLOCK_B, BLOCK_H], ACC)
+    d_pre_sum = tl.zeros([BLOCK_B, BLOCK_H], ACC)
+    for p in tl.static_range(POOLS):
+        a, m = _coefficient(p, A0, A1, A2), _coefficient(p, M0, M1, M2)
+        pre = a * u + m * v + bias
+        hidden += tl.maximum(pre, 0)
+        d_pre = tl.where(pre > 0, d_r, 0)
+        d_avg_side += a * d_pre
+        d_max_side += m * d_pre
+        d_pre_sum += d_pre
+    at = b[:, None] * H + h[None, :]
+    inside = b_in[:, None] & h_in[None, :]
+    plane = B * H
+    tl.store(hidden_ptr + at, hidden, mask=inside)
+    tl.store(hidden_ptr + plane + at, d_avg_side, mask=inside)
+    tl.store(hidden_ptr + 2 * plane + at, d_max_side, mask=inside)
+    tl.store(hidden_ptr + 3 * plane + at, d_pre_sum, mask=inside)
+
+
+@triton.jit
+def _vector_grads_kernel(hidden_ptr, w1_ptr, d_avg_ptr, d_max_ptr, B, C, H, ACC: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``d_avg = E_a @ fc1`` and ``d_max = E_m @ fc1`` on a ``(b, c)`` tile."""
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b_in, c_in = b < B, c < C
+    d_avg = tl.zeros([BLOCK_B, BLOCK_C], ACC)
+    d_max = tl.zeros([BLOCK_B, BLOCK_C], ACC)
+    for start in range(0, H, BLOCK_H):
+        h = start + tl.arange(0, BLOCK_H)
+        h_in = h < H
+        at = b[:, None] * H + h[None, :]
+        inside = b_in[:, None] & h_in[None, :]
+        e_avg = tl.load(hidden_ptr + B * H + at, mask=inside, other=0)[:, :, None]
+        e_max = tl.load(hidden_ptr + 2 * B * H + at, mask=inside, other=0)[:, :, None]
+        w1 = tl.load(w1_ptr + h[:, None] * C + c[None, :], mask=h_in[:, None] & c_in[None, :], other=0).to(ACC)
+        d_avg += tl.sum(e_avg * w1[None, :, :], 1)
+        d_max += tl.sum(e_max * w1[None, :, :], 1)
+    out = b[:, None] * C + c[None, :]
+    inside = b_in[:, None] & c_in[None, :]
+    tl.store(d_avg_ptr + out, d_avg, mask=inside)
+    tl.store(d_max_ptr + out, d_max, mask=inside)
+
+
+@triton.jit
+def _weight_grads_kernel(avg_ptr, peak_ptr, mc_ptr, d_mc_ptr, hidden_ptr, d_w1_ptr, d_b1_ptr, d_w2_ptr, d_b2_ptr,
+                         B, C, H, POOLS: tl.constexpr, HARD: tl.constexpr, ACC: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+    """On an ``(h, c)`` tile, sums over the samples: ``d_w1 = E_aᵀ avg + E_mᵀ peak``, ``d_w2 = d_logitsᵀ r``;
+    the first tile along each axis also sums ``d_b1`` (over ``E``) and ``d_b2`` (``POOLS`` times ``d_logits``)."""
+    h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    h_in, c_in = h < H, c < C
+    d_w1 = tl.zeros([BLOCK_H, BLOCK_C], ACC)
+    d_w2 = tl.zeros([BLOCK_H, BLOCK_C], ACC)
+    d_b1 = tl.zeros([BLOCK_H], ACC)
+    d_b2 = tl.zeros([BLOCK_C], ACC)
+    for start in range(0, B, BLOCK_B):
+        b = start + tl.arange(0, BLOCK_B)
+        b_in = b < B
+        rows = b[:, None] * C + c[None, :]
+        row_in = b_in[:, None] & c_in[None, :]
+        avg = tl.load(avg_ptr + rows, mask=row_in, other=0).to(ACC)[:, None, :]
+        peak = tl.load(peak_ptr + rows, mask=row_in, other=0).to(ACC)[:, None, :]
+        mc = tl.load(mc_ptr + rows, mask=row_in, other=0).to(ACC)
+        d_logits = tl.load(d_mc_ptr + rows, mask=row_in, other=0).to(ACC) * _slope(mc, HARD)
+        at = b[:, None] * H + h[None, :]
+        inside = b_in[:, None] & h_in[None, :]
+        hidden = tl.load(hidden_ptr + at, mask=inside, other=0)
+        e_avg = tl.load(hidden_ptr + B * H + at, mask=inside, other=0)
+        e_max = tl.load(hidden_ptr + 2 * B * H + at, mask=inside, other=0)
+        d_w1 += tl.sum(e_avg[:, :, None] * avg + e_max[:, :, None] * peak, 0)
+        d_w2 += tl.sum(hidden[:, :, None] * d_logits[:, None, :], 0)
+        d_b1 += tl.sum(tl.load(hidden_ptr + 3 * B * H + at, mask=inside, other=0), 0)
+        d_b2 += tl.sum(d_logits, 0)
+    inside = h_in[:, None] & c_in[None, :]
+    tl.store(d_w1_ptr + h[:, None] * C + c[None, :], d_w1, mask=inside)
+    tl.store(d_w2_ptr + c[None, :] * H + h[:, None], d_w2, mask=inside)
+    if tl.program_id(1) == 0:
+        tl.store(d_b1_ptr + h, d_b1, mask=h_in)
+    if tl.program_id(0) == 0:
+        tl.store(d_b2_ptr + c, POOLS * d_b2, mask=c_in)
+
+
+def channel_backward(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef: list[float], fc1_w: Tensor,
+                     fc1_b: Tensor | None, fc2_w: Tensor, mc: Tensor, d_mc: Tensor, hard: bool) -> list[Tensor]:
+    """Gradients of ``channel_gate`` given the gate ``mc`` it returned and ``d_mc (B, C)``: ``[d_avg, d_max
+    (B, C), d_fc1_w (H, C), d_fc1_b (H), d_fc2_w (C, H), d_fc2_b (C)]`` (bias gradients whether or not the
+    biases exist). Three launches: per sample and hidden unit, then the vectors' and the weights'."""
+    B, C = avg.shape
+    H = fc1_w.shape[0]
+    hidden, d_avg, d_max, d_w1, d_b1, d_w2, d_b2 = small_outputs(avg, (4, B, H), (B, C), (B, C), (H, C), (H,),
+                                                                 (C, H), (C,))
+    if B == 0:
+        return [d_avg, d_max, *(t.zero_() for t in (d_w1, d_b1, d_w2, d_b2))]
+    acc = tl.float64 if avg.dtype == torch.float64 else tl.float32
+    blocks = {"BLOCK_B": BLOCK, "BLOCK_H": BLOCK, "BLOCK_C": BLOCK}
+    pools, hard_gate = len(avg_coef), bool(hard)
+    _hidden_grads_kernel[_grid(B, H)](avg, peak, fc1_w, fc1_b, fc2_w, mc, d_mc, hidden, B, C, H,
+                                      **_coefficients(avg_coef, max_coef), POOLS=pools, BIAS=fc1_b is not None,
+                                      HARD=hard_gate, ACC=acc, **blocks)
+    _vector_grads_kernel[_grid(B, C)](hidden, fc1_w, d_avg, d_max, B, C, H, ACC=acc, **blocks)
+    _weight_grads_kernel[_grid(H, C)](avg, peak, mc, d_mc, hidden, d_w1, d_b1, d_w2, d_b2, B, C, H, POOLS=pools,
+                                      HARD=hard_gate, ACC=acc, **blocks)
+    return [d_avg, d_max, d_w1, d_b1, d_w2, d_b2]
