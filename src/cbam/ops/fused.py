@@ -379,7 +379,11 @@ def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamW
                 mc = _channel_gate(pooled, spec, weights.mlp).contiguous()
             stats = passes.gated_stats(x3, mc) if affine is None else passes.gated_stats(x3, mc, affine)
             mean, speak, spatial_index = stats
-            logits = _spatial_logits(mean, speak, spatial, spec, weights.conv).contiguous()
+            if engine.has("spatial-logits") and len(weights.conv) == 1:
+                logits = passes.spatial_logits(mean, speak, weights.conv[0].contiguous(), _padded(spatial),
+                                               _padded(weights.conv[0].shape[2:]))
+            else:
+                logits = _spatial_logits(mean, speak, spatial, spec, weights.conv).contiguous()
     ms_graph = None
     if spatial_gate.by_hand(spec.norm):
         if native is None or fixed_norm is None:  # the norm (once: it may update running statistics), gate

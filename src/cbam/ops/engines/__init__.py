@@ -12,11 +12,13 @@ triton    cuda (cpu: TRITON_INTERPRET)  float32, float64, bf16, fp16     contigu
 ========  ============================  ===============================  ==========================
 
 and which extras it computes itself (``Engine.extras``): ``"forward"`` the whole forward in one call,
-``"spatial-backward"`` the spatial gate's and conv's backward in one call, ``"fold"`` a BatchNorm before
-CBAM folded into its passes. Where an engine lacks one, the fused path does that step in torch ops
-(or, for the fold, calls the BatchNorm first). Every engine has the channel MLP's and the spatial
-conv's backward by formula (``channel_backward``, ``conv_backward``: the torch engine's where it has
-none of its own), so that the backward runs without autograd inside a ``torch.library`` op.
+``"spatial-logits"`` the spatial conv of one weight on the gated statistics, ``"spatial-backward"`` the
+spatial gate's and conv's backward in one call, ``"fold"`` a BatchNorm before CBAM folded into its
+passes. Where an engine lacks one, the fused path does that step in torch ops (or, for the fold,
+calls the BatchNorm first). Every engine has the channel MLP forward and backward (``channel_gate``,
+``channel_backward``) and the spatial conv's backward by formula (``conv_backward``: the torch
+engine's where it has none of its own), so that the backward runs without autograd inside a
+``torch.library`` op.
 
 ``CBAM_ENGINE`` (``auto``, ``torch``, ``cpp``, ``triton``) picks the engine. ``auto`` takes the
 compiled engine of the input's device (``cpp`` on the CPU, ``triton`` on CUDA) where it covers the
@@ -101,8 +103,8 @@ ENGINES = {
                     frozenset({"fold"}), ".torch_ops"),
     "cpp": Engine("cpp", frozenset({"cpu"}), WIDE_DTYPES, False, frozenset({"forward", "spatial-backward", "fold"}),
                   ".cpp", lambda module: module.engine()),
-    "triton": Engine("triton", frozenset({"cuda"}), WIDE_DTYPES | HALF_DTYPES, True, frozenset({"fold"}),
-                     ".triton_ops"),
+    "triton": Engine("triton", frozenset({"cuda"}), WIDE_DTYPES | HALF_DTYPES, True,
+                     frozenset({"spatial-logits", "spatial-backward", "fold"}), ".triton_ops"),
 }
 AUTO = {"cpu": ("cpp",), "cuda": ("triton",)}  # the compiled engine tried first on each device
 
