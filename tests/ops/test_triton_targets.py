@@ -1,0 +1,47 @@
+"""Every Triton kernel of the engine compiles for an H100 (sm_90, through ptxas) on this GPU-less machine,
+as the fused CBAM launches it (``cbam.profile.triton_targets``), and a kernel that does not compile is
+reported, not skipped."""
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+from cbam.ops.engines import triton_ops  # noqa: E402
+
+
+def _without_interpreter() -> dict:
+    return {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+
+
+def _engine_kernels() -> set[str]:
+    """The names of the kernels the engine's modules define."""
+    modules = {inspect.getmodule(function) for function in map(triton_ops.__dict__.get, triton_ops.__all__)}
+    return {name for module in modules for name in vars(module) if name.startswith("_") and name.endswith("_kernel")}
+
+
+def test_every_kernel_compiles_for_sm90(tmp_path):
+    rows_file = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, "-m", "cbam.profile.triton_targets", "--arch", "90", "--json",
+                           str(rows_file)], capture_output=True, text=True, env=_without_interpreter(), timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(rows_file.read_text())
+    assert {row["kernel"] for row in rows} == _engine_kernels()  # the workload reaches every kernel
+    assert f"compiled {len(rows)} of {len(rows)} specialisations" in done.stdout
+
+
+def test_a_kernel_that_does_not_compile_is_reported(tmp_path):
+    row = {"module": "cbam.ops.engines.triton_ops.output", "kernel": "_apply_kernel", "divisible": [], "options": {},
+           "signature": {"x_ptr": "fp32"}, "constants": {}}  # a float where the kernel loads through a pointer
+    script = ("import json, sys\nfrom cbam.profile.triton_targets import compile_for\n"
+              "print(json.dumps(compile_for([json.loads(sys.argv[1])], 90)))")
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(row)], capture_output=True, text=True,
+                          env=_without_interpreter(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    failures = json.loads(done.stdout)
+    assert len(failures) == 1 and failures[0].startswith("_apply_kernel")
