@@ -10,13 +10,15 @@
 namespace cbam_cpu {
 namespace {
 
-typedef double Doubles __attribute__((vector_size(64)));
+typedef double Doubles __attribute__((vector_size(kVectorBytes)));
+constexpr int kDoubles = kVectorBytes / sizeof(double);
 
-// Adds lanes 8 kPart .. 8 kPart + 7 of v, as doubles minus centre, to sums[kPart], and their squares
-// to squares[kPart].
+// Adds lanes kDoubles kPart .. kDoubles (kPart + 1) - 1 of v, as doubles minus centre, to sums[kPart],
+// and their squares to squares[kPart].
 template <int kPart, typename Vector>
 void add_part(Vector v, double centre, Doubles* sums, Doubles* squares) {
-  const Doubles d = __builtin_convertvector(lanes_at<8 * kPart>(v, std::make_index_sequence<8>{}), Doubles) - centre;
+  const auto part = lanes_at<kDoubles * kPart>(v, std::make_index_sequence<kDoubles>{});
+  const Doubles d = __builtin_convertvector(part, Doubles) - centre;
   sums[kPart] += d;
   squares[kPart] += d * d;
 }
@@ -28,7 +30,7 @@ template <typename scalar_t>
 void moments_row(const scalar_t* row, int64_t S, scalar_t centre, double& sum, double& squares,
                  std::pair<scalar_t, int64_t>& low, std::pair<scalar_t, int64_t>& high) {
   using Values = typename Lanes<scalar_t>::Values;
-  constexpr int kParts = sizeof(Values) / sizeof(scalar_t) / 8;  // vectors of 8 doubles per vector of values
+  constexpr int kParts = sizeof(Values) / sizeof(scalar_t) / kDoubles;  // vectors of doubles per vector of values
   Doubles sums[2] = {}, square_sums[2] = {};
   LaneMaximum<scalar_t> highest(row[0]), lowest(-row[0]);  // the minimum: the maximum of -row
   scan_row(row, S, [&](Values v, auto positions, auto fresh) {
