@@ -1,13 +1,14 @@
 """How many kernels one CBAM call launches, forward and backward: what bounds it on a GPU at small shapes.
 
-    python benchmarks/launches.py [--channels 256] [--size 14] [--batch 8]
+    python benchmarks/launches.py [--channels 1024] [--size 14] [--batch 2]
 
 On CUDA: the kernels ``torch.profiler`` records on the device (every aten kernel, cuBLAS/cuDNN call
 and Triton kernel). Without a GPU: the operators that reach torch's dispatcher and would launch work
 (views and allocations left out; one operator may be more than one kernel on a GPU, e.g. a cuDNN
 conv backward) plus the Triton kernels the interpreter runs (``TRITON_INTERPRET=1``), counted apart.
 Rows: timm's ``CbamModule``, ``CBAM(impl="reference")`` and ``CBAM(impl="fused")`` on the torch and
-Triton engines, with ``preset="timm"`` (a spatial BatchNorm), in training and in eval mode.
+Triton engines, with ``preset="timm"`` (a spatial BatchNorm), in training and in eval mode; at 1024
+channels also a ResNet-50 bottleneck block (the third stage's second) plain and with CBAM.
 """
 
 from __future__ import annotations
@@ -113,11 +114,23 @@ def modules(channels: int, device: str):
     return [(name, engine, module.to(device)) for name, engine, module in rows]
 
 
+def blocks(channels: int, device: str):
+    """``(name, engine or None, block)`` rows: ResNet-50's second bottleneck of its third stage, plain and
+    with CBAM (whose fused call also takes the block's last BatchNorm, the addition and the ReLU)."""
+    rows = [("ResNet-50 bottleneck, plain", None, cbam.models.resnet50(attention=None).layer3[1]),
+            ("ResNet-50 bottleneck + CBAM, reference", None,
+             cbam.models.resnet50(preset="timm", impl="reference").layer3[1])]
+    for engine in ("torch", "triton"):
+        rows.append((f"ResNet-50 bottleneck + CBAM, fused, {engine} engine", engine,
+                     cbam.models.resnet50(preset="timm").layer3[1]))
+    return [(name, engine, block.to(device)) for name, engine, block in rows if block.conv1.in_channels == channels]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--channels", type=int, default=256)
+    parser.add_argument("--channels", type=int, default=1024, help="1024 adds ResNet-50's bottleneck blocks")
     parser.add_argument("--size", type=int, default=14)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     count = cuda_counts if device == "cuda" else cpu_counts
@@ -127,7 +140,10 @@ def main() -> None:
     print("| module | mode | forward | backward |\n| --- | --- | ---: | ---: |")
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.channels, args.size, args.size, device=device, requires_grad=True)
-    for name, engine, module in modules(args.channels, device):
+    rows = modules(args.channels, device)
+    if args.channels == 1024:
+        rows += blocks(args.channels, device)
+    for name, engine, module in rows:
         for training in (True, False):
             module.train(training)
             with engines.using(engine) if engine else contextlib.nullcontext():

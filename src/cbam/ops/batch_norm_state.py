@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -59,9 +60,19 @@ class BatchNormState:
 
     def update(self, mean: Tensor, var: Tensor, count: int) -> None:
         """Update the running statistics with a batch's ``mean`` and biased ``var`` over ``count`` values per
-        channel, as the module's forward does (unbiased variance), in double as torch's CPU kernel does."""
+        channel, as the module's forward does (unbiased variance): on the CPU in double, as torch's CPU
+        kernel does; elsewhere in their own dtype, as torch's CUDA kernel does, in one launch."""
         if not self.updates:
+            return
+        if self.running_mean.device.type != "cpu":
+            update_in_place([self.running_mean, self.running_var], mean, var, count, self.factor)
             return
         unbiased = var * count / (count - 1)
         for running, batch in ((self.running_mean, mean), (self.running_var, unbiased)):
             running.copy_(self.factor * batch.double() + (1 - self.factor) * running.double())
+
+
+def update_in_place(running: list[Tensor], mean: Tensor, var: Tensor, count: int, factor: float) -> None:
+    """``running = [mean, var]`` moved towards the batch's ``mean`` and unbiased ``var`` (from the biased one
+    over ``count`` values) by ``factor``, in their dtype: two launches on a GPU instead of a dozen."""
+    torch._foreach_lerp_(running, [mean, var * (count / (count - 1))], factor)
