@@ -78,9 +78,36 @@ def oracle_logits(mean, speak, conv_w, dims):
 def test_spatial_logits(batch, maps, kernel, dims, dtype):
     mean, speak, conv_w = inputs(batch, maps, kernel, dims)
     with poisoned():
-        out = spatial.spatial_logits(mean.to(dtype), speak.to(dtype), conv_w.to(dtype), padded(dims), padded(kernel))
-    assert out.dtype == dtype
+        out, ms = spatial.spatial_logits(mean.to(dtype), speak.to(dtype), conv_w.to(dtype), padded(dims),
+                                         padded(kernel))
+    assert out.dtype == dtype and ms is None
     check(out, oracle_logits(mean, speak, conv_w, dims))
+
+
+@pytest.mark.parametrize("batch,maps,kernel,dims", CASES[:4])
+@pytest.mark.parametrize(("norm", "weight", "bias", "hard"), [
+    (False, False, False, False), (False, False, False, True), (True, False, False, False), (True, True, True, True),
+    (True, True, False, False)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_spatial_logits_finish_the_gate_through_a_fixed_norm(batch, maps, kernel, dims, norm, weight, bias, hard,
+                                                             dtype):
+    mean, speak, conv_w = inputs(batch, maps, kernel, dims)
+    running_mean, running_var = torch.randn(1, dtype=F64) / 4, 0.5 + torch.rand(1, dtype=F64)
+    norm_w, norm_b = 0.5 + torch.rand(1, dtype=F64), torch.randn(1, dtype=F64)
+    logits = oracle_logits(mean, speak, conv_w, dims)
+    z = logits
+    if norm:
+        z = F.batch_norm(logits.unsqueeze(1), running_mean, running_var, norm_w if weight else None,
+                         norm_b if bias else None, training=False, eps=EPS).squeeze(1)
+    want = F.relu6(z + 3) / 6 if hard else torch.sigmoid(z)
+    low = [None if t is None else t.to(dtype) for t in (mean, speak, conv_w)]
+    given = {"norm_w": norm_w if norm and weight else None, "norm_b": norm_b if norm and bias else None,
+             "running_mean": running_mean if norm else None, "running_var": running_var if norm else None}
+    with poisoned():
+        found, ms = spatial.spatial_logits(*low, padded(dims), padded(kernel), finish=True, hard=hard, eps=EPS,
+                                           **{name: None if t is None else t.to(dtype) for name, t in given.items()})
+    check(found, logits)
+    check(ms, want)
 
 
 def oracle_backward(mean, speak, conv_w, dims, d_ms, norm, hard, weight, running_mean, running_var):
@@ -128,7 +155,7 @@ def test_empty_batch(norm):
     mean, speak, conv_w = inputs(0, 2, (7, 7), (5, 6))
     size, kernel = padded((5, 6)), padded((7, 7))
     with poisoned():
-        logits = spatial.spatial_logits(mean, speak, conv_w, size, kernel)
+        logits, _ = spatial.spatial_logits(mean, speak, conv_w, size, kernel)
         found = spatial.spatial_backward(logits, logits, logits, mean, speak, conv_w, size, kernel, False,
                                          norm is not None, True, None, None, None, EPS)
     assert logits.shape == (0, 30)

@@ -364,6 +364,7 @@ def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamW
         if _native_applies(engine, spec, weights):
             native = _native_forward(passes, x, residual, spec, fixed_norm, weights, input_norm, overwrite)
             out, mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits = native
+            ms = ms if fixed_norm is not None else None  # not finished: the norm and gate follow
             pooled = {"avg": avg, "max": peak}
         else:
             x3 = x.reshape(*x.shape[:2], spatial.numel())
@@ -379,14 +380,17 @@ def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamW
                 mc = _channel_gate(pooled, spec, weights.mlp).contiguous()
             stats = passes.gated_stats(x3, mc) if affine is None else passes.gated_stats(x3, mc, affine)
             mean, speak, spatial_index = stats
-            if engine.has("spatial-logits") and len(weights.conv) == 1:
-                logits = passes.spatial_logits(mean, speak, weights.conv[0].contiguous(), _padded(spatial),
-                                               _padded(weights.conv[0].shape[2:]))
+            if engine.has("spatial-logits") and len(weights.conv) == 1:  # with the gate where the norm is fixed
+                norm = fixed_norm or _NormTensors()
+                logits, ms = passes.spatial_logits(
+                    mean, speak, weights.conv[0].contiguous(), _padded(spatial), _padded(weights.conv[0].shape[2:]),
+                    finish=fixed_norm is not None, hard=spec.gate == "hard-sigmoid", norm_w=norm.weight,
+                    norm_b=norm.bias, running_mean=norm.running_mean, running_var=norm.running_var, eps=norm.eps)
             else:
-                logits = _spatial_logits(mean, speak, spatial, spec, weights.conv).contiguous()
+                logits, ms = _spatial_logits(mean, speak, spatial, spec, weights.conv).contiguous(), None
     ms_graph = None
     if spatial_gate.by_hand(spec.norm):
-        if native is None or fixed_norm is None:  # the norm (once: it may update running statistics), gate
+        if ms is None:  # the norm (once: it may update running statistics), gate
             ms = spatial_gate.forward(logits, spatial, spec.norm, spec.gate).contiguous()
     else:  # another norm: run once, recorded when a backward will follow
         with torch.set_grad_enabled(record):

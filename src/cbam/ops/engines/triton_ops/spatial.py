@@ -6,9 +6,10 @@ kw]`` odd): a size-keeping cross-correlation, zero padding ``k // 2``, no bias, 
 speak]`` (I = 2) or ``(mean + speak) / 2`` (I = 1). Contiguous float32 or float64 tensors, sums and
 outputs in their dtype. Programs cover a tile of one sample's positions and loop over the taps.
 
-Launches: ``spatial_logits`` one; ``spatial_backward`` two (a zeroed allocation for its atomic sums,
-the conv's backward, which recomputes the logits' gradient at each tap's positions instead of storing
-it), three with a norm (its sums over all logits in between); for an empty batch only the allocation.
+Launches: ``spatial_logits`` one (with the gate through a fixed norm, where asked); ``spatial_backward``
+two (a zeroed allocation for its atomic sums, the conv's backward, which recomputes the logits'
+gradient at each tap's positions instead of storing it), three with a norm (its sums over all logits
+in between); for an empty batch only the allocation.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ def _gate_grad(ms, d_ms, HARD: tl.constexpr):
 
 
 @triton.jit
-def _spatial_logits_kernel(mean_ptr, speak_ptr, w_ptr, out_ptr, D, H, W, KD, KH, KW,
-                           MAPS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _spatial_logits_kernel(mean_ptr, speak_ptr, w_ptr, out_ptr, ms_ptr, norm_w_ptr, norm_b_ptr, running_mean_ptr,
+                           running_var_ptr, eps, D, H, W, KD, KH, KW, MAPS: tl.constexpr, FINISH: tl.constexpr,
+                           NORM: tl.constexpr, WEIGHT: tl.constexpr, BIAS: tl.constexpr, HARD: tl.constexpr,
+                           ACC: tl.constexpr, BLOCK: tl.constexpr):
     S = D * H * W
     base = tl.program_id(1).to(tl.int64) * S
     s = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -62,6 +65,19 @@ def _spatial_logits_kernel(mean_ptr, speak_ptr, w_ptr, out_ptr, D, H, W, KD, KH,
                 else:
                     total += tl.load(w_ptr + t).to(ACC) * ((mean + speak) / 2)
     tl.store(out_ptr + base + s, total, mask=s_in)
+    if FINISH:  # the gate through a fixed norm: (z - running mean) / sqrt(running var + eps) * weight + bias
+        z = total
+        if NORM:
+            z = (z - tl.load(running_mean_ptr).to(ACC)) / tl.sqrt(tl.load(running_var_ptr).to(ACC) + eps)
+            if WEIGHT:
+                z = z * tl.load(norm_w_ptr).to(ACC)
+            if BIAS:
+                z = z + tl.load(norm_b_ptr).to(ACC)
+        if HARD:
+            gate = tl.minimum(tl.maximum(z + 3, 0), 6) / 6
+        else:
+            gate = 1 / (1 + tl.exp(-z))
+        tl.store(ms_ptr + base + s, gate, mask=s_in)
 
 
 def _block(t: Tensor, positions: int) -> int:
@@ -74,19 +90,24 @@ def _maps(conv_w: Tensor, kernel: list[int]) -> int:
     return conv_w.numel() // math.prod(kernel)
 
 
-def spatial_logits(mean: Tensor, speak: Tensor, conv_w: Tensor, size: list[int], kernel: list[int]) -> Tensor:
+def spatial_logits(mean: Tensor, speak: Tensor, conv_w: Tensor, size: list[int], kernel: list[int],
+                   finish: bool = False, hard: bool = False, norm_w: Tensor | None = None,
+                   norm_b: Tensor | None = None, running_mean: Tensor | None = None,
+                   running_var: Tensor | None = None, eps: float = 0.0) -> list[Tensor | None]:
     """The conv's logits ``(B, S)`` of ``mean, speak (B, S)`` with ``conv_w (1, I, *kernel)``, ``size``
-    and ``kernel`` padded to three dims. One launch."""
+    and ``kernel`` padded to three dims, and with ``finish`` the gate ``ms (B, S)`` through a fixed norm
+    (a BatchNorm's running statistics ``(1,)`` with its optional weight and bias, or none without
+    them), else ``None``: ``[logits, ms]``. One launch."""
     B, S = mean.shape
-    (logits,) = small_outputs(mean, (B, S))
+    logits, ms = small_outputs(mean, (B, S), (B, S) if finish else (0,))
     if logits.numel() == 0:
-        return logits
-    maps = _maps(conv_w, kernel)
+        return [logits, ms if finish else None]
     block = _block(mean, S)
     _spatial_logits_kernel[(triton.cdiv(S, block), B)](
-        mean, speak, conv_w, logits, *size, *kernel, MAPS=maps, ACC=acc_type(mean), BLOCK=block,
-        num_warps=warps(1, block))
-    return logits
+        mean, speak, conv_w, logits, ms, norm_w, norm_b, running_mean, running_var, float(eps), *size, *kernel,
+        MAPS=_maps(conv_w, kernel), FINISH=finish, NORM=running_mean is not None, WEIGHT=norm_w is not None,
+        BIAS=norm_b is not None, HARD=hard, ACC=acc_type(mean), BLOCK=block, num_warps=warps(1, block))
+    return [logits, ms if finish else None]
 
 
 @triton.jit
