@@ -13,11 +13,13 @@
 #                                   float64 on the GPU, TF32 off: output, every gradient, running
 #                                   statistics; fp32/bf16/fp16, NCHW and channels_last, residual, the
 #                                   folded BatchNorm, train and eval (cbam.profile.cuda_check)
-#   2. modules      (T_MODULES=156) cbam bench --device cuda, one run per mode (bf16-autocast, bf16, fp32;
+#   2. modules      (T_MODULES=135) cbam bench --device cuda, one run per mode (bf16-autocast, bf16, fp32;
 #                                   T_MODULES split evenly), batch 64 at ResNet-50's stage shapes
 #   3. resnet       (T_RESNET=60)   cbam bench --device cuda --resnet-only: ResNet-50 batch 128, 224²,
 #                                   bf16 autocast and fp32, plain vs ours vs timm
-#   4. compiled     (T_COMPILE=240) only with GPU_CHECK_COMPILE=1 (beyond the 5 minutes): --resnet-only
+#   4. launches     (T_LAUNCHES=30) benchmarks/launches.py: the CUDA kernels of one CBAM call and of a
+#                                   ResNet-50 bottleneck, forward and backward, by the profiler
+#   5. compiled     (T_COMPILE=240) only with GPU_CHECK_COMPILE=1 (beyond the 5 minutes): --resnet-only
 #                                   --compile --modes bf16-autocast
 #
 # BENCH_ARGS adds options to the module-table runs (e.g. BENCH_ARGS="--shapes 256x56,2048x7" for a rerun).
@@ -30,7 +32,8 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 export CBAM_NO_EXTENSION=1  # the C++ CPU engine is not measured here: never build it on the GPU machine
 PY="${PYTHON:-$(command -v python || command -v python3)}"
-T_CHECK="${T_CHECK:-70}" T_MODULES="${T_MODULES:-156}" T_RESNET="${T_RESNET:-60}" T_COMPILE="${T_COMPILE:-240}"
+T_CHECK="${T_CHECK:-70}" T_MODULES="${T_MODULES:-135}" T_RESNET="${T_RESNET:-60}" T_LAUNCHES="${T_LAUNCHES:-30}"
+T_COMPILE="${T_COMPILE:-240}"
 failed=0
 : > "$OUT/steps.txt"
 
@@ -80,6 +83,9 @@ done
 
 step resnet "$T_RESNET" "$PY" -m cbam bench --device cuda --resnet-only --save "$OUT/resnet.json"
 cat "$OUT/resnet.md"
+
+step launches "$T_LAUNCHES" "$PY" benchmarks/launches.py --batch 8
+cat "$OUT/launches.md"
 
 if [ "${GPU_CHECK_COMPILE:-0}" = 1 ]; then
     step compiled "$T_COMPILE" "$PY" -m cbam bench --device cuda --resnet-only --compile --modes bf16-autocast \
