@@ -205,10 +205,11 @@ def _fold_applies(engine: Engine, spec: FusedSpec, weights: CbamWeights) -> bool
 
 
 def _native_forward(passes, x: Tensor, residual: Tensor | None, spec: FusedSpec, fixed_norm: _NormTensors | None,
-                    weights: CbamWeights, input_norm: _InputNorm | None, overwrite: bool):
+                    weights: CbamWeights, input_norm: _InputNorm | None, overwrite: bool, indices: bool):
     """The engine's one-call forward; it stops at the spatial logits where the norm is not fixed
     (``fixed_norm`` is ``None``). A folded input BatchNorm's map is applied as the passes read ``x``
-    (its pooling taken as computed, where it was); with ``overwrite`` the output is written over ``x``."""
+    (its pooling taken as computed, where it was); with ``overwrite`` the output is written over ``x``;
+    without ``indices`` (no backward follows) the channel-wise arg-maxima are not tracked."""
     norm = fixed_norm or _NormTensors()  # unused when not finishing
     avg_coef, max_coef = _pool_coefficients(spec)
     return passes.forward(
@@ -219,7 +220,8 @@ def _native_forward(passes, x: Tensor, residual: Tensor | None, spec: FusedSpec,
         hard=spec.gate == "hard-sigmoid", finish=fixed_norm is not None,
         norm_w=norm.weight, norm_b=norm.bias, running_mean=norm.running_mean, running_var=norm.running_var,
         eps=norm.eps, residual=_contiguous(residual), input_affine=None if input_norm is None else input_norm.affine,
-        overwrite=overwrite, pooled=[] if input_norm is None or input_norm.pooled is None else list(input_norm.pooled))
+        overwrite=overwrite, pooled=[] if input_norm is None or input_norm.pooled is None else list(input_norm.pooled),
+        indices=indices)
 
 
 def folds_input_norm(norm, x: Tensor, spec: FusedSpec, weights: CbamWeights) -> bool:
@@ -350,8 +352,9 @@ class _Forward:
 def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamWeights, record: bool,
              selected: tuple[Engine, object], input_norm: _InputNorm | None = None,
              overwrite: bool = False) -> _Forward:
-    """The fused forward, ``relu(cbam(x) + residual)`` with a residual; ``record`` keeps the autograd
-    graph of a norm that ``spatial_gate`` does not compute. ``input_norm``, a folded input BatchNorm
+    """The fused forward, ``relu(cbam(x) + residual)`` with a residual; ``record``: a backward follows
+    (the autograd graph of a norm that ``spatial_gate`` does not compute is kept, and the one-call C++
+    forward tracks the channel-wise arg-maxima, which only the backward reads). ``input_norm``, a folded input BatchNorm
     (only where ``folds_input_norm``); ``overwrite`` lets the one-call C++ forward write its output
     over ``x``. ``weights`` are in ``compute_dtype(x)``."""
     spatial = x.shape[2:]
@@ -362,7 +365,7 @@ def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamW
     with torch.no_grad():
         native = None
         if _native_applies(engine, spec, weights):
-            native = _native_forward(passes, x, residual, spec, fixed_norm, weights, input_norm, overwrite)
+            native = _native_forward(passes, x, residual, spec, fixed_norm, weights, input_norm, overwrite, record)
             out, mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits = native
             ms = ms if fixed_norm is not None else None  # not finished: the norm and gate follow
             pooled = {"avg": avg, "max": peak}

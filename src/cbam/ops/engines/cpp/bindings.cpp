@@ -24,7 +24,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, arg("x"), arg("size"), arg("avg_coef"), arg("max_coef"), arg("fc1_w"), arg("fc1_b"),
         arg("fc2_w"), arg("fc2_b"), arg("conv_w"), arg("kernel"), arg("hard"), arg("finish"), arg("norm_w"),
         arg("norm_b"), arg("running_mean"), arg("running_var"), arg("eps"), arg("residual"), arg("input_affine"),
-        arg("overwrite"), arg("pooled"));
+        arg("overwrite"), arg("pooled"), arg("indices"));
   m.def("batch_norm_affine", &batch_norm_affine, arg("weight"), arg("bias"), arg("running_mean"), arg("running_var"),
         arg("eps"));
   m.def("batch_norm_pool", &batch_norm_pool, arg("x"), arg("weight"), arg("bias"), arg("eps"));

@@ -48,7 +48,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
                                 const std::optional<at::Tensor>& running_var, double eps,
                                 const std::optional<at::Tensor>& residual,
                                 const std::optional<at::Tensor>& input_affine, bool overwrite,
-                                const std::vector<at::Tensor>& pooled);
+                                const std::vector<at::Tensor>& pooled, bool indices);
 
 // backward.cpp: the backward passes over the large tensors.
 std::vector<at::Tensor> gate_grads(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mc,
