@@ -13,20 +13,22 @@
 namespace cbam_cpu {
 namespace {
 
-// Mean, max and first arg-max of one row of S values norm(row[s]), in one read.
-template <typename scalar_t, bool kNormed>
+// Mean, max and (with kIndex) first arg-max of one row of S values norm(row[s]), in one read.
+template <bool kIndex, typename scalar_t, bool kNormed>
 void pool_row(const scalar_t* row, int64_t S, Affine<scalar_t, kNormed> norm, scalar_t& mean, scalar_t& peak,
-              int64_t& index) {
+              int64_t* index) {
   using Values = typename Lanes<scalar_t>::Values;
   Values sums = {};
-  LaneMaximum<scalar_t> highest(norm(row[0]));
+  LaneMaximum<scalar_t, kIndex> highest(norm(row[0]));
   scan_row(row, S, [&](Values v, auto positions, auto fresh) {
     v = norm(v);
     highest.take(v, positions);
     sums += fresh ? v : Values{};
   });
   mean = fold_lanes(sums, [](auto a, auto b) { return a + b; }) / S;
-  std::tie(peak, index) = highest.result();
+  const auto [found, at] = highest.result();
+  peak = found;
+  if constexpr (kIndex) *index = at;
 }
 
 // Channel-wise mean, max and (with kIndex) first arg-max of mc[c] * norm[c](x[c, s]) for one block of kBlock
@@ -113,16 +115,22 @@ void gated_chunk(const scalar_t* x, const scalar_t* mc, InputNorm<scalar_t, kNor
   constexpr int kWidth = sizeof(typename Lanes<scalar_t>::Values) / sizeof(scalar_t), kBlock = 4;
   int64_t s = 0;
   for (; s + kBlock * kWidth <= n; s += kBlock * kWidth)
-    gated_block<kBlock, kIndex>(x + s, mc, norm, C, S, mean + s, peak + s, index + s);
-  gated_rest<kBlock, kIndex>(x + s, mc, norm, C, S, n - s, mean + s, peak + s, index + s);
+    gated_block<kBlock, kIndex>(x + s, mc, norm, C, S, mean + s, peak + s, kIndex ? index + s : nullptr);
+  gated_rest<kBlock, kIndex>(x + s, mc, norm, C, S, n - s, mean + s, peak + s, kIndex ? index + s : nullptr);
 }
 
-// Spatial mean, max and first arg-max of every row (b, c) of norm(x), x: (B, C, S): avg, peak, index (B, C).
+// Spatial mean, max and first arg-max of every row (b, c) of norm(x), x: (B, C, S): avg, peak, index (B, C);
+// the arg-maxima only where index is not null.
 template <typename scalar_t, bool kNormed>
 void pool_rows(const scalar_t* x, InputNorm<scalar_t, kNormed> norm, int64_t B, int64_t C, int64_t S, scalar_t* avg,
                scalar_t* peak, int64_t* index) {
   at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) pool_row(x + r * S, S, norm[r % C], avg[r], peak[r], index[r]);
+    for (int64_t r = begin; r < end; ++r) {
+      if (index)
+        pool_row<true>(x + r * S, S, norm[r % C], avg[r], peak[r], index + r);
+      else
+        pool_row<false>(x + r * S, S, norm[r % C], avg[r], peak[r], nullptr);
+    }
   });
 }
 
@@ -150,8 +158,8 @@ void output_row(const scalar_t* x, Affine<scalar_t, kNormed> norm, scalar_t m, c
 }
 
 // The one-call forward's work on the tensors forward() made: x, out (B, C, S), residual shaped like x
-// or null, mc, avg, peak, channel_index (B, C), mean, speak, spatial_index (null: not tracked), logits,
-// ms (B, S).
+// or null, mc, avg, peak, channel_index (B, C), mean, speak, spatial_index, logits, ms (B, S); the index
+// pointers null where the arg-maxima are not tracked.
 template <typename scalar_t, typename Norm>
 struct OneCall {
   const scalar_t *x, *conv_w, *residual;
@@ -172,7 +180,7 @@ struct OneCall {
 
   // Sample b's pooling, then its MLP.
   void pool_and_mlp(int64_t b) const {
-    pool_rows(x + b * C * S, norm, 1, C, S, avg + b * C, peak + b * C, channel_index + b * C);
+    pool_rows(x + b * C * S, norm, 1, C, S, avg + b * C, peak + b * C, channel_index ? channel_index + b * C : nullptr);
     mlp.gate(avg + b * C, peak + b * C, mc + b * C);
   }
 
@@ -308,7 +316,7 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms
 // scale[c] * x + shift[c], computed as the passes read x: the BatchNorm before CBAM, never written.
 // With overwrite the output is written over x (each sample's output pass is its last read of it).
 // pooled, where not empty, is (avg, peak, channel_index) computed already (batch_norm_pool).
-// Without indices (an inference) spatial_index comes back empty, not computed.
+// Without indices (an inference) channel_index (unless pooled) and spatial_index come back empty, not computed.
 // x is (B, C, *spatial), contiguous. Returns out (shaped like x), mc, ms, avg, peak, channel_index,
 // mean, speak, spatial_index, logits.
 std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, std::vector<double> avg_coef,
@@ -334,7 +342,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
   at::Tensor ms = finish ? vec(S) : at::empty({0}, x.options());
   const bool pool_here = pooled.empty();
   at::Tensor mc = vec(C), avg = pool_here ? vec(C) : pooled[0], peak = pool_here ? vec(C) : pooled[1];
-  at::Tensor channel_index = pool_here ? idx(C) : pooled[2];
+  at::Tensor channel_index = !pool_here ? pooled[2] : indices ? idx(C) : at::empty({0}, x.options().dtype(at::kLong));
   at::Tensor mean = vec(S), speak = vec(S), logits = vec(S);
   at::Tensor spatial_index = indices ? idx(S) : at::empty({0}, x.options().dtype(at::kLong));
   const bool blas_mlp = (fc1_w.numel() + fc2_w.numel()) > C * S;  // MLP weights outweigh a sample's x
@@ -347,7 +355,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
           finish ? out.data_ptr<scalar_t>() : nullptr, finish ? ms.data_ptr<scalar_t>() : nullptr,
           mc.data_ptr<scalar_t>(), avg.data_ptr<scalar_t>(),
           peak.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), speak.data_ptr<scalar_t>(),
-          logits.data_ptr<scalar_t>(), channel_index.data_ptr<int64_t>(),
+          logits.data_ptr<scalar_t>(), channel_index.numel() ? channel_index.data_ptr<int64_t>() : nullptr,
           indices ? spatial_index.data_ptr<int64_t>() : nullptr};
       if (!blas_mlp && pool_here) {  // sample by sample: its x stays in cache from the pooling to the output
         call.each_sample([&](int64_t b) {

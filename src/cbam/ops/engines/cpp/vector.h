@@ -89,9 +89,9 @@ void scan_row(const scalar_t* row, int64_t S, Visit visit) {
   }
 }
 
-// Each lane's maximum over the vectors taken, with the first position where it was reached, from a
-// first value at position 0.
-template <typename scalar_t>
+// Each lane's maximum over the vectors taken, with (kTrack) the first position where it was reached,
+// from a first value at position 0.
+template <typename scalar_t, bool kTrack = true>
 struct LaneMaximum {
   using Values = typename Lanes<scalar_t>::Values;
   using Positions = typename Lanes<scalar_t>::Positions;
@@ -103,12 +103,14 @@ struct LaneMaximum {
   void take(Values v, Positions positions) {
     const Positions above = v > best;
     best = above ? v : best;
-    at = above ? positions : at;
+    if constexpr (kTrack) at = above ? positions : at;
   }
 
-  // The maximum over all lanes and its first position (0 where none equals it: a NaN first value).
+  // The maximum over all lanes and its first position (0 where none equals it: a NaN first value; 0
+  // without kTrack).
   std::pair<scalar_t, int64_t> result() const {
     const scalar_t peak = fold_lanes(best, [](auto a, auto b) { return b > a ? b : a; });
+    if constexpr (!kTrack) return {peak, 0};
     const auto none = std::numeric_limits<typename std::remove_reference<decltype(at[0])>::type>::max();
     const Positions candidates = best == peak + Values{} ? at : none + Positions{};
     const int64_t first = fold_lanes(candidates, [](auto a, auto b) { return b < a ? b : a; });
