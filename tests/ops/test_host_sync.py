@@ -43,10 +43,11 @@ ENGINES = ["torch"] + (["triton"] if engines.ENGINES["triton"].load() is not Non
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("training", [True, False])
-def test_a_cbam_resnet_step_never_waits_for_the_device(engine, training):
+def test_a_cbam_resnet_stage_never_waits_for_the_device(engine, training):
+    """A ResNet-18 stage: two blocks whose CBAM folds the block's BatchNorm and ends in the residual tail."""
     torch.manual_seed(0)
-    model = cbam.models.resnet18(num_classes=3, attention="cbam", preset="timm").to(DEVICE).train(training)
-    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    model = cbam.models.resnet18(attention="cbam", preset="timm").layer1.to(DEVICE).train(training)
+    x = torch.randn(2, 64, 8, 8, device=DEVICE)
     with engines.using(engine), Recorder() as recorder:
         out = model(x)
         out.sum().backward()
