@@ -210,18 +210,24 @@ def _native_forward(passes, x: Tensor, residual: Tensor | None, spec: FusedSpec,
     (``fixed_norm`` is ``None``). A folded input BatchNorm's map is applied as the passes read ``x``
     (its pooling taken as computed, where it was); with ``overwrite`` the output is written over ``x``;
     without ``indices`` (no backward follows) the channel-wise arg-maxima are not tracked."""
-    norm = fixed_norm or _NormTensors()  # unused when not finishing
     avg_coef, max_coef = _pool_coefficients(spec)
     return passes.forward(
         x=x, size=_padded(x.shape[2:]), avg_coef=avg_coef, max_coef=max_coef,
         fc1_w=weights.fc1_weight.contiguous(), fc1_b=_contiguous(weights.fc1_bias),
         fc2_w=weights.fc2_weight.contiguous(), fc2_b=_contiguous(weights.fc2_bias),
         conv_w=weights.conv[0].contiguous(), kernel=_padded(weights.conv[0].shape[2:]),
-        hard=spec.gate == "hard-sigmoid", finish=fixed_norm is not None,
-        norm_w=norm.weight, norm_b=norm.bias, running_mean=norm.running_mean, running_var=norm.running_var,
-        eps=norm.eps, residual=_contiguous(residual), input_affine=None if input_norm is None else input_norm.affine,
+        hard=spec.gate == "hard-sigmoid", **_finishing(fixed_norm),
+        residual=_contiguous(residual), input_affine=None if input_norm is None else input_norm.affine,
         overwrite=overwrite, pooled=[] if input_norm is None or input_norm.pooled is None else list(input_norm.pooled),
         indices=indices)
+
+
+def _finishing(fixed_norm: _NormTensors | None) -> dict:
+    """The keyword arguments by which an engine's forward step finishes the spatial gate through
+    ``fixed_norm`` (``finish`` false, and the norm's unused, where it is ``None``)."""
+    norm = fixed_norm or _NormTensors()
+    return {"finish": fixed_norm is not None, "norm_w": norm.weight, "norm_b": norm.bias,
+            "running_mean": norm.running_mean, "running_var": norm.running_var, "eps": norm.eps}
 
 
 def folds_input_norm(norm, x: Tensor, spec: FusedSpec, weights: CbamWeights) -> bool:
@@ -352,11 +358,11 @@ class _Forward:
 def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamWeights, record: bool,
              selected: tuple[Engine, object], input_norm: _InputNorm | None = None,
              overwrite: bool = False) -> _Forward:
-    """The fused forward, ``relu(cbam(x) + residual)`` with a residual; ``record``: a backward follows
+    """The fused forward, ``relu(cbam(x) + residual)`` with a residual. ``record``: a backward follows
     (the autograd graph of a norm that ``spatial_gate`` does not compute is kept, and the one-call C++
-    forward tracks the channel-wise arg-maxima, which only the backward reads). ``input_norm``, a folded input BatchNorm
-    (only where ``folds_input_norm``); ``overwrite`` lets the one-call C++ forward write its output
-    over ``x``. ``weights`` are in ``compute_dtype(x)``."""
+    forward tracks the arg-maxima, which only the backward reads). ``input_norm``, a folded input
+    BatchNorm (only where ``folds_input_norm``); ``overwrite`` lets the one-call C++ forward write its
+    output over ``x``. ``weights`` are in ``compute_dtype(x)``."""
     spatial = x.shape[2:]
     engine, passes = selected
     fixed_norm = _fixed_norm(spec, weights)
@@ -384,11 +390,9 @@ def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamW
             stats = passes.gated_stats(x3, mc) if affine is None else passes.gated_stats(x3, mc, affine)
             mean, speak, spatial_index = stats
             if engine.has("spatial-logits") and len(weights.conv) == 1:  # with the gate where the norm is fixed
-                norm = fixed_norm or _NormTensors()
                 logits, ms = passes.spatial_logits(
                     mean, speak, weights.conv[0].contiguous(), _padded(spatial), _padded(weights.conv[0].shape[2:]),
-                    finish=fixed_norm is not None, hard=spec.gate == "hard-sigmoid", norm_w=norm.weight,
-                    norm_b=norm.bias, running_mean=norm.running_mean, running_var=norm.running_var, eps=norm.eps)
+                    hard=spec.gate == "hard-sigmoid", **_finishing(fixed_norm))
             else:
                 logits, ms = _spatial_logits(mean, speak, spatial, spec, weights.conv).contiguous(), None
     ms_graph = None

@@ -147,11 +147,16 @@ def _combination(coefficients: list[float], tensors: list[Tensor]) -> Tensor:
     return sum(terms[1:], terms[0]) if terms else torch.zeros_like(tensors[0])
 
 
+def _mlp_inputs(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef: list[float]) -> Tensor:
+    """The MLP's inputs ``(P, B, C)``: ``avg_coef[p] * avg + max_coef[p] * peak`` for each pool type ``p``."""
+    return torch.stack([_combination([a, m], [avg, peak]) for a, m in zip(avg_coef, max_coef)])
+
+
 def channel_gate(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef: list[float], fc1_w: Tensor,
                  fc1_b: Tensor | None, fc2_w: Tensor, fc2_b: Tensor | None, hard: bool) -> Tensor:
     """The channel gate ``mc = gate(sum_p fc2(relu(fc1(avg_coef[p] * avg + max_coef[p] * peak))))`` ``(B, C)``
     of ``avg, peak (B, C)`` (fc2 once, on the sum of the activations: it is linear)."""
-    stacked = torch.stack([_combination([a, m], [avg, peak]) for a, m in zip(avg_coef, max_coef)])  # (P, B, C)
+    stacked = _mlp_inputs(avg, peak, avg_coef, max_coef)
     hidden = F.linear(stacked, fc1_w, fc1_b).relu_().sum(0)
     logits = F.linear(hidden, fc2_w, None if fc2_b is None else fc2_b * len(avg_coef))
     return functional.gate(logits, "hard-sigmoid" if hard else "sigmoid")
@@ -163,7 +168,7 @@ def channel_backward(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef:
     for ``avg, peak (B, C)``, ``fc1_w (H, C)``, ``fc1_b (H)``, ``fc2_w (C, H)`` and fc2's bias ``(C)``, given
     the gate ``mc`` the forward returned and ``d_mc (B, C)``; by formula, without autograd."""
     count = len(avg_coef)
-    stacked = torch.stack([_combination([a, m], [avg, peak]) for a, m in zip(avg_coef, max_coef)])  # (P, B, C)
+    stacked = _mlp_inputs(avg, peak, avg_coef, max_coef)
     pre = F.linear(stacked, fc1_w, fc1_b)  # (P, B, H)
     slope = ((mc > 0) & (mc < 1)).to(mc.dtype) / 6 if hard else mc * (1 - mc)
     d_logits = d_mc * slope  # (B, C)

@@ -11,12 +11,11 @@ linear, so every pool type's pre-activation comes from the same two products ``U
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import small_outputs
+from .common import acc_type, gate, gate_grad, small_outputs
 
 BLOCK = 16  # samples, hidden units and channels per tile edge: 16 x 16 x 16 products held at once
 MAX_POOLS = 3
@@ -31,13 +30,6 @@ def _coefficient(p: tl.constexpr, C0, C1, C2):
         return C1
     else:
         return C2
-
-
-@triton.jit
-def _gate(logits, HARD: tl.constexpr):
-    if HARD:
-        return tl.minimum(tl.maximum(logits + 3, 0), 6) / 6
-    return 1 / (1 + tl.exp(-logits))
 
 
 @triton.jit
@@ -90,7 +82,7 @@ def _gate_kernel(hidden_ptr, w2_ptr, b2_ptr, mc_ptr, B, C, H, POOLS: tl.constexp
         logits += tl.sum(hidden[:, None, :] * w2[None, :, :], 2)
     if BIAS:
         logits += POOLS * tl.load(b2_ptr + c, mask=c_in, other=0).to(ACC)[None, :]
-    tl.store(mc_ptr + b[:, None] * C + c[None, :], _gate(logits, HARD), mask=b_in[:, None] & c_in[None, :])
+    tl.store(mc_ptr + b[:, None] * C + c[None, :], gate(logits, HARD), mask=b_in[:, None] & c_in[None, :])
 
 
 def _coefficients(avg_coef: list[float], max_coef: list[float]) -> dict[str, float]:
@@ -114,21 +106,13 @@ def channel_gate(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef: lis
     hidden, mc = small_outputs(avg, (B, H), (B, C))
     if B == 0:
         return mc
-    acc = tl.float64 if avg.dtype == torch.float64 else tl.float32
+    acc = acc_type(avg)
     blocks = {"BLOCK_B": BLOCK, "BLOCK_H": BLOCK, "BLOCK_C": BLOCK}
     _hidden_kernel[_grid(B, H)](avg, peak, fc1_w, fc1_b, hidden, B, C, H, **_coefficients(avg_coef, max_coef),
                                 POOLS=len(avg_coef), BIAS=fc1_b is not None, ACC=acc, **blocks)
     _gate_kernel[_grid(B, C)](hidden, fc2_w, fc2_b, mc, B, C, H, POOLS=len(avg_coef), BIAS=fc2_b is not None,
                               HARD=hard, ACC=acc, **blocks)
     return mc
-
-
-@triton.jit
-def _slope(mc, HARD: tl.constexpr):
-    """The gate's derivative from its value."""
-    if HARD:
-        return tl.where((mc > 0) & (mc < 1), 1.0 / 6, 0.0)
-    return mc * (1 - mc)
 
 
 @triton.jit
@@ -148,7 +132,7 @@ def _hidden_grads_kernel(avg_ptr, peak_ptr, w1_ptr, b1_ptr, w2_ptr, mc_ptr, d_mc
         rows = b[:, None] * C + c[None, :]
         row_in = b_in[:, None] & c_in[None, :]
         mc = tl.load(mc_ptr + rows, mask=row_in, other=0).to(ACC)
-        d_logits = tl.load(d_mc_ptr + rows, mask=row_in, other=0).to(ACC) * _slope(mc, HARD)
+        d_logits = gate_grad(mc, tl.load(d_mc_ptr + rows, mask=row_in, other=0).to(ACC), HARD)
         w2 = tl.load(w2_ptr + c[:, None] * H + h[None, :], mask=c_in[:, None] & h_in[None, :], other=0).to(ACC)
         d_r += tl.sum(d_logits[:, :, None] * w2[None, :, :], 1)
     bias = tl.load(b1_ptr + h, mask=h_in, other=0).to(ACC)[None, :] if BIAS else 0
@@ -219,7 +203,7 @@ def _weight_grads_kernel(avg_ptr, peak_ptr, mc_ptr, d_mc_ptr, hidden_ptr, d_w1_p
         avg = tl.load(avg_ptr + rows, mask=row_in, other=0).to(ACC)[:, None, :]
         peak = tl.load(peak_ptr + rows, mask=row_in, other=0).to(ACC)[:, None, :]
         mc = tl.load(mc_ptr + rows, mask=row_in, other=0).to(ACC)
-        d_logits = tl.load(d_mc_ptr + rows, mask=row_in, other=0).to(ACC) * _slope(mc, HARD)
+        d_logits = gate_grad(mc, tl.load(d_mc_ptr + rows, mask=row_in, other=0).to(ACC), HARD)
         at = b[:, None] * H + h[None, :]
         inside = b_in[:, None] & h_in[None, :]
         hidden = tl.load(hidden_ptr + at, mask=inside, other=0)
@@ -249,7 +233,7 @@ def channel_backward(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef:
                                                                  (C, H), (C,))
     if B == 0:
         return [d_avg, d_max, *(t.zero_() for t in (d_w1, d_b1, d_w2, d_b2))]
-    acc = tl.float64 if avg.dtype == torch.float64 else tl.float32
+    acc = acc_type(avg)
     blocks = {"BLOCK_B": BLOCK, "BLOCK_H": BLOCK, "BLOCK_C": BLOCK}
     pools, hard_gate = len(avg_coef), bool(hard)
     _hidden_grads_kernel[_grid(B, H)](avg, peak, fc1_w, fc1_b, fc2_w, mc, d_mc, hidden, B, C, H,

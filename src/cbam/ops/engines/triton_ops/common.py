@@ -1,5 +1,5 @@
-"""What every Triton pass shares: the NaN-aware maximum with its first index, the accumulation dtype,
-tile sizes, and small outputs in one allocation.
+"""What every Triton pass shares: the NaN-aware maximum with its first index, the gates and their
+slopes, the accumulation dtype, tile sizes, and small outputs in one allocation.
 
 Big tensors ``(B, C, S)`` are read through their strides (contiguous or channels-last-derived); the
 programs of a pass cover ``(C, S)`` tiles of one sample, its offset taken in int64.
@@ -43,6 +43,24 @@ def merge_max(best, at, peak, first):
     where strictly larger (or the first NaN), so the first maximal index stays."""
     take = (peak > best) | ((peak != peak) & (best == best))
     return tl.where(take, peak, best), tl.where(take, first, at)
+
+
+@triton.jit
+def gate(z, HARD: tl.constexpr):
+    """The gate of logits ``z``: hard-sigmoid ``relu6(z + 3) / 6`` with ``HARD``, else the sigmoid."""
+    if HARD:
+        return tl.minimum(tl.maximum(z + 3, 0), 6) / 6
+    return 1 / (1 + tl.exp(-z))
+
+
+@triton.jit
+def gate_grad(g, d, HARD: tl.constexpr):
+    """The gradient at the gate's input from its value ``g`` and the gradient ``d`` at its output:
+    ``d / 6`` strictly inside (0, 1) for the hard-sigmoid (divided, not multiplied by a float32 1/6,
+    so float64 stays exact), else ``d g (1 - g)``."""
+    if HARD:
+        return tl.where((g > 0) & (g < 1), d, 0) / 6
+    return d * (g * (1 - g))
 
 
 def accumulation(x: Tensor) -> torch.dtype:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import TILE, acc_type, small_outputs, warps
+from .common import TILE, acc_type, gate, gate_grad, small_outputs, warps
 
 
 @triton.jit
@@ -30,15 +30,6 @@ def _neighbour(d, h, w, s_in, a, e, f, D, H, W):
     d, h, w = d + a, h + e, w + f
     inside = s_in & (d >= 0) & (d < D) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
     return (d * H + h) * W + w, inside
-
-
-@triton.jit
-def _gate_grad(ms, d_ms, HARD: tl.constexpr):
-    """The gradient at the gate's input from its output ``ms`` and that output's gradient ``d_ms``:
-    hard-sigmoid slope 1/6 strictly inside (0, 1), else 0; sigmoid slope ``ms * (1 - ms)``."""
-    if HARD:
-        return tl.where((ms > 0) & (ms < 1), d_ms, 0) / 6
-    return d_ms * (ms * (1 - ms))
 
 
 @triton.jit
@@ -73,11 +64,7 @@ def _spatial_logits_kernel(mean_ptr, speak_ptr, w_ptr, out_ptr, ms_ptr, norm_w_p
                 z = z * tl.load(norm_w_ptr).to(ACC)
             if BIAS:
                 z = z + tl.load(norm_b_ptr).to(ACC)
-        if HARD:
-            gate = tl.minimum(tl.maximum(z + 3, 0), 6) / 6
-        else:
-            gate = 1 / (1 + tl.exp(-z))
-        tl.store(ms_ptr + base + s, gate, mask=s_in)
+        tl.store(ms_ptr + base + s, gate(z, HARD), mask=s_in)
 
 
 def _block(t: Tensor, positions: int) -> int:
@@ -118,7 +105,7 @@ def _norm_sums_kernel(logits_ptr, ms_ptr, d_ms_ptr, shift_ptr, sums_ptr, N,
     z = tl.load(logits_ptr + i, mask=inside, other=0).to(ACC) - tl.load(shift_ptr).to(ACC)
     z = tl.where(inside, z, 0)
     ms = tl.load(ms_ptr + i, mask=inside, other=0).to(ACC)
-    dn = _gate_grad(ms, tl.load(d_ms_ptr + i, mask=inside, other=0).to(ACC), HARD)
+    dn = gate_grad(ms, tl.load(d_ms_ptr + i, mask=inside, other=0).to(ACC), HARD)
     tl.atomic_add(sums_ptr, tl.sum(dn), sem="relaxed")
     tl.atomic_add(sums_ptr + 1, tl.sum(dn * z), sem="relaxed")
     if BATCH:
@@ -132,7 +119,7 @@ def _d_logits(at, inside, logits_ptr, ms_ptr, d_ms_ptr, centre, inverse_std, sca
     """The logits' gradient at the flat positions ``at`` (0 off ``inside``): through the gate and the
     norm (with ``NORM``; on batch statistics with ``BATCH``)."""
     ms = tl.load(ms_ptr + at, mask=inside, other=0).to(ACC)
-    dz = _gate_grad(ms, tl.load(d_ms_ptr + at, mask=inside, other=0).to(ACC), HARD)
+    dz = gate_grad(ms, tl.load(d_ms_ptr + at, mask=inside, other=0).to(ACC), HARD)
     if NORM:
         if BATCH:
             centred = (tl.load(logits_ptr + at, mask=inside, other=0).to(ACC) - centre) * inverse_std
