@@ -105,7 +105,10 @@ class CbamWeights:
         return self.norm_weight, self.norm_bias
 
     def to(self, dtype: torch.dtype) -> CbamWeights:
-        """The weights in ``dtype`` (the fused path's small steps compute in ``compute_dtype``)."""
+        """The weights in ``dtype`` (the fused path's small steps compute in ``compute_dtype``); ``self``
+        where they already are (the usual case: no new object, no call per weight)."""
+        if all(w is None or w.dtype == dtype for w in self.flat()):
+            return self
         return CbamWeights.from_flat([None if w is None else w.to(dtype) for w in self.flat()])
 
 
@@ -324,6 +327,11 @@ def _spatial_backward(plan: _Plan, saved: dict[str, Tensor], weights: CbamWeight
     return d_mean.contiguous(), d_speak.contiguous(), d_norm, d_conv
 
 
+def _in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call where it is already in ``dtype`` (one per weight, every backward)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _contiguous(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
@@ -518,7 +526,7 @@ def backward_from(grad: Tensor, saved: dict[str, Tensor | None], weights: CbamWe
     d_pooled, d_mlp = channel.grads(d_mc + d_stats)
     found = iter([*d_mlp, *d_norm, *d_conv])  # in the order of weights, Nones skipped
     d_residual = g3.view_as(x) if plan.has_residual else None
-    d_weights = [None if w is None else next(found).to(w.dtype) for w in weights.flat()]
+    d_weights = [None if w is None else _in_dtype(next(found), w.dtype) for w in weights.flat()]
     in_w = saved["in_w"]
 
     gradients = (g3, x3, mc, ms, d_mean, d_speak, saved["spatial_index"], d_pooled["avg"], d_pooled["max"],

@@ -30,6 +30,7 @@ checks). The Triton interpreter counts as a CPU device only when ``triton`` is n
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 from collections.abc import Callable, Iterator
@@ -88,14 +89,21 @@ class Engine:
 
     def load(self) -> ModuleType | None:
         """The engine's module of passes, or ``None`` where it cannot be had (a failed build, no triton)."""
-        try:
-            module = importlib.import_module(self.module_name, __name__)
-        except ImportError:
-            return None
-        return self.loader(module)
+        module = _imported(self.module_name)
+        return None if module is None else self.loader(module)
 
     def has(self, extra: str) -> bool:
         return extra in self.extras
+
+
+@functools.cache
+def _imported(module_name: str) -> ModuleType | None:
+    """The engine module ``module_name`` (relative to this package), imported once; ``None`` where it
+    cannot be (no triton)."""
+    try:
+        return importlib.import_module(module_name, __name__)
+    except ImportError:
+        return None
 
 
 ENGINES = {
