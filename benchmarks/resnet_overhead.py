@@ -6,7 +6,14 @@ differ):
     python benchmarks/resnet_overhead.py --label new          # this checkout, as installed
 
 Prints one line: the median over rounds of each round's ratio of ``attention="cbam"`` (``preset="timm"``,
-``impl="auto"``) to ``attention=None``, for a training step and for an inference. Two checkouts keep
+``impl="auto"``) to ``attention=None``, for a training step and for an inference; ``--save PATH`` also
+appends every round's overheads to PATH as one JSON line, to pool many processes:
+
+    for i in 1 2 3 4 5 6; do
+        python benchmarks/resnet_overhead.py --label native --save runs.jsonl
+        CBAM_CPU_ARCH=x86-64-v3 python benchmarks/resnet_overhead.py --label avx2 --save runs.jsonl
+    done
+    python benchmarks/resnet_overhead.py --pool runs.jsonl Two checkouts keep
 their C++ builds side by side (the build's name hashes its install path and sources); a checkout from
 before ``ops/engines/cpp/build.py`` existed must have its extension renamed in its ``ops/cpu_extension.py``.
 """
@@ -14,6 +21,7 @@ before ``ops/engines/cpp/build.py`` existed must have its extension renamed in i
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 
@@ -23,7 +31,12 @@ def main() -> None:
     parser.add_argument("--src", help="a cbam checkout whose src/ to import instead of the installed package")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--label", default="cbam")
+    parser.add_argument("--save", help="append this run's per-round overheads to this file (JSON lines)")
+    parser.add_argument("--pool", help="print the medians and quartiles per label of the runs saved in this file")
     args = parser.parse_args()
+    if args.pool:
+        _pool(args.pool)
+        return
     if args.src:
         sys.path.insert(0, f"{args.src}/src")
     import torch
@@ -49,8 +62,29 @@ def main() -> None:
                     model(x)
 
         samples = interleaved_samples({n: (lambda m=m: run(m)) for n, m in models.items()}, args.rounds, warmup=1)
-        found[mode] = statistics.median(t / base - 1 for t, base in zip(samples["cbam"], samples["none"]))
-    print(f"{args.label}: train {found['train']:+.1%}, inference {found['inference']:+.1%} ({cbam.__file__})")
+        found[mode] = [t / base - 1 for t, base in zip(samples["cbam"], samples["none"])]
+    print(f"{args.label}: train {statistics.median(found['train']):+.1%}, "
+          f"inference {statistics.median(found['inference']):+.1%} ({cbam.__file__})")
+    if args.save:
+        with open(args.save, "a") as f:
+            f.write(json.dumps({"label": args.label, **found}) + "\n")
+
+
+def _pool(path: str) -> None:
+    """Per label: processes, rounds, and the median and quartiles of all their rounds' overheads."""
+    runs: dict[str, list[dict]] = {}
+    with open(path) as f:
+        for line in f:
+            run = json.loads(line)
+            runs.setdefault(run["label"], []).append(run)
+    for label, found in runs.items():
+        cells = []
+        for mode in ("train", "inference"):
+            ratios = [r for run in found for r in run[mode]]
+            low, middle, high = statistics.quantiles(ratios, n=4)
+            process_medians = ", ".join(f"{statistics.median(run[mode]):+.1%}" for run in found)
+            cells.append(f"{mode} {middle:+.1%} ({low:+.1%} .. {high:+.1%}; per process {process_medians})")
+        print(f"{label}: {len(found)} processes, {sum(len(run['train']) for run in found)} rounds; " + "; ".join(cells))
 
 
 if __name__ == "__main__":

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..ops import IMPLS, CbamWeights, FusedSpec, calibration, folds_input_norm, fused_applies, library
-from ..ops.fused import checked_fused_cbam
+from ..ops.fused import autocast_off, checked_fused_cbam
 from ..presets import ORDERS
 from ..validation import check_bool, check_callable, check_choice, check_residual
 from .gate_pair import AttentionMaps, GatePair
@@ -166,7 +165,7 @@ class CBAM(GatePair):
     def _fused(self, x: Tensor, residual: Tensor | None, input_norm: nn.Module | None, inplace: bool,
                spec: FusedSpec, weights: CbamWeights) -> Tensor:
         device = x.device.type  # under autocast: gates in float32 (float64 for float64 x), output in x's dtype
-        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
+        with autocast_off(device):
             if torch.compiler.is_compiling() and library.covers(spec, weights):  # no graph break: the custom ops
                 return library.fused_cbam_op(x, residual, spec, weights, input_norm)
             return checked_fused_cbam(x, spec, weights, residual, input_norm, inplace)  # forward checked the norm

@@ -42,6 +42,7 @@ the maximum is unique. The backward is not itself differentiable (no double back
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -116,6 +117,12 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype of the gates, pooled vectors and small steps for ``x``: float64 for float64, else
     float32 (bfloat16/float16 input accumulates in float32 and only the large outputs keep its dtype)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def autocast_off(device: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off on ``device`` for a block (the fused path computes in ``compute_dtype``); no
+    context at all where it is not on (entering one costs more than the check)."""
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
 
 def _leaf(t: Tensor | None) -> Tensor | None:
@@ -569,7 +576,7 @@ class FusedCBAM(torch.autograd.Function):
         tensors = ctx.saved_tensors
         saved = dict(zip(ctx.names, tensors[:len(ctx.names)]))
         weights = CbamWeights.from_flat(tensors[len(ctx.names):])
-        with torch.autocast(grad.device.type, enabled=False):  # a backward called under autocast: as the forward
+        with autocast_off(grad.device.type):  # a backward called under autocast: as the forward
             dx, d_residual, d_in_w, d_in_b, d_weights = backward_from(grad, saved, weights, ctx.plan)
         d_in_w, d_in_b = (g if present else None for g, present in zip((d_in_w, d_in_b), ctx.has_in))
         return (dx, d_residual, None, None, d_in_w, d_in_b, *d_weights)

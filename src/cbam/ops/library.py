@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from . import spatial_gate
 from .batch_norm_state import BatchNormState
 from .engines import select
-from .fused import CbamWeights, FusedSpec, _in_layout, _Plan, backward_from, compute_dtype, forward_saving
+from .fused import CbamWeights, FusedSpec, _in_layout, _Plan, autocast_off, backward_from, compute_dtype, forward_saving
 
 SAVED = ("logits", "mc", "ms", "mean", "speak", "channel_index", "spatial_index", "affine", "in_mean", "in_spread",
          "pooled_avg")
@@ -61,7 +61,7 @@ def _state(tensors: list[Tensor | None], mode: int, factor: float, eps: float) -
 
 def _no_autocast(x: Tensor):
     """Autocast off on ``x``'s device: the gates compute in ``compute_dtype(x)``, as the fake kernels say."""
-    return torch.autocast(x.device.type, enabled=False)
+    return autocast_off(x.device.type)
 
 
 def _empty(like: Tensor) -> Tensor:
