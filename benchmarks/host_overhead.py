@@ -9,11 +9,16 @@ reference path and fused on the C++ engine, each in eval (forward, no autograd) 
 (forward and backward of the sum); and a ResNet block's tail, ``cbam(conv_out, residual,
 input_norm=bn)``, against timm's ``relu(cbam(bn(conv_out)) + residual)``. Medians over interleaved
 rounds of ``--calls`` calls each, in microseconds per call, and each row's ratio to timm's.
+
+``--triton`` adds the fused rows on the Triton engine (in the interpreter, ``TRITON_INTERPRET=1``)
+with every kernel launch replaced by a no-op: the host work of our wrappers around the launches, the
+part that a CPU can time (Triton's own launch cost on a GPU comes on top).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 
@@ -21,6 +26,7 @@ import torch
 from torch import nn
 
 from cbam import CBAM
+from cbam.ops import engines
 from cbam.profile.benchmark import interleaved_samples
 
 SHAPE = (2, 64, 4, 4)
@@ -45,8 +51,28 @@ def _modules() -> dict[str, nn.Module]:
             "cbam fused": CBAM(channels, preset="timm", impl="fused")}
 
 
-def runs(calls: int) -> dict[str, object]:
-    """``{row name: callable of calls calls}`` for every row."""
+def _without_launches() -> None:
+    """Every Triton kernel launch (``kernel[grid](...)``) a no-op, in the interpreter."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    from triton.runtime import interpreter, jit
+
+    def no_launch(kernel, grid):
+        return lambda *args, **kwargs: None
+
+    jit.JITFunction.__getitem__ = no_launch
+    interpreter.InterpretedFunction.__getitem__ = no_launch
+
+
+def _on_engine(name: str, run):
+    def switched():
+        with engines.using(name):
+            run()
+    return switched
+
+
+def runs(calls: int, triton: bool = False) -> dict[str, object]:
+    """``{row name: callable of calls calls}`` for every row (with ``triton``, the fused ones on the Triton
+    engine too, launches left out)."""
     torch.manual_seed(0)
     x, residual = torch.randn(SHAPE), torch.randn(SHAPE)
     leaf = x.clone().requires_grad_()
@@ -62,6 +88,9 @@ def runs(calls: int) -> dict[str, object]:
         found[f"{name}, eval, block tail"] = _calls(torch.no_grad()(tail), calls)
         trained = CBAM(SHAPE[1], preset="timm", impl=module.impl) if isinstance(module, CBAM) else _timm_cbam(SHAPE[1])
         found[f"{name}, training"] = _calls(lambda m=trained: m(leaf).sum().backward(), calls)
+    if triton:
+        for key in [key for key in found if key.startswith("cbam fused")]:
+            found[key.replace("cbam fused", "cbam fused on Triton without launches")] = _on_engine("triton", found[key])
     return found
 
 
@@ -69,9 +98,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--triton", action="store_true", help="also the fused rows on Triton, launches left out")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    samples = interleaved_samples(runs(args.calls), args.rounds)
+    if args.triton:
+        _without_launches()
+    samples = interleaved_samples(runs(args.calls, args.triton), args.rounds)
     micro = {name: statistics.median(times) / args.calls * 1e6 for name, times in samples.items()}
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread, input {SHAPE}, "
           f"medians of {args.rounds} rounds of {args.calls} calls")

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import acc_type, gate, gate_grad, small_outputs
+from .common import acc_type, cdiv, gate, gate_grad, small_outputs
 
 BLOCK = 16  # samples, hidden units and channels per tile edge: 16 x 16 x 16 products held at once
 MAX_POOLS = 3
@@ -93,7 +93,7 @@ def _coefficients(avg_coef: list[float], max_coef: list[float]) -> dict[str, flo
 
 
 def _grid(*extents: int) -> tuple[int, ...]:
-    return tuple(triton.cdiv(extent, BLOCK) for extent in extents)
+    return tuple(cdiv(extent, BLOCK) for extent in extents)
 
 
 def channel_gate(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef: list[float], fc1_w: Tensor,

@@ -1,11 +1,13 @@
 """What every Triton pass shares: the NaN-aware maximum with its first index, the gates and their
-slopes, the accumulation dtype, tile sizes, and small outputs in one allocation.
+slopes, the accumulation dtype, tile sizes and grid arithmetic, and small outputs in one allocation.
 
 Big tensors ``(B, C, S)`` are read through their strides (contiguous or channels-last-derived); the
 programs of a pass cover ``(C, S)`` tiles of one sample, its offset taken in int64.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -73,6 +75,17 @@ def acc_type(x: Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints, ``b > 0``: the grid arithmetic on the host, in plain Python
+    (``triton.cdiv`` is a constexpr function, a few µs per host call: a dozen per CBAM call)."""
+    return -(-a // b)
+
+
+def power_of_two(n: int) -> int:
+    """The least power of two ``>= max(n, 1)`` (a block size)."""
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
 def warps(block_a: int, block_b: int) -> int:
     """Warps for a program holding a ``block_a x block_b`` tile: 8 for a full tile, else 4."""
     return 8 if block_a * block_b >= TILE else 4
@@ -82,23 +95,22 @@ def reduction_tile(x: Tensor, outer: int, kept: int, reduced: int) -> tuple[int,
     """Blocks ``(along kept, along reduced)`` for programs that each loop over the ``reduced`` axis for
     ``kept``-sized slices of ``outer`` samples: on a GPU, narrower slices until about ``BUSY``
     programs run; the reduced block fills the tile."""
-    block = min(64, triton.next_power_of_2(max(kept, 1)))
+    block = min(64, power_of_two(kept))
     if x.is_cuda:
-        while block > 16 and outer * triton.cdiv(kept, block) < BUSY:
+        while block > 16 and outer * cdiv(kept, block) < BUSY:
             block //= 2
-    return block, min(triton.next_power_of_2(max(reduced, 1)), max(16, TILE // block))
+    return block, min(power_of_two(reduced), max(16, TILE // block))
 
 
 def elementwise_tile(channels: int, positions: int) -> tuple[int, int]:
     """Blocks ``(BLOCK_C, BLOCK_S)`` of an element-wise pass over ``(B, C, S)``."""
-    block_c = min(64, triton.next_power_of_2(max(channels, 1)))
-    return block_c, min(triton.next_power_of_2(max(positions, 1)), TILE // block_c)
+    block_c = min(64, power_of_two(channels))
+    return block_c, min(power_of_two(positions), TILE // block_c)
 
 
 def small_outputs(x: Tensor, *shapes: tuple[int, ...], zero: bool = False) -> list[Tensor]:
-    """Contiguous tensors of these shapes in ``accumulation(x)`` on ``x``'s device, cut from one
+    """Contiguous tensors of these shapes in ``accumulation(x)`` on ``x``'s device, cut in order from one
     allocation (zeroed, for atomic sums, with ``zero``): one allocation, at most one launch."""
-    sizes = [int(torch.Size(shape).numel()) for shape in shapes]
-    make = torch.zeros if zero else torch.empty
-    flat = make(sum(sizes), dtype=accumulation(x), device=x.device)
-    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
+    sizes = [math.prod(shape) for shape in shapes]
+    flat = (torch.zeros if zero else torch.empty)(sum(sizes), dtype=accumulation(x), device=x.device)
+    return [part.view(shape) for part, shape in zip(torch.split_with_sizes(flat, sizes), shapes)]

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import TILE, acc_type, gate, gate_grad, small_outputs, warps
+from .common import TILE, acc_type, cdiv, gate, gate_grad, power_of_two, small_outputs, warps
 
 
 @triton.jit
@@ -69,7 +69,7 @@ def _spatial_logits_kernel(mean_ptr, speak_ptr, w_ptr, out_ptr, ms_ptr, norm_w_p
 
 def _block(t: Tensor, positions: int) -> int:
     """Positions per program: 256 on a GPU (many programs), a full tile in the interpreter (few)."""
-    return min(triton.next_power_of_2(positions), 256 if t.is_cuda else TILE)
+    return min(power_of_two(positions), 256 if t.is_cuda else TILE)
 
 
 def _maps(conv_w: Tensor, kernel: list[int]) -> int:
@@ -90,7 +90,7 @@ def spatial_logits(mean: Tensor, speak: Tensor, conv_w: Tensor, size: list[int],
     if logits.numel() == 0:
         return [logits, ms if finish else None]
     block = _block(mean, S)
-    _spatial_logits_kernel[(triton.cdiv(S, block), B)](
+    _spatial_logits_kernel[(cdiv(S, block), B)](
         mean, speak, conv_w, logits, ms, norm_w, norm_b, running_mean, running_var, float(eps), *size, *kernel,
         MAPS=_maps(conv_w, kernel), FINISH=finish, NORM=running_mean is not None, WEIGHT=norm_w is not None,
         BIAS=norm_b is not None, HARD=hard, ACC=acc_type(mean), BLOCK=block, num_warps=warps(1, block))
@@ -208,12 +208,12 @@ def spatial_backward(
     acc = acc_type(logits)
     shift = logits if batch_statistics else running_mean
     if norm:
-        block = min(triton.next_power_of_2(N), TILE)
-        _norm_sums_kernel[(triton.cdiv(N, block),)](
+        block = min(power_of_two(N), TILE)
+        _norm_sums_kernel[(cdiv(N, block),)](
             logits, ms, d_ms, shift, sums, N, HARD=hard, BATCH=batch_statistics, ACC=acc, BLOCK=block,
             num_warps=warps(1, block))
     block = _block(logits, S)
-    _spatial_backward_kernel[(triton.cdiv(S, block), B)](
+    _spatial_backward_kernel[(cdiv(S, block), B)](
         logits, ms, d_ms, mean, speak, conv_w, shift, sums, weight, running_var, d_maps[0], d_conv, d_weight, d_bias,
         *size, *kernel, N, eps, MAPS=maps, HARD=hard, NORM=norm, BATCH=batch_statistics, AFFINE=weight is not None,
         ACC=acc, BLOCK=block, num_warps=warps(1, block))
