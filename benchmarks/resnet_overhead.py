@@ -63,6 +63,7 @@ def main() -> None:
 
         samples = interleaved_samples({n: (lambda m=m: run(m)) for n, m in models.items()}, args.rounds, warmup=1)
         found[mode] = [t / base - 1 for t, base in zip(samples["cbam"], samples["none"])]
+        found[f"{mode} seconds"] = {name: statistics.median(times) for name, times in samples.items()}
     print(f"{args.label}: train {statistics.median(found['train']):+.1%}, "
           f"inference {statistics.median(found['inference']):+.1%} ({cbam.__file__})")
     if args.save:
@@ -83,7 +84,9 @@ def _pool(path: str) -> None:
             ratios = [r for run in found for r in run[mode]]
             low, middle, high = statistics.quantiles(ratios, n=4)
             process_medians = ", ".join(f"{statistics.median(run[mode]):+.1%}" for run in found)
-            cells.append(f"{mode} {middle:+.1%} ({low:+.1%} .. {high:+.1%}; per process {process_medians})")
+            plain = [run[f"{mode} seconds"]["none"] for run in found if f"{mode} seconds" in run]
+            seconds = f"; plain {statistics.median(plain):.3f} s" if plain else ""
+            cells.append(f"{mode} {middle:+.1%} ({low:+.1%} .. {high:+.1%}; per process {process_medians}{seconds})")
         print(f"{label}: {len(found)} processes, {sum(len(run['train']) for run in found)} rounds; " + "; ".join(cells))
 
 
