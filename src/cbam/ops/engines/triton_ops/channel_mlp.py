@@ -33,6 +33,15 @@ def _coefficient(p: tl.constexpr, C0, C1, C2):
 
 
 @triton.jit
+def _two_tiles(first_ptr, second_ptr, b, c, b_in, c_in, C, ACC: tl.constexpr):
+    """The ``(b, c)`` tiles ``(BLOCK_B, BLOCK_C)`` of two ``(B, C)`` tensors, in ``ACC`` (0 outside them)."""
+    rows = b[:, None] * C + c[None, :]
+    row_in = b_in[:, None] & c_in[None, :]
+    first = tl.load(first_ptr + rows, mask=row_in, other=0).to(ACC)
+    return first, tl.load(second_ptr + rows, mask=row_in, other=0).to(ACC)
+
+
+@triton.jit
 def _products(avg_ptr, peak_ptr, w1_ptr, b, h, b_in, h_in, C, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
     """``U = avg @ fc1ᵀ`` and ``V = peak @ fc1ᵀ`` on the ``(b, h)`` tile ``(BLOCK_B, BLOCK_H)``."""
     u = tl.zeros([b.shape[0], h.shape[0]], ACC)
@@ -40,13 +49,10 @@ def _products(avg_ptr, peak_ptr, w1_ptr, b, h, b_in, h_in, C, ACC: tl.constexpr,
     for start in range(0, C, BLOCK_C):
         c = start + tl.arange(0, BLOCK_C)
         c_in = c < C
-        rows = b[:, None] * C + c[None, :]
-        row_in = b_in[:, None] & c_in[None, :]
-        avg = tl.load(avg_ptr + rows, mask=row_in, other=0).to(ACC)[:, None, :]
-        peak = tl.load(peak_ptr + rows, mask=row_in, other=0).to(ACC)[:, None, :]
+        avg, peak = _two_tiles(avg_ptr, peak_ptr, b, c, b_in, c_in, C, ACC)
         w1 = tl.load(w1_ptr + h[:, None] * C + c[None, :], mask=h_in[:, None] & c_in[None, :], other=0).to(ACC)
-        u += tl.sum(avg * w1[None, :, :], 2)
-        v += tl.sum(peak * w1[None, :, :], 2)
+        u += tl.sum(avg[:, None, :] * w1[None, :, :], 2)
+        v += tl.sum(peak[:, None, :] * w1[None, :, :], 2)
     return u, v
 
 
@@ -129,10 +135,8 @@ def _hidden_grads_kernel(avg_ptr, peak_ptr, w1_ptr, b1_ptr, w2_ptr, mc_ptr, d_mc
     for start in range(0, C, BLOCK_C):
         c = start + tl.arange(0, BLOCK_C)
         c_in = c < C
-        rows = b[:, None] * C + c[None, :]
-        row_in = b_in[:, None] & c_in[None, :]
-        mc = tl.load(mc_ptr + rows, mask=row_in, other=0).to(ACC)
-        d_logits = gate_grad(mc, tl.load(d_mc_ptr + rows, mask=row_in, other=0).to(ACC), HARD)
+        mc, d_mc = _two_tiles(mc_ptr, d_mc_ptr, b, c, b_in, c_in, C, ACC)
+        d_logits = gate_grad(mc, d_mc, HARD)
         w2 = tl.load(w2_ptr + c[:, None] * H + h[None, :], mask=c_in[:, None] & h_in[None, :], other=0).to(ACC)
         d_r += tl.sum(d_logits[:, :, None] * w2[None, :, :], 1)
     bias = tl.load(b1_ptr + h, mask=h_in, other=0).to(ACC)[None, :] if BIAS else 0
@@ -198,18 +202,15 @@ def _weight_grads_kernel(avg_ptr, peak_ptr, mc_ptr, d_mc_ptr, hidden_ptr, d_w1_p
     for start in range(0, B, BLOCK_B):
         b = start + tl.arange(0, BLOCK_B)
         b_in = b < B
-        rows = b[:, None] * C + c[None, :]
-        row_in = b_in[:, None] & c_in[None, :]
-        avg = tl.load(avg_ptr + rows, mask=row_in, other=0).to(ACC)[:, None, :]
-        peak = tl.load(peak_ptr + rows, mask=row_in, other=0).to(ACC)[:, None, :]
-        mc = tl.load(mc_ptr + rows, mask=row_in, other=0).to(ACC)
-        d_logits = gate_grad(mc, tl.load(d_mc_ptr + rows, mask=row_in, other=0).to(ACC), HARD)
+        avg, peak = _two_tiles(avg_ptr, peak_ptr, b, c, b_in, c_in, C, ACC)
+        mc, d_mc = _two_tiles(mc_ptr, d_mc_ptr, b, c, b_in, c_in, C, ACC)
+        d_logits = gate_grad(mc, d_mc, HARD)
         at = b[:, None] * H + h[None, :]
         inside = b_in[:, None] & h_in[None, :]
         hidden = tl.load(hidden_ptr + at, mask=inside, other=0)
         e_avg = tl.load(hidden_ptr + B * H + at, mask=inside, other=0)
         e_max = tl.load(hidden_ptr + 2 * B * H + at, mask=inside, other=0)
-        d_w1 += tl.sum(e_avg[:, :, None] * avg + e_max[:, :, None] * peak, 0)
+        d_w1 += tl.sum(e_avg[:, :, None] * avg[:, None, :] + e_max[:, :, None] * peak[:, None, :], 0)
         d_w2 += tl.sum(hidden[:, :, None] * d_logits[:, None, :], 0)
         d_b1 += tl.sum(tl.load(hidden_ptr + 3 * B * H + at, mask=inside, other=0), 0)
         d_b2 += tl.sum(d_logits, 0)

@@ -172,13 +172,12 @@ def _spatial_backward_kernel(logits_ptr, ms_ptr, d_ms_ptr, mean_ptr, speak_ptr, 
                 dz = _d_logits(base + q, inside, logits_ptr, ms_ptr, d_ms_ptr, centre, inverse_std, scale, mean_dn,
                                mean_dn_centred, HARD, NORM, BATCH, ACC)
                 t = (a * KH + e) * KW + f
+                d_first += tl.load(w_ptr + t).to(ACC) * dz
                 if MAPS == 2:
-                    d_first += tl.load(w_ptr + t).to(ACC) * dz
                     d_second += tl.load(w_ptr + taps + t).to(ACC) * dz
                     tl.atomic_add(d_conv_ptr + t, tl.sum(dz * mean), sem="relaxed")
                     tl.atomic_add(d_conv_ptr + taps + t, tl.sum(dz * speak), sem="relaxed")
                 else:
-                    d_first += tl.load(w_ptr + t).to(ACC) * dz
                     tl.atomic_add(d_conv_ptr + t, tl.sum(dz * ((mean + speak) / 2)), sem="relaxed")
     if MAPS == 2:
         tl.store(d_maps_ptr + base + s, d_first, mask=s_in)
