@@ -29,8 +29,16 @@ def fused_applies(impl: str, order: str, x: Tensor) -> bool:
     if order != "channel-spatial" or not x.is_floating_point() or torch.jit.is_tracing():
         return False
     if torch.compiler.is_compiling():  # the op picks its engine when it runs; exports see the reference's ops
-        return not torch.compiler.is_exporting()
+        return not _exporting()
     return engine_for(x) != "torch" or requested() == "torch"
+
+
+def _exporting() -> bool:
+    """``torch.compiler.is_exporting()``, read so that ``torch.compile`` sees its value: dynamo in torch 2.11
+    (what the GPU machines have) folds the call to ``True`` under any compile, which made ``auto`` run
+    the reference in every compiled model there. The flag it returns is read as a value instead."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
 __all__ = ["IMPLS", "CbamWeights", "FusedCBAM", "FusedSpec", "compute_dtype", "engine_for", "folds_input_norm",

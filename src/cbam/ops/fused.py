@@ -69,8 +69,9 @@ class FusedSpec:
 
     @property
     def native_pools(self) -> bool:
-        """Whether every pool type is a mix of mean and max (what the engines compute by themselves)."""
-        return set(self.pool_types) <= NATIVE_POOLS.keys()
+        """Whether every pool type is a mix of mean and max (what the engines compute by themselves). Written
+        so that dynamo traces it in every torch release (torch 2.11's cannot compare a set with dict keys)."""
+        return all(pool in NATIVE_POOLS for pool in self.pool_types)
 
 
 @dataclass(frozen=True)
