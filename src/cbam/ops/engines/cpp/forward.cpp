@@ -103,8 +103,6 @@ void gated_rest(const scalar_t* x, const scalar_t* mc, InputNorm<scalar_t, kNorm
   }
 }
 
-constexpr int kGatedVectors = 4;  // vectors of positions per block of gated_chunk
-
 // Channel-wise mean, max and first arg-max of mc[c] * norm[c](x[c, s]) for n positions of one sample;
 // x points at the chunk's first position of channel 0, rows are S apart. Blocks of kBlock vectors of
 // positions keep their sums, maxima and arg-maxima in registers while the channels stream by; the
@@ -114,7 +112,7 @@ constexpr int kGatedVectors = 4;  // vectors of positions per block of gated_chu
 template <bool kIndex, typename scalar_t, bool kNormed>
 void gated_chunk(const scalar_t* x, const scalar_t* mc, InputNorm<scalar_t, kNormed> norm, int64_t C, int64_t S,
                  int64_t n, scalar_t* mean, scalar_t* peak, int64_t* index) {
-  constexpr int kWidth = sizeof(typename Lanes<scalar_t>::Values) / sizeof(scalar_t), kBlock = kGatedVectors;
+  constexpr int kWidth = sizeof(typename Lanes<scalar_t>::Values) / sizeof(scalar_t), kBlock = 4;
   int64_t s = 0;
   for (; s + kBlock * kWidth <= n; s += kBlock * kWidth)
     gated_block<kBlock, kIndex>(x + s, mc, norm, C, S, mean + s, peak + s, kIndex ? index + s : nullptr);
@@ -159,25 +157,6 @@ void output_row(const scalar_t* x, Affine<scalar_t, kNormed> norm, scalar_t m, c
   }
 }
 
-// Whether the one-call forward gives each thread whole samples (else it runs the passes of one sample
-// after another, each in parallel).
-inline bool samples_in_parallel(int64_t B) { return B >= at::get_num_threads(); }
-
-constexpr int64_t kBandBytes = 256 * 1024;  // half of a Zen 3 core's L2, a quarter of a Zen 4's
-
-// Positions per band of the one-call forward's rest(). Where a thread takes whole samples and writes
-// their outputs, as many as keep the band's positions of every channel, and the rows behind it that
-// wait for its statistics (trail), within kBandBytes, in whole blocks of the statistics' vectors; else,
-// or where the sample fits anyway, the whole sample (in parallel passes every band would cost two
-// rounds of synchronisation).
-template <typename scalar_t>
-int64_t band_positions(bool banded, int64_t C, int64_t S, int64_t trail) {
-  constexpr int64_t block = kGatedVectors * sizeof(typename Lanes<scalar_t>::Values) / sizeof(scalar_t);
-  const int64_t row_bytes = C * static_cast<int64_t>(sizeof(scalar_t));
-  if (!banded || S * row_bytes <= kBandBytes) return S;
-  return std::max(block, (kBandBytes / row_bytes - trail) / block * block);
-}
-
 // The one-call forward's work on the tensors forward() made: x, out (B, C, S), residual shaped like x
 // or null, mc, avg, peak, channel_index (B, C), mean, speak, spatial_index, logits, ms (B, S); the index
 // pointers null where the arg-maxima are not tracked.
@@ -189,7 +168,6 @@ struct OneCall {
   int64_t B, C, S, I;
   const int64_t *size, *kernel;
   bool hard, finish;
-  int64_t band;  // positions per band of rest(): band_positions
   double scale, shift;  // the fixed norm of the spatial logits: scale * z + shift
   scalar_t *out, *ms, *mc, *avg, *peak, *mean, *speak, *logits;
   int64_t *channel_index, *spatial_index;
@@ -206,61 +184,47 @@ struct OneCall {
     mlp.gate(avg + b * C, peak + b * C, mc + b * C);
   }
 
-  // The rest for sample b: gated statistics, spatial conv, gate and output, band after band of `band`
-  // positions: a band's statistics, then the rows of logits (and outputs) they complete, so that a
-  // position read for the statistics is read again for its output while it is still in cache.
+  // The rest for sample b: gated statistics, spatial conv, gate and output.
   void rest(int64_t b) const {
-    scalar_t *mean_b = mean + b * S, *speak_b = speak + b * S;
-    const int64_t W = size[2], rows = size[0] * size[1], reach = tap_reach(size, kernel);
-    std::vector<scalar_t> maps(I * S);
-    int64_t done = 0;  // rows whose logits (and outputs) are written
-    for (int64_t q0 = 0; q0 < S; q0 += band) {
-      const int64_t q1 = std::min(S, q0 + band);
-      gated_positions(b, q0, q1);
-      statistic_maps(mean_b, speak_b, I, S, q0, q1, maps.data());
-      const int64_t known = q1 == S ? rows : std::max<int64_t>(0, (q1 - reach) / W);
-      if (known > done) finish_rows(b, maps.data(), done, known);
-      done = std::max(done, known);
-    }
-  }
-
-  // Sample b's gated statistics at positions [q0, q1), in tasks of kChunk positions.
-  void gated_positions(int64_t b, int64_t q0, int64_t q1) const {
     const scalar_t* xb = x + b * C * S;
     const scalar_t* mc_b = mc + b * C;
-    at::parallel_for(0, chunks(q1 - q0), 1, [&](int64_t begin, int64_t end) {
+    scalar_t *mean_b = mean + b * S, *speak_b = speak + b * S;
+    at::parallel_for(0, chunks(S), 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
-        const int64_t s0 = q0 + k * kChunk, n = std::min(kChunk, q1 - s0), at = b * S + s0;
+        const int64_t s0 = k * kChunk;
+        const int64_t n = std::min(kChunk, S - s0);
         if (spatial_index)
-          gated_chunk<true>(xb + s0, mc_b, norm, C, S, n, mean + at, speak + at, spatial_index + at);
+          gated_chunk<true>(xb + s0, mc_b, norm, C, S, n, mean_b + s0, speak_b + s0, spatial_index + b * S + s0);
         else
-          gated_chunk<false>(xb + s0, mc_b, norm, C, S, n, mean + at, speak + at, nullptr);
+          gated_chunk<false>(xb + s0, mc_b, norm, C, S, n, mean_b + s0, speak_b + s0, nullptr);
       }
     });
+    std::vector<scalar_t> maps(I * S);
+    statistic_maps(mean_b, speak_b, I, S, maps.data());
+    scalar_t* logits_b = logits + b * S;
+    spatial_conv(maps.data(), conv_w, I, size, kernel, logits_b);
+    if (finish) output(b);
   }
 
-  // Sample b's logits at the rows [r0, r1) of its maps (I, S) and, where the spatial gate is finished
-  // here, its gate and output at those rows' positions.
-  void finish_rows(int64_t b, const scalar_t* maps, int64_t r0, int64_t r1) const {
-    const int64_t p0 = r0 * size[2], p1 = r1 * size[2];
-    spatial_conv(maps, conv_w, I, size, kernel, r0, r1, logits + b * S);
-    if (!finish) return;
+  // Sample b's spatial gate from its logits, and its output.
+  void output(int64_t b) const {
     const scalar_t* logits_b = logits + b * S;
     scalar_t* ms_b = ms + b * S;
-    for (int64_t s = p0; s < p1; ++s) ms_b[s] = squash(scalar_t(scale) * logits_b[s] + scalar_t(shift), hard);
-    const int64_t offset = b * C * S + p0;
+    for (int64_t s = 0; s < S; ++s) ms_b[s] = squash(scalar_t(scale) * logits_b[s] + scalar_t(shift), hard);
+    const scalar_t* xb = x + b * C * S;
     const scalar_t* mc_b = mc + b * C;
+    scalar_t* ob = out + b * C * S;
+    const scalar_t* rb = residual ? residual + b * C * S : nullptr;
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c)
-        output_row(x + offset + c * S, norm[c], mc_b[c], ms_b + p0, residual ? residual + offset + c * S : nullptr,
-                   p1 - p0, out + offset + c * S);
+        output_row(xb + c * S, norm[c], mc_b[c], ms_b, rb ? rb + c * S : nullptr, S, ob + c * S);
     });
   }
 
   // work(b) for every sample: samples split among threads where there are enough (the passes inside
   // then run serially), else one after the other.
   void each_sample(const std::function<void(int64_t)>& work) const {
-    if (samples_in_parallel(B)) {
+    if (B >= at::get_num_threads()) {
       at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) work(b);
       });
@@ -385,19 +349,15 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_forward", [&] {
     const auto mlp = channel_mlp<scalar_t>(avg_coef, max_coef, fc1_w, fc1_b, fc2_w, fc2_b, hard);
     with_input_norm<scalar_t>(input_affine, C, [&](auto norm) {
-      const int64_t band = band_positions<scalar_t>(finish && samples_in_parallel(B), C, S,
-                                                    tap_reach(size.data(), kernel.data()) + size[2]);
       OneCall<scalar_t, decltype(norm)> call{
           x.data_ptr<scalar_t>(), conv_w.data_ptr<scalar_t>(), data_or_null<scalar_t>(residual), mlp, norm, B, C, S,
-          I, size.data(), kernel.data(), hard, finish, band, spatial_norm.first, spatial_norm.second,
+          I, size.data(), kernel.data(), hard, finish, spatial_norm.first, spatial_norm.second,
           finish ? out.data_ptr<scalar_t>() : nullptr, finish ? ms.data_ptr<scalar_t>() : nullptr,
           mc.data_ptr<scalar_t>(), avg.data_ptr<scalar_t>(),
           peak.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), speak.data_ptr<scalar_t>(),
           logits.data_ptr<scalar_t>(), channel_index.numel() ? channel_index.data_ptr<int64_t>() : nullptr,
           indices ? spatial_index.data_ptr<int64_t>() : nullptr};
-      // Sample by sample: its x stays in cache from the pooling to the output (from band to band where
-      // the sample does not fit).
-      if (!blas_mlp && pool_here) {
+      if (!blas_mlp && pool_here) {  // sample by sample: its x stays in cache from the pooling to the output
         call.each_sample([&](int64_t b) {
           call.pool_and_mlp(b);
           call.rest(b);

@@ -90,7 +90,7 @@ template <typename scalar_t>
 void stats_conv_backward(const scalar_t* mean, const scalar_t* speak, const scalar_t* dz, const scalar_t* conv_w,
                          int64_t B, int64_t I, int64_t S, int64_t taps, const std::vector<int64_t>& size,
                          const std::vector<int64_t>& kernel, scalar_t* maps, scalar_t* d_maps, scalar_t* partial) {
-  for (int64_t b = 0; b < B; ++b) statistic_maps(mean + b * S, speak + b * S, I, S, 0, S, maps + b * I * S);
+  for (int64_t b = 0; b < B; ++b) statistic_maps(mean + b * S, speak + b * S, I, S, maps + b * I * S);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
       spatial_conv_backward(maps + b * I * S, dz + b * S, conv_w, I, size.data(), kernel.data(), d_maps + b * I * S,

@@ -89,12 +89,11 @@ ChannelMLP<scalar_t> channel_mlp(const std::vector<double>& avg_coef, const std:
           hard};
 }
 
-// The spatial conv's input maps (I, S) of one sample at positions [begin, end) from its gated statistics
-// mean, speak (S): I = 2 stacks them, I = 1 averages them.
+// The spatial conv's input maps (I, S) of one sample from its gated statistics mean, speak (S):
+// I = 2 stacks them, I = 1 averages them.
 template <typename scalar_t>
-void statistic_maps(const scalar_t* mean, const scalar_t* speak, int64_t I, int64_t S, int64_t begin, int64_t end,
-                    scalar_t* maps) {
-  for (int64_t s = begin; s < end; ++s) {
+void statistic_maps(const scalar_t* mean, const scalar_t* speak, int64_t I, int64_t S, scalar_t* maps) {
+  for (int64_t s = 0; s < S; ++s) {
     if (I == 2) {
       maps[s] = mean[s];
       maps[S + s] = speak[s];
@@ -105,50 +104,38 @@ void statistic_maps(const scalar_t* mean, const scalar_t* speak, int64_t I, int6
 }
 
 // Every (output row, input row, kernel tap) of the size-keeping correlation of maps (I, D, H, W) with
-// a kernel (I, kd, kh, kw), zero padding k // 2, for the output rows [first_row, last_row) of the D * H
-// rows of W positions: visit(out, in, tap, shift, lo, hi) pairs position out + ow of the output with
-// in + ow + shift of the maps for ow in [lo, hi), under weight[tap].
+// a kernel (I, kd, kh, kw), zero padding k // 2: visit(out, in, tap, shift, lo, hi) pairs position
+// out + ow of the output with in + ow + shift of the maps for ow in [lo, hi), under weight[tap].
 template <typename Visit>
-void for_each_tap(int64_t I, const int64_t* size, const int64_t* kernel, int64_t first_row, int64_t last_row,
-                  Visit visit) {
+void for_each_tap(int64_t I, const int64_t* size, const int64_t* kernel, Visit visit) {
   const int64_t D = size[0], H = size[1], W = size[2], S = D * H * W;
-  for (int64_t row = first_row; row < last_row; ++row) {
-    const int64_t od = row / H, oh = row % H;
-    for (int64_t i = 0; i < I; ++i)
-      for (int64_t a = 0; a < kernel[0]; ++a) {
-        const int64_t id = od + a - kernel[0] / 2;
-        if (id < 0 || id >= D) continue;
-        for (int64_t e = 0; e < kernel[1]; ++e) {
-          const int64_t ih = oh + e - kernel[1] / 2;
-          if (ih < 0 || ih >= H) continue;
-          const int64_t first_tap = ((i * kernel[0] + a) * kernel[1] + e) * kernel[2];
-          for (int64_t f = 0; f < kernel[2]; ++f) {
-            const int64_t shift = f - kernel[2] / 2;
-            visit(row * W, i * S + (id * H + ih) * W, first_tap + f, shift, std::max<int64_t>(0, -shift),
-                  std::min(W, W - shift));
+  for (int64_t od = 0; od < D; ++od)
+    for (int64_t oh = 0; oh < H; ++oh)
+      for (int64_t i = 0; i < I; ++i)
+        for (int64_t a = 0; a < kernel[0]; ++a) {
+          const int64_t id = od + a - kernel[0] / 2;
+          if (id < 0 || id >= D) continue;
+          for (int64_t e = 0; e < kernel[1]; ++e) {
+            const int64_t ih = oh + e - kernel[1] / 2;
+            if (ih < 0 || ih >= H) continue;
+            const int64_t first_tap = ((i * kernel[0] + a) * kernel[1] + e) * kernel[2];
+            for (int64_t f = 0; f < kernel[2]; ++f) {
+              const int64_t shift = f - kernel[2] / 2;
+              visit((od * H + oh) * W, i * S + (id * H + ih) * W, first_tap + f, shift,
+                    std::max<int64_t>(0, -shift), std::min(W, W - shift));
+            }
           }
         }
-      }
-  }
 }
 
-// How far past the end of an output row the maps its correlation reads reach, in positions: a row's
-// outputs are known once the maps are known up to (row + 1) * W + reach.
-inline int64_t tap_reach(const int64_t* size, const int64_t* kernel) {
-  return (kernel[0] / 2) * size[1] * size[2] + (kernel[1] / 2) * size[2];
-}
-
-// The correlation itself at the output rows [first_row, last_row): out (S) from maps (I, S) and
-// weight (I, kd, kh, kw).
+// The correlation itself: out (S) from maps (I, S) and weight (I, kd, kh, kw).
 template <typename scalar_t>
 void spatial_conv(const scalar_t* maps, const scalar_t* weight, int64_t I, const int64_t* size,
-                  const int64_t* kernel, int64_t first_row, int64_t last_row, scalar_t* out) {
-  const int64_t W = size[2];
-  std::fill(out + first_row * W, out + last_row * W, scalar_t(0));
-  for_each_tap(I, size, kernel, first_row, last_row,
-               [&](int64_t o, int64_t in, int64_t tap, int64_t shift, int64_t lo, int64_t hi) {
-                 for (int64_t ow = lo; ow < hi; ++ow) out[o + ow] += weight[tap] * maps[in + ow + shift];
-               });
+                  const int64_t* kernel, scalar_t* out) {
+  std::fill(out, out + size[0] * size[1] * size[2], scalar_t(0));
+  for_each_tap(I, size, kernel, [&](int64_t o, int64_t in, int64_t tap, int64_t shift, int64_t lo, int64_t hi) {
+    for (int64_t ow = lo; ow < hi; ++ow) out[o + ow] += weight[tap] * maps[in + ow + shift];
+  });
 }
 
 // Its gradients for one sample: d_maps (I, S) = conv^T(d_out), d_weight (I, kd, kh, kw) += the
@@ -157,15 +144,14 @@ template <typename scalar_t>
 void spatial_conv_backward(const scalar_t* maps, const scalar_t* d_out, const scalar_t* weight, int64_t I,
                            const int64_t* size, const int64_t* kernel, scalar_t* d_maps, scalar_t* d_weight) {
   std::fill(d_maps, d_maps + I * size[0] * size[1] * size[2], scalar_t(0));
-  for_each_tap(I, size, kernel, 0, size[0] * size[1],
-               [&](int64_t o, int64_t in, int64_t tap, int64_t shift, int64_t lo, int64_t hi) {
-                 scalar_t sum = 0;
-                 for (int64_t ow = lo; ow < hi; ++ow) {
-                   d_maps[in + ow + shift] += weight[tap] * d_out[o + ow];
-                   sum += d_out[o + ow] * maps[in + ow + shift];
-                 }
-                 d_weight[tap] += sum;
-               });
+  for_each_tap(I, size, kernel, [&](int64_t o, int64_t in, int64_t tap, int64_t shift, int64_t lo, int64_t hi) {
+    scalar_t sum = 0;
+    for (int64_t ow = lo; ow < hi; ++ow) {
+      d_maps[in + ow + shift] += weight[tap] * d_out[o + ow];
+      sum += d_out[o + ow] * maps[in + ow + shift];
+    }
+    d_weight[tap] += sum;
+  });
 }
 
 }  // namespace
