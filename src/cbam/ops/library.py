@@ -73,7 +73,11 @@ def _spec(pool_types: str, gate: str, spatial_pool: str, norm: BatchNormState | 
     return FusedSpec(tuple(pool_types.split(",")), gate, spatial_pool, norm)
 
 
-@torch.library.custom_op("cbam::fused_forward", mutates_args=())
+# The schemas are written out: torch before 2.5 cannot infer one from postponed (string) annotations.
+@torch.library.custom_op("cbam::fused_forward", mutates_args=(), schema=(
+    "(Tensor x, Tensor? residual, Tensor[] weights, Tensor[] norm, Tensor[] input_norm, str pool_types, str gate, "
+    "str spatial_pool, int norm_mode, float norm_factor, float norm_eps, int input_mode, float input_factor, "
+    "float input_eps) -> Tensor[]"))
 def fused_forward(x: Tensor, residual: Tensor | None, weights: list[Tensor], norm: list[Tensor],
                   input_norm: list[Tensor], pool_types: str, gate: str, spatial_pool: str, norm_mode: int,
                   norm_factor: float, norm_eps: float, input_mode: int, input_factor: float,
@@ -120,7 +124,10 @@ def _(x, residual, weights, norm, input_norm, pool_types, gate, spatial_pool, no
             *indices, *folded, vector(batch, channels)]
 
 
-@torch.library.custom_op("cbam::fused_backward", mutates_args=())
+@torch.library.custom_op("cbam::fused_backward", mutates_args=(), schema=(
+    "(Tensor grad, Tensor x, Tensor? rectified, Tensor[] saved, Tensor[] weights, Tensor[] norm, Tensor? input_weight, "
+    "str pool_types, str gate, str spatial_pool, int norm_mode, float norm_eps, int input_mode, float input_eps) "
+    "-> Tensor[]"))
 def fused_backward(grad: Tensor, x: Tensor, rectified: Tensor | None, saved: list[Tensor], weights: list[Tensor],
                    norm: list[Tensor], input_weight: Tensor | None, pool_types: str, gate: str,
                    spatial_pool: str, norm_mode: int, norm_eps: float, input_mode: int,
