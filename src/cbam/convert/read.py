@@ -34,8 +34,8 @@ def _load_error(error: Exception) -> str:
     """One line for why loading failed; torch's weights-only refusal is a paragraph with the cause inside."""
     text, marker = str(error), "WeightsUnpickler error:"
     if isinstance(error, pickle.UnpicklingError) and (marker in text or text.startswith("Weights only load failed")):
-        # torch's refusal: a paragraph of advice, then the cause (after the marker, or in the next paragraph)
-        rest = text.split(marker, 1)[1] if marker in text else "\n".join(text.split("\n\n")[1:])
+        # torch's refusal: a line of advice, then the cause (after the marker, or on the next line that has text)
+        rest = text.split(marker, 1)[1] if marker in text else "\n".join(text.splitlines()[1:])
         cause = _first_line(rest).split(". ")[0].rstrip(".") or "a global outside the allowed types"
         return f"weights-only loading (tensors and plain containers, never code) refused it: {cause}"
     cause = _first_line(text).split(". ")[0]

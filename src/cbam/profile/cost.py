@@ -46,6 +46,18 @@ def is_attention(module: nn.Module) -> bool:
     return isinstance(module, OUR_ATTENTION) or (cls.__module__.startswith("timm.") and cls.__name__ in TIMM_ATTENTION)
 
 
+# torch before 2.10 has no reduction tag: there, the reductions by name
+_REDUCTION_TAG = getattr(torch.Tag, "reduction", None)
+_REDUCTIONS = {aten.sum, aten.mean, aten.amax, aten.amin, aten.max, aten.min, aten.prod, aten.var, aten.std,
+               aten.argmax, aten.argmin, aten.logsumexp, aten.linalg_vector_norm}
+
+
+def _is_reduction(func) -> bool:
+    if _REDUCTION_TAG is not None:
+        return _REDUCTION_TAG in func.tags
+    return func.overloadpacket in _REDUCTIONS
+
+
 class _ElementwiseCounter(TorchDispatchMode):
     """Counts element-wise, reduction and normalisation FLOPs while ``active`` is above 0."""
 
@@ -62,7 +74,7 @@ class _ElementwiseCounter(TorchDispatchMode):
                 self.total += 2 * first_out.numel()
             elif torch.Tag.pointwise in func.tags and isinstance(first_out, torch.Tensor):
                 self.total += first_out.numel()
-            elif torch.Tag.reduction in func.tags and args and isinstance(args[0], torch.Tensor):
+            elif _is_reduction(func) and args and isinstance(args[0], torch.Tensor):
                 self.total += args[0].numel()
         return out
 

@@ -71,21 +71,38 @@ def _specialisation(function, args, kwargs) -> dict:
 
 @contextlib.contextmanager
 def recording(found: dict):
-    """Record, into ``found``, each interpreted kernel launch's specialisation (one entry per distinct one)."""
+    """Record, into ``found``, each interpreted kernel launch's specialisation (one entry per distinct one).
+    A launch goes through ``InterpretedFunction.run`` in Triton 3.6 and 3.8, through ``__getitem__`` (which
+    returns the launcher of a grid) in Triton 3.4."""
     from triton.runtime import interpreter
 
-    run = interpreter.InterpretedFunction.run
-
-    def recorded(function, *args, grid, warmup, **kwargs):
+    def note(function, args, kwargs) -> None:
         row = _specialisation(function, args, kwargs)
         found.setdefault(json.dumps(row, sort_keys=True), row)
-        return run(function, *args, grid=grid, warmup=warmup, **kwargs)
 
-    interpreter.InterpretedFunction.run = recorded
+    interpreted = interpreter.InterpretedFunction
+    if hasattr(interpreted, "run"):
+        name, original = "run", interpreted.run
+
+        def patched(function, *args, grid, warmup, **kwargs):
+            note(function, args, kwargs)
+            return original(function, *args, grid=grid, warmup=warmup, **kwargs)
+    else:
+        name, original = "__getitem__", interpreted.__getitem__
+
+        def patched(function, grid):
+            launch = original(function, grid)
+
+            def recorded(*args, **kwargs):
+                note(function, args, kwargs)
+                return launch(*args, **kwargs)
+            return recorded
+
+    setattr(interpreted, name, patched)
     try:
         yield found
     finally:
-        interpreter.InterpretedFunction.run = run
+        setattr(interpreted, name, original)
 
 
 def workload() -> None:
