@@ -29,6 +29,10 @@
 #                                   bf16 autocast and fp32, plain vs ours vs timm
 #   launches        (T_LAUNCHES=20) benchmarks/launches.py: the CUDA kernels of one CBAM call and of a
 #                                   ResNet-50 bottleneck, forward and backward, by the profiler
+#   graphs          (T_GRAPHS=45)   cbam bench --device cuda --modes bf16-autocast --graphs: the module table
+#                                   again, with timm's module and ours also replayed from CUDA graphs (the
+#                                   GPU's time without the host's per-call work); last, as a capture that
+#                                   fails could leave the process's CUDA context unusable
 #   compiled        (T_COMPILE=240) only with GPU_CHECK_COMPILE=1 (beyond the 5 minutes): --resnet-only
 #                                   --compile --modes bf16-autocast
 #
@@ -43,7 +47,7 @@ export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 export CBAM_NO_EXTENSION=1  # the C++ CPU engine is not measured here: never build it on the GPU machine
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 T_CHECK="${T_CHECK:-75}" T_WARM="${T_WARM:-75}" T_MODULES="${T_MODULES:-120}" T_RESNET="${T_RESNET:-60}"
-T_LAUNCHES="${T_LAUNCHES:-20}"
+T_LAUNCHES="${T_LAUNCHES:-20}" T_GRAPHS="${T_GRAPHS:-45}"
 T_COMPILE="${T_COMPILE:-240}"
 : > "$OUT/steps.txt"
 
@@ -103,6 +107,11 @@ cat "$OUT/resnet.md"
 
 step launches "$T_LAUNCHES" "$PY" benchmarks/launches.py --batch 8
 cat "$OUT/launches.md"
+
+# shellcheck disable=SC2086  # BENCH_ARGS: as above
+step graphs "$T_GRAPHS" "$PY" -m cbam bench --device cuda --modes bf16-autocast --graphs --save "$OUT/graphs.json" \
+    ${BENCH_ARGS:-}
+cat "$OUT/graphs.md"
 
 if [ "${GPU_CHECK_COMPILE:-0}" = 1 ]; then
     step compiled "$T_COMPILE" "$PY" -m cbam bench --device cuda --resnet-only --compile --modes bf16-autocast \

@@ -55,13 +55,14 @@ def test_device_cuda_passes_its_options_to_cuda_bench(capsys, monkeypatch):
 
     monkeypatch.setattr(cuda_bench, "run", fake_run)
     status, out, err = run(capsys, "bench", "--device", "cuda", "--resnet", "--modes", "bf16-autocast, fp32",
-                           "--steps", "7", "--compile")
+                           "--steps", "7", "--compile", "--graphs")
     assert status == 0 and out.startswith("cpu: torch")
     assert seen["batch"] == 64 and seen["shapes"] == fused_bench.SHAPES and seen["modes"] == ["bf16-autocast", "fp32"]
     assert seen["modules"] and seen["resnet"] and seen["compile"] and seen["steps"] == 7 and seen["resnet_batch"] == 128
-    assert seen["device"] == "cuda"
+    assert seen["device"] == "cuda" and seen["graphs"]
     run(capsys, "bench", "--device", "cuda", "--resnet-only", "--batch", "4", "--shapes", "16x8")
     assert seen["batch"] == 4 and seen["shapes"] == [(16, 8)] and not seen["modules"] and seen["resnet"]
+    assert not seen["graphs"]
 
 
 def test_save_writes_the_json_next_to_the_tables(capsys, tmp_path):
@@ -103,6 +104,31 @@ def test_module_table_rows_ratios_and_markdown():
     assert lines[0] == header and lines.count(header) == len(cuda_bench.MODES)
     assert all(len(line) == len(header) for line in lines)
     assert text.count("bf16-autocast, batch 1, channels_last (given timer, ms)") == 1
+
+
+def test_graphs_time_timm_and_ours_again_by_the_replay_timer():
+    """``graphs``: timm's module and ours once more, by the replay timer (on CUDA, CUDA graph replays), with
+    their own rows and ratios; the eager rows stay as they were."""
+    replayed = []
+
+    def replay(fn):
+        fn()
+        replayed.append(fn)
+        return 0.5 * (1 + len(replayed))  # 1.0, 1.5, ...: each row's times told apart
+
+    table = cuda_bench.module_table(batch=1, shapes=[(8, 4)], modes=["bf16-autocast"], device="cpu",
+                                    timer=cuda_bench.host_timer(1, warmup=0), graphs=True, replay_timer=replay)
+    found = {r.name: r for r in table.rows}
+    graphed = [cuda_bench.GRAPHED[name] for name in ([cuda_bench.TIMM] if HAS_TIMM else []) + [cuda_bench.FUSED]]
+    assert [r.name for r in table.rows][-len(graphed) - 1:] == [*graphed, cuda_bench.COPY]
+    assert [(found[n].forward_ms, found[n].train_ms) for n in graphed] == [(1.0 + i, 1.5 + i) for i in
+                                                                           range(len(graphed))]
+    ours, copy = found[cuda_bench.GRAPHED[cuda_bench.FUSED]], found[cuda_bench.COPY]
+    assert ours.forward_vs_copy == pytest.approx(ours.forward_ms / copy.forward_ms)
+    assert ours.engine == found[cuda_bench.FUSED].engine and ours.fused == found[cuda_bench.FUSED].fused
+    if HAS_TIMM:
+        assert ours.train_vs_timm == pytest.approx(found[cuda_bench.TIMM].train_ms / ours.train_ms)
+    assert len(replayed) == 2 * len(graphed)
 
 
 def test_module_table_rejects_unknown_modes():

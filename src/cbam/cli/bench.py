@@ -38,6 +38,9 @@ def register(subparsers) -> None:
     cuda.add_argument("--resnet-batch", type=int, default=128, help="ResNet-50 batch size (default 128)")
     cuda.add_argument("--steps", type=int, default=20, help="ResNet-50 steps timed after warm-up (default 20)")
     cuda.add_argument("--resnet-only", action="store_true", help="time ResNet-50 only, not the module table")
+    cuda.add_argument("--graphs", action="store_true",
+                      help="also time timm's module and ours replayed from CUDA graphs "
+                           "(triton.testing.do_bench_cudagraph): the GPU's time without the host's per-call work")
     parser.set_defaults(run=run)
 
 
@@ -73,5 +76,6 @@ def _run_cuda(args: argparse.Namespace, batch: int, shapes):
     cuda_bench.require_cuda()
     return cuda_bench.run(batch, shapes, modes, modules=not args.resnet_only, resnet=args.resnet or args.resnet_only,
                           resnet_batch=check_int("--resnet-batch", args.resnet_batch),
-                          steps=check_int("--steps", args.steps), compile=args.compile, device="cuda",
+                          steps=check_int("--steps", args.steps), compile=args.compile, graphs=args.graphs,
+                          device="cuda",
                           progress=lambda line: print(line, file=sys.stderr, flush=True))

@@ -52,6 +52,7 @@ COMPILED_TIMM = "torch.compile(timm)"
 REFERENCE = "cbam reference"
 FUSED = "cbam auto"
 COMPILED_OURS = "torch.compile(cbam auto)"
+GRAPHED = {TIMM: "timm CbamModule, CUDA graph", FUSED: "cbam auto, CUDA graph"}  # --graphs: replayed, no host work
 COPY = "copy"
 
 PLAIN = "plain ResNet-50"
@@ -72,6 +73,14 @@ def do_bench_timer(warmup_ms: int = 10, rep_ms: int = 40) -> Timer:
     from triton.testing import do_bench
 
     return lambda fn: float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def graph_timer(rep_ms: int = 40) -> Timer:
+    """Median milliseconds of one call by ``triton.testing.do_bench_cudagraph``: the calls captured in a
+    CUDA graph and replayed, so the host's per-call work (Python, dispatch, launches) is left out."""
+    from triton.testing import do_bench_cudagraph
+
+    return lambda fn: float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
 
 
 def host_timer(repeats: int = 3, warmup: int = 1) -> Timer:
@@ -113,16 +122,19 @@ def environment(device: str) -> dict:
             "cuda": torch.version.cuda if cuda else None, **versions}
 
 
-def _autocast(device: str, on: bool):
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+def _autocast(device: str, on: bool, cache: bool = True):
+    """bf16 autocast on ``device`` (``cache=False``: no cache of cast weights, as CUDA graph capture needs)."""
+    if not on:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
-def _in_autocast(fn: Callable[[], None], device: str, on: bool) -> Callable[[], None]:
+def _in_autocast(fn: Callable[[], None], device: str, on: bool, cache: bool = True) -> Callable[[], None]:
     if not on:
         return fn
 
     def run() -> None:
-        with _autocast(device, True):
+        with _autocast(device, True, cache):
             fn()
     return run
 
@@ -193,11 +205,13 @@ def _module_set(channels: int, mode: str, device: str, compile_timm: bool, compi
 def module_table(batch: int = 64, shapes: Sequence[tuple[int, int]] = SHAPES, modes: Sequence[str] = MODES,
                  device: str = "cuda", timer: Timer | None = None, compile_timm: bool | None = None,
                  compile_ours: bool = False, layout: str = "channels_last",
-                 progress: Callable[[str], None] | None = None) -> CudaModuleTable:
+                 progress: Callable[[str], None] | None = None, graphs: bool = False,
+                 replay_timer: Timer | None = None) -> CudaModuleTable:
     """Time the modules (see the module docstring) at each ``(C, H)`` of ``shapes`` in each of ``modes``.
     ``timer`` defaults to ``do_bench_timer()`` on CUDA and ``host_timer()`` elsewhere; ``compile_timm``
     (default: on CUDA) adds ``torch.compile(timm)`` (when timm is installed), ``compile_ours``
-    ``torch.compile`` of ours.
+    ``torch.compile`` of ours; ``graphs`` timm's module and ours once more by ``replay_timer`` (default
+    ``graph_timer()`` on CUDA, ``timer`` elsewhere), their rows named as in ``GRAPHED``.
     Each shape and mode starts from ``torch._dynamo.reset()``, so recompilation limits never apply."""
     batch = check_int("batch", batch)
     shapes = [(check_int("channels", c), check_int("side", h)) for c, h in shapes]
@@ -211,6 +225,7 @@ def module_table(batch: int = 64, shapes: Sequence[tuple[int, int]] = SHAPES, mo
     described = "given timer" if timer is not None else ("triton.testing.do_bench medians" if cuda
                                                           else "host-clock medians")
     timer = timer or (do_bench_timer() if cuda else host_timer())
+    replay_timer = replay_timer or (graph_timer() if cuda else timer)
     compile_timm = cuda if compile_timm is None else compile_timm
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     notes = [] if _timm_cbam() is not None else ["timm is not installed: no timm rows and no ratios to timm"]
@@ -227,12 +242,15 @@ def module_table(batch: int = 64, shapes: Sequence[tuple[int, int]] = SHAPES, mo
             modules = _module_set(channels, mode, device, compile_timm, compile_ours)
             times: dict[str, tuple[float, float | None]] = {COPY: (timer(lambda x=x, target=target: target.copy_(x)),
                                                                      None)}
-            for name, module in modules.items():
+            runs = [(name, module, timer, True) for name, module in modules.items()]
+            if graphs:  # autocast's cache of cast weights would be freed under a captured graph
+                runs += [(GRAPHED[name], modules[name], replay_timer, False) for name in GRAPHED if name in modules]
+            for name, module, clock, cache in runs:
                 try:
                     module.eval()
-                    forward = timer(_in_autocast(_forward(module, x), device, autocast))
+                    forward = clock(_in_autocast(_forward(module, x), device, autocast, cache))
                     module.train()
-                    train = timer(_in_autocast(_forward_backward(module, leaf, upstream), device, autocast))
+                    train = clock(_in_autocast(_forward_backward(module, leaf, upstream), device, autocast, cache))
                 except Exception as error:  # one failing module leaves the others' numbers standing
                     notes.append(f"{mode} {channels}x{side}² {name} failed, row left out: {_first_line(error)}")
                     if progress is not None:
@@ -246,12 +264,12 @@ def module_table(batch: int = 64, shapes: Sequence[tuple[int, int]] = SHAPES, mo
             for name, (forward, train) in times.items():
                 if name == COPY:
                     continue
-                ours = name in (FUSED, COMPILED_OURS)
+                ours, fused_row = name in (FUSED, COMPILED_OURS, GRAPHED[FUSED]), name in (FUSED, GRAPHED[FUSED])
                 rows.append(CudaModuleRow(
                     mode, channels, side, name, forward, train, _ratio(forward, copy_ms), _ratio(train, copy_ms),
                     _ratio(timm_times[0], forward), _ratio(timm_times[1], train),
                     _ratio(compiled_times[0], forward), _ratio(compiled_times[1], train),
-                    engine_for(x) if ours else None, modules[name].fuses(x) if name == FUSED else None))
+                    engine_for(x) if ours else None, modules[FUSED].fuses(x) if fused_row else None))
             rows.append(CudaModuleRow(mode, channels, side, COPY, copy_ms, None, 1.0, None, None, None, None, None))
     return CudaModuleTable(rows, batch, layout, list(modes), device, described, notes)
 
@@ -551,13 +569,15 @@ class CudaBenchReport:
 
 def run(batch: int = 64, shapes: Sequence[tuple[int, int]] = SHAPES, modes: Sequence[str] = MODES,
         modules: bool = True, resnet: bool = False, resnet_batch: int = 128, steps: int = 20,
-        compile: bool = False, device: str = "cuda", progress: Callable[[str], None] | None = None) -> CudaBenchReport:
+        compile: bool = False, device: str = "cuda", progress: Callable[[str], None] | None = None,
+        graphs: bool = False) -> CudaBenchReport:
     """The whole CUDA benchmark: ``module_table`` (with ``modules``), then with ``resnet`` ``resnet_table``
     in the modes of ``modes`` it has (``fp32``, ``bf16-autocast``); ``compile`` adds the compiled variants
-    of ours (modules) and of every ResNet-50."""
+    of ours (modules) and of every ResNet-50, ``graphs`` the modules replayed from CUDA graphs."""
     if torch.device(device).type == "cuda":
         require_cuda()
-    table = module_table(batch, shapes, modes, device, compile_ours=compile, progress=progress) if modules else None
+    table = module_table(batch, shapes, modes, device, compile_ours=compile, progress=progress,
+                         graphs=graphs) if modules else None
     precisions = [p for p in RESNET_PRECISIONS if p in modes]
     if resnet and not precisions:
         raise ValueError(f"--resnet runs in {' and '.join(RESNET_PRECISIONS)}; --modes has neither: {list(modes)}")
