@@ -157,10 +157,10 @@ class CBAM(GatePair):
     def _fused_inputs(self) -> tuple[FusedSpec, CbamWeights]:
         """The fused function's spec and weights."""
         ca, sa = self.channel_att, self.spatial_att
-        bn_weight, bn_bias = (None, None) if sa.bn is None else (sa.bn.weight, sa.bn.bias)
-        weights = CbamWeights(ca.fc1.weight, ca.fc1.bias, ca.fc2.weight, ca.fc2.bias, bn_weight, bn_bias,
-                              tuple(sa.conv_weights()))
-        return FusedSpec(ca.pool_types, ca.gate, sa.pool, sa.bn), weights
+        fc1, fc2, bn = ca.fc1, ca.fc2, sa.bn  # each submodule looked up once (nn.Module.__getattr__ is slow)
+        bn_weight, bn_bias = (None, None) if bn is None else (bn.weight, bn.bias)
+        weights = CbamWeights(fc1.weight, fc1.bias, fc2.weight, fc2.bias, bn_weight, bn_bias, tuple(sa.conv_weights()))
+        return FusedSpec(ca.pool_types, ca.gate, sa.pool, bn), weights
 
     def _fused(self, x: Tensor, residual: Tensor | None, input_norm: nn.Module | None, inplace: bool,
                spec: FusedSpec, weights: CbamWeights) -> Tensor:

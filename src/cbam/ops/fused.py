@@ -249,8 +249,9 @@ def folds_input_norm(norm, x: Tensor, spec: FusedSpec, weights: CbamWeights) -> 
     CBAM (``_fold_applies``)."""
     if type(norm) not in spatial_gate.PLAIN_NORMS or hooks.watched(norm) or x.numel() == 0:
         return False
+    channels, dtype, device = x.shape[1:2], compute_dtype(x), x.device  # once: each is a new object per call
     tensors = [t for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var) if t is not None]
-    if any(t.shape != x.shape[1:2] or t.dtype != compute_dtype(x) or t.device != x.device for t in tensors):
+    if any(t.shape != channels or t.dtype != dtype or t.device != device for t in tensors):
         return False
     if spatial_gate.uses_batch_statistics(norm) and x.numel() <= x.shape[1]:
         return False
