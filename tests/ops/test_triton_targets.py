@@ -1,6 +1,6 @@
 """Every Triton kernel of the engine compiles for an H100 (sm_90, through ptxas) on this GPU-less machine,
-as the fused CBAM launches it (``cbam.profile.triton_targets``), and a kernel that does not compile is
-reported, not skipped."""
+as the fused CBAM launches it (``cbam.profile.triton_targets``), full tiles included, without spilling
+registers; and a kernel that does not compile is reported, not skipped."""
 
 import inspect
 import json
@@ -13,6 +13,8 @@ import pytest
 pytest.importorskip("triton")
 
 from cbam.ops.engines import triton_ops  # noqa: E402
+from cbam.ops.engines.triton_ops.common import TILE  # noqa: E402
+from cbam.profile.triton_targets import spills  # noqa: E402
 
 
 def _without_interpreter() -> dict:
@@ -33,6 +35,10 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     rows = json.loads(rows_file.read_text())
     assert {row["kernel"] for row in rows} == _engine_kernels()  # the workload reaches every kernel
     assert f"compiled {len(rows)} of {len(rows)} specialisations" in done.stdout
+    assert {(row["constants"]["BLOCK_C"] * row["constants"]["BLOCK_S"], row["options"]["num_warps"]) for row in rows
+            if row["kernel"] == "_gate_grads_kernel"} >= {(TILE, 8)}  # full tiles, as a network's shapes have
+    assert all(row["resources"]["REG"] > 0 for row in rows)  # read back from every cubin
+    assert spills(rows) == [] and "0 specialisations spill registers" in done.stdout
 
 
 def test_a_kernel_that_does_not_compile_is_reported(tmp_path):
@@ -45,3 +51,11 @@ def test_a_kernel_that_does_not_compile_is_reported(tmp_path):
     assert done.returncode == 0, done.stderr
     failures = json.loads(done.stdout)
     assert len(failures) == 1 and failures[0].startswith("_apply_kernel")
+
+
+def test_spills_lists_the_specialisations_with_stack_or_local_memory():
+    rows = [{"kernel": name, "constants": {}, "options": {}, "resources": {"REG": 255, **usage}}
+            for name, usage in (("a", {"STACK": 0, "LOCAL": 0}), ("b", {"STACK": 16, "LOCAL": 0}),
+                                ("c", {"STACK": 0, "LOCAL": 8}))]
+    rows.append({"kernel": "d", "constants": {}, "options": {}, "resources": None})  # no cuobjdump: nothing known
+    assert [line.split()[0] for line in spills(rows)] == ["b", "c"]

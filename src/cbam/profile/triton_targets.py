@@ -7,8 +7,11 @@ and without a spatial BatchNorm, training and eval, the residual tail, the folde
 the Triton engine in Triton's interpreter, recording each kernel's arguments as Triton would
 specialise them on a GPU (pointer and integer divisibility by 16, integers equal to 1 made
 constant); then each recorded specialisation is compiled with Triton's own compiler for CUDA
-``sm_<arch>`` (through PTX to a cubin with ``ptxas``). It proves the kernels lower for the GPU, not
-that they are right there: the interpreter's tests say that, and ``cbam.profile.cuda_check`` on a GPU.
+``sm_<arch>`` (through PTX to a cubin with ``ptxas``), and each cubin's registers per thread and
+spills read back (``cuobjdump -res-usage``). It proves the kernels lower for the GPU and that no
+specialisation spills registers to memory (a bandwidth-bound pass that spills reads and writes local
+memory besides its tensors), not that they are right there: the interpreter's tests say that, and
+``cbam.profile.cuda_check`` on a GPU.
 """
 
 from __future__ import annotations
@@ -19,11 +22,16 @@ import importlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import torch
 
+# (B, C, H, W): odd sizes, and one whose tiles are full (TILE elements, 8 warps: the most registers per thread,
+# as a network's shapes on a GPU have)
+SHAPES = ((2, 17, 3, 4), (2, 64, 8, 8))
 TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
          torch.int64: "i64", torch.int32: "i32"}
 
@@ -112,18 +120,18 @@ def workload() -> None:
     import cbam
     from cbam.ops import engines
 
+    configurations = [(dtype, preset, training, residual, fold)
+                      for dtype in (torch.float32, torch.bfloat16, torch.float16) for preset in ("timm", "paper")
+                      for training in (True, False) for residual in (False, True) for fold in (False, True)]
     with engines.using("triton"):
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            for preset in ("timm", "paper"):
-                for training in (True, False):
-                    for residual in (False, True):
-                        for fold in (False, True):
-                            torch.manual_seed(0)
-                            module = cbam.CBAM(17, preset=preset, impl="fused").train(training)
-                            norm = nn.BatchNorm2d(17).train(training) if fold else None
-                            x = torch.randn(2, 17, 3, 4, dtype=dtype, requires_grad=True)
-                            shortcut = torch.randn(2, 17, 3, 4, dtype=dtype) if residual else None
-                            module(x, shortcut, input_norm=norm).float().sum().backward()
+        for shape in SHAPES:
+            for dtype, preset, training, residual, fold in configurations:
+                torch.manual_seed(0)
+                module = cbam.CBAM(shape[1], preset=preset, impl="fused").train(training)
+                norm = nn.BatchNorm2d(shape[1]).train(training) if fold else None
+                x = torch.randn(shape, dtype=dtype, requires_grad=True)
+                shortcut = torch.randn(shape, dtype=dtype) if residual else None
+                module(x, shortcut, input_norm=norm).float().sum().backward()
 
 
 def recorded_specialisations() -> list[dict]:
@@ -135,7 +143,8 @@ def recorded_specialisations() -> list[dict]:
 
 
 def compile_for(rows: list[dict], arch: int) -> list[str]:
-    """Compile each recorded specialisation for CUDA ``sm_<arch>``; one line per failure."""
+    """Compile each recorded specialisation for CUDA ``sm_<arch>``, noting in each row its ``resources``
+    (``resources``); one line per failure."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -150,10 +159,37 @@ def compile_for(rows: list[dict], arch: int) -> list[str]:
         attributes = {(index,): [["tt.divisibility", 16]] for index in row["divisible"]}
         source = ASTSource(kernel, row["signature"], constants, attributes)
         try:
-            triton.compile(source, target=GPUTarget("cuda", arch, 32), options=row["options"])
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=row["options"])
         except Exception as error:  # noqa: BLE001 - every failure is reported, none stops the others
             failures.append(f"{row['kernel']} {row['constants']}: {type(error).__name__}: {str(error)[:400]}")
+            continue
+        row["resources"] = resources(compiled.asm["cubin"])
     return failures
+
+
+def resources(cubin: bytes) -> dict[str, int] | None:
+    """A compiled kernel's registers per thread (``REG``), spill memory per thread (``STACK``, ``LOCAL``: 0
+    where nothing spills) and static shared memory (``SHARED``, bytes), by ``cuobjdump -res-usage``; ``None``
+    without Triton's cuobjdump."""
+    from triton.tools.disasm import path_to_cuobjdump
+
+    try:
+        tool = path_to_cuobjdump()
+    except Exception:  # noqa: BLE001 - a Triton without the tool: nothing to report
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        report = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+    found = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", report)}
+    return found if "REG" in found else None
+
+
+def spills(rows: list[dict]) -> list[str]:
+    """One line per compiled specialisation that spills registers to memory."""
+    return [f"{row['kernel']} {row['constants']} {row['options']}: {row['resources']}" for row in rows
+            if row.get("resources") and (row["resources"].get("STACK") or row["resources"].get("LOCAL"))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,14 +208,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"triton_targets: the interpreted workload failed: {recorded.stderr.strip().splitlines()[-1:]}")
         return 1
     rows = json.loads(recorded.stdout)
+    failures = compile_for(rows, args.arch)
     if args.json:
         from ..atomic import write_text_atomic
 
         write_text_atomic(args.json, json.dumps(rows, indent=1))
-    failures = compile_for(rows, args.arch)
     kernels = sorted({row["kernel"] for row in rows})
     print(f"compiled {len(rows) - len(failures)} of {len(rows)} specialisations of {len(kernels)} Triton kernels "
           f"for sm_{args.arch}")
+    for kernel in kernels:
+        registers = [row["resources"]["REG"] for row in rows if row["kernel"] == kernel and row.get("resources")]
+        if registers:
+            print(f"  {kernel}: {min(registers)}-{max(registers)} registers per thread")
+    spilled = spills(rows)
+    print(f"{len(spilled)} specialisations spill registers" + "".join(f"\nSPILLS {line}" for line in spilled))
     for line in failures:
         print(f"FAILED {line}")
     return 1 if failures else 0
