@@ -186,10 +186,12 @@ def resources(cubin: bytes) -> dict[str, int] | None:
     return found if "REG" in found else None
 
 
-def spills(rows: list[dict]) -> list[str]:
-    """One line per compiled specialisation that spills registers to memory."""
+def spills(rows: list[dict], tolerated: int = 0) -> list[str]:
+    """One line per compiled specialisation that spills more than ``tolerated`` bytes per thread to memory."""
+    def spilled(row: dict) -> int:
+        return (row.get("resources") or {}).get("STACK", 0) + (row.get("resources") or {}).get("LOCAL", 0)
     return [f"{row['kernel']} {row['constants']} {row['options']}: {row['resources']}" for row in rows
-            if row.get("resources") and (row["resources"].get("STACK") or row["resources"].get("LOCAL"))]
+            if spilled(row) > tolerated]
 
 
 def main(argv: list[str] | None = None) -> int:
