@@ -13,8 +13,9 @@ appends every round's overheads to PATH as one JSON line, to pool many processes
         python benchmarks/resnet_overhead.py --label native --save runs.jsonl
         CBAM_CPU_ARCH=x86-64-v3 python benchmarks/resnet_overhead.py --label avx2 --save runs.jsonl
     done
-    python benchmarks/resnet_overhead.py --pool runs.jsonl Two checkouts keep
-their C++ builds side by side (the build's name hashes its install path and sources); a checkout from
+    python benchmarks/resnet_overhead.py --pool runs.jsonl
+
+Two checkouts keep their C++ builds side by side (the build's name hashes its install path and sources); a checkout from
 before ``ops/engines/cpp/build.py`` existed must have its extension renamed in its ``ops/cpu_extension.py``.
 """
 

@@ -59,11 +59,6 @@ def _state(tensors: list[Tensor | None], mode: int, factor: float, eps: float) -
     return BatchNormState(weight, bias, mean, var, eps, factor, mode == BATCH).detached_copy()
 
 
-def _no_autocast(x: Tensor):
-    """Autocast off on ``x``'s device: the gates compute in ``compute_dtype(x)``, as the fake kernels say."""
-    return autocast_off(x.device.type)
-
-
 def _empty(like: Tensor) -> Tensor:
     """A placeholder result: empty, in ``like``'s dtype (the fake kernels say the same)."""
     return like.new_empty(0)
@@ -90,7 +85,8 @@ def fused_forward(x: Tensor, residual: Tensor | None, weights: list[Tensor], nor
     input_state = _state(input_norm, input_mode, input_factor, input_eps)
     selected = select(x)
     x = _in_layout(selected[0], x)
-    with _no_autocast(x):  # a compiled graph may call the op inside an autocast region: compute as traced
+    # a compiled graph may call the op inside an autocast region: compute in compute_dtype(x), as the fake says
+    with autocast_off(x.device.type):
         out, saved, _ = forward_saving(x, residual, _spec(pool_types, gate, spatial_pool, norm_state),
                                        CbamWeights.from_flat(weights), input_state, selected)
     statistics = []
@@ -144,7 +140,7 @@ def fused_backward(grad: Tensor, x: Tensor, rectified: Tensor | None, saved: lis
     named = {name: (None if value.numel() == 0 and name in ("affine", "in_mean", "in_spread") else value)
              for name, value in zip(SAVED, saved)}
     named.update(x=x, rectified=rectified, in_w=input_weight)
-    with _no_autocast(x):
+    with autocast_off(x.device.type):
         dx, d_residual, d_in_w, d_in_b, d_weights = backward_from(grad, named, CbamWeights.from_flat(weights), plan)
     present = input_mode != NONE and input_weight is not None
     return _unshared([dx, _empty(x) if d_residual is None else d_residual, d_in_w if present else _empty(x),

@@ -143,8 +143,8 @@ def recorded_specialisations() -> list[dict]:
 
 
 def compile_for(rows: list[dict], arch: int) -> list[str]:
-    """Compile each recorded specialisation for CUDA ``sm_<arch>``, noting in each row its ``resources``
-    (``resources``); one line per failure."""
+    """Compile each recorded specialisation for CUDA ``sm_<arch>`` and note its ``resources`` in its row;
+    one line per failure."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -188,10 +188,10 @@ def resources(cubin: bytes) -> dict[str, int] | None:
 
 def spills(rows: list[dict], tolerated: int = 0) -> list[str]:
     """One line per compiled specialisation that spills more than ``tolerated`` bytes per thread to memory."""
-    def spilled(row: dict) -> int:
-        return (row.get("resources") or {}).get("STACK", 0) + (row.get("resources") or {}).get("LOCAL", 0)
+    def spilled(found: dict | None) -> int:
+        return 0 if found is None else found.get("STACK", 0) + found.get("LOCAL", 0)
     return [f"{row['kernel']} {row['constants']} {row['options']}: {row['resources']}" for row in rows
-            if spilled(row) > tolerated]
+            if spilled(row.get("resources")) > tolerated]
 
 
 def main(argv: list[str] | None = None) -> int:
