@@ -59,6 +59,13 @@ def test_a_wrong_engine_or_value_fails_the_case(monkeypatch):
     assert {c.name for c in result.comparisons if not c.ok} >= {"output", "grad x"}
 
 
+def test_relu_kinks_are_excused_only_within_rounding():
+    want = torch.tensor([0.0, 0.001, 2.0, 0.0, 0.5], dtype=torch.float64)
+    got = torch.tensor([0.002, 0.0, 2.0, 0.0, 0.0])  # two flips near zero, one far from it
+    mask, outside = cuda_check.relu_kinks(got, want, band=0.01)
+    assert mask.tolist() == [True, True, False, False, True] and outside == 1
+
+
 def test_distinct_half_values_leave_no_ties():
     x = cuda_check._distinct((3, 40, 9, 9), torch.bfloat16, torch.Generator().manual_seed(0))
     assert x.dtype == torch.bfloat16 and x.shape == (3, 40, 9, 9)

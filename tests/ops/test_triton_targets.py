@@ -1,6 +1,6 @@
 """Every Triton kernel of the engine compiles for an H100 (sm_90, through ptxas) on this GPU-less machine,
 as the fused CBAM launches it (``cbam.profile.triton_targets``), full tiles included, without spilling
-registers; and a kernel that does not compile is reported, not skipped."""
+registers and without a ``tt.dot`` (TF32); and a kernel that does not compile is reported, not skipped."""
 
 import inspect
 import json
@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 from cbam.ops.engines import triton_ops  # noqa: E402
 from cbam.ops.engines.triton_ops.common import TILE  # noqa: E402
-from cbam.profile.triton_targets import spills  # noqa: E402
+from cbam.profile.triton_targets import dots, spills  # noqa: E402
 
 
 def _without_interpreter() -> dict:
@@ -41,6 +41,7 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     # none spills with Triton 3.6 and 3.8; Triton 3.4 keeps one 64-bit value of the pooling pass on the stack
     # (one store and one load per program, outside its loop), which costs nothing worth a failure
     assert spills(rows, tolerated=8) == []
+    assert dots(rows) == []  # float32 sums stay FMAs: Triton's TF32 dot took gradients 1e-3 off on an H100
 
 
 def test_a_kernel_that_does_not_compile_is_reported(tmp_path):
@@ -62,3 +63,9 @@ def test_spills_lists_the_specialisations_with_stack_or_local_memory():
     rows.append({"kernel": "d", "constants": {}, "options": {}, "resources": None})  # no cuobjdump: nothing known
     assert [line.split()[0] for line in spills(rows)] == ["b", "c"]
     assert [line.split()[0] for line in spills(rows, tolerated=8)] == ["b"]
+
+
+def test_dots_lists_the_specialisations_holding_a_dot():
+    rows = [{"kernel": "a", "constants": {}, "dots": 0}, {"kernel": "b", "constants": {}, "dots": 2},
+            {"kernel": "c", "constants": {}}]  # not compiled: nothing known
+    assert [line.split()[0] for line in dots(rows)] == ["b"]

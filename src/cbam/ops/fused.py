@@ -550,9 +550,12 @@ def backward_from(grad: Tensor, saved: dict[str, Tensor | None], weights: CbamWe
     if "lse" in pooled:
         dx.addcmul_(d_pooled["lse"].unsqueeze(2), (x3 - pooled["lse"].unsqueeze(2)).exp())
     dx, d_in_w, d_in_b = dx.view_as(x), None, None
-    if plan.input_norm:  # dx is the folded BatchNorm's output gradient (running statistics): torch's backward
+    if plan.input_norm:  # dx is the folded BatchNorm's output gradient (running statistics): torch's backward,
+        # given empty saved statistics (CUDA's channels-last kernel asserts they are defined, then reads the running
+        # ones; None failed there on an H100)
+        unsaved = in_mean.new_empty(0)
         dx, d_in_w, d_in_b = torch.ops.aten.native_batch_norm_backward(
-            dx, x, in_w, in_mean, in_spread, None, None, False, plan.input_norm[1], [True, True, True])
+            dx, x, in_w, in_mean, in_spread, unsaved, unsaved, False, plan.input_norm[1], [True, True, True])
     return dx, d_residual, d_in_w, d_in_b, d_weights
 
 

@@ -8,8 +8,9 @@ the Triton engine in Triton's interpreter, recording each kernel's arguments as 
 specialise them on a GPU (pointer and integer divisibility by 16, integers equal to 1 made
 constant); then each recorded specialisation is compiled with Triton's own compiler for CUDA
 ``sm_<arch>`` (through PTX to a cubin with ``ptxas``), and each cubin's registers per thread and
-spills read back (``cuobjdump -res-usage``). It proves the kernels lower for the GPU and that no
-specialisation spills registers to memory (a bandwidth-bound pass that spills reads and writes local
+spills read back (``cuobjdump -res-usage``), and its ``tt.dot`` operations counted (Triton rewrites some
+reductions of products into a dot, TF32 for float32: none may hold one). It proves the kernels lower for
+the GPU and that no specialisation spills registers to memory (a bandwidth-bound pass that spills reads and writes local
 memory besides its tensors), not that they are right there: the interpreter's tests say that, and
 ``cbam.profile.cuda_check`` on a GPU.
 """
@@ -164,6 +165,7 @@ def compile_for(rows: list[dict], arch: int) -> list[str]:
             failures.append(f"{row['kernel']} {row['constants']}: {type(error).__name__}: {str(error)[:400]}")
             continue
         row["resources"] = resources(compiled.asm["cubin"])
+        row["dots"] = compiled.asm["ttgir"].count("tt.dot")
     return failures
 
 
@@ -192,6 +194,12 @@ def spills(rows: list[dict], tolerated: int = 0) -> list[str]:
         return 0 if found is None else found.get("STACK", 0) + found.get("LOCAL", 0)
     return [f"{row['kernel']} {row['constants']} {row['options']}: {row['resources']}" for row in rows
             if spilled(row.get("resources")) > tolerated]
+
+
+def dots(rows: list[dict]) -> list[str]:
+    """One line per compiled specialisation whose products Triton turned into ``tt.dot`` (TF32 for float32 on
+    a GPU: the engine's sums must stay float32 FMAs)."""
+    return [f"{row['kernel']} {row['constants']}: {row['dots']} tt.dot" for row in rows if row.get("dots")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,9 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {kernel}: {min(registers)}-{max(registers)} registers per thread")
     spilled = spills(rows)
     print(f"{len(spilled)} specialisations spill registers" + "".join(f"\nSPILLS {line}" for line in spilled))
+    dotted = dots(rows)
+    print(f"{len(dotted)} specialisations hold a tt.dot" + "".join(f"\nDOT {line}" for line in dotted))
     for line in failures:
         print(f"FAILED {line}")
-    return 1 if failures else 0
+    return 1 if failures or dotted else 0
 
 
 if __name__ == "__main__":

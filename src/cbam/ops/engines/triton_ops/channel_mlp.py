@@ -6,7 +6,9 @@ of the dozen small torch ops (and their launches) it takes otherwise.
 linear, so every pool type's pre-activation comes from the same two products ``U = avg @ fc1ᵀ`` and
 ``V = peak @ fc1ᵀ``: ``pre_p = a_p U + m_p V + b1``; fc2 is linear too, so it runs once on
 ``r = sum_p relu(pre_p)``. Products are sums of ``(BLOCK_B, BLOCK_H, BLOCK_C)`` tiles in float32
-(float64 for float64 vectors), never ``tl.dot`` (TF32 on a GPU).
+(float64 for float64 vectors), never ``tl.dot`` (TF32 on a GPU). Each sums along its tile's last axis:
+Triton rewrites ``sum(a[:, :, None] * b[None, :, :], 1)`` into a TF32 ``tt.dot`` for a GPU (seen on an
+H100: gradients 1e-3 off), which ``cbam.profile.triton_targets`` checks every kernel for.
 """
 
 from __future__ import annotations
@@ -137,8 +139,8 @@ def _hidden_grads_kernel(avg_ptr, peak_ptr, w1_ptr, b1_ptr, w2_ptr, mc_ptr, d_mc
         c_in = c < C
         mc, d_mc = _two_tiles(mc_ptr, d_mc_ptr, b, c, b_in, c_in, C, ACC)
         d_logits = gate_grad(mc, d_mc, HARD)
-        w2 = tl.load(w2_ptr + c[:, None] * H + h[None, :], mask=c_in[:, None] & h_in[None, :], other=0).to(ACC)
-        d_r += tl.sum(d_logits[:, :, None] * w2[None, :, :], 1)
+        w2 = tl.load(w2_ptr + c[None, :] * H + h[:, None], mask=h_in[:, None] & c_in[None, :], other=0).to(ACC)
+        d_r += tl.sum(d_logits[:, None, :] * w2[None, :, :], 2)  # (h, c) tile: never a dot's pattern
     bias = tl.load(b1_ptr + h, mask=h_in, other=0).to(ACC)[None, :] if BIAS else 0
     hidden = tl.zeros([BLOCK_B, BLOCK_H], ACC)
     d_avg_side = tl.zeros([BLOCK_B, BLOCK_H], ACC)
@@ -175,11 +177,11 @@ def _vector_grads_kernel(hidden_ptr, w1_ptr, d_avg_ptr, d_max_ptr, B, C, H, ACC:
         h_in = h < H
         at = b[:, None] * H + h[None, :]
         inside = b_in[:, None] & h_in[None, :]
-        e_avg = tl.load(hidden_ptr + B * H + at, mask=inside, other=0)[:, :, None]
-        e_max = tl.load(hidden_ptr + 2 * B * H + at, mask=inside, other=0)[:, :, None]
-        w1 = tl.load(w1_ptr + h[:, None] * C + c[None, :], mask=h_in[:, None] & c_in[None, :], other=0).to(ACC)
-        d_avg += tl.sum(e_avg * w1[None, :, :], 1)
-        d_max += tl.sum(e_max * w1[None, :, :], 1)
+        e_avg = tl.load(hidden_ptr + B * H + at, mask=inside, other=0)[:, None, :]
+        e_max = tl.load(hidden_ptr + 2 * B * H + at, mask=inside, other=0)[:, None, :]
+        w1 = tl.load(w1_ptr + h[None, :] * C + c[:, None], mask=c_in[:, None] & h_in[None, :], other=0).to(ACC)
+        d_avg += tl.sum(e_avg * w1[None, :, :], 2)  # (c, h) tile: never a dot's pattern
+        d_max += tl.sum(e_max * w1[None, :, :], 2)
     out = b[:, None] * C + c[None, :]
     inside = b_in[:, None] & c_in[None, :]
     tl.store(d_avg_ptr + out, d_avg, mask=inside)
