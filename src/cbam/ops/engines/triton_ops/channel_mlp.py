@@ -17,9 +17,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import acc_type, cdiv, gate, gate_grad, small_outputs
+from .common import acc_type, cdiv, gate, gate_grad, power_of_two, small_outputs
 
-BLOCK = 16  # samples, hidden units and channels per tile edge: 16 x 16 x 16 products held at once
+PRODUCTS = 4096  # a program's (BLOCK_B, BLOCK_H, BLOCK_C) tile of products (fp32: 32 per thread each, 4 warps)
+PROGRAMS = 128  # programs over (B, H) that keep a GPU's SMs busy: the sums over C are long at 2048 channels
 MAX_POOLS = 3
 
 
@@ -46,16 +47,16 @@ def _two_tiles(first_ptr, second_ptr, b, c, b_in, c_in, C, ACC: tl.constexpr):
 @triton.jit
 def _products(avg_ptr, peak_ptr, w1_ptr, b, h, b_in, h_in, C, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
     """``U = avg @ fc1ᵀ`` and ``V = peak @ fc1ᵀ`` on the ``(b, h)`` tile ``(BLOCK_B, BLOCK_H)``."""
-    u = tl.zeros([b.shape[0], h.shape[0]], ACC)
-    v = tl.zeros([b.shape[0], h.shape[0]], ACC)
+    u = tl.zeros([b.shape[0], h.shape[0], BLOCK_C], ACC)  # per lane, reduced over channels after the loop
+    v = tl.zeros([b.shape[0], h.shape[0], BLOCK_C], ACC)
     for start in range(0, C, BLOCK_C):
         c = start + tl.arange(0, BLOCK_C)
         c_in = c < C
         avg, peak = _two_tiles(avg_ptr, peak_ptr, b, c, b_in, c_in, C, ACC)
         w1 = tl.load(w1_ptr + h[:, None] * C + c[None, :], mask=h_in[:, None] & c_in[None, :], other=0).to(ACC)
-        u += tl.sum(avg[:, None, :] * w1[None, :, :], 2)
-        v += tl.sum(peak[:, None, :] * w1[None, :, :], 2)
-    return u, v
+        u += avg[:, None, :] * w1[None, :, :]
+        v += peak[:, None, :] * w1[None, :, :]
+    return tl.sum(u, 2), tl.sum(v, 2)
 
 
 @triton.jit
@@ -100,8 +101,22 @@ def _coefficients(avg_coef: list[float], max_coef: list[float]) -> dict[str, flo
     return {f"{name}{i}": float(value) for name, coef in zip("AM", padded) for i, value in enumerate(coef)}
 
 
-def _grid(*extents: int) -> tuple[int, ...]:
-    return tuple(cdiv(extent, BLOCK) for extent in extents)
+def _tiles(B: int, H: int, C: int, on_gpu: bool) -> dict[str, int]:
+    """Tile edges: at most 16 samples and hidden units, narrower on a GPU until about ``PROGRAMS``
+    programs cover ``(B, H)`` (down to 4), and the channels that fill ``PRODUCTS``."""
+    block_b, block_h = min(16, power_of_two(B)), min(16, power_of_two(H))
+    while on_gpu and cdiv(B, block_b) * cdiv(H, block_h) < PROGRAMS and max(block_b, block_h) > 4:
+        if block_b >= block_h:
+            block_b //= 2
+        else:
+            block_h //= 2
+    block_c = min(power_of_two(C), max(16, PRODUCTS // (block_b * block_h)))
+    return {"BLOCK_B": block_b, "BLOCK_H": block_h, "BLOCK_C": block_c}
+
+
+def _grid(blocks: dict[str, int], **extents: int) -> tuple[int, ...]:
+    """Programs over the named extents (``B``, ``H``, ``C``), in order."""
+    return tuple(cdiv(extent, blocks[f"BLOCK_{axis}"]) for axis, extent in extents.items())
 
 
 def channel_gate(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef: list[float], fc1_w: Tensor,
@@ -115,11 +130,12 @@ def channel_gate(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef: lis
     if B == 0:
         return mc
     acc = acc_type(avg)
-    blocks = {"BLOCK_B": BLOCK, "BLOCK_H": BLOCK, "BLOCK_C": BLOCK}
-    _hidden_kernel[_grid(B, H)](avg, peak, fc1_w, fc1_b, hidden, B, C, H, **_coefficients(avg_coef, max_coef),
-                                POOLS=len(avg_coef), BIAS=fc1_b is not None, ACC=acc, **blocks)
-    _gate_kernel[_grid(B, C)](hidden, fc2_w, fc2_b, mc, B, C, H, POOLS=len(avg_coef), BIAS=fc2_b is not None,
-                              HARD=hard, ACC=acc, **blocks)
+    blocks = _tiles(B, H, C, avg.is_cuda)
+    _hidden_kernel[_grid(blocks, B=B, H=H)](
+        avg, peak, fc1_w, fc1_b, hidden, B, C, H, **_coefficients(avg_coef, max_coef), POOLS=len(avg_coef),
+        BIAS=fc1_b is not None, ACC=acc, **blocks)
+    _gate_kernel[_grid(blocks, B=B, C=C)](hidden, fc2_w, fc2_b, mc, B, C, H, POOLS=len(avg_coef),
+                                          BIAS=fc2_b is not None, HARD=hard, ACC=acc, **blocks)
     return mc
 
 
@@ -133,14 +149,15 @@ def _hidden_grads_kernel(avg_ptr, peak_ptr, w1_ptr, b1_ptr, w2_ptr, mc_ptr, d_mc
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     b_in, h_in = b < B, h < H
     u, v = _products(avg_ptr, peak_ptr, w1_ptr, b, h, b_in, h_in, C, ACC, BLOCK_C)
-    d_r = tl.zeros([BLOCK_B, BLOCK_H], ACC)  # d_logits @ fc2
+    d_r = tl.zeros([BLOCK_B, BLOCK_H, BLOCK_C], ACC)  # d_logits @ fc2, per lane until after the loop
     for start in range(0, C, BLOCK_C):
         c = start + tl.arange(0, BLOCK_C)
         c_in = c < C
         mc, d_mc = _two_tiles(mc_ptr, d_mc_ptr, b, c, b_in, c_in, C, ACC)
         d_logits = gate_grad(mc, d_mc, HARD)
         w2 = tl.load(w2_ptr + c[None, :] * H + h[:, None], mask=h_in[:, None] & c_in[None, :], other=0).to(ACC)
-        d_r += tl.sum(d_logits[:, None, :] * w2[None, :, :], 2)  # (h, c) tile: never a dot's pattern
+        d_r += d_logits[:, None, :] * w2[None, :, :]  # (h, c) tile
+    d_r = tl.sum(d_r, 2)
     bias = tl.load(b1_ptr + h, mask=h_in, other=0).to(ACC)[None, :] if BIAS else 0
     hidden = tl.zeros([BLOCK_B, BLOCK_H], ACC)
     d_avg_side = tl.zeros([BLOCK_B, BLOCK_H], ACC)
@@ -237,12 +254,12 @@ def channel_backward(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef:
     if B == 0:
         return [d_avg, d_max, *(t.zero_() for t in (d_w1, d_b1, d_w2, d_b2))]
     acc = acc_type(avg)
-    blocks = {"BLOCK_B": BLOCK, "BLOCK_H": BLOCK, "BLOCK_C": BLOCK}
+    blocks = _tiles(B, H, C, avg.is_cuda)
     pools, hard_gate = len(avg_coef), bool(hard)
-    _hidden_grads_kernel[_grid(B, H)](avg, peak, fc1_w, fc1_b, fc2_w, mc, d_mc, hidden, B, C, H,
-                                      **_coefficients(avg_coef, max_coef), POOLS=pools, BIAS=fc1_b is not None,
-                                      HARD=hard_gate, ACC=acc, **blocks)
-    _vector_grads_kernel[_grid(B, C)](hidden, fc1_w, d_avg, d_max, B, C, H, ACC=acc, **blocks)
-    _weight_grads_kernel[_grid(H, C)](avg, peak, mc, d_mc, hidden, d_w1, d_b1, d_w2, d_b2, B, C, H, POOLS=pools,
-                                      HARD=hard_gate, ACC=acc, **blocks)
+    _hidden_grads_kernel[_grid(blocks, B=B, H=H)](
+        avg, peak, fc1_w, fc1_b, fc2_w, mc, d_mc, hidden, B, C, H, **_coefficients(avg_coef, max_coef), POOLS=pools,
+        BIAS=fc1_b is not None, HARD=hard_gate, ACC=acc, **blocks)
+    _vector_grads_kernel[_grid(blocks, B=B, C=C)](hidden, fc1_w, d_avg, d_max, B, C, H, ACC=acc, **blocks)
+    _weight_grads_kernel[_grid(blocks, H=H, C=C)](avg, peak, mc, d_mc, hidden, d_w1, d_b1, d_w2, d_b2, B, C, H,
+                                                  POOLS=pools, HARD=hard_gate, ACC=acc, **blocks)
     return [d_avg, d_max, d_w1, d_b1, d_w2, d_b2]

@@ -31,9 +31,9 @@ def _gate_grads_kernel(grad_ptr, x_ptr, rectified_ptr, through_ptr, mc_ptr, ms_p
         scale, shift = affine_at(affine_ptr, c, c_in, C, ACC)
     if CENTRED:
         centre = tl.load(centre_ptr + c, mask=c_in, other=0).to(ACC)
-        gated = tl.zeros([BLOCK_C], ACC)
-        centred = tl.zeros([BLOCK_C], ACC)
-    dot = tl.zeros([BLOCK_C], ACC)
+        gated = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+        centred = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    dot = tl.zeros([BLOCK_C, BLOCK_S], ACC)  # per lane, reduced over positions after the loop
     first = tl.program_id(1) * span
     for start in range(first, tl.minimum(first + span, S), BLOCK_S):
         s = start + tl.arange(0, BLOCK_S)
@@ -51,16 +51,16 @@ def _gate_grads_kernel(grad_ptr, x_ptr, rectified_ptr, through_ptr, mc_ptr, ms_p
             y = x * scale[:, None] + shift[:, None]
         ms = tl.load(ms_ptr + b * S + s, mask=s_in, other=0).to(ACC)
         gy = g * y
-        dot += tl.sum(gy * ms[None, :], 1)
+        dot += gy * ms[None, :]
         tl.atomic_add(d_ms_ptr + b * S + s, tl.sum(gy * mc[:, None], 0), mask=s_in, sem="relaxed")
         if CENTRED:
             u = g * ms[None, :]
-            gated += tl.sum(u, 1)
-            centred += tl.sum(u * (x - centre[:, None]), 1)
-    tl.atomic_add(d_mc_ptr + b * C + c, dot, mask=c_in, sem="relaxed")
+            gated += u
+            centred += u * (x - centre[:, None])
+    tl.atomic_add(d_mc_ptr + b * C + c, tl.sum(dot, 1), mask=c_in, sem="relaxed")
     if CENTRED:
-        tl.atomic_add(gated_ptr + b * 2 * C + c, gated, mask=c_in, sem="relaxed")
-        tl.atomic_add(gated_ptr + b * 2 * C + C + c, centred, mask=c_in, sem="relaxed")
+        tl.atomic_add(gated_ptr + b * 2 * C + c, tl.sum(gated, 1), mask=c_in, sem="relaxed")
+        tl.atomic_add(gated_ptr + b * 2 * C + C + c, tl.sum(centred, 1), mask=c_in, sem="relaxed")
     if tl.program_id(1) == 0:  # y at each row's arg-max, read again
         at = tl.load(channel_index_ptr + b * C + c, mask=c_in, other=0)
         peak = tl.load(x_ptr + b * sxb + c * sxc + at * sxs, mask=c_in, other=0).to(ACC)
@@ -104,9 +104,9 @@ def _stats_grad_kernel(x_ptr, d_mean_ptr, d_peak_ptr, index_ptr, affine_ptr, cen
         scale, shift = scale[:, None], shift[:, None]
     if CENTRED:
         centre = tl.load(centre_ptr + c, mask=c_in, other=0).to(ACC)[:, None]
-        weighted = tl.zeros([BLOCK_C], ACC)
-        offsets = tl.zeros([BLOCK_C], ACC)
-    dot = tl.zeros([BLOCK_C], ACC)
+        weighted = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+        offsets = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    dot = tl.zeros([BLOCK_C, BLOCK_S], ACC)  # per lane, reduced over positions after the loop
     for start in range(0, S, BLOCK_S):
         s = start + tl.arange(0, BLOCK_S)
         s_in = s < S
@@ -118,15 +118,15 @@ def _stats_grad_kernel(x_ptr, d_mean_ptr, d_peak_ptr, index_ptr, affine_ptr, cen
         d_mean = tl.load(d_mean_ptr + b * S + s, mask=s_in, other=0).to(ACC)[None, :]
         d_peak = tl.load(d_peak_ptr + b * S + s, mask=s_in, other=0).to(ACC)[None, :]
         at = tl.load(index_ptr + b * S + s, mask=s_in, other=-1)[None, :]
-        dot += tl.sum((d_mean / C + tl.where(at == c[:, None], d_peak, 0)) * y, 1)
+        dot += (d_mean / C + tl.where(at == c[:, None], d_peak, 0)) * y
         if CENTRED:
             offset = tl.where(inside, x - centre, 0)
-            weighted += tl.sum(d_mean * offset, 1)
-            offsets += tl.sum(offset, 1)
-    tl.store(d_mc_ptr + b * C + c, dot, mask=c_in)
+            weighted += d_mean * offset
+            offsets += offset
+    tl.store(d_mc_ptr + b * C + c, tl.sum(dot, 1), mask=c_in)
     if CENTRED:
-        tl.store(centred_ptr + b * 2 * C + c, weighted, mask=c_in)
-        tl.store(centred_ptr + b * 2 * C + C + c, offsets, mask=c_in)
+        tl.store(centred_ptr + b * 2 * C + c, tl.sum(weighted, 1), mask=c_in)
+        tl.store(centred_ptr + b * 2 * C + C + c, tl.sum(offsets, 1), mask=c_in)
 
 
 def stats_grad(x: Tensor, d_mean: Tensor, d_peak: Tensor, index: Tensor, input_affine: Tensor | None = None,
