@@ -13,12 +13,12 @@
 # compiling Triton kernels and torch.compile graphs is most of a first run's time: both caches live on
 # disk, so the timed steps after it find them compiled):
 #
-#   correctness_fp32, _bf16, _fp16 (T_CHECK=75)
+#   correctness_fp32, _bf16, _fp16 (T_CHECK=100)
 #                                   CBAM(impl="fused") on the Triton engine vs CBAM(impl="reference") in
 #                                   float64 on the GPU, TF32 off: output, every gradient, running
 #                                   statistics; NCHW and channels_last, residual, the folded BatchNorm,
 #                                   train and eval (cbam.profile.cuda_check), one process per dtype
-#   warm_fp32, _bf16, _bf16-autocast, warm_resnet (T_WARM=75)
+#   warm_fp32, _bf16, _bf16-autocast, warm_resnet (T_WARM=100)
 #                                   the module table and the ResNet-50 runs once, results discarded
 #
 # Then one step at a time:
@@ -27,8 +27,9 @@
 #                                   T_MODULES split evenly), batch 64 at ResNet-50's stage shapes
 #   resnet          (T_RESNET=60)   cbam bench --device cuda --resnet-only: ResNet-50 batch 128, 224²,
 #                                   bf16 autocast and fp32, plain vs ours vs timm
-#   launches        (T_LAUNCHES=20) benchmarks/launches.py: the CUDA kernels of one CBAM call and of a
-#                                   ResNet-50 bottleneck, forward and backward, by the profiler
+#   kernels         (T_KERNELS=45)  benchmarks/kernel_times.py: each CUDA kernel's time per fused call (training
+#                                   and eval, batch 64, the stage shapes) and in a ResNet-50 inference, by the
+#                                   profiler (benchmarks/launches.py counts them; run it apart)
 #   graphs          (T_GRAPHS=45)   cbam bench --device cuda --modes bf16-autocast --graphs: the module table
 #                                   again, with timm's module and ours also replayed from CUDA graphs (the
 #                                   GPU's time without the host's per-call work); last, as a capture that
@@ -46,8 +47,8 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 export CBAM_NO_EXTENSION=1  # the C++ CPU engine is not measured here: never build it on the GPU machine
 PY="${PYTHON:-$(command -v python || command -v python3)}"
-T_CHECK="${T_CHECK:-75}" T_WARM="${T_WARM:-75}" T_MODULES="${T_MODULES:-120}" T_RESNET="${T_RESNET:-60}"
-T_LAUNCHES="${T_LAUNCHES:-20}" T_GRAPHS="${T_GRAPHS:-45}"
+T_CHECK="${T_CHECK:-100}" T_WARM="${T_WARM:-100}" T_MODULES="${T_MODULES:-120}" T_RESNET="${T_RESNET:-60}"
+T_KERNELS="${T_KERNELS:-45}" T_GRAPHS="${T_GRAPHS:-45}"
 T_COMPILE="${T_COMPILE:-240}"
 : > "$OUT/steps.txt"
 
@@ -105,8 +106,8 @@ done
 step resnet "$T_RESNET" "$PY" -m cbam bench --device cuda --resnet-only --save "$OUT/resnet.json"
 cat "$OUT/resnet.md"
 
-step launches "$T_LAUNCHES" "$PY" benchmarks/launches.py --batch 8
-cat "$OUT/launches.md"
+step kernels "$T_KERNELS" "$PY" benchmarks/kernel_times.py
+cat "$OUT/kernels.md"
 
 # shellcheck disable=SC2086  # BENCH_ARGS: as above
 step graphs "$T_GRAPHS" "$PY" -m cbam bench --device cuda --modes bf16-autocast --graphs --save "$OUT/graphs.json" \

@@ -60,7 +60,7 @@ def module_steps(channels: int, size: int, batch: int):
         module.train()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = module(x)
-        out.backward(grad)
+        torch.autograd.grad(out, x, grad)  # no accumulation into x.grad: that add is the caller's, not CBAM's
 
     def infer():
         module.eval()

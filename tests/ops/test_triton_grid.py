@@ -33,3 +33,17 @@ def test_small_outputs_are_cut_in_order_from_one_allocation():
     base = parts[0].untyped_storage().data_ptr()
     assert [p.untyped_storage().data_ptr() for p in parts] == [base] * 3
     assert [p.storage_offset() for p in parts] == [0, 6, 6]
+
+
+def test_channel_mlp_tiles_fill_a_gpu_and_hold_a_fixed_product():
+    from cbam.ops.engines.triton_ops.channel_mlp import PRODUCTS, PROGRAMS, _grid, _tiles
+
+    for B, H, C in ((64, 128, 2048), (64, 16, 256), (128, 32, 512), (8, 4, 64), (1, 2, 8)):
+        gpu, cpu = _tiles(B, H, C, on_gpu=True), _tiles(B, H, C, on_gpu=False)
+        assert math.prod(_grid(gpu, B=B, H=H)) >= PROGRAMS or max(gpu["BLOCK_B"], gpu["BLOCK_H"]) <= 4
+        for tiles in (gpu, cpu):
+            assert all(power_of_two(edge) == edge for edge in tiles.values())
+            assert tiles["BLOCK_B"] * tiles["BLOCK_H"] * tiles["BLOCK_C"] <= max(PRODUCTS, 16**3)
+        assert cpu["BLOCK_B"] == min(16, power_of_two(B)) and cpu["BLOCK_H"] == min(16, power_of_two(H))
+    big = _tiles(64, 128, 2048, on_gpu=True)  # ResNet-50's last stage: 32 programs of 16 x 16 before
+    assert math.prod(_grid(big, B=64, H=128)) == 128 and big["BLOCK_C"] == PRODUCTS // 64
