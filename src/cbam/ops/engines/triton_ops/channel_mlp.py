@@ -82,13 +82,14 @@ def _gate_kernel(hidden_ptr, w2_ptr, b2_ptr, mc_ptr, B, C, H, POOLS: tl.constexp
     b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b_in, c_in = b < B, c < C
-    logits = tl.zeros([BLOCK_B, BLOCK_C], ACC)
+    products = tl.zeros([BLOCK_B, BLOCK_C, BLOCK_H], ACC)  # per lane, reduced over hidden units after the loop
     for start in range(0, H, BLOCK_H):
         h = start + tl.arange(0, BLOCK_H)
         h_in = h < H
         hidden = tl.load(hidden_ptr + b[:, None] * H + h[None, :], mask=b_in[:, None] & h_in[None, :], other=0)
         w2 = tl.load(w2_ptr + c[:, None] * H + h[None, :], mask=c_in[:, None] & h_in[None, :], other=0).to(ACC)
-        logits += tl.sum(hidden[:, None, :] * w2[None, :, :], 2)
+        products += hidden[:, None, :] * w2[None, :, :]
+    logits = tl.sum(products, 2)
     if BIAS:
         logits += POOLS * tl.load(b2_ptr + c, mask=c_in, other=0).to(ACC)[None, :]
     tl.store(mc_ptr + b[:, None] * C + c[None, :], gate(logits, HARD), mask=b_in[:, None] & c_in[None, :])
@@ -187,8 +188,8 @@ def _vector_grads_kernel(hidden_ptr, w1_ptr, d_avg_ptr, d_max_ptr, B, C, H, ACC:
     b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b_in, c_in = b < B, c < C
-    d_avg = tl.zeros([BLOCK_B, BLOCK_C], ACC)
-    d_max = tl.zeros([BLOCK_B, BLOCK_C], ACC)
+    d_avg = tl.zeros([BLOCK_B, BLOCK_C, BLOCK_H], ACC)  # per lane, reduced over hidden units after the loop
+    d_max = tl.zeros([BLOCK_B, BLOCK_C, BLOCK_H], ACC)
     for start in range(0, H, BLOCK_H):
         h = start + tl.arange(0, BLOCK_H)
         h_in = h < H
@@ -197,12 +198,12 @@ def _vector_grads_kernel(hidden_ptr, w1_ptr, d_avg_ptr, d_max_ptr, B, C, H, ACC:
         e_avg = tl.load(hidden_ptr + B * H + at, mask=inside, other=0)[:, None, :]
         e_max = tl.load(hidden_ptr + 2 * B * H + at, mask=inside, other=0)[:, None, :]
         w1 = tl.load(w1_ptr + h[None, :] * C + c[:, None], mask=c_in[:, None] & h_in[None, :], other=0).to(ACC)
-        d_avg += tl.sum(e_avg * w1[None, :, :], 2)  # (c, h) tile: never a dot's pattern
-        d_max += tl.sum(e_max * w1[None, :, :], 2)
+        d_avg += e_avg * w1[None, :, :]  # (c, h) tile
+        d_max += e_max * w1[None, :, :]
     out = b[:, None] * C + c[None, :]
     inside = b_in[:, None] & c_in[None, :]
-    tl.store(d_avg_ptr + out, d_avg, mask=inside)
-    tl.store(d_max_ptr + out, d_max, mask=inside)
+    tl.store(d_avg_ptr + out, tl.sum(d_avg, 2), mask=inside)
+    tl.store(d_max_ptr + out, tl.sum(d_max, 2), mask=inside)
 
 
 @triton.jit
