@@ -37,6 +37,7 @@
 #   compiled        (T_COMPILE=240) only with GPU_CHECK_COMPILE=1 (beyond the 5 minutes): --resnet-only
 #                                   --compile --modes bf16-autocast
 #
+# A budget of 0 skips its step (e.g. T_KERNELS=0 where the profile is already known).
 # BENCH_ARGS adds options to the module-table runs (e.g. BENCH_ARGS="--shapes 256x56,2048x7" for a rerun).
 # A step that runs out of time leaves what it measured in NAME.log (one line per module or model).
 # Exit status: 0 when every step exited 0 (a correctness step exits 1 on any failed case).
@@ -55,6 +56,7 @@ T_COMPILE="${T_COMPILE:-240}"
 step() {  # step NAME BUDGET COMMAND...: stdout to NAME.md, stderr to NAME.log and the console; may run in the background
     local name=$1 budget=$2 start rc
     shift 2
+    if [ "$budget" -eq 0 ]; then echo "== $name: skipped (budget 0)" >&2; : > "$OUT/$name.md"; return; fi
     echo "== $name (budget ${budget} s): $(printf '%s ' "$@" | head -n 1)" >&2
     start=$(date +%s)
     timeout -k 10 "$budget" "$@" > "$OUT/$name.md" 2> >(tee "$OUT/$name.log" >&2)
