@@ -13,29 +13,31 @@
 # compiling Triton kernels and torch.compile graphs is most of a first run's time: both caches live on
 # disk, so the timed steps after it find them compiled):
 #
-#   correctness_fp32, _bf16, _fp16 (T_CHECK=100)
+#   correctness_fp32, _bf16, _fp16 (T_CHECK=80)
 #                                   CBAM(impl="fused") on the Triton engine vs CBAM(impl="reference") in
 #                                   float64 on the GPU, TF32 off: output, every gradient, running
 #                                   statistics; NCHW and channels_last, residual, the folded BatchNorm,
 #                                   train and eval (cbam.profile.cuda_check), one process per dtype
-#   warm_fp32, _bf16, _bf16-autocast, warm_resnet (T_WARM=100)
+#   warm_fp32, _bf16, _bf16-autocast, warm_resnet (T_WARM=80)
 #                                   the module table and the ResNet-50 runs once, results discarded
 #
 # Then one step at a time:
 #
-#   modules_MODE    (T_MODULES=120) cbam bench --device cuda, one run per mode (bf16-autocast, bf16, fp32;
+#   modules_MODE    (T_MODULES=90) cbam bench --device cuda, one run per mode (bf16-autocast, bf16, fp32;
 #                                   T_MODULES split evenly), batch 64 at ResNet-50's stage shapes
-#   resnet          (T_RESNET=60)   cbam bench --device cuda --resnet-only: ResNet-50 batch 128, 224²,
+#   resnet          (T_RESNET=75)   cbam bench --device cuda --resnet-only: ResNet-50 batch 128, 224²,
 #                                   bf16 autocast and fp32, plain vs ours vs timm
-#   kernels         (T_KERNELS=45)  benchmarks/kernel_times.py: each CUDA kernel's time per fused call (training
-#                                   and eval, batch 64, the stage shapes) and in a ResNet-50 inference, by the
-#                                   profiler (benchmarks/launches.py counts them; run it apart)
-#   graphs          (T_GRAPHS=45)   cbam bench --device cuda --modes bf16-autocast --graphs: the module table
+#   kernels         (T_KERNELS=0: skipped; 60 runs it, beyond the 5 minutes) benchmarks/kernel_times.py: each
+#                                   CUDA kernel's time per fused call (training and eval, batch 64, the stage
+#                                   shapes) and in a ResNet-50 inference and training step, with each step's
+#                                   wall time against its kernels' (host- or GPU-bound); launches.py counts them
+#   graphs          (T_GRAPHS=35)   cbam bench --device cuda --modes bf16-autocast --graphs: the module table
 #                                   again, with timm's module and ours also replayed from CUDA graphs (the
 #                                   GPU's time without the host's per-call work); last, as a capture that
 #                                   fails could leave the process's CUDA context unusable
 #   compiled        (T_COMPILE=240) only with GPU_CHECK_COMPILE=1 (beyond the 5 minutes): --resnet-only
-#                                   --compile --modes bf16-autocast
+#                                   --compile --modes bf16-autocast, torch.compile's mode from COMPILE_MODE
+#                                   (default; reduce-overhead replays each step from CUDA graphs)
 #
 # A budget of 0 skips its step (e.g. T_KERNELS=0 where the profile is already known).
 # BENCH_ARGS adds options to the module-table runs (e.g. BENCH_ARGS="--shapes 256x56,2048x7" for a rerun).
@@ -48,8 +50,8 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 export CBAM_NO_EXTENSION=1  # the C++ CPU engine is not measured here: never build it on the GPU machine
 PY="${PYTHON:-$(command -v python || command -v python3)}"
-T_CHECK="${T_CHECK:-100}" T_WARM="${T_WARM:-100}" T_MODULES="${T_MODULES:-120}" T_RESNET="${T_RESNET:-60}"
-T_KERNELS="${T_KERNELS:-45}" T_GRAPHS="${T_GRAPHS:-45}"
+T_CHECK="${T_CHECK:-80}" T_WARM="${T_WARM:-80}" T_MODULES="${T_MODULES:-90}" T_RESNET="${T_RESNET:-75}"
+T_KERNELS="${T_KERNELS:-0}" T_GRAPHS="${T_GRAPHS:-35}"
 T_COMPILE="${T_COMPILE:-240}"
 : > "$OUT/steps.txt"
 
@@ -118,7 +120,7 @@ cat "$OUT/graphs.md"
 
 if [ "${GPU_CHECK_COMPILE:-0}" = 1 ]; then
     step compiled "$T_COMPILE" "$PY" -m cbam bench --device cuda --resnet-only --compile --modes bf16-autocast \
-        --save "$OUT/compiled.json"
+        --compile-mode "${COMPILE_MODE:-default}" --save "$OUT/compiled.json"
     cat "$OUT/compiled.md"
 fi
 

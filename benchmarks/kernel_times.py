@@ -5,7 +5,9 @@
 On CUDA only. Rows per stage shape (``CBAM(C, preset="timm")``, channels_last, bfloat16 input under
 bfloat16 autocast): the kernels of one training forward+backward and of one eval forward, their time
 per call in µs (the mean over the profiled calls) and launches per call, the slowest first; then the
-kernels of a ``cbam.models.resnet50(preset="timm")`` inference forward, the slowest first. It says which
+kernels of a ``cbam.models.resnet50(preset="timm")`` inference and SGD training step at batch 128, the
+slowest first, with the step's wall time against the sum of its kernels' times (the GPU's busy time):
+far apart, the step is bound by the host's per-call work, not by the GPU. It says which
 kernel to work on; the module and ResNet tables (``cbam bench --device cuda``) say how much it matters.
 """
 
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 import sys
+import time
 
 import torch
 
@@ -70,6 +74,44 @@ def module_steps(channels: int, size: int, batch: int):
     return train, infer
 
 
+def resnet_steps(batch: int):
+    """``(name, step)`` for a ``cbam.models.resnet50(preset="timm")`` inference and SGD training step under
+    bfloat16 autocast, channels-last, ``cudnn.benchmark`` (the ResNet table's protocol)."""
+    torch.backends.cudnn.benchmark = True
+    model = cbam.models.resnet50(preset="timm").cuda().to(memory_format=torch.channels_last)
+    images = torch.randn(batch, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 1000, (batch,), device="cuda")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def infer():
+        model.eval()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model(images)
+
+    def train():
+        model.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return [("inference", infer), ("training step", train)]
+
+
+def wall_ms(step, steps: int = 10) -> float:
+    """The median wall time of ``step()`` in ms, each step synchronised (after three warm-up steps)."""
+    times = []
+    for i in range(steps + 3):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -89,16 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         print(table(f"{shape}, batch {args.batch}, eval forward", kernel_times(infer), args.top))
         sys.stdout.flush()
     if args.resnet_batch:
-        model = cbam.models.resnet50(preset="timm").cuda().eval().to(memory_format=torch.channels_last)
-        images = torch.randn(args.resnet_batch, 3, 224, 224, device="cuda")
-        images = images.contiguous(memory_format=torch.channels_last)
-
-        def infer():
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                model(images)
-
-        print(table(f"ResNet-50 (preset timm), batch {args.resnet_batch}, bf16 autocast inference",
-                    kernel_times(infer, 3), 2 * args.top))
+        for name, step in resnet_steps(args.resnet_batch):
+            rows = kernel_times(step, 3)
+            busy, wall = sum(row[1] for row in rows) / 1000, wall_ms(step)
+            print(table(f"ResNet-50 (preset timm), batch {args.resnet_batch}, bf16 autocast {name}: wall {wall:.1f} ms "
+                        f"per step, the GPU busy {busy:.1f} ms ({busy / wall:.0%}; far below 100%: bound by the host)",
+                        rows, 2 * args.top))
+            sys.stdout.flush()
     return 0
 
 

@@ -62,7 +62,26 @@ def test_device_cuda_passes_its_options_to_cuda_bench(capsys, monkeypatch):
     assert seen["device"] == "cuda" and seen["graphs"]
     run(capsys, "bench", "--device", "cuda", "--resnet-only", "--batch", "4", "--shapes", "16x8")
     assert seen["batch"] == 4 and seen["shapes"] == [(16, 8)] and not seen["modules"] and seen["resnet"]
-    assert not seen["graphs"]
+    assert not seen["graphs"] and not seen["compile"] and seen["compile_mode"] == "default"
+    run(capsys, "bench", "--device", "cuda", "--resnet-only", "--compile-mode", "reduce-overhead")
+    assert seen["compile"] and seen["compile_mode"] == "reduce-overhead"  # a mode implies --compile
+
+
+def test_compile_modes_agree_and_reach_torch_compile(monkeypatch):
+    from cbam.cli import bench
+
+    assert bench.COMPILE_MODES == cuda_bench.COMPILE_MODES
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    def tiny():
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 1000))
+
+    for mode in ("default", "reduce-overhead"):
+        cuda_bench.measure_resnet(tiny, "fp32", batch=2, image_size=8, steps=1, warmup=0, device="cpu", compile=True,
+                                  compile_mode=mode)
+    assert modes == [None, "reduce-overhead"]
+    with pytest.raises(ValueError, match="compile_mode among"):
+        cuda_bench.resnet_table(2, compile=True, compile_mode="fast", device="cpu")
 
 
 def test_save_writes_the_json_next_to_the_tables(capsys, tmp_path):

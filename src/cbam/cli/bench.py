@@ -7,6 +7,7 @@ import argparse
 import json
 
 CUDA_MODES = ("fp32", "bf16", "bf16-autocast")  # cbam.profile.cuda_bench.MODES, without importing torch here
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # cuda_bench.COMPILE_MODES, likewise
 
 
 def register(subparsers) -> None:
@@ -29,6 +30,9 @@ def register(subparsers) -> None:
     parser.add_argument("--resnet", action="store_true", help="also time CBAM's overhead in ResNet-50 at 224x224")
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile of the reference path (CUDA: of ours and of every ResNet-50)")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                        help="torch.compile's mode for the ResNet-50s (CUDA; implies --compile): reduce-overhead "
+                             "replays each step from CUDA graphs, without the host's per-call work")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
     parser.add_argument("--save", default=None, metavar="PATH", help="also write the results as JSON to PATH")
     cuda = parser.add_argument_group("CUDA only")
@@ -76,6 +80,7 @@ def _run_cuda(args: argparse.Namespace, batch: int, shapes):
     cuda_bench.require_cuda()
     return cuda_bench.run(batch, shapes, modes, modules=not args.resnet_only, resnet=args.resnet or args.resnet_only,
                           resnet_batch=check_int("--resnet-batch", args.resnet_batch),
-                          steps=check_int("--steps", args.steps), compile=args.compile, graphs=args.graphs,
+                          steps=check_int("--steps", args.steps), graphs=args.graphs,
+                          compile=args.compile or args.compile_mode != "default", compile_mode=args.compile_mode,
                           device="cuda",
                           progress=lambda line: print(line, file=sys.stderr, flush=True))

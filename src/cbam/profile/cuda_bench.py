@@ -49,6 +49,7 @@ RESNET_PRECISIONS = ("bf16-autocast", "fp32")
 
 TIMM = "timm CbamModule"
 COMPILED_TIMM = "torch.compile(timm)"
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile's, for the ResNet-50s
 REFERENCE = "cbam reference"
 FUSED = "cbam auto"
 COMPILED_OURS = "torch.compile(cbam auto)"
@@ -339,8 +340,10 @@ def _graph_breaks() -> int:
 
 
 def measure_resnet(build: Callable[[], nn.Module], precision: str, *, batch: int, image_size: int, steps: int,
-                   warmup: int, device: str, compile: bool = False) -> tuple[float, float, float | None, int | None]:
-    """``(train ms, inference ms, peak GB, graph breaks)`` of one model (see the module docstring)."""
+                   warmup: int, device: str, compile: bool = False,
+                   compile_mode: str = "default") -> tuple[float, float, float | None, int | None]:
+    """``(train ms, inference ms, peak GB, graph breaks)`` of one model (see the module docstring); with
+    ``compile``, ``torch.compile`` in ``compile_mode`` (one of ``COMPILE_MODES``)."""
     cuda = torch.device(device).type == "cuda"
     autocast = precision == "bf16-autocast"
     torch.manual_seed(0)
@@ -353,7 +356,7 @@ def measure_resnet(build: Callable[[], nn.Module], precision: str, *, batch: int
         torch._dynamo.reset()
         from torch._dynamo.utils import counters
         counters.clear()
-    runner = torch.compile(model) if compile else model
+    runner = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile else model
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -386,10 +389,14 @@ def measure_resnet(build: Callable[[], nn.Module], precision: str, *, batch: int
 
 def resnet_table(batch: int = 128, image_size: int = 224, steps: int = 20, warmup: int = 5,
                  precisions: Sequence[str] = RESNET_PRECISIONS, compile: bool = False, device: str = "cuda",
-                 peer: bool = True, progress: Callable[[str], None] | None = None) -> CudaResNetTable:
+                 peer: bool = True, progress: Callable[[str], None] | None = None,
+                 compile_mode: str = "default") -> CudaResNetTable:
     """Plain ResNet-50, ``cbam.models.resnet50(preset="timm")`` and (with ``peer``, when timm is installed)
     timm's resnet50 with ``attn_layer="cbam"``, in each of ``precisions``; with ``compile`` each also
-    ``torch.compile``'d (default options; graph breaks counted)."""
+    ``torch.compile``'d in ``compile_mode`` (``reduce-overhead``: replayed from CUDA graphs; graph breaks
+    counted)."""
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"resnet_table expects compile_mode among {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
     batch, steps = check_int("batch", batch), check_int("steps", steps)
     warmup, image_size = check_int("warmup", warmup, minimum=0), check_int("image_size", image_size, minimum=32)
     unknown = [p for p in precisions if p not in RESNET_PRECISIONS]
@@ -416,7 +423,7 @@ def resnet_table(batch: int = 128, image_size: int = 224, steps: int = 20, warmu
                 try:
                     train, inference, peak, breaks = measure_resnet(
                         build, precision, batch=batch, image_size=image_size, steps=steps, warmup=warmup,
-                        device=device, compile=compiled)
+                        device=device, compile=compiled, compile_mode=compile_mode)
                 except Exception as error:  # one failing model leaves the others' numbers standing
                     notes.append(f"{precision}{' compiled' if compiled else ''} {name} failed, row left out: "
                                  f"{_first_line(error)}")
@@ -570,10 +577,11 @@ class CudaBenchReport:
 def run(batch: int = 64, shapes: Sequence[tuple[int, int]] = SHAPES, modes: Sequence[str] = MODES,
         modules: bool = True, resnet: bool = False, resnet_batch: int = 128, steps: int = 20,
         compile: bool = False, device: str = "cuda", progress: Callable[[str], None] | None = None,
-        graphs: bool = False) -> CudaBenchReport:
+        graphs: bool = False, compile_mode: str = "default") -> CudaBenchReport:
     """The whole CUDA benchmark: ``module_table`` (with ``modules``), then with ``resnet`` ``resnet_table``
     in the modes of ``modes`` it has (``fp32``, ``bf16-autocast``); ``compile`` adds the compiled variants
-    of ours (modules) and of every ResNet-50, ``graphs`` the modules replayed from CUDA graphs."""
+    of ours (modules) and of every ResNet-50 (those in ``compile_mode``), ``graphs`` the modules replayed
+    from CUDA graphs."""
     if torch.device(device).type == "cuda":
         require_cuda()
     table = module_table(batch, shapes, modes, device, compile_ours=compile, progress=progress,
@@ -582,5 +590,5 @@ def run(batch: int = 64, shapes: Sequence[tuple[int, int]] = SHAPES, modes: Sequ
     if resnet and not precisions:
         raise ValueError(f"--resnet runs in {' and '.join(RESNET_PRECISIONS)}; --modes has neither: {list(modes)}")
     nets = resnet_table(resnet_batch, steps=steps, precisions=precisions, compile=compile, device=device,
-                        progress=progress) if resnet else None
+                        progress=progress, compile_mode=compile_mode) if resnet else None
     return CudaBenchReport(environment(device), table, nets)
