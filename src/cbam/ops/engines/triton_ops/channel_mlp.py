@@ -21,6 +21,9 @@ from .common import acc_type, cdiv, gate, gate_grad, power_of_two, small_outputs
 
 PRODUCTS = 4096  # a program's (BLOCK_B, BLOCK_H, BLOCK_C) tile of products (fp32: 32 per thread each, 4 warps)
 PROGRAMS = 128  # programs over (B, H) that keep a GPU's SMs busy: the sums over C are long at 2048 channels
+# the weights' gradients sum over the batch on (H, C) tiles: 16 x 16 x 16, which already gives enough programs
+# (on an H100 at 2048x7², batch 64: 15.9 µs; 26.1 µs on the (B, H)-narrowed tiles of the other kernels)
+WEIGHT_TILES = {"BLOCK_B": 16, "BLOCK_H": 16, "BLOCK_C": 16}
 MAX_POOLS = 3
 
 
@@ -261,6 +264,6 @@ def channel_backward(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef:
         avg, peak, fc1_w, fc1_b, fc2_w, mc, d_mc, hidden, B, C, H, **_coefficients(avg_coef, max_coef), POOLS=pools,
         BIAS=fc1_b is not None, HARD=hard_gate, ACC=acc, **blocks)
     _vector_grads_kernel[_grid(blocks, B=B, C=C)](hidden, fc1_w, d_avg, d_max, B, C, H, ACC=acc, **blocks)
-    _weight_grads_kernel[_grid(blocks, H=H, C=C)](avg, peak, mc, d_mc, hidden, d_w1, d_b1, d_w2, d_b2, B, C, H,
-                                                  POOLS=pools, HARD=hard_gate, ACC=acc, **blocks)
+    _weight_grads_kernel[_grid(WEIGHT_TILES, H=H, C=C)](avg, peak, mc, d_mc, hidden, d_w1, d_b1, d_w2, d_b2, B, C,
+                                                        H, POOLS=pools, HARD=hard_gate, ACC=acc, **WEIGHT_TILES)
     return [d_avg, d_max, d_w1, d_b1, d_w2, d_b2]
