@@ -49,7 +49,7 @@ def kernel_times(step, calls: int = CALLS) -> list[tuple[str, float, float]]:
 def table(title: str, rows: list[tuple[str, float, float]], top: int) -> str:
     lines = [f"\n{title}: {sum(row[1] for row in rows):.1f} µs per call in {sum(row[2] for row in rows):g} kernels",
              "| kernel | µs per call | launches |", "| --- | ---: | ---: |"]
-    lines += [f"| {name[:90]} | {time:.1f} | {launches:g} |" for name, time, launches in rows[:top]]
+    lines += [f"| {name[:90]} | {micros:.1f} | {launches:g} |" for name, micros, launches in rows[:top]]
     return "\n".join(lines)
 
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = kernel_times(step, 3)
             busy, wall = sum(row[1] for row in rows) / 1000, wall_ms(step)
             print(table(f"ResNet-50 (preset timm), batch {args.resnet_batch}, bf16 autocast {name}: wall {wall:.1f} ms "
-                        f"per step, the GPU busy {busy:.1f} ms ({busy / wall:.0%}; far below 100%: bound by the host)",
+                        f"per step, its kernels {busy:.1f} ms ({busy / wall:.0%}; well below 100%: bound by the host)",
                         rows, 2 * args.top))
             sys.stdout.flush()
     return 0
