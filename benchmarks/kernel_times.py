@@ -17,11 +17,11 @@ import argparse
 import collections
 import statistics
 import sys
-import time
 
 import torch
 
 import cbam
+from cbam.profile import cuda_bench
 
 CALLS = 5
 
@@ -75,41 +75,19 @@ def module_steps(channels: int, size: int, batch: int):
 
 
 def resnet_steps(batch: int):
-    """``(name, step)`` for a ``cbam.models.resnet50(preset="timm")`` inference and SGD training step under
-    bfloat16 autocast, channels-last, ``cudnn.benchmark`` (the ResNet table's protocol)."""
+    """``(name, set_mode, step)`` for a ``cbam.models.resnet50(preset="timm")`` inference and SGD training step under
+    bfloat16 autocast, channels-last, ``cudnn.benchmark`` (the ResNet table's steps, ``cuda_bench``'s)."""
     torch.backends.cudnn.benchmark = True
     model = cbam.models.resnet50(preset="timm").cuda().to(memory_format=torch.channels_last)
-    images = torch.randn(batch, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 1000, (batch,), device="cuda")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def infer():
-        model.eval()
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            model(images)
-
-    def train():
-        model.train()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return [("inference", infer), ("training step", train)]
+    train, infer = cuda_bench.resnet_steps(model, "bf16-autocast", batch=batch, image_size=224, device="cuda")
+    return [("inference", model.eval, infer), ("training step", model.train, train)]
 
 
 def wall_ms(step, steps: int = 10) -> float:
-    """The median wall time of ``step()`` in ms, each step synchronised (after three warm-up steps)."""
-    times = []
-    for i in range(steps + 3):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+    """The median time of ``step()`` in ms (``cuda_bench.step_times``), after three warm-up steps."""
+    for _ in range(3):
         step()
-        torch.cuda.synchronize()
-        if i >= 3:
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return statistics.median(cuda_bench.step_times(step, steps, cuda=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         print(table(f"{shape}, batch {args.batch}, eval forward", kernel_times(infer), args.top))
         sys.stdout.flush()
     if args.resnet_batch:
-        for name, step in resnet_steps(args.resnet_batch):
+        for name, set_mode, step in resnet_steps(args.resnet_batch):
+            set_mode()
             rows = kernel_times(step, 3)
             busy, wall = sum(row[1] for row in rows) / 1000, wall_ms(step)
             print(table(f"ResNet-50 (preset timm), batch {args.resnet_batch}, bf16 autocast {name}: wall {wall:.1f} ms "

@@ -316,7 +316,7 @@ def _timm_resnet50() -> Callable[[], nn.Module] | None:
     return lambda: timm.create_model("resnet50", block_args={"attn_layer": "cbam"})
 
 
-def _step_times(fn: Callable[[], object], steps: int, cuda: bool) -> list[float]:
+def step_times(fn: Callable[[], object], steps: int, cuda: bool) -> list[float]:
     """Milliseconds of each of ``steps`` calls (CUDA events on CUDA, else the host clock)."""
     if not cuda:
         times = []
@@ -339,24 +339,16 @@ def _graph_breaks() -> int:
     return int(sum(counters["graph_break"].values()))
 
 
-def measure_resnet(build: Callable[[], nn.Module], precision: str, *, batch: int, image_size: int, steps: int,
-                   warmup: int, device: str, compile: bool = False,
-                   compile_mode: str = "default") -> tuple[float, float, float | None, int | None]:
-    """``(train ms, inference ms, peak GB, graph breaks)`` of one model (see the module docstring); with
-    ``compile``, ``torch.compile`` in ``compile_mode`` (one of ``COMPILE_MODES``)."""
-    cuda = torch.device(device).type == "cuda"
+def resnet_steps(model: nn.Module, precision: str, *, batch: int, image_size: int, device: str,
+                 runner: nn.Module | None = None) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``(train_step, inference)`` for ``model`` on random channels-last images and labels: an SGD step
+    (momentum 0.9) and a no-grad forward, under bf16 autocast for ``bf16-autocast``, both calling
+    ``runner`` (default ``model``; e.g. its compiled twin). The caller sets train or eval mode."""
     autocast = precision == "bf16-autocast"
-    torch.manual_seed(0)
-    model = build().to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (batch,), device=device)
-    breaks = None
-    if compile:
-        torch._dynamo.reset()
-        from torch._dynamo.utils import counters
-        counters.clear()
-    runner = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile else model
+    runner = model if runner is None else runner
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -369,19 +361,38 @@ def measure_resnet(build: Callable[[], nn.Module], precision: str, *, batch: int
         with torch.no_grad(), _autocast(device, autocast):
             runner(x)
 
+    return train_step, inference
+
+
+def measure_resnet(build: Callable[[], nn.Module], precision: str, *, batch: int, image_size: int, steps: int,
+                   warmup: int, device: str, compile: bool = False,
+                   compile_mode: str = "default") -> tuple[float, float, float | None, int | None]:
+    """``(train ms, inference ms, peak GB, graph breaks)`` of one model (see the module docstring); with
+    ``compile``, ``torch.compile`` in ``compile_mode`` (one of ``COMPILE_MODES``)."""
+    cuda = torch.device(device).type == "cuda"
+    torch.manual_seed(0)
+    model = build().to(device, memory_format=torch.channels_last)
+    breaks = None
+    if compile:
+        torch._dynamo.reset()
+        from torch._dynamo.utils import counters
+        counters.clear()
+    runner = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile else model
+    train_step, inference = resnet_steps(model, precision, batch=batch, image_size=image_size, device=device,
+                                         runner=runner)
     model.train()
     for _ in range(warmup):
         train_step()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    train = statistics.median(_step_times(train_step, steps, cuda))
+    train = statistics.median(step_times(train_step, steps, cuda))
     peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
-    optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)  # the gradients go before inference is timed
     model.eval()
     for _ in range(warmup):
         inference()
-    inference_ms = statistics.median(_step_times(inference, steps, cuda))
+    inference_ms = statistics.median(step_times(inference, steps, cuda))
     if compile:
         breaks = _graph_breaks()
     return train, inference_ms, peak, breaks

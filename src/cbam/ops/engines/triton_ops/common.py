@@ -23,7 +23,7 @@ FIRST_OF_NONE = tl.constexpr(2**31 - 1)  # an index larger than any position or 
 def chunk_max(values, index, axis: tl.constexpr):
     """The maximum of ``values`` along ``axis`` (a NaN is the maximum, as for torch) and the first
     ``index`` (broadcasting to ``values``) where it is; masked entries must hold -inf and come after
-    the valid ones."""
+    the valid ones, or (per-lane maxima that no position reached) index 0, right for a row of -inf."""
     nan = values != values
     found_nan = tl.max(nan.to(tl.int32), axis) > 0
     peak = tl.where(found_nan, float("nan"), tl.max(tl.where(nan, float("-inf"), values), axis))
