@@ -10,15 +10,16 @@ reference path and fused on the C++ engine, each in eval (forward, no autograd) 
 input_norm=bn)``, against timm's ``relu(cbam(bn(conv_out)) + residual)``. Medians over interleaved
 rounds of ``--calls`` calls each, in microseconds per call, and each row's ratio to timm's.
 
-``--triton`` adds the fused rows on the Triton engine (in the interpreter, ``TRITON_INTERPRET=1``)
-with every kernel launch replaced by a no-op: the host work of our wrappers around the launches, the
-part that a CPU can time (Triton's own launch cost on a GPU comes on top).
+``--triton`` adds the fused rows on the Triton engine, each kernel launched through Triton's own host
+path for an H100 (``cbam.profile.triton_host``: compiled for sm_90, the final driver call left out,
+the kernels never run): the host work of an eager call on a GPU but the driver's launch calls, which
+the last column counts.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import platform
 import statistics
 
@@ -28,6 +29,7 @@ from torch import nn
 from cbam import CBAM
 from cbam.ops import engines
 from cbam.profile.benchmark import interleaved_samples
+from cbam.profile.triton_host import launch_path_without_gpu
 
 SHAPE = (2, 64, 4, 4)
 
@@ -49,18 +51,6 @@ def _modules() -> dict[str, nn.Module]:
     channels = SHAPE[1]
     return {"timm CbamModule": _timm_cbam(channels), "cbam reference": CBAM(channels, preset="timm", impl="reference"),
             "cbam fused": CBAM(channels, preset="timm", impl="fused")}
-
-
-def _without_launches() -> None:
-    """Every Triton kernel launch (``kernel[grid](...)``) a no-op, in the interpreter."""
-    os.environ["TRITON_INTERPRET"] = "1"
-    from triton.runtime import interpreter, jit
-
-    def no_launch(kernel, grid):
-        return lambda *args, **kwargs: None
-
-    jit.JITFunction.__getitem__ = no_launch
-    interpreter.InterpretedFunction.__getitem__ = no_launch
 
 
 def _on_engine(name: str, run):
@@ -90,28 +80,39 @@ def runs(calls: int, triton: bool = False) -> dict[str, object]:
         found[f"{name}, training"] = _calls(lambda m=trained: m(leaf).sum().backward(), calls)
     if triton:
         for key in [key for key in found if key.startswith("cbam fused")]:
-            found[key.replace("cbam fused", "cbam fused on Triton without launches")] = _on_engine("triton", found[key])
+            found[key.replace("cbam fused", "cbam fused on Triton")] = _on_engine("triton", found[key])
     return found
+
+
+def _launches_per_call(run, calls: int, counter: list[int]) -> float:
+    """Triton launches per call of ``run`` (``calls`` calls), read from ``launch_path_without_gpu``'s counter."""
+    before = counter[0]
+    run()
+    return (counter[0] - before) / calls
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--calls", type=int, default=200)
-    parser.add_argument("--triton", action="store_true", help="also the fused rows on Triton, launches left out")
+    parser.add_argument("--triton", action="store_true",
+                        help="also the fused rows on Triton, through Triton's launch path for an H100 (no GPU needed)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.triton:
-        _without_launches()
-    samples = interleaved_samples(runs(args.calls, args.triton), args.rounds)
+    with launch_path_without_gpu() if args.triton else contextlib.nullcontext([0]) as counter:
+        rows = runs(args.calls, args.triton)
+        samples = interleaved_samples(rows, args.rounds)
+        launches = {name: _launches_per_call(run, args.calls, counter) for name, run in rows.items()
+                    if "on Triton" in name}
     micro = {name: statistics.median(times) / args.calls * 1e6 for name, times in samples.items()}
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread, input {SHAPE}, "
           f"medians of {args.rounds} rounds of {args.calls} calls")
-    print("| call | µs per call | × timm |")
-    print("| --- | ---: | ---: |")
+    print("| call | µs per call | × timm | Triton launches |")
+    print("| --- | ---: | ---: | ---: |")
     for name, value in micro.items():
         peer = micro["timm CbamModule, " + name.split(", ", 1)[1]]
-        print(f"| {name} | {value:.1f} | {value / peer:.2f} |")
+        count = f"{launches[name]:.0f}" if name in launches else ""
+        print(f"| {name} | {value:.1f} | {value / peer:.2f} | {count} |")
 
 
 if __name__ == "__main__":
