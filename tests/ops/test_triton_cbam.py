@@ -97,9 +97,13 @@ def test_triton_cbam_equals_the_float64_reference(shape, dims, preset, dtype, la
         rounded = found.shape == x.shape or place >= len(got) - folded_grads
         rtol = TOLERANCE[dtype] if rounded else 1e-4
         torch.testing.assert_close(found.double(), expected, rtol=rtol, atol=2 * rtol * scale)
-    if fold and training:  # the running statistics moved as the module's own forward moves them
-        torch.testing.assert_close(fused[1].running_mean.double(), twin[1].running_mean, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(fused[1].running_var.double(), twin[1].running_var, rtol=1e-5, atol=1e-6)
+    norms = [(fused[0].spatial_att.bn, twin[0].spatial_att.bn), (fused[1], twin[1])]
+    for found, expected in [pair for pair in norms if pair[0] is not None and training]:
+        # the running statistics (the spatial BatchNorm's and the folded one's) moved as the modules' own forwards
+        # move them, and counted once
+        torch.testing.assert_close(found.running_mean.double(), expected.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(found.running_var.double(), expected.running_var, rtol=1e-5, atol=1e-6)
+        assert found.num_batches_tracked.item() == expected.num_batches_tracked.item() == 1
 
 
 def x_format(dims):

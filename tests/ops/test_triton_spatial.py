@@ -162,3 +162,49 @@ def test_empty_batch(norm):
     for out, ref in zip(found, [mean, speak, torch.zeros_like(conv_w), torch.zeros(1, dtype=F64),
                                 torch.zeros(1, dtype=F64)]):
         assert out.shape == ref.shape and torch.equal(out, ref)
+
+
+# (B, S): one program's tile and more (the interpreter's block is 4 tiles: 8192 logits), odd sizes, two logits
+NORM_SHAPES = [(3, 30), (2, 1), (1, 2), (4, 2500)]
+
+
+@pytest.mark.parametrize("batch,positions", NORM_SHAPES)
+@pytest.mark.parametrize(("weight", "bias", "running", "hard"), [
+    (False, False, False, False), (True, True, True, False), (True, False, True, True), (False, True, False, True)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_spatial_norm_gate_on_batch_statistics(batch, positions, weight, bias, running, hard, dtype):
+    # logits far from zero: their variance must not cancel in the sums
+    logits = 40 + 3 * torch.randn(batch, positions, dtype=F64, device=DEVICE)
+    norm_w, norm_b = 0.5 + torch.rand(1, dtype=F64), torch.randn(1, dtype=F64)
+    running_mean, running_var = torch.randn(1, dtype=F64), 0.5 + torch.rand(1, dtype=F64)
+    want_mean, want_var = running_mean.clone(), running_var.clone()
+    z = F.batch_norm(logits.unsqueeze(1), want_mean if running else None, want_var if running else None,
+                     norm_w if weight else None, norm_b if bias else None, training=True, momentum=0.3,
+                     eps=EPS).squeeze(1)
+    want = F.relu6(z + 3) / 6 if hard else torch.sigmoid(z)
+    found_mean, found_var = running_mean.to(dtype), running_var.to(dtype)
+    with poisoned():
+        ms = spatial.spatial_norm_gate(logits.to(dtype), norm_w.to(dtype) if weight else None,
+                                       norm_b.to(dtype) if bias else None, found_mean if running else None,
+                                       found_var if running else None, EPS, 0.3, hard)
+    check(ms, want)
+    if running:  # moved in place as torch's BatchNorm moves them
+        check(found_mean, want_mean)
+        check(found_var, want_var)
+
+
+def test_spatial_norm_gate_keeps_a_bfloat16_norm_in_its_dtype():
+    """A bfloat16 module's BatchNorm on float32 logits: the gate in float32, the running statistics updated
+    in float32 and stored in bfloat16."""
+    logits = torch.randn(2, 40, device=DEVICE)
+    running_mean, running_var = torch.zeros(1, dtype=torch.bfloat16), torch.ones(1, dtype=torch.bfloat16)
+    weight = torch.full((1,), 1.5, dtype=torch.bfloat16)
+    ms = spatial.spatial_norm_gate(logits, weight, None, running_mean, running_var, EPS, 0.1, False)
+    variance, mean = torch.var_mean(logits.double(), correction=0)
+    want = torch.sigmoid((logits.double() - mean) / torch.sqrt(variance + EPS) * 1.5)
+    assert ms.dtype == torch.float32
+    check(ms, want)
+    assert running_mean.dtype == running_var.dtype == torch.bfloat16
+    within_bfloat16 = {"rtol": 2**-7, "atol": 1e-6}  # one step: Triton's interpreter truncates to bfloat16
+    torch.testing.assert_close(running_mean.double(), (0.1 * mean).view(1), **within_bfloat16)
+    torch.testing.assert_close(running_var.double(), (0.9 + 0.1 * variance * 80 / 79).view(1), **within_bfloat16)

@@ -415,7 +415,7 @@ def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamW
     ms_graph = None
     if spatial_gate.by_hand(spec.norm):
         if ms is None:  # the norm (once: it may update running statistics), gate
-            ms = spatial_gate.forward(logits, spatial, spec.norm, spec.gate).contiguous()
+            ms = _norm_and_gate(engine, passes, logits, spatial, spec)
     else:  # another norm: run once, recorded when a backward will follow
         with torch.set_grad_enabled(record):
             leaves = [logits.detach().requires_grad_(record), *(_leaf(w) for w in weights.norm if w is not None)]
@@ -426,6 +426,18 @@ def _forward(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamW
             out = passes.apply(x, mc, ms, residual, affine)
     return _Forward(out, engine, passes, pooled, mc, mean, speak, channel_index, spatial_index, logits, ms,
                     ms_graph if record else None)
+
+
+def _norm_and_gate(engine: Engine, passes, logits: Tensor, spatial: torch.Size, spec: FusedSpec) -> Tensor:
+    """``ms (B, S) = gate(norm(logits))`` for a norm ``spatial_gate`` computes, updating running statistics
+    on batch statistics: in one engine call for a BatchNorm on more than one logit where the engine has it,
+    else ``spatial_gate.forward`` (which also raises torch's error for a single logit)."""
+    norm = spec.norm
+    if engine.has("spatial-norm") and norm is not None and norm.batch and logits.numel() > 1:
+        running = (norm.running_mean, norm.running_var) if norm.updates else (None, None)
+        return passes.spatial_norm_gate(logits, norm.weight, norm.bias, *running, norm.eps, norm.factor,
+                                        spec.gate == "hard-sigmoid")
+    return spatial_gate.forward(logits, spatial, norm, spec.gate).contiguous()
 
 
 def _with_nones(found: list[Tensor], like) -> list[Tensor | None]:

@@ -12,7 +12,8 @@ triton    cuda (cpu: TRITON_INTERPRET)  float32, float64, bf16, fp16     contigu
 ========  ============================  ===============================  ==========================
 
 and which extras it computes itself (``Engine.extras``): ``"forward"`` the whole forward in one call,
-``"spatial-logits"`` the spatial conv of one weight on the gated statistics, ``"spatial-backward"`` the
+``"spatial-logits"`` the spatial conv of one weight on the gated statistics, ``"spatial-norm"`` the
+spatial BatchNorm on batch statistics and the gate in one call (``spatial_norm_gate``), ``"spatial-backward"`` the
 spatial gate's and conv's backward in one call, ``"fold"`` a BatchNorm before CBAM folded into its
 passes. Where an engine lacks one, the fused path does that step in torch ops (or, for the fold,
 calls the BatchNorm first). Every engine has the channel MLP forward and backward (``channel_gate``,
@@ -112,7 +113,7 @@ ENGINES = {
     "cpp": Engine("cpp", frozenset({"cpu"}), WIDE_DTYPES, False, frozenset({"forward", "spatial-backward", "fold"}),
                   ".cpp", lambda module: module.engine()),
     "triton": Engine("triton", frozenset({"cuda"}), WIDE_DTYPES | HALF_DTYPES, True,
-                     frozenset({"spatial-logits", "spatial-backward", "fold"}), ".triton_ops"),
+                     frozenset({"spatial-logits", "spatial-norm", "spatial-backward", "fold"}), ".triton_ops"),
 }
 AUTO = {"cpu": ("cpp",), "cuda": ("triton",)}  # the compiled engine tried first on each device
 

@@ -12,7 +12,8 @@ Launches: one per pass, but ``gate_grads`` two (a zeroed allocation for its atom
 pass), ``batch_norm_pool`` two (rows, then channels), ``batch_norm_input_grad`` three (zeroed sums,
 their per-sample shares, the element-wise pass). The channel MLP on the pooled ``(B, C)`` vectors
 (``channel_gate``, ``channel_backward``: ``channel_mlp.py``) takes two launches forward and three
-backward; the spatial conv on the ``(B, S)`` statistics (``spatial_logits``) one, and from the spatial
+backward; the spatial conv on the ``(B, S)`` statistics (``spatial_logits``) one, the spatial BatchNorm
+on batch statistics and the gate (``spatial_norm_gate``) one, and from the spatial
 gate back to the statistics through the spatial BatchNorm and the conv (``spatial_backward``) two or
 three (``spatial.py``). ``conv_backward`` (a conv chain's) is torch_ops' own.
 """
@@ -23,10 +24,11 @@ from .channel_mlp import channel_backward, channel_gate
 from .gradients import gate_grads, input_grad, stats_grad
 from .output import apply
 from .pooling import gated_stats, pool
-from .spatial import spatial_backward, spatial_logits
+from .spatial import spatial_backward, spatial_logits, spatial_norm_gate
 
 __all__ = [
     "apply", "batch_norm_affine", "batch_norm_input_grad", "batch_norm_pool", "channel_backward", "channel_gate",
     "conv_backward",
-    "gate_grads", "gated_stats", "input_grad", "pool", "spatial_backward", "spatial_logits", "stats_grad",
+    "gate_grads", "gated_stats", "input_grad", "pool", "spatial_backward", "spatial_logits", "spatial_norm_gate",
+    "stats_grad",
 ]

@@ -6,7 +6,8 @@ kw]`` odd): a size-keeping cross-correlation, zero padding ``k // 2``, no bias, 
 speak]`` (I = 2) or ``(mean + speak) / 2`` (I = 1). Contiguous float32 or float64 tensors, sums and
 outputs in their dtype. Programs cover a tile of one sample's positions and loop over the taps.
 
-Launches: ``spatial_logits`` one (with the gate through a fixed norm, where asked); ``spatial_backward``
+Launches: ``spatial_logits`` one (with the gate through a fixed norm, where asked); ``spatial_norm_gate``
+(the gate through a BatchNorm on batch statistics, which needs all logits first) one; ``spatial_backward``
 two (a zeroed allocation for its atomic sums, the conv's backward, which recomputes the logits'
 gradient at each tap's positions instead of storing it), three with a norm (its sums over all logits
 in between); for an empty batch only the allocation.
@@ -95,6 +96,60 @@ def spatial_logits(mean: Tensor, speak: Tensor, conv_w: Tensor, size: list[int],
         MAPS=_maps(conv_w, kernel), FINISH=finish, NORM=running_mean is not None, WEIGHT=norm_w is not None,
         BIAS=norm_b is not None, HARD=hard, ACC=acc_type(mean), BLOCK=block, num_warps=warps(1, block))
     return [logits, ms if finish else None]
+
+
+@triton.jit
+def _spatial_norm_kernel(logits_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr, ms_ptr, N, eps,
+                         factor, WEIGHT: tl.constexpr, BIAS: tl.constexpr, RUNNING: tl.constexpr,
+                         HARD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: the batch mean and variance of all ``N`` logits (sums per lane, shifted by the first
+    logit), the gate of their BatchNorm, and the running statistics moved towards them."""
+    shift = tl.load(logits_ptr).to(ACC)
+    total = tl.zeros([BLOCK], ACC)
+    squares = tl.zeros([BLOCK], ACC)
+    for start in range(0, N, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        inside = i < N
+        z = tl.where(inside, tl.load(logits_ptr + i, mask=inside, other=0).to(ACC) - shift, 0)
+        total += z
+        squares += z * z
+    offset = tl.sum(total, 0) / N
+    variance = tl.maximum(tl.sum(squares, 0) / N - offset * offset, 0)
+    mean = shift + offset
+    scale = 1 / tl.sqrt(variance + eps)
+    if WEIGHT:
+        scale *= tl.load(weight_ptr).to(ACC)
+    intercept = -mean * scale
+    if BIAS:
+        intercept += tl.load(bias_ptr).to(ACC)
+    for start in range(0, N, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        inside = i < N
+        z = tl.load(logits_ptr + i, mask=inside, other=0).to(ACC)
+        tl.store(ms_ptr + i, gate(z * scale + intercept, HARD), mask=inside)
+    if RUNNING:  # as torch's BatchNorm: the unbiased variance
+        running_mean = tl.load(running_mean_ptr).to(ACC)
+        running_var = tl.load(running_var_ptr).to(ACC)
+        unbiased = variance * N / (N - 1)
+        tl.store(running_mean_ptr, (running_mean + factor * (mean - running_mean)).to(
+            running_mean_ptr.dtype.element_ty))
+        tl.store(running_var_ptr, (running_var + factor * (unbiased - running_var)).to(
+            running_var_ptr.dtype.element_ty))
+
+
+def spatial_norm_gate(logits: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                      running_var: Tensor | None, eps: float, factor: float, hard: bool) -> Tensor:
+    """The gate ``ms (B, S)`` of a BatchNorm on the batch statistics of all the logits ``(B, S)`` (more
+    than one), with its optional ``weight``, ``bias (1)``; its running statistics ``(1)``, where given,
+    moved towards the batch's by ``factor`` (the unbiased variance), in place, as torch's BatchNorm does.
+    One launch of one program (the logits are a few hundred KB at most in a ResNet)."""
+    (ms,) = small_outputs(logits, logits.shape)
+    block = min(power_of_two(logits.numel()), 4 * TILE)
+    _spatial_norm_kernel[(1,)](
+        logits, weight, bias, running_mean, running_var, ms, logits.numel(), float(eps), float(factor),
+        WEIGHT=weight is not None, BIAS=bias is not None, RUNNING=running_mean is not None, HARD=hard,
+        ACC=acc_type(logits), BLOCK=block, num_warps=warps(1, block))
+    return ms
 
 
 @triton.jit
