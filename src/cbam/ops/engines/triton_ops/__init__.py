@@ -11,7 +11,7 @@ and ``gated_stats`` also take the folded BatchNorm's ``input_affine`` as the oth
 Launches: one per pass, but ``gate_grads`` two (a zeroed allocation for its atomic sums, then the
 pass), ``batch_norm_pool`` two (rows, then channels), ``batch_norm_input_grad`` three (zeroed sums,
 their per-sample shares, the element-wise pass). The channel MLP on the pooled ``(B, C)`` vectors
-(``channel_gate``, ``channel_backward``: ``channel_mlp.py``) takes two launches forward and three
+(``channel_gate``, ``channel_backward``: ``channel_mlp.py``) takes two launches forward and two
 backward; the spatial conv on the ``(B, S)`` statistics (``spatial_logits``) one, the spatial BatchNorm
 on batch statistics and the gate (``spatial_norm_gate``) one, and from the spatial
 gate back to the statistics through the spatial BatchNorm and the conv (``spatial_backward``) two or

@@ -1,4 +1,4 @@
-"""The channel gate's shared MLP on the pooled vectors, forward (two launches) and backward (three), instead
+"""The channel gate's shared MLP on the pooled vectors, forward (two launches) and backward (two), instead
 of the dozen small torch ops (and their launches) it takes otherwise.
 
 ``mc = gate(sum_p fc2(relu(fc1(a_p * avg + m_p * peak))))`` for ``avg, peak (B, C)``, ``fc1 (H, C)`` and
@@ -13,6 +13,8 @@ H100: gradients 1e-3 off), which ``cbam.profile.triton_targets`` checks every ke
 
 from __future__ import annotations
 
+import math
+
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -23,7 +25,7 @@ PRODUCTS = 4096  # a program's (BLOCK_B, BLOCK_H, BLOCK_C) tile of products (fp3
 PROGRAMS = 128  # programs over (B, H) that keep a GPU's SMs busy: the sums over C are long at 2048 channels
 # the weights' gradients sum over the batch on (H, C) tiles: 16 x 16 x 16, which already gives enough programs
 # (on an H100 at 2048x7², batch 64: 15.9 µs; 26.1 µs on the (B, H)-narrowed tiles of the other kernels)
-WEIGHT_TILES = {"BLOCK_B": 16, "BLOCK_H": 16, "BLOCK_C": 16}
+WEIGHT_BLOCK = 16
 MAX_POOLS = 3
 
 
@@ -185,11 +187,11 @@ def _hidden_grads_kernel(avg_ptr, peak_ptr, w1_ptr, b1_ptr, w2_ptr, mc_ptr, d_mc
 
 
 @triton.jit
-def _vector_grads_kernel(hidden_ptr, w1_ptr, d_avg_ptr, d_max_ptr, B, C, H, ACC: tl.constexpr,
-                         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``d_avg = E_a @ fc1`` and ``d_max = E_m @ fc1`` on a ``(b, c)`` tile."""
-    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+def _vector_grads_tile(hidden_ptr, w1_ptr, d_avg_ptr, d_max_ptr, b_block, c_block, B, C, H, ACC: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``d_avg = E_a @ fc1`` and ``d_max = E_m @ fc1`` on the ``(b, c)`` tile ``(b_block, c_block)``."""
+    b = b_block * BLOCK_B + tl.arange(0, BLOCK_B)
+    c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
     b_in, c_in = b < B, c < C
     d_avg = tl.zeros([BLOCK_B, BLOCK_C, BLOCK_H], ACC)  # per lane, reduced over hidden units after the loop
     d_max = tl.zeros([BLOCK_B, BLOCK_C, BLOCK_H], ACC)
@@ -210,13 +212,14 @@ def _vector_grads_kernel(hidden_ptr, w1_ptr, d_avg_ptr, d_max_ptr, B, C, H, ACC:
 
 
 @triton.jit
-def _weight_grads_kernel(avg_ptr, peak_ptr, mc_ptr, d_mc_ptr, hidden_ptr, d_w1_ptr, d_b1_ptr, d_w2_ptr, d_b2_ptr,
-                         B, C, H, POOLS: tl.constexpr, HARD: tl.constexpr, ACC: tl.constexpr,
-                         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
-    """On an ``(h, c)`` tile, sums over the samples: ``d_w1 = E_aᵀ avg + E_mᵀ peak``, ``d_w2 = d_logitsᵀ r``;
-    the first tile along each axis also sums ``d_b1`` (over ``E``) and ``d_b2`` (``POOLS`` times ``d_logits``)."""
-    h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+def _weight_grads_tile(avg_ptr, peak_ptr, mc_ptr, d_mc_ptr, hidden_ptr, d_w1_ptr, d_b1_ptr, d_w2_ptr, d_b2_ptr,
+                       h_block, c_block, B, C, H, POOLS: tl.constexpr, HARD: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+    """On the ``(h, c)`` tile ``(h_block, c_block)``, sums over the samples: ``d_w1 = E_aᵀ avg + E_mᵀ peak``,
+    ``d_w2 = d_logitsᵀ r``; the first tile along each axis also sums ``d_b1`` (over ``E``) and ``d_b2``
+    (``POOLS`` times ``d_logits``)."""
+    h = h_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
     h_in, c_in = h < H, c < C
     d_w1 = tl.zeros([BLOCK_H, BLOCK_C], ACC)
     d_w2 = tl.zeros([BLOCK_H, BLOCK_C], ACC)
@@ -240,17 +243,38 @@ def _weight_grads_kernel(avg_ptr, peak_ptr, mc_ptr, d_mc_ptr, hidden_ptr, d_w1_p
     inside = h_in[:, None] & c_in[None, :]
     tl.store(d_w1_ptr + h[:, None] * C + c[None, :], d_w1, mask=inside)
     tl.store(d_w2_ptr + c[None, :] * H + h[:, None], d_w2, mask=inside)
-    if tl.program_id(1) == 0:
+    if c_block == 0:
         tl.store(d_b1_ptr + h, d_b1, mask=h_in)
-    if tl.program_id(0) == 0:
+    if h_block == 0:
         tl.store(d_b2_ptr + c, POOLS * d_b2, mask=c_in)
+
+
+@triton.jit
+def _vector_and_weight_grads_kernel(hidden_ptr, w1_ptr, avg_ptr, peak_ptr, mc_ptr, d_mc_ptr, d_avg_ptr, d_max_ptr,
+                                    d_w1_ptr, d_b1_ptr, d_w2_ptr, d_b2_ptr, B, C, H, POOLS: tl.constexpr,
+                                    HARD: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr,
+                                    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, WEIGHT_BLOCK: tl.constexpr):
+    """Two independent sets of tiles in one launch: the first programs take the vectors' gradients on
+    ``(b, c)`` tiles, the others the weights' on ``WEIGHT_BLOCK``-edged ``(h, c)`` tiles."""
+    tile = tl.program_id(0)
+    vector_columns = tl.cdiv(C, BLOCK_C)
+    vector_tiles = tl.cdiv(B, BLOCK_B) * vector_columns
+    if tile < vector_tiles:
+        _vector_grads_tile(hidden_ptr, w1_ptr, d_avg_ptr, d_max_ptr, tile // vector_columns, tile % vector_columns,
+                           B, C, H, ACC, BLOCK_B, BLOCK_H, BLOCK_C)
+    else:
+        tile -= vector_tiles
+        weight_columns = tl.cdiv(C, WEIGHT_BLOCK)
+        _weight_grads_tile(avg_ptr, peak_ptr, mc_ptr, d_mc_ptr, hidden_ptr, d_w1_ptr, d_b1_ptr, d_w2_ptr, d_b2_ptr,
+                           tile // weight_columns, tile % weight_columns, B, C, H, POOLS, HARD, ACC, WEIGHT_BLOCK,
+                           WEIGHT_BLOCK, WEIGHT_BLOCK)
 
 
 def channel_backward(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef: list[float], fc1_w: Tensor,
                      fc1_b: Tensor | None, fc2_w: Tensor, mc: Tensor, d_mc: Tensor, hard: bool) -> list[Tensor]:
     """Gradients of ``channel_gate`` given the gate ``mc`` it returned and ``d_mc (B, C)``: ``[d_avg, d_max
     (B, C), d_fc1_w (H, C), d_fc1_b (H), d_fc2_w (C, H), d_fc2_b (C)]`` (bias gradients whether or not the
-    biases exist). Three launches: per sample and hidden unit, then the vectors' and the weights'."""
+    biases exist). Two launches: per sample and hidden unit, then the vectors' and the weights' side by side."""
     B, C = avg.shape
     H = fc1_w.shape[0]
     hidden, d_avg, d_max, d_w1, d_b1, d_w2, d_b2 = small_outputs(avg, (4, B, H), (B, C), (B, C), (H, C), (H,),
@@ -263,7 +287,8 @@ def channel_backward(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef:
     _hidden_grads_kernel[_grid(blocks, B=B, H=H)](
         avg, peak, fc1_w, fc1_b, fc2_w, mc, d_mc, hidden, B, C, H, **_coefficients(avg_coef, max_coef), POOLS=pools,
         BIAS=fc1_b is not None, HARD=hard_gate, ACC=acc, **blocks)
-    _vector_grads_kernel[_grid(blocks, B=B, C=C)](hidden, fc1_w, d_avg, d_max, B, C, H, ACC=acc, **blocks)
-    _weight_grads_kernel[_grid(WEIGHT_TILES, H=H, C=C)](avg, peak, mc, d_mc, hidden, d_w1, d_b1, d_w2, d_b2, B, C,
-                                                        H, POOLS=pools, HARD=hard_gate, ACC=acc, **WEIGHT_TILES)
+    tiles = math.prod(_grid(blocks, B=B, C=C)) + cdiv(H, WEIGHT_BLOCK) * cdiv(C, WEIGHT_BLOCK)
+    _vector_and_weight_grads_kernel[(tiles,)](
+        hidden, fc1_w, avg, peak, mc, d_mc, d_avg, d_max, d_w1, d_b1, d_w2, d_b2, B, C, H, POOLS=pools,
+        HARD=hard_gate, ACC=acc, WEIGHT_BLOCK=WEIGHT_BLOCK, **blocks)
     return [d_avg, d_max, d_w1, d_b1, d_w2, d_b2]
