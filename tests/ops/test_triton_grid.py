@@ -25,7 +25,7 @@ def test_power_of_two_equals_tritons_where_it_is_defined():
     assert power_of_two(0) == 1  # a block size: never 0 (Triton's gives 0, which no tile can be)
 
 
-def test_small_outputs_are_cut_in_order_from_one_allocation():
+def test_zeroed_small_outputs_are_cut_in_order_from_one_allocation():
     x = torch.empty(2, 3, dtype=torch.bfloat16)
     parts = small_outputs(x, (2, 3), (0,), (4,), zero=True)
     assert [tuple(p.shape) for p in parts] == [(2, 3), (0,), (4,)]
@@ -33,6 +33,14 @@ def test_small_outputs_are_cut_in_order_from_one_allocation():
     base = parts[0].untyped_storage().data_ptr()
     assert [p.untyped_storage().data_ptr() for p in parts] == [base] * 3
     assert [p.storage_offset() for p in parts] == [0, 6, 6]
+
+
+def test_small_outputs_are_apart():
+    x = torch.empty(2, 3, dtype=torch.float64)
+    parts = small_outputs(x, (2, 3), (0,), (4,))
+    assert [tuple(p.shape) for p in parts] == [(2, 3), (0,), (4,)]
+    assert all(p.dtype == torch.float64 and p.is_contiguous() for p in parts)
+    assert parts[0].untyped_storage().data_ptr() != parts[2].untyped_storage().data_ptr()
 
 
 def test_channel_mlp_tiles_fill_a_gpu_and_hold_a_fixed_product():

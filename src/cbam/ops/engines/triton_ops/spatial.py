@@ -254,9 +254,10 @@ def spatial_backward(
     B, S = logits.shape
     N = B * S
     maps = _maps(conv_w, kernel)
-    d_maps = small_outputs(logits, *[(B, S)] * maps)  # one allocation: the kernel writes map i at i * N
+    (d_maps,) = small_outputs(logits, (maps, B, S))  # the kernel writes map i at i * N
     sums, d_conv, d_weight, d_bias = small_outputs(logits, (4,), conv_w.shape, (1,), (1,), zero=True)
-    result = [*(d_maps if maps == 2 else d_maps * 2), d_conv, d_weight, d_bias]  # I = 1: d_mean is d_speak
+    d_stats = d_maps.unbind(0) if maps == 2 else [d_maps[0]] * 2  # I = 1: d_mean is d_speak
+    result = [*d_stats, d_conv, d_weight, d_bias]
     if N == 0:
         return result
     acc = acc_type(logits)
@@ -268,7 +269,7 @@ def spatial_backward(
             num_warps=warps(1, block))
     block = _block(logits, S)
     _spatial_backward_kernel[(cdiv(S, block), B)](
-        logits, ms, d_ms, mean, speak, conv_w, shift, sums, weight, running_var, d_maps[0], d_conv, d_weight, d_bias,
+        logits, ms, d_ms, mean, speak, conv_w, shift, sums, weight, running_var, d_maps, d_conv, d_weight, d_bias,
         *size, *kernel, N, eps, MAPS=maps, HARD=hard, NORM=norm, BATCH=batch_statistics, AFFINE=weight is not None,
         ACC=acc, BLOCK=block, num_warps=warps(1, block))
     return result
