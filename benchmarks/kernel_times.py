@@ -7,7 +7,9 @@ bfloat16 autocast): the kernels of one training forward+backward and of one eval
 per call in µs (the mean over the profiled calls) and launches per call, the slowest first; then the
 kernels of a ``cbam.models.resnet50(preset="timm")`` inference and SGD training step at batch 128, the
 slowest first, with the step's wall time against the sum of its kernels' times (the GPU's busy time):
-far apart, the step is bound by the host's per-call work, not by the GPU. It says which
+far apart, the step is bound by the host's per-call work, not by the GPU. The host's own time per
+step and the times it waits for the GPU in a step (torch's sync debug mode) tell whether that host
+work is Python and launches (host time about the wall time, no waits) or a wait for the GPU. It says which
 kernel to work on; the module and ResNet tables (``cbam bench --device cuda``) say how much it matters.
 """
 
@@ -17,6 +19,8 @@ import argparse
 import collections
 import statistics
 import sys
+import time
+import warnings
 
 import torch
 
@@ -90,6 +94,34 @@ def wall_ms(step, steps: int = 10) -> float:
     return statistics.median(cuda_bench.step_times(step, steps, cuda=True))
 
 
+def host_ms(step, steps: int = 10) -> float:
+    """The median time the host spends in ``step()`` in ms, from an idle GPU until the call returns (its
+    kernels may still run): about the wall time where the host bounds the step."""
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        times.append(1e3 * (time.perf_counter() - start))
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def host_syncs(step) -> int:
+    """How often one ``step()`` makes the host wait for the GPU, as torch reports it
+    (``torch.cuda.set_sync_debug_mode("warn")``: one warning per synchronising operation)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sum("synchroniz" in str(warning.message) for warning in caught)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -114,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = kernel_times(step, 3)
             busy, wall = sum(row[1] for row in rows) / 1000, wall_ms(step)
             print(table(f"ResNet-50 (preset timm), batch {args.resnet_batch}, bf16 autocast {name}: wall {wall:.1f} ms "
-                        f"per step, its kernels {busy:.1f} ms ({busy / wall:.0%}; well below 100%: bound by the host)",
+                        f"per step, its kernels {busy:.1f} ms ({busy / wall:.0%}; well below 100%: bound by the host), "
+                        f"the host's own {host_ms(step):.1f} ms, {host_syncs(step)} waits for the GPU",
                         rows, 2 * args.top))
             sys.stdout.flush()
     return 0
