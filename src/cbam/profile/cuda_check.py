@@ -267,8 +267,8 @@ def _error(got: Tensor | None, want: Tensor | None) -> float:
 def relu_kinks(got: Tensor, want: Tensor, band: float) -> tuple[Tensor, int]:
     """Where a residual tail's ReLU cut differently (``got`` zero and ``want`` positive, or the other way):
     ``(mask, outside)``, ``outside`` counting those whose positive side exceeds ``band``. Near its kink the
-    side a ReLU takes follows rounding (a bfloat16 module's spatial BatchNorm runs in bfloat16), so there the
-    gradients through it are compared nowhere; farther out a different side is an error."""
+    side a ReLU takes follows rounding (a bfloat16 module's parameters and statistics, its bfloat16 output), so
+    there the gradients through it are compared nowhere; farther out a different side is an error."""
     got64 = got.detach().to(F64)
     mask = (got64 > 0) != (want.detach() > 0)
     outside = int((torch.maximum(got64, want.detach())[mask] > band).sum())
