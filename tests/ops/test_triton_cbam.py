@@ -120,3 +120,15 @@ def test_triton_auto_under_autocast_keeps_the_input_dtype():
         got = fused(x)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), twin(x.double()), rtol=2**-7, atol=2**-7)
+
+
+def test_a_single_logit_in_training_raises_torchs_error():
+    """A spatial BatchNorm on batch statistics over one logit (batch 1, one position) fails as torch's
+    BatchNorm does, on the Triton engine as on the reference, and leaves its running statistics alone."""
+    (fused, _), (twin, _) = modules(8, 2, "timm", True, False)
+    x = torch.randn(1, 8, 1, 1, device=DEVICE)
+    before = fused.spatial_att.bn.running_mean.clone()
+    for module in (fused, twin):
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            module(x.to(next(module.parameters()).dtype))
+    assert torch.equal(fused.spatial_att.bn.running_mean, before)
