@@ -12,6 +12,7 @@ import torch
 
 import cbam
 from cbam.ops import engines
+from cbam.profile.triton_targets import interpreted_launches
 
 SCRIPT = """
 import json, torch, cbam
@@ -34,24 +35,12 @@ print(json.dumps(found))
 
 
 def _interpreted_kernels(module: torch.nn.Module, x: torch.Tensor, training: bool) -> int:
-    from triton.runtime import interpreter
-
-    count = [0]
-    run = interpreter.InterpretedFunction.run
-
-    def counted(function, *args, **kwargs):
-        count[0] += 1
-        return run(function, *args, **kwargs)
-
-    interpreter.InterpretedFunction.run = counted
-    try:
-        with engines.using("triton"):
-            out = module.train(training)(x)
-            if training:
-                out.sum().backward()
-    finally:
-        interpreter.InterpretedFunction.run = run
-    return count[0]
+    launches = []
+    with interpreted_launches(lambda function, args, kwargs: launches.append(function)), engines.using("triton"):
+        out = module.train(training)(x)
+        if training:
+            out.sum().backward()
+    return len(launches)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the comparison runs in the interpreter")

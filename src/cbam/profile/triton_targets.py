@@ -27,6 +27,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 
 import torch
 
@@ -79,15 +80,11 @@ def _specialisation(function, args, kwargs) -> dict:
 
 
 @contextlib.contextmanager
-def recording(found: dict):
-    """Record, into ``found``, each interpreted kernel launch's specialisation (one entry per distinct one).
-    A launch goes through ``InterpretedFunction.run`` in Triton 3.6 and 3.8, through ``__getitem__`` (which
-    returns the launcher of a grid) in Triton 3.4."""
+def interpreted_launches(note: Callable[[object, tuple, dict], None]):
+    """Call ``note(function, args, kwargs)`` at each kernel launch the interpreter runs. A launch goes through
+    ``InterpretedFunction.run`` in Triton 3.6 and 3.8, through ``__getitem__`` (which returns the launcher
+    of a grid) in Triton 3.4."""
     from triton.runtime import interpreter
-
-    def note(function, args, kwargs) -> None:
-        row = _specialisation(function, args, kwargs)
-        found.setdefault(json.dumps(row, sort_keys=True), row)
 
     interpreted = interpreter.InterpretedFunction
     if hasattr(interpreted, "run"):
@@ -109,9 +106,20 @@ def recording(found: dict):
 
     setattr(interpreted, name, patched)
     try:
-        yield found
+        yield
     finally:
         setattr(interpreted, name, original)
+
+
+@contextlib.contextmanager
+def recording(found: dict):
+    """Record, into ``found``, each interpreted kernel launch's specialisation (one entry per distinct one)."""
+    def note(function, args, kwargs) -> None:
+        row = _specialisation(function, args, kwargs)
+        found.setdefault(json.dumps(row, sort_keys=True), row)
+
+    with interpreted_launches(note):
+        yield found
 
 
 def workload() -> None:
