@@ -13,12 +13,12 @@
 # compiling Triton kernels and torch.compile graphs is most of a first run's time: both caches live on
 # disk, so the timed steps after it find them compiled):
 #
-#   correctness_fp32, _bf16, _fp16 (T_CHECK=80)
+#   correctness_fp32, _bf16, _fp16 (T_CHECK=70)
 #                                   CBAM(impl="fused") on the Triton engine vs CBAM(impl="reference") in
 #                                   float64 on the GPU, TF32 off: output, every gradient, running
 #                                   statistics; NCHW and channels_last, residual, the folded BatchNorm,
 #                                   train and eval (cbam.profile.cuda_check), one process per dtype
-#   warm_fp32, _bf16, _bf16-autocast, warm_resnet (T_WARM=80)
+#   warm_fp32, _bf16, _bf16-autocast, warm_resnet (T_WARM=70)
 #                                   the module table and the ResNet-50 runs once, results discarded
 #
 # Then one step at a time:
@@ -27,6 +27,9 @@
 #                                   T_MODULES split evenly), batch 64 at ResNet-50's stage shapes
 #   resnet          (T_RESNET=75)   cbam bench --device cuda --resnet-only: ResNet-50 batch 128, 224²,
 #                                   bf16 autocast and fp32, plain vs ours vs timm
+#   host_profile    (T_HOST=30)     benchmarks/host_profile.py: where an eager call's host time goes
+#                                   (cProfile: Triton's launch path, autograd, operators, our Python), ours
+#                                   against timm's, training and eval at 256×56², bf16 autocast
 #   kernels         (T_KERNELS=0: skipped; 60 runs it, beyond the 5 minutes) benchmarks/kernel_times.py: each
 #                                   CUDA kernel's time per fused call (training and eval, batch 64, the stage
 #                                   shapes) and in a ResNet-50 inference and training step, with each step's
@@ -50,8 +53,8 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 export CBAM_NO_EXTENSION=1  # the C++ CPU engine is not measured here: never build it on the GPU machine
 PY="${PYTHON:-$(command -v python || command -v python3)}"
-T_CHECK="${T_CHECK:-80}" T_WARM="${T_WARM:-80}" T_MODULES="${T_MODULES:-90}" T_RESNET="${T_RESNET:-75}"
-T_KERNELS="${T_KERNELS:-0}" T_GRAPHS="${T_GRAPHS:-35}"
+T_CHECK="${T_CHECK:-70}" T_WARM="${T_WARM:-70}" T_MODULES="${T_MODULES:-90}" T_RESNET="${T_RESNET:-75}"
+T_HOST="${T_HOST:-30}" T_KERNELS="${T_KERNELS:-0}" T_GRAPHS="${T_GRAPHS:-35}"
 T_COMPILE="${T_COMPILE:-240}"
 : > "$OUT/steps.txt"
 
@@ -109,6 +112,9 @@ done
 
 step resnet "$T_RESNET" "$PY" -m cbam bench --device cuda --resnet-only --save "$OUT/resnet.json"
 cat "$OUT/resnet.md"
+
+step host_profile "$T_HOST" "$PY" benchmarks/host_profile.py
+cat "$OUT/host_profile.md"
 
 step kernels "$T_KERNELS" "$PY" benchmarks/kernel_times.py
 cat "$OUT/kernels.md"
