@@ -94,7 +94,7 @@ ERRORS = {
                       r"'layer1.2.conv1.weight'\); checkpoint: a ResNet-18 in the official .*, model: a ResNet-34 "
                       r"in cbam's layout .* with 16 CBAMs"),
     "another preset": (lambda d, s: [s.timm_path, d / "out.pt", "--to", "official"],
-                       r"to_official: the target's CBAM has MLP biases"),
+                       r"to_official: the target layout's CBAM has MLP biases"),
     "missing folder": (lambda d, s: [s.timm_path, d / "missing" / "out.safetensors"],
                        r"cannot write '.*out.safetensors': directory '.*missing' does not exist"),
     "existing output": (lambda d, s: [s.timm_path, (d / "out.pt").write_bytes(b"keep") and d / "out.pt"],

@@ -16,7 +16,7 @@ from timm.layers.cbam import CbamModule, LightCbamModule
 from torch import nn
 
 from cbam import CBAM
-from cbam.convert import from_official, from_timm
+from cbam.convert import detect, from_official, from_timm, strip_wrappers, to_official, to_timm
 
 SEED = 0
 OFFICIAL_EPS, OFFICIAL_MOMENTUM = 1e-5, 0.01
@@ -389,3 +389,12 @@ def test_timm_light_cbam_raises_value_error_with_shape(kernel):
     with pytest.raises(ValueError, match="spatial.conv.conv.weight") as info:
         from_timm(state)
     assert str((1, 1, kernel, kernel)) in str(info.value)
+
+
+@pytest.mark.parametrize("convert", [from_timm, from_official, to_timm, to_official, detect, strip_wrappers])
+def test_what_is_no_state_dict_is_refused_naming_the_key(convert):
+    with pytest.raises(TypeError, match=r"str keys, got the key 0 \(int\)"):
+        convert({0: torch.ones(1)})
+    if convert is not detect:  # detect reads keys only
+        with pytest.raises(TypeError, match=r"a state dict of tensors, got list under 'a.channel.fc1.weight'"):
+            convert({"a.channel.fc1.weight": [[1.0]]})

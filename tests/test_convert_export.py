@@ -86,9 +86,9 @@ def test_from_timm_renames_the_se_slot_of_a_whole_resnet_only():
 
 
 @pytest.mark.parametrize(("convert", "kwargs", "message"), [
-    (to_timm, {}, r"to_timm: the target's CBAM has a spatial BatchNorm .*preset='timm'.*; the CBAM at "
+    (to_timm, {}, r"to_timm: the target layout's CBAM has a spatial BatchNorm .*preset='timm'.*; the CBAM at "
                   r"'layer1.0.cbam' has none \(no 'layer1.0.cbam.spatial_att.bn.weight'\)"),
-    (to_official, {"preset": "timm"}, r"to_official: the target's CBAM has MLP biases"),
+    (to_official, {"preset": "timm"}, r"to_official: the target layout's CBAM has MLP biases"),
     (to_timm, {"preset": "timm", "spatial_conv": "factorized"},
      r"to_timm: 'layer1.0.cbam.spatial_att.conv.0.weight' has no equivalent in the target's CBAM"),
 ])

@@ -7,6 +7,7 @@ torchvision themselves); expectations are those models' own logits and key sets.
 
 from __future__ import annotations
 
+import copy
 import os
 import shlex
 import sys
@@ -133,6 +134,43 @@ def test_new_head_leaves_another_classifier_at_init():
     assert torch.equal(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
 
 
+def test_two_cbams_under_one_parent_load_their_own_weights():
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 8, 3), cbam.CBAM(8, 4), nn.Conv2d(8, 8, 3), cbam.CBAM(8, 4))
+
+    torch.manual_seed(0)
+    source, model = net(), net()
+    load_weights(source.state_dict(), model)
+    assert all(torch.equal(value, source.state_dict()[key]) for key, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("wrap", [nn.DataParallel, torch.compile], ids=["DataParallel", "compile"])
+def test_a_wrapped_model_loads_plain_and_wrapped_checkpoints(wrap):
+    torch.manual_seed(0)
+    source = cbam.models.resnet18(num_classes=NUM_CLASSES)
+    for checkpoint in (source.state_dict(), nn.DataParallel(source).state_dict()):
+        model = wrap(cbam.models.resnet18(num_classes=NUM_CLASSES))
+        report = load_weights(checkpoint, model)
+        assert report.loaded == len(source.state_dict())
+        inner = getattr(model, "module", getattr(model, "_orig_mod", None))
+        assert all(torch.equal(value, source.state_dict()[key]) for key, value in inner.state_dict().items())
+
+
+def test_new_head_on_a_wrapped_model():
+    source = torchvision_resnet(18, num_classes=1000)
+    model = nn.DataParallel(cbam.models.resnet18(num_classes=NUM_CLASSES))
+    report = load_weights(source.state_dict(), model, new_head=True)
+    assert report.new_head == ("fc.weight", "fc.bias")
+    assert torch.equal(model.module.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+
+
+def test_the_spatial_swap_is_reported_in_its_direction(sources):
+    official = load_weights(sources.official.state_dict(), resnet50(preset="official"))
+    assert "converted official -> cbam (spatial conv [max, mean] -> [mean, max])" in str(official)
+    back = load_weights(resnet50(preset="official").state_dict(), copy.deepcopy(sources.official))
+    assert "converted cbam -> official (spatial conv [mean, max] -> [max, mean])" in str(back)
+
+
 def test_wrappers_are_stripped_in_any_combination():
     state = {"module._orig_mod.a.weight": torch.ones(1), "module._orig_mod.b._orig_mod.c": torch.zeros(1)}
     stripped = strip_wrappers(state)
@@ -176,6 +214,18 @@ BAD = {
                       # 222: the keys of cbam.models.resnet50 that resnet18 lacks (layer1.0.conv3, layer3.2-5, ...)
                       r"0 missing and 222 unexpected keys \(first: unexpected 'layer1.0.conv3.weight'\); "
                       r"checkpoint: a ResNet-50 in cbam's layout .*model: a ResNet-18 in cbam's layout"),
+    "a non-tensor beside the weights": (lambda d: torch.save({"state_dict": {**nn.Linear(2, 2).state_dict(),
+                                                                            "epoch": 3}}, d / "e.pt") or d / "e.pt",
+                                        r"holds no state dict: .*; under 'state_dict', 'epoch' holds int, not a "
+                                        r"tensor"),
+    "a sparse tensor": (lambda d: torch.save({**cbam.models.resnet18(num_classes=NUM_CLASSES).state_dict(),
+                                              "fc.bias": torch.zeros(NUM_CLASSES).to_sparse()}, d / "s.pt")
+                        or d / "s.pt",
+                        r"does not fit the model: 'fc.bias' is a torch.sparse_coo tensor; expected a dense one"),
+    "a safetensors file named .pt": (lambda d: save_weights(d / "w.safetensors", nn.Linear(2, 2).state_dict())
+                                     .rename(d / "w.pt") or d / "w.pt",
+                                     r"cannot read checkpoint '.*w.pt': it is no torch.save file but looks like a "
+                                     r"safetensors file: name it .safetensors"),
     "another architecture": (lambda d: torch.save(torchvision.models.squeezenet1_1().state_dict(), d / "sq.pt")
                              or d / "sq.pt",
                              r"missing and \d+ unexpected keys \(first: missing 'conv1.weight', unexpected "
@@ -218,6 +268,25 @@ def test_mixed_layouts_and_bad_arguments():
         load_weights({"model": nn.Linear(2, 2).state_dict()}, nn.Linear(2, 2), entry="state_dict_ema")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_weights("/nonexistent/x.pt", nn.Linear(2, 2))
+
+
+def test_a_cbam_the_models_layout_cannot_express_is_refused_naming_both(sources):
+    with pytest.raises(ValueError, match=r"the state dict does not fit the model: to_official: the target layout's "
+                                         r"CBAM has MLP biases .*; checkpoint: a ResNet-50 in timm's layout .*, model: "
+                                         r"a ResNet-50 in the official CBAM code's layout"):
+        load_weights(sources.timm.state_dict(), copy.deepcopy(sources.official))
+
+
+def test_save_weights_refuses_what_is_no_state_dict(tmp_path):
+    cases = [(nn.Linear(2, 2), TypeError, r"got the module Linear: pass model.state_dict\(\)"),
+             ({"w": torch.ones(1), "epoch": 3}, TypeError, "expects a state dict of tensors, got int under 'epoch'"),
+             ({1: torch.ones(1)}, TypeError, r"expects a state dict with str keys, got the key 1 \(int\)"),
+             ({}, ValueError, "the state dict is empty")]
+    for name in ("w.pt", "w.safetensors"):
+        for state, error, pattern in cases:
+            with pytest.raises(error, match=pattern):
+                save_weights(tmp_path / name, state)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_safetensors_without_the_package_names_the_extra(tmp_path, monkeypatch):

@@ -58,6 +58,9 @@ def resnet_name(keys: Iterable[str]) -> str | None:
 def detect(keys: Iterable[str]) -> Layout:
     """The layout of a state dict's keys; ``ValueError`` where CBAMs of two layouts are mixed."""
     keys = list(keys)
+    for key in keys:
+        if not isinstance(key, str):
+            raise TypeError(f"detect expects a state dict's str keys, got the key {key!r} ({type(key).__name__})")
     found = {name: tuple(attention_prefixes(keys, anchor)) for name, (anchor, _) in LAYOUTS.items()}
     found = {name: prefixes for name, prefixes in found.items() if prefixes}
     if len(found) > 1:

@@ -4,7 +4,8 @@ The source (a file or a dict) is read (``read``), its state dict found and unwra
 detected (``layout``) and converted to ours; the model's own dict is detected the same way and the
 weights are converted on to its layout (ours, timm's or the official code's: so a timm or official
 model loads our checkpoints too), with the attribute holding each CBAM renamed to the model's
-(timm's ``se`` slot vs ``cbam``). Then every key must fit, strictly, with three exceptions the report
+(timm's ``se`` slot vs ``cbam``, where a module holds one CBAM on each side); a model wrapped in
+``DataParallel`` or ``torch.compile`` matches by its inner names. Then every key must fit, strictly, with three exceptions the report
 lists: the attention of a CBAM model when the source has none (ImageNet backbones), the classifier
 when ``new_head=True`` and its shape differs, and BatchNorm batch counters that old checkpoints lack.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from .layout import PLAIN, Layout, detect
@@ -61,8 +63,9 @@ class LoadReport:
         if self.stripped:
             done.append(f"stripped {' and '.join(map(repr, self.stripped))}")
         if self.converted:
-            done.append(f"converted {self.converted}" + (" (spatial conv [max, mean] -> [mean, max])"
-                                                       if "official" in self.converted else ""))
+            swap = {"official": " (spatial conv [max, mean] -> [mean, max])"}.get(self.layout.name, "")
+            swap = {"official": " (spatial conv [mean, max] -> [max, mean])"}.get(self.target.name, swap)
+            done.append(f"converted {self.converted}{swap}")
         loaded = "loaded strictly" if not (self.left_at_init or self.new_head or self.counters) else "loaded"
         done.append(f"{loaded} {self.loaded} tensors into {self.target}")
         lines.append("; ".join(done))
@@ -96,14 +99,24 @@ def as_ours(state: Mapping[str, Tensor], layout: Layout | None = None) -> Ordere
     return _FROM[layout.name](state) if layout.name in _FROM else OrderedDict(state)
 
 
+def _by_parent(prefixes) -> dict[str, list[str]]:
+    """``{parent module's name: the CBAM prefixes under it}`` (``layer1.0.se.`` under ``layer1.0``)."""
+    found: dict[str, list[str]] = {}
+    for prefix in prefixes:
+        found.setdefault(prefix[:-1].rpartition(".")[0], []).append(prefix)
+    return found
+
+
 def _match_attention_names(state: OrderedDict, target_prefixes: list[str]) -> OrderedDict:
-    """Rename the attribute holding each CBAM to the model's where their parents agree (``se`` vs ``cbam``)."""
-    wanted = {prefix[:-1].rpartition(".")[0]: prefix for prefix in target_prefixes}
+    """Rename the attribute holding each CBAM to the model's (``se`` vs ``cbam``) where a parent module holds
+    exactly one CBAM in the checkpoint and one in the model, under names the checkpoint does not use."""
+    source_prefixes = attention_prefixes(state, OURS_ANCHOR)
+    wanted = _by_parent(target_prefixes)
     renames = {}
-    for prefix in attention_prefixes(state, OURS_ANCHOR):
-        parent = prefix[:-1].rpartition(".")[0]
-        if prefix not in wanted.values() and wanted.get(parent) not in (None, prefix):
-            renames[prefix] = wanted[parent]
+    for parent, (prefix, *others) in _by_parent(source_prefixes).items():
+        targets = wanted.get(parent, [])
+        if not others and len(targets) == 1 and targets[0] not in source_prefixes:
+            renames[prefix] = targets[0]
     if not renames:
         return state
     renamed = OrderedDict()
@@ -166,12 +179,17 @@ def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_mi
     stripped = strip_wrappers(state)
     layout = detect(stripped.state)
 
-    expected = model.state_dict()
+    own = model.state_dict()
+    expected = strip_wrappers(own).state  # a wrapped model (DataParallel, torch.compile) matches by its inner names
+    own_name = dict(zip(expected, own))
     target = detect(expected)
     target_prefixes = attention_prefixes(as_ours(expected, target), OURS_ANCHOR)
-    weights = _match_attention_names(as_ours(stripped.state, layout), target_prefixes)
-    if target.name in _TO:
-        weights = _TO[target.name](weights)
+    try:
+        weights = _match_attention_names(as_ours(stripped.state, layout), target_prefixes)
+        if target.name in _TO:
+            weights = _TO[target.name](weights)
+    except ValueError as error:  # a CBAM the model's layout cannot express
+        raise ValueError(f"{name} does not fit the model: {error}; checkpoint: {layout}, model: {target}") from None
 
     missing = [key for key in expected if key not in weights]
     unexpected = [key for key in weights if key not in expected]
@@ -183,7 +201,8 @@ def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_mi
     counters = tuple(key for key in missing if key.rpartition(".")[2] == _COUNTER and key not in left_at_init)
     head: tuple[str, ...] = ()
     if new_head:
-        head_keys = _head_keys(model)
+        inner_name = {model_key: key for key, model_key in own_name.items()}
+        head_keys = {inner_name[key] for key in _head_keys(model)}
         head = tuple(key for key, _, _ in wrong if key in head_keys)
         if len(head) != len(head_keys & set(weights)):  # the whole head is new, or none of it
             head = ()
@@ -192,9 +211,13 @@ def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_mi
     if missing or unexpected or wrong:
         raise ValueError(_mismatch(name, missing, unexpected, wrong, layout, target))
     weights = OrderedDict((key, value) for key, value in weights.items() if key not in head)
+    for key, value in weights.items():  # what the copy would refuse half-way, refused before any copy
+        if value.layout != torch.strided or value.is_quantized or value.is_meta:
+            kind = "quantized" if value.is_quantized else "meta" if value.is_meta else str(value.layout)
+            raise ValueError(f"{name} does not fit the model: {key!r} is a {kind} tensor; expected a dense one")
     try:
-        model.load_state_dict(weights, strict=False)
-    except RuntimeError as error:  # dtype or other copy failures: one line
-        raise ValueError(f"{name} does not fit the model: {str(error).strip().splitlines()[-1]}") from None
+        model.load_state_dict(OrderedDict((own_name[key], value) for key, value in weights.items()), strict=False)
+    except RuntimeError as error:  # other copy failures: one line
+        raise ValueError(f"{name} does not fit the model: {str(error).strip().splitlines()[-1].strip()}") from None
     return LoadReport(name, found_entry, tuple(other_entries(content, found_entry)), stripped.removed, layout,
                       target, len(weights), left_at_init, head, counters)

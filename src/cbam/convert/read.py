@@ -21,6 +21,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .rules import check_state_dict
+
 ENTRIES = ("state_dict", "model", "state_dict_ema", "model_ema", "module")  # searched in this order
 WRAPPERS = ("module.", "_orig_mod.")
 
@@ -71,7 +73,19 @@ def read_file(path):
             return load_safetensors(path, device="cpu")
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as error:  # torch.load raises pickle, zip, EOF and runtime errors; safetensors its own
-        raise ValueError(f"cannot read checkpoint {str(path)!r}: {_load_error(error)}") from None
+        reason = _load_error(error) if load_safetensors is not None else _not_torch_save(path) or _load_error(error)
+        raise ValueError(f"cannot read checkpoint {str(path)!r}: {reason}") from None
+
+
+def _not_torch_save(path: Path) -> str | None:
+    """Why ``path`` is no ``torch.save`` file by its first bytes (neither a zip archive nor a pickle), else ``None``."""
+    with open(path, "rb") as file:
+        head = file.read(16)
+    if head.startswith((b"PK", b"\x80")):
+        return None
+    if len(head) > 8 and head[8:9] == b"{":
+        return "it is no torch.save file but looks like a safetensors file: name it .safetensors"
+    return f"expected a file written by torch.save (a zip archive or a pickle); it starts with {head[:8]!r}"
 
 
 def _is_state_dict(value) -> bool:
@@ -85,6 +99,19 @@ def _describe(value) -> str:
         shown = ", ".join(repr(key) for key in keys[:5]) + (", ..." if len(keys) > 5 else "")
         return f"a dict with keys [{shown}]" if keys else "an empty dict"
     return type(value).__name__
+
+
+def _almost_state_dict(content) -> str:
+    """Where ``content`` (or one of its ``ENTRIES``) holds tensors beside other values: ``"; under 'state_dict',
+    'epoch' holds an int, not a tensor"``; else ``""``."""
+    for where, value in [(None, content)] + [(name, content.get(name)) for name in ENTRIES
+                                             if isinstance(content, Mapping)]:
+        if isinstance(value, Mapping) and any(isinstance(item, Tensor) for item in value.values()):
+            key, item = next((key, item) for key, item in value.items()
+                             if not (isinstance(key, str) and isinstance(item, Tensor)))
+            place = f"under {where!r}, " if where else ""
+            return f"; {place}{key!r} holds {type(item).__name__}, not a tensor"
+    return ""
 
 
 def find_state_dict(content, source: str, entry: str | None = None) -> tuple[Mapping[str, Tensor], str | None]:
@@ -101,7 +128,7 @@ def find_state_dict(content, source: str, entry: str | None = None) -> tuple[Map
             raise ValueError(f"{source} has no entry {entry!r}: found {found}")
         if not _is_state_dict(content[entry]):
             raise ValueError(f"{source}: entry {entry!r} is no state dict (a dict of tensors), "
-                             f"got {_describe(content[entry])}")
+                             f"got {_describe(content[entry])}{_almost_state_dict(content[entry])}")
         return content[entry], entry
     if _is_state_dict(content):
         return content, None
@@ -111,7 +138,7 @@ def find_state_dict(content, source: str, entry: str | None = None) -> tuple[Map
                 return content[name], name
     raise ValueError(f"{source} holds no state dict: expected a dict of tensors, or a dict with one "
                      f"under 'model'; got {_describe(content)} (also looked under "
-                     f"{', '.join(repr(name) for name in ENTRIES if name != 'model')})")
+                     f"{', '.join(repr(name) for name in ENTRIES if name != 'model')}){_almost_state_dict(content)}")
 
 
 def other_entries(content, entry: str | None) -> list[str]:
@@ -129,6 +156,7 @@ class Stripped(NamedTuple):
 def strip_wrappers(state: Mapping[str, Tensor]) -> Stripped:
     """``state`` without ``module.`` where every key starts with it (repeatedly) and without ``_orig_mod.``
     anywhere (``torch.compile`` of a submodule puts it mid-key)."""
+    check_state_dict(state, "strip_wrappers")
     keys, removed = list(state), []
     while keys and any(all(key.startswith(w) for key in keys) for w in WRAPPERS):
         wrapper = next(w for w in WRAPPERS if all(key.startswith(w) for key in keys))

@@ -29,6 +29,17 @@ Transform = Callable[[str, Tensor], Tensor] | None
 Rule = tuple[str, Transform]
 
 
+def check_state_dict(state_dict, caller: str) -> None:
+    """``TypeError`` unless ``state_dict`` maps str keys to tensors, naming the first key or value that does not."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"{caller} expects a state dict (a mapping of str to Tensor), got {type(state_dict).__name__}")
+    for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{caller} expects a state dict with str keys, got the key {key!r} ({type(key).__name__})")
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{caller} expects a state dict of tensors, got {type(value).__name__} under {key!r}")
+
+
 def _as_matrix(key: str, weight: Tensor) -> Tensor:
     """A 1x1 conv weight ``(out, in, 1, 1)`` as the ``(out, in)`` weight of our ``nn.Linear``."""
     return weight.reshape(weight.shape[0], -1)
@@ -93,11 +104,11 @@ def _inverted(rules: dict[str, Rule]) -> dict[str, Rule]:
 
 
 _TO_TIMM_RULES, _TO_OFFICIAL_RULES = _inverted(_TIMM_RULES), _inverted(_OFFICIAL_RULES)
-# What the target's CBAM always has (ours may lack it with other presets): key suffix -> what to build instead.
-_TIMM_NEEDS = {"spatial_att.bn.weight": "a spatial BatchNorm (build the model with preset='timm')"}
+# What the target's CBAM always has (ours may lack it with other presets): key suffix -> what it is.
+_TIMM_NEEDS = {"spatial_att.bn.weight": "a spatial BatchNorm (only a CBAM built with preset='timm' converts to it)"}
 _OFFICIAL_NEEDS = {
-    "channel_att.fc1.bias": "MLP biases (build the model with preset='official')",
-    "spatial_att.bn.weight": "a spatial BatchNorm (build the model with preset='official')",
+    "channel_att.fc1.bias": "MLP biases (only a CBAM built with preset='official' converts to it)",
+    "spatial_att.bn.weight": "a spatial BatchNorm (only a CBAM built with preset='official' converts to it)",
 }
 
 OURS_ANCHOR, TIMM_ANCHOR, OFFICIAL_ANCHOR = "channel_att.fc1.weight", "channel.fc1.weight", "ChannelGate.mlp.1.weight"
@@ -162,15 +173,14 @@ def _convert(
     state_dict: Mapping[str, Tensor], rules: dict[str, Rule], anchor: str, caller: str,
     attention_name: str | None = None, needs: Mapping[str, str] | None = None,
 ) -> OrderedDict:
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"{caller} expects a state dict (a mapping of str to Tensor), got {type(state_dict).__name__}")
+    check_state_dict(state_dict, caller)
     _check_attention_name(attention_name, caller)
     prefixes = attention_prefixes(state_dict, anchor)
     for prefix in prefixes:
         for suffix, what in (needs or {}).items():
             if prefix + suffix not in state_dict:
-                raise ValueError(f"{caller}: the target's CBAM has {what}; the CBAM at {prefix[:-1] or 'the top'!r} "
-                                 f"has none (no {prefix + suffix!r})")
+                raise ValueError(f"{caller}: the target layout's CBAM has {what}; the CBAM at "
+                                 f"{prefix[:-1] or 'the top'!r} has none (no {prefix + suffix!r})")
     renamed = {p: _renamed(p, attention_name, caller) for p in prefixes}
     converted = OrderedDict()
     for key, value in state_dict.items():
@@ -194,7 +204,8 @@ def from_timm(state_dict: Mapping[str, Tensor], *, attention_name: str | None = 
     ResNet's dict (``layer1.0.se.*`` -> ``layer1.0.cbam.*``, what ``cbam.models`` loads) and keeps
     other prefixes; a name renames the attribute holding each CBAM to it; ``None`` keeps every prefix.
     """
-    prefixes = attention_prefixes(state_dict, TIMM_ANCHOR) if isinstance(state_dict, Mapping) else []
+    check_state_dict(state_dict, "from_timm")
+    prefixes = attention_prefixes(state_dict, TIMM_ANCHOR)
     name = _resolve_name(state_dict, prefixes, attention_name, "se", "cbam")
     return _convert(state_dict, _TIMM_RULES, TIMM_ANCHOR, "from_timm", name)
 
@@ -211,7 +222,8 @@ def to_timm(state_dict: Mapping[str, Tensor], *, attention_name: str | None = AU
     ``"auto"`` renames ``cbam`` to timm's ``se`` slot in a whole ResNet's dict. Every CBAM needs the
     spatial BatchNorm timm has (``preset="timm"``); other spatial convs than the full one are refused.
     """
-    prefixes = attention_prefixes(state_dict, OURS_ANCHOR) if isinstance(state_dict, Mapping) else []
+    check_state_dict(state_dict, "to_timm")
+    prefixes = attention_prefixes(state_dict, OURS_ANCHOR)
     name = _resolve_name(state_dict, prefixes, attention_name, "cbam", "se")
     return _convert(state_dict, _TO_TIMM_RULES, OURS_ANCHOR, "to_timm", name, _TIMM_NEEDS)
 

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..atomic import write_atomic
 from .read import is_safetensors, safetensors_torch
+from .rules import check_state_dict
 
 TORCH_SUFFIXES = (".pt", ".pth", ".pth.tar", ".bin")
 
@@ -28,6 +29,12 @@ def save_weights(path, state: Mapping[str, Tensor]) -> Path:
     the Hugging Face hub write it) or ``torch.save`` of a plain dict; through ``write_atomic``, so a
     failure leaves ``path`` as it was. The folder must exist."""
     path = check_weights_path(path)
+    if isinstance(state, torch.nn.Module):
+        raise TypeError(f"save_weights expects a state dict, got the module {type(state).__name__}: pass "
+                        "model.state_dict()")
+    check_state_dict(state, "save_weights")
+    if not state:
+        raise ValueError(f"save_weights: the state dict is empty; nothing to write to {str(path)!r}")
     if is_safetensors(path):
         save = safetensors_torch().save
         # safetensors refuses tensors that share memory or are not contiguous: give it plain copies
