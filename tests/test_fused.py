@@ -1,5 +1,6 @@
 """impl="fused" against the float64 reference (cbam.functional through impl="reference"), and its engines."""
 
+import copy
 import re
 
 import pytest
@@ -121,7 +122,7 @@ def test_fused_spatial_norm_variants(engine, norm, train):
 
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "empty batch"])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_fused_on_other_layouts(layout, with_residual):
+def test_fused_on_other_layouts(engine, layout, with_residual):
     fast, slow = pair(6, 3, 2, preset="official")
     x = torch.randn(2, 6, 5, 7, dtype=F64)
     if layout == "channels_last":
@@ -133,6 +134,27 @@ def test_fused_on_other_layouts(layout, with_residual):
     upstream = torch.randn(x.shape, dtype=F64)
     residual = torch.randn(x.shape, dtype=F64).to(memory_format=torch.channels_last) if with_residual else None
     found = [outputs_and_grads(module, x, upstream, residual) for module in (fast, slow)]
+    for got, want in zip(*found):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("folded", [True, False])
+def test_batch_of_one_with_a_channels_last_gradient(engine, train, folded):
+    """The input gradient keeps the input's layout when the output's gradient comes in another: torch's CPU
+    BatchNorm backward (folded, or the module before CBAM) misread the strides it had at batch 1."""
+    fast, slow = pair(8, 3, 2)
+    norm = torch.nn.BatchNorm2d(8, dtype=F64).train(train)
+    with torch.no_grad():  # a bias: at batch 1 the channel means of the normed batch are the bias, and at 0 the
+        norm.bias.normal_()  # MLP's ReLU would sit on its kink, its side decided by rounding
+        norm.running_var.uniform_(0.5, 2)
+    x = torch.randn(1, 8, 5, 5, dtype=F64)
+    upstream = torch.randn(1, 8, 5, 5, dtype=F64).contiguous(memory_format=torch.channels_last)
+    found = []
+    for module in (fast, slow):
+        leaf, bn = x.clone().requires_grad_(), copy.deepcopy(norm)
+        out = module(leaf, None, input_norm=bn) if folded else module(bn(leaf))
+        found.append(torch.autograd.grad(out, [leaf, *bn.parameters()], upstream))
     for got, want in zip(*found):
         torch.testing.assert_close(got, want)
 

@@ -352,6 +352,14 @@ def _in_layout(engine: Engine, t: Tensor | None) -> Tensor | None:
     return t.contiguous()
 
 
+def _strides_of(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` viewed with ``like``'s strides where the two differ only along dimensions of size 1 (a gradient
+    reshaped from another layout; torch's CPU BatchNorm backward misreads such strides), else ``t``."""
+    if t.stride() != like.stride() and all(a == b or n == 1 for a, b, n in zip(t.stride(), like.stride(), t.shape)):
+        return t.as_strided(t.shape, like.stride(), t.storage_offset())
+    return t
+
+
 @dataclass
 class _Forward:
     """One forward's results, computed without autograd; ``ms_graph`` is ``([logits, *norm weights]
@@ -527,6 +535,9 @@ def backward_from(grad: Tensor, saved: dict[str, Tensor | None], weights: CbamWe
     computed = weights.to(saved["mc"].dtype)
     spec, engine, passes = plan.spec, plan.engine, plan.passes
     x, mc, ms = saved["x"], saved["mc"], saved["ms"]
+    grad = _strides_of(grad, x)
+    if grad.stride() != x.stride():  # another layout than the input's: the passes' outputs follow the gradient's
+        grad = torch.empty_like(x).copy_(grad)
     flat = (*x.shape[:2], plan.spatial.numel())
     x3, g3 = x.reshape(flat), _in_layout(engine, grad.reshape(flat))
     rectified = None if saved["rectified"] is None else saved["rectified"].reshape(flat)
@@ -554,14 +565,14 @@ def backward_from(grad: Tensor, saved: dict[str, Tensor | None], weights: CbamWe
                  saved["channel_index"])
     if centre is not None:  # the BatchNorm's backward with CBAM's: one pass over x
         dx, d_in_w, d_in_b = passes.batch_norm_input_grad(*gradients, gated, centred, in_mean, in_spread, in_w)
-        return dx.view_as(x), d_residual, d_in_w, d_in_b, d_weights
+        return _strides_of(dx.view_as(x), x), d_residual, d_in_w, d_in_b, d_weights
     dx = passes.input_grad(*gradients)
     if "lp" in pooled:
         norm = pooled["lp"].unsqueeze(2)
         dx.addcmul_(d_pooled["lp"].unsqueeze(2), torch.where(norm > 0, x3 / norm, 0))
     if "lse" in pooled:
         dx.addcmul_(d_pooled["lse"].unsqueeze(2), (x3 - pooled["lse"].unsqueeze(2)).exp())
-    dx, d_in_w, d_in_b = dx.view_as(x), None, None
+    dx, d_in_w, d_in_b = _strides_of(dx.view_as(x), x), None, None
     if plan.input_norm:  # dx is the folded BatchNorm's output gradient (running statistics): torch's backward,
         # given empty saved statistics (CUDA's channels-last kernel asserts they are defined, then reads the running
         # ones; None failed there on an H100)

@@ -133,11 +133,11 @@ def batch_norm_input_grad(
 def conv_backward(maps: Tensor, d_out: Tensor, weight: Tensor, size: list[int], kernel: list[int]):
     """Gradients for ``maps (B, I, S)`` and ``weight (I, kd, kh, kw)`` of the size-keeping correlation
     ``out (B, S)`` of the maps (spatial ``size = [D, H, W]``) with the weight, given ``d_out (B, S)``."""
-    batch, inputs = maps.shape[:2]
+    batch, inputs, positions = maps.shape
     d_maps, d_weight, _ = torch.ops.aten.convolution_backward(
         d_out.reshape(batch, 1, *size), maps.reshape(batch, inputs, *size), weight.unsqueeze(0), None, [1, 1, 1],
         [k // 2 for k in kernel], [1, 1, 1], False, [0, 0, 0], 1, [True, True, False])
-    return [d_maps.view(batch, inputs, -1), d_weight[0]]
+    return [d_maps.view(batch, inputs, positions), d_weight[0]]
 
 
 def _combination(coefficients: list[float], tensors: list[Tensor]) -> Tensor:
