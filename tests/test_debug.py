@@ -113,10 +113,12 @@ def test_trace_describes_nested_inputs_and_exports_json():
     module = cbam.CrossLayerCBAM([8, 16])
     trace = trace_shapes(module, [torch.randn(1, 8, 4, 4), torch.randn(1, 16, 2, 2)])
     assert trace.rows[0].inputs == [[(1, 8, 4, 4), (1, 16, 2, 2)]]
-    assert [row.path for row in trace if not row.step] == ["", "cbams.0", "cbams.1"]
+    # the hooks on CBAM's parts send it down the reference path, which calls them (cbam.hooks.parts_watched)
+    parts = [f"cbams.{i}{part}" for i in (0, 1) for part in ("", ".channel_att", ".spatial_att")]
+    assert [row.path for row in trace if not row.step] == ["", *parts]
     data = json.loads(json.dumps(trace.as_dict()))
     assert data["ok"] and data["rows"][1]["outputs"] == [[1, 8, 4, 4]]
-    assert len(list(trace)) == len(trace) == 1 + 2 * (1 + len(CBAM_STEPS))
+    assert len(list(trace)) == len(trace) == 1 + 2 * (3 + len(CBAM_STEPS))
 
 
 def test_dynamic_cbam_shows_its_gates():
@@ -192,6 +194,27 @@ def test_check_gradients_catches_a_wrong_parameter_gradient():
     by_name = {t.name: t for t in report.tensors}
     assert not report.ok and by_name["input 0"].ok and not by_name["weight"].ok
     assert check_gradients(Planted(wrong_input=False), torch.randn(3, 4), params=False).ok
+
+
+class PlantedPair(nn.Module):
+    """``Planted`` on the second of a list of inputs, plus the first: inputs nested in a list."""
+
+    def __init__(self):
+        super().__init__()
+        self.planted = Planted(wrong_input=True)
+
+    def forward(self, pair):
+        return pair[0] * 2 + self.planted(pair[1])
+
+
+def test_check_gradients_checks_tensors_nested_in_lists():
+    report = check_gradients(PlantedPair(), [torch.randn(3, 4), torch.randn(3, 4)], params=False)
+    by_name = {t.name: t for t in report.tensors}
+    assert list(by_name) == ["input 0.0", "input 0.1"]
+    assert by_name["input 0.0"].ok and not by_name["input 0.1"].ok
+    assert by_name["input 0.1"].max_rel == pytest.approx(0.01, rel=1e-3)  # the planted 1%
+    levels = [torch.randn(1, 4, 3, 3), torch.randn(1, 2, 3, 3)]
+    assert check_gradients(cbam.CrossLayerCBAM([4, 2], reduction_ratio=2, kernel_size=3), levels).ok
 
 
 def test_check_gradients_refuses_a_check_that_would_take_hours():

@@ -228,3 +228,21 @@ def test_works_as_a_timm_attn_layer_signature():
     """timm builds attention layers as ``attn_layer(channels, device=..., dtype=...)``."""
     module = cbam.CBAM(64, device=None, dtype=None)
     assert isinstance(module, nn.Module) and module(torch.randn(1, 64, 4, 4)).shape == (1, 64, 4, 4)
+
+
+@pytest.mark.parametrize("impl", ["auto", "fused"])
+@pytest.mark.parametrize("part", ["channel_att", "spatial_att", "spatial_att.bn"])  # what the reference calls
+def test_hooks_on_cbams_parts_see_each_call_once_and_take_effect(impl, part):
+    """The fused path calls none of CBAM's parts, so a hook on one sends the call down the reference path
+    (also under impl="fused"), and the calibration's timing runs never call it."""
+    torch.manual_seed(0)
+    module = cbam.CBAM(16, 4, preset="timm", impl=impl)
+    x = torch.randn(2, 16, 6, 6)
+    seen = []
+    module.get_submodule(part).register_forward_hook(lambda m, inputs, output: seen.append(output) or output * 0)
+    out = module(x)
+    assert len(seen) == 1 and not module.fuses(x)
+    reference = cbam.CBAM(16, 4, preset="timm", impl="reference")
+    reference.load_state_dict(module.state_dict())
+    reference.get_submodule(part).register_forward_hook(lambda m, inputs, output: output * 0)
+    torch.testing.assert_close(out, reference(x))

@@ -323,6 +323,17 @@ def test_survives_deepcopy_pickling_and_trace():
     torch.testing.assert_close(torch.export.export(model, (X,)).module()(X), want)
 
 
+def test_a_replica_sharing_the_hooks_is_refused():
+    """``nn.DataParallel`` copies each module with ``_replicate_for_data_parallel``, which shares the hook
+    dicts: a replica's hook would run the original CBAM (on the first GPU's weights)."""
+    model = add_cbam(tv("resnet18", num_classes=10)).eval()
+    original = model.layer1[0].bn2
+    replica = original._replicate_for_data_parallel()
+    replica._parameters.update(original._parameters)  # replicate() gives it broadcast copies of them
+    with pytest.raises(RuntimeError, match="shares the original's hooks .*use DistributedDataParallel"):
+        replica(torch.randn(2, 64, 8, 8))
+
+
 @pytest.mark.parametrize("gate", ["sigmoid", "hard-sigmoid"])
 def test_identity_start_is_exactly_a_constant_scale(gate):
     model = add_cbam(tv("resnet18"), init="identity", gate=gate, pool_types=("avg", "max", "lse"))

@@ -6,8 +6,9 @@ weights are converted on to its layout (ours, timm's or the official code's: so 
 model loads our checkpoints too), with the attribute holding each CBAM renamed to the model's
 (timm's ``se`` slot vs ``cbam``, where a module holds one CBAM on each side); a model wrapped in
 ``DataParallel`` or ``torch.compile`` matches by its inner names. Then every key must fit, strictly,
-with three exceptions the report lists: the attention of a CBAM model when the source has none (ImageNet backbones), the classifier
-when ``new_head=True`` and its shape differs, and BatchNorm batch counters that old checkpoints lack.
+with three exceptions the report lists: the attention of a CBAM model when the source has none
+(ImageNet backbones), the classifier when ``new_head=True`` and its shape differs, and BatchNorm batch
+counters that old checkpoints lack.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import copy
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from ..tables import format_shape, format_table
@@ -139,6 +140,14 @@ def _fast_errors(f, tensors: list[Tensor], eps: float, atol: float, rtol: float)
     return results
 
 
+def _leaves(inputs: tuple) -> tuple[list[str], list, pytree.TreeSpec]:
+    """``inputs``' leaves (tensors and whatever else, inside lists, tuples and dicts), each one's path
+    (``"0"``, ``"1.0"`` for the first tensor of a list passed second) and the structure to rebuild them."""
+    with_paths, structure = pytree.tree_flatten_with_path(inputs)
+    paths = [".".join(str(getattr(key, "idx", getattr(key, "key", key))) for key in path) for path, _ in with_paths]
+    return paths, [leaf for _, leaf in with_paths], structure
+
+
 def _torch_check(name: str, check, f, tensors: list[Tensor], **options) -> CheckResult:
     try:
         check(f, tuple(tensors), raise_exception=True, **options)
@@ -175,10 +184,11 @@ def check_gradients(
         raise TypeError(f"check_gradients expects an nn.Module, got {type(module).__name__}")
     double = copy.deepcopy(module).double()
     names = [name for name, p in double.named_parameters() if p.requires_grad] if params else []
-    positions = [i for i, x in enumerate(inputs) if isinstance(x, Tensor) and x.is_floating_point()]
-    tensors = [inputs[i].detach().double().clone().requires_grad_() for i in positions]
+    paths, leaves, structure = _leaves(inputs)  # tensors nested in lists, tuples and dicts too
+    positions = [i for i, x in enumerate(leaves) if isinstance(x, Tensor) and x.is_floating_point()]
+    tensors = [leaves[i].detach().double().clone().requires_grad_() for i in positions]
     tensors += [double.get_parameter(name).detach().clone().requires_grad_() for name in names]
-    labels = [f"input {i}" for i in positions] + names
+    labels = [f"input {paths[i]}" for i in positions] + names
     if not tensors:
         raise ValueError("check_gradients needs a floating-point input or a parameter to check, got neither")
     elements = sum(t.numel() for t in tensors)
@@ -187,11 +197,11 @@ def check_gradients(
                          f"input and parameter elements, got {elements}; use smaller inputs or fast=True")
 
     def f(*values: Tensor) -> Tensor:
-        args = list(inputs)
+        args = list(leaves)
         for position, value in zip(positions, values):
             args[position] = value
         weights = dict(zip(names, values[len(positions):]))
-        return _flat(torch.func.functional_call(double, weights, tuple(args)))
+        return _flat(torch.func.functional_call(double, weights, pytree.tree_unflatten(args, structure)))
 
     errors = (_fast_errors if fast else _full_errors)(f, tensors, eps, atol, rtol)
     tensor_errors = [TensorError(label, tuple(t.shape), *error) for label, t, error in zip(labels, tensors, errors)]

@@ -10,9 +10,10 @@ descriptors ``(B, C)``, the shared MLP's summed output ``(B, C, 1, ...)``, the c
 ``[mean, max]`` statistics ``(B, 2, *spatial)``, the spatial conv's output and the spatial gate
 ``(B, 1, *spatial)``. They are computed from the module's own public methods
 (``channel_att.logits``, ``spatial_att.attention``, ``cbam.functional.pool``, ...) on the input
-the hook saw, not by recording calls inside the forward: CBAM's forward may not call its children
-or ``cbam.functional`` at all (``impl="fused"`` runs one autograd.Function), and patching shared
-functions for a trace would leak into other threads. The price is a second, gradient-free
+the hook saw, not by recording calls inside the forward: an attention module's forward may not call
+``cbam.functional`` at all (a traced CBAM runs its reference path, which calls its children, since
+hooks watch them: ``cbam.hooks.parts_watched``; its fused path runs one autograd.Function), and
+patching shared functions for a trace would leak into other threads. The price is a second, gradient-free
 computation of each attention module, with its buffers (BatchNorm statistics) restored after it.
 """
 

@@ -78,12 +78,20 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 class _ApplyAttention:
-    """Forward hook ``output -> attention(output)``: ``(B, C, *spatial) -> (B, C, *spatial)``."""
+    """Forward hook of ``hooked``: ``output -> attention(output)``, ``(B, C, *spatial) -> (B, C, *spatial)``.
 
-    def __init__(self, attention: nn.Module) -> None:
-        self.attention = attention
+    Copies that copy the hook with the module (``copy.deepcopy``, pickling) hold their own CBAM; a copy
+    that shares the original's hooks (``nn.DataParallel``'s replicas) would run the original CBAM, on
+    another device, and is refused."""
+
+    def __init__(self, attention: nn.Module, hooked: nn.Module) -> None:
+        self.attention, self.hooked = attention, hooked
 
     def __call__(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        if module is not self.hooked:
+            raise RuntimeError(f"add_cbam's CBAM hook ran on a copy of {type(module).__name__} that shares the "
+                               "original's hooks (nn.DataParallel's replicas do), so it would run the original "
+                               "CBAM: use DistributedDataParallel (torchrun), which keeps one model per process")
         return self.attention(output)
 
 
@@ -340,5 +348,5 @@ def add_cbam(
     for site, attention in zip(sites, attentions):
         setattr(site.owner, site.attr, attention)
         if site.hooked is not None:
-            site.hooked.register_forward_hook(_ApplyAttention(attention))
+            site.hooked.register_forward_hook(_ApplyAttention(attention, site.hooked))
     return model

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..hooks import parts_watched
 from ..ops import IMPLS, CbamWeights, FusedSpec, calibration, folds_input_norm, fused_applies, library
 from ..ops.fused import autocast_off, checked_fused_cbam
 from ..presets import ORDERS
@@ -107,8 +108,10 @@ class CBAM(GatePair):
         ``torch.compile`` ``"auto"`` takes it where the ``torch.library`` ops cover this CBAM
         (``cbam.ops.library``). Elsewhere, on the C++ engine, ``"auto"`` takes the path that the one-time
         calibration found faster for this call's shape, dtype, mode (gradients recorded or not), residual
-        and folded ``input_norm`` (``cbam.ops.calibration``; ``CBAM_CALIBRATE=0``: always fused there)."""
-        if not fused_applies(self.impl, self.order, x):
+        and folded ``input_norm`` (``cbam.ops.calibration``; ``CBAM_CALIBRATE=0``: always fused there).
+        Never where a hook watches one of CBAM's parts: the fused path calls none of them, so the reference
+        runs (which calls ``channel_att``, ``spatial_att`` and its BatchNorm), even for ``impl="fused"``."""
+        if not fused_applies(self.impl, self.order, x) or parts_watched(self):
             return False
         if self.impl == "fused":
             return True
