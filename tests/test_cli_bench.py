@@ -3,6 +3,9 @@ match its times, one-line errors, the optional peers (timm, C++ engine). No timi
 
 import json
 import math
+import resource
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -195,3 +198,31 @@ def test_auto_choice_reports_the_calibration(monkeypatch):
     text = fused_bench.format_auto_choices([choice])
     assert text.startswith('impl="auto" chose (one-time calibration')
     assert "- 16×8²: inference reference (fused 2000.00 ms, reference 1000.00 ms), training reference" in text
+
+
+def test_a_failed_save_keeps_the_old_file_and_the_printed_results(tmp_path):
+    """Writing --save fails half-way (a 2 KiB file-size limit): the old file stays whole, the tables are out."""
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps({"precious": "x" * 5000}))
+    before = saved.read_bytes()
+    result = subprocess.run(
+        [sys.executable, "-m", "cbam", *TINY, "--save", str(saved)], capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048)),
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr == f"cbam bench: error: cannot write {str(saved)!r}: File too large\n"
+    assert saved.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["saved.json"]
+    assert [row[1] for row in table_rows(result.stdout)[2:]] == expected_modules()
+
+
+@pytest.mark.parametrize("save, message", [
+    ("missing/x.json", "cannot write '{d}/missing/x.json': directory '{d}/missing' does not exist"),
+    ("folder", "cannot write '{d}/folder': it is a directory"),
+])
+def test_a_bad_save_path_fails_before_any_timing(capsys, monkeypatch, tmp_path, save, message):
+    (tmp_path / "folder").mkdir()
+    timed = []
+    monkeypatch.setattr(fused_bench, "run", lambda *args, **kwargs: timed.append(args))
+    status, out, err = run(capsys, *TINY, "--save", str(tmp_path / save))
+    assert status == 2 and out == "" and timed == []
+    assert err == f"cbam bench: error: {message.format(d=tmp_path)}\n"

@@ -100,7 +100,19 @@ ERRORS = {
     "existing output": (lambda d, s: [s.timm_path, (d / "out.pt").write_bytes(b"keep") and d / "out.pt"],
                         r"'.*out.pt' exists; pass --force to replace it"),
     "unknown suffix": (lambda d, s: [s.timm_path, d / "out.h5"], r"must end in .safetensors, .pt, .* got '.*out.h5'"),
+    "output is a folder": (lambda d, s: [s.timm_path, (d / "dir.pt").mkdir() or d / "dir.pt", "--force"],
+                           r"error: cannot write '.*dir.pt': it is a directory$"),
+    "unknown entry of a flat state dict": (lambda d, s: [_flat(d), d / "out.pt", "--entry", "x"],
+                                           r"has no entry 'x': found 146 entries \['conv1.weight', 'bn1.weight', "
+                                           r"'bn1.bias', 'bn1.running_mean', 'bn1.running_var', \.\.\.\]$"),
 }
+
+
+def _flat(directory):
+    """A file holding a bare state dict: ResNet-18 + CBAM's 146 tensors, conv1.weight first."""
+    path = directory / "flat.pt"
+    torch.save(cbam.models.resnet18(num_classes=NUM_CLASSES).state_dict(), path)
+    return path
 
 
 @pytest.mark.parametrize("case", ERRORS)

@@ -52,8 +52,10 @@ def test_trace_json_and_a_failing_forward(capsys):
     status, out, _ = run(capsys, "trace", *SMALL, "--attention", "none", "--json")
     rows = json.loads(out)["rows"]
     assert status == 0 and rows[-1]["path"] == "fc" and not any("cbam" in row["path"] for row in rows)
-    status, out, _ = run(capsys, "trace", "--model", "resnet18", "--input", "1,4,64,64")
+    status, out, err = run(capsys, "trace", "--model", "resnet18", "--input", "1,4,64,64")
     assert status == 1 and "failed in conv1 (Conv2d)" in out and "(1, 4, 64, 64)" in out
+    assert err.startswith("cbam trace: error: the forward failed in conv1 (Conv2d): RuntimeError: ")
+    assert err.count("\n") == 1 and "expected input[1, 4, 64, 64] to have 3 channels" in err
 
 
 def test_check_passes_resnet18_with_cbam(capsys):
@@ -129,6 +131,38 @@ def test_bad_numbers_and_shapes_are_one_line_too(capsys):
                  ["check", "--model", "resnet18", "--input", "1,4,64,64"]):
         status, out, err = run_or_exit(capsys, *argv)
         assert status == 2 and err.count("\n") == 1 and "Traceback" not in err, argv
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["trace", *SMALL, "--seed", "99999999999999999999"], "argument --seed: expected an int from 0 to 4294967295"),
+    (["train", "--out", "unused", "--seed", "1099511627776"], "argument --seed: expected an int from 0 to 4294967295"),
+    (["demo", "--seed", "4294967296"], "argument --seed: expected an int from 0 to 4294967295"),
+    (["eval", "--checkpoint", "unused.pt", "--batch-size", "99999999999999999999"],
+     "argument --batch-size: expected an int from 1 to 2147483647"),
+    (["train", "--out", "unused", "--batch-size", "0"], "argument --batch-size: expected an int from 1 to 2147483647"),
+])
+def test_numbers_out_of_range_name_the_option(capsys, monkeypatch, tmp_path, argv, message):
+    monkeypatch.chdir(tmp_path)  # where a command that wrongly went ahead would write
+    status, out, err = run_or_exit(capsys, *argv)
+    assert status == 2 and out == "" and err == f"cbam {argv[0]}: error: {message}, got {argv[-1]!r}\n"
+
+
+@pytest.mark.parametrize("source, model, message", [
+    ("def broken():\n    raise KeyError('boom')\n", "broken", "the factory raised KeyError: 'boom'"),
+    ("1 / 0\n", "anything", "cannot load the factory (ZeroDivisionError: division by zero)"),
+])
+def test_a_factory_that_raises_is_one_line(capsys, monkeypatch, tmp_path, source, model, message):
+    (tmp_path / f"user_models_{model}.py").write_text(source)
+    monkeypatch.syspath_prepend(tmp_path)
+    spec = f"user_models_{model}:{model}"
+    status, out, err = run_or_exit(capsys, "trace", "--model", spec)
+    assert status == 2 and out == "" and err == f"cbam trace: error: --model {spec!r}: {message}\n"
+
+
+def test_stem_builds_the_cifar_stem(capsys):
+    status, out, _ = run(capsys, "trace", "--model", "resnet18", "--stem", "cifar", "--input", "1,3,32,32", "--json")
+    conv1 = next(row for row in json.loads(out)["rows"] if row["path"] == "conv1")
+    assert status == 0 and conv1["outputs"] == [[1, 64, 32, 32]]  # 3x3 stride 1: no downsampling
 
 
 def run_or_exit(capsys, *argv):

@@ -107,8 +107,31 @@ def test_errors_are_one_line_with_status_2(case, image, tmp_path, capsys, monkey
     assert set(tmp_path.iterdir()) == before  # no figure written
 
 
-def test_too_small_size_is_a_usage_error(image, capsys):
+@pytest.mark.parametrize("size", ["16", "4097", "99999999999999999999"])
+def test_size_out_of_range_is_a_usage_error(size, image, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the default --out would land here
     with pytest.raises(SystemExit) as exit_info:
-        main(["visualize", "--image", str(image), "--size", "16"])
+        main(["visualize", "--image", str(image), "--size", size])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == "cbam visualize: error: argument --size: expected an int >= 32, got '16'\n"
+    assert capsys.readouterr().err == f"cbam visualize: error: argument --size: expected an int from 32 to 4096, " \
+                                      f"got '{size}'\n"
+
+
+def test_a_train_checkpoint_brings_its_settings_and_stem_rebuilds_bare_weights(image, tmp_path, monkeypatch):
+    """A run trained with --stem cifar (10 classes) is drawn as is; its bare weights need --stem cifar. The cifar
+    stem does not downsample: layer1's spatial maps keep the 64x64 input's size (the imagenet stem's: 16x16)."""
+    run = tmp_path / "run"
+    assert main(["train", "--data", "synthetic:16,8", "--batch-size", "8", "--epochs", "1", "--stem", "cifar",
+                 "--no-progress", "--out", str(run)]) == 0
+    torch.save(torch.load(run / "checkpoint.pt", weights_only=True)["model"], tmp_path / "bare.pt")
+    drawn, real = [], cbam.viz.attention_figure
+
+    def spy(pixels, records, **options):
+        drawn.append(tuple(records["layer1.0.cbam"].spatial.shape))
+        return real(pixels, records, **options)
+
+    monkeypatch.setattr(cbam.viz, "attention_figure", spy)
+    assert visualize("--image", image, "--checkpoint", run / "checkpoint.pt", "--out", tmp_path / "a.png") == 0
+    assert visualize("--image", image, "--checkpoint", tmp_path / "bare.pt", "--stem", "cifar", "--num-classes", "10",
+                     "--out", tmp_path / "b.png") == 0
+    assert drawn == [(1, 1, 64, 64)] * 2

@@ -1,11 +1,13 @@
 """Checkpoints: atomic writes survive an interrupted save; weights-only reads refuse crafted files unrun."""
 
+import errno
+import os
 import pathlib
 
 import pytest
 import torch
 
-from cbam.atomic import write_text_atomic
+from cbam.atomic import write_atomic, write_text_atomic
 from cbam.train import checkpoint as checkpoints
 from cbam.train.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 
@@ -49,6 +51,22 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatc
 def test_atomic_text_needs_an_existing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="directory .*missing.* does not exist"):
         write_text_atomic(tmp_path / "missing" / "a.json", "{}")
+
+
+def test_atomic_errors_name_the_destination_not_the_temporary_file(tmp_path):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"^cannot write '.*folder': it is a directory$"):
+        write_text_atomic(tmp_path / "folder", "{}")
+    path = tmp_path / "a.json"
+    path.write_text("old")
+
+    def disk_full(file):
+        file.write(b"new, in part")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError, match=r"^cannot write '.*a.json': No space left on device$"):
+        write_atomic(path, disk_full)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "folder"]
 
 
 def test_a_crafted_checkpoint_is_refused_and_its_payload_never_runs(tmp_path):

@@ -8,6 +8,7 @@ import torch
 import cbam
 from cbam.cli import main
 from cbam.train import load_split
+from cbam.train.demo import DemoReport
 
 torch.set_num_threads(2)
 
@@ -54,3 +55,28 @@ def test_default_budget():
     train_images, test_images = _synthetic_sizes(sizes)
     assert kind == "synthetic" and len(RUNS) == 2
     assert train_images * FULL["epochs"] <= 8000 and test_images <= 1000
+
+
+def test_each_budget_and_seed_has_its_own_default_folder(monkeypatch, capsys, tmp_path):
+    """The README's `cbam demo`, `cbam demo --seed 1` and `cbam demo --quick` do not share (and refuse) a folder."""
+    monkeypatch.chdir(tmp_path)
+    folders = []
+    monkeypatch.setattr(cbam.train, "run_demo", lambda out, **options: folders.append(out) or DemoReport({}, ""))
+    for options in ([], ["--seed", "1"], ["--quick"], ["--quick", "--seed", "1"], ["--out", "mine", "--seed", "1"]):
+        assert main(["demo", *options]) == 0
+    assert folders == ["cbam-demo", "cbam-demo-seed1", "cbam-demo-quick", "cbam-demo-quick-seed1", "mine"]
+    assert "outputs in cbam-demo-seed1/" in capsys.readouterr().out
+
+
+def test_a_folder_with_another_demo_is_refused_in_the_demo_s_terms(tmp_path, capsys):
+    plain = tmp_path / "plain"
+    assert main(["train", "--data", "synthetic:16,8", "--batch-size", "8", "--epochs", "1", "--attention", "none",
+                 "--no-progress", "--out", str(plain)]) == 0
+    before = {path.name: path.read_bytes() for path in plain.iterdir()}
+    capsys.readouterr()
+    assert main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"cbam demo: error: {str(tmp_path)!r} holds a demo run with other settings (data 'synthetic:16,8' -> "
+        f"'synthetic:96,48', batch_size 8 -> 32, optimizer 'sgd' -> 'adamw', lr 0.05 -> 0.002): "
+        f"pass another --out (or the same --quick and --seed), or remove it\n")
+    assert {path.name: path.read_bytes() for path in plain.iterdir()} == before

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import cbam
 from cbam.cli import main
 from cbam.train import load_split, model_for, read_checkpoint
 
@@ -98,10 +99,90 @@ def test_refusals_on_an_existing_run(full, capsys, extra, message):
     (["--attention", "none", "--preset", "timm"], "takes no --preset"),
     (["--data", "cifar10"], "--data must be synthetic"),
     (["--lr", "-1"], "lr must be a positive number"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
+    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
+    (["--dist-timeout", "0"], "--dist-timeout must be a positive number of seconds, got 0.0"),
+    (["--dist-timeout", "nan"], "--dist-timeout must be a positive number of seconds, got nan"),
 ])
 def test_bad_arguments(tmp_path, capsys, args, message):
     assert train(tmp_path, *args) == 2
     assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written; the folder, which existed, is kept
+
+
+def test_a_failed_run_leaves_no_folder_it_created(tmp_path, capsys):
+    assert train(tmp_path / "a" / "b", "--init-from", str(tmp_path / "none.pt")) == 2
+    assert "none.pt' does not exist" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _crafted(full, directory, change) -> str:
+    """``full``'s checkpoint with ``change(checkpoint)`` applied, as ``directory/checkpoint.pt``."""
+    checkpoint = read_checkpoint(full / "checkpoint.pt")
+    change(checkpoint)
+    directory.mkdir(exist_ok=True)
+    torch.save(checkpoint, directory / "checkpoint.pt")
+    return str(directory / "checkpoint.pt")
+
+
+TAGGED = "is a cbam-train-1 checkpoint but"
+FOR_EVAL = {  # a change to a checkpoint -> the refusal
+    "no config": (lambda c: c.pop("config"), "has no 'config' entry; expected a dict of the run's settings"),
+    "no classes": (lambda c: c.pop("classes"), "has no 'classes' entry; expected a non-empty list of class "
+                                              "names (str)"),
+    "no stem": (lambda c: c["config"].pop("stem"), "its 'config' entry has no 'stem' setting"),
+    "config a str": (lambda c: c.update(config="x"),
+                     "its 'config' entry should be a dict of the run's settings, got str 'x'"),
+    "classes an int": (lambda c: c.update(classes=5), "its 'classes' entry should be a non-empty list of class "
+                                                      "names (str), got int 5"),
+    "data an int": (lambda c: c["config"].update(data=5), "its config's 'data' should be str, got int 5"),
+    "model a str": (lambda c: c.update(model="x"), "its 'model' entry should be a state dict, a dict of str -> "
+                                                   "tensor, got str 'x'"),
+}
+FOR_RESUME = {
+    "no optimizer": (lambda c: c.pop("optimizer"), "has no 'optimizer' entry; expected a dict, the "
+                                                     "optimizer's state_dict()"),
+    "no scaler": (lambda c: c.pop("scaler"), "has no 'scaler' entry; expected a dict, the grad scaler's "
+                                               "state_dict()"),
+    "history an int": (lambda c: c.update(history=5), "its 'history' entry should be a list of dicts, one per epoch, "
+                                                      "got int 5"),
+    "rng of floats": (lambda c: c.update(rng=torch.zeros(3)), "its 'rng' entry should be a uint8 tensor, "
+                                                                "torch.get_rng_state(), got a torch.float32 tensor "
+                                                                "of shape (3,)"),
+}
+
+
+@pytest.mark.parametrize("case", FOR_EVAL)
+def test_eval_refuses_a_corrupt_checkpoint_in_one_line(full, tmp_path, capsys, case):
+    change, message = FOR_EVAL[case]
+    path = _crafted(full, tmp_path, change)
+    assert main(["eval", "--checkpoint", path]) == 2
+    assert capsys.readouterr().err == f"cbam eval: error: checkpoint {path!r} {TAGGED} {message}\n"
+
+
+@pytest.mark.parametrize("case", [*FOR_EVAL, *FOR_RESUME])
+def test_resume_refuses_a_corrupt_checkpoint_in_one_line(full, tmp_path, capsys, case):
+    change, message = {**FOR_EVAL, **FOR_RESUME}[case]
+    path = _crafted(full, tmp_path, change)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    assert train(tmp_path, "--resume") == 2
+    assert capsys.readouterr().err == f"cbam train: error: checkpoint {path!r} {TAGGED} {message}\n"
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_path_under_model_is_never_followed(full, tmp_path, capsys):
+    """A checkpoint whose "model" names another checkpoint file is refused; that file is not loaded."""
+    path = _crafted(full, tmp_path, lambda c: c.update(model=str(full / "checkpoint.pt")))
+    assert main(["eval", "--checkpoint", path]) == 2
+    assert "its 'model' entry should be a state dict, a dict of str -> tensor, got str " in capsys.readouterr().err
+
+
+def test_resume_refuses_an_optimizer_state_of_another_run(full, tmp_path, capsys):
+    path = _crafted(full, tmp_path, lambda c: c["optimizer"].update(param_groups=[]))
+    assert train(tmp_path, "--resume") == 2
+    assert capsys.readouterr().err == (f"cbam train: error: checkpoint {path!r}: its 'optimizer' entry does not fit "
+                                       f"this run (ValueError: loaded state dict has a different number of "
+                                       f"parameter groups)\n")
 
 
 def test_eval_matches_a_hand_count(full, capsys):
@@ -127,6 +208,20 @@ def test_eval_matches_a_hand_count(full, capsys):
     assert report["pointing_game"]["layer1.0.cbam"]["map_size"] == [16, 16]
     assert report["pointing_game"]["layer4.1.cbam"]["chance"] == pytest.approx(chance)
     assert (full / "confusion.png").stat().st_size > 1000
+
+
+def test_eval_rebuilds_bare_weights_with_the_cifar_stem(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = cbam.models.resnet18(10, stem="cifar").eval()
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    assert main(["eval", "--checkpoint", str(tmp_path / "bare.pt"), "--model", "resnet18", "--stem", "cifar",
+                 "--data", "synthetic:48,24", "--json"]) == 0
+    split = load_split("synthetic:48,24", False)
+    images = torch.stack([split.dataset[i][0] for i in range(24)])
+    labels = torch.tensor([split.dataset[i][1] for i in range(24)])
+    with torch.no_grad():
+        accuracy = (model(images).argmax(1) == labels).double().mean().item()
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(accuracy)
 
 
 def test_eval_refuses_other_checkpoints(tmp_path, capsys):

@@ -9,15 +9,27 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def check_destination(path) -> Path:
+    """``path`` as a ``Path`` if ``write_atomic`` can put a file there: its directory exists and it is no directory.
+
+    Call it before long work whose result goes to ``path``, so that a bad path fails first.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {str(path)!r}: it is a directory")
+    return path
+
+
 def write_atomic(path, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, then rename it over ``path``.
 
     A crash or an error at any moment leaves ``path`` as it was (the temporary file is removed on
     errors; after a SIGKILL a hidden ``.NAME.*.tmp`` may remain beside it). The directory must exist.
+    Errors name ``path``, not the temporary file.
     """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist")
+    path = check_destination(path)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         with open(temporary, "xb") as file:
@@ -25,8 +37,10 @@ def write_atomic(path, write: Callable[[BinaryIO], None]) -> Path:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename in (None, str(temporary)):  # the temporary file failed
+            raise type(error)(f"cannot write {str(path)!r}: {error.strerror or error}") from None
         raise
     return path
 

@@ -34,7 +34,8 @@ def register(subparsers) -> None:
                         help="torch.compile's mode for the ResNet-50s (CUDA; implies --compile): reduce-overhead "
                              "replays each step from CUDA graphs, without the host's per-call work")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
-    parser.add_argument("--save", default=None, metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--save", default=None, metavar="PATH",
+                        help="also write the results as JSON to PATH (atomically, after printing them)")
     cuda = parser.add_argument_group("CUDA only")
     cuda.add_argument("--modes", default=",".join(CUDA_MODES),
                       help=f"comma-separated, of {', '.join(CUDA_MODES)} (default all; --resnet runs fp32 and "
@@ -49,9 +50,12 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import check_destination, write_text_atomic
     from ..profile import fused_bench
     from ..validation import check_int
 
+    if args.save:  # a bad path fails now, not after the timings
+        check_destination(args.save)
     repeats = check_int("--repeats", args.repeats)
     batch = check_int("--batch", args.batch) if args.batch is not None else (64 if args.device == "cuda" else 8)
     shapes = fused_bench.SHAPES if args.shapes is None else fused_bench.parse_shapes(args.shapes)
@@ -60,10 +64,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         report = fused_bench.run(batch, repeats, shapes, resnet=args.resnet, compile_reference=args.compile)
     text = json.dumps(report.as_dict(), indent=2, allow_nan=False)
+    print(text if args.json else report, flush=True)  # the results are out even if saving them fails
     if args.save:
-        with open(args.save, "w") as f:
-            f.write(text + "\n")
-    print(text if args.json else report)
+        write_text_atomic(args.save, text + "\n")
     return 0
 
 

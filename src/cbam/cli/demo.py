@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .model_spec import MAX_SEED, int_range
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -14,9 +16,11 @@ def register(subparsers) -> None:
                     "Writes OUT/demo.json, OUT/curves.png, OUT/attention_*.png and each run's folder; "
                     "run again to resume an interrupted demo.",
     )
-    parser.add_argument("--out", default="cbam-demo", help="output folder (default cbam-demo)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default cbam-demo; cbam-demo-quick with --quick; -seedN appended for "
+                             "--seed N other than 0)")
     parser.add_argument("--quick", action="store_true", help="a tiny budget: checks that everything runs")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_range(0, MAX_SEED), default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
@@ -24,6 +28,12 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..train import run_demo
 
-    report = run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
-    print(f"\n{report.text}\n\noutputs in {args.out}/: demo.json, curves.png, attention_*.png, plain/, cbam/")
+    out = args.out if args.out is not None else default_out(args.quick, args.seed)
+    report = run_demo(out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+    print(f"\n{report.text}\n\noutputs in {out}/: demo.json, curves.png, attention_*.png, plain/, cbam/")
     return 0
+
+
+def default_out(quick: bool, seed: int) -> str:
+    """The default output folder: one per budget and seed, so that a demo with other settings starts its own."""
+    return "cbam-demo" + ("-quick" if quick else "") + (f"-seed{seed}" if seed else "")

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..tables import format_table
-from .model_spec import add_model_arguments, model_from_args
+from .model_spec import MAX_BATCH, add_model_arguments, int_range, model_from_args
 
 
 def register(subparsers) -> None:
@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     parser.set_defaults(model=None, num_classes=None)
     parser.add_argument("--data", default=None, help="test data (default: the data the checkpoint was trained on)")
     parser.add_argument("--image-size", type=int, default=64, help="side of imagefolder images with --model")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int_range(1, MAX_BATCH), default=128)
     parser.add_argument("--out", type=Path, default=None,
                         help="confusion-matrix figure (default confusion.png beside the checkpoint)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -36,19 +36,20 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import check_destination
     from ..convert import load_weights
     from ..train import load_split, model_for, predict, read_checkpoint
-    from ..train.loop import FORMAT
+    from ..train.checkpoint import FORMAT, check_run_checkpoint, is_run_checkpoint
     from ..train.metrics import confusion_figure, confusion_matrix
-    from ..validation import check_int
     from ..viz import figure_format, save_figure
 
-    batch_size = check_int("--batch-size", args.batch_size)
     out = args.out if args.out is not None else args.checkpoint.parent / "confusion.png"
     figure_format(out)
     checkpoint = read_checkpoint(args.checkpoint)
+    check_destination(out)  # before the evaluation, not after
     source = f"checkpoint {str(args.checkpoint)!r}"
-    if isinstance(checkpoint, dict) and checkpoint.get("format") == FORMAT:
+    if is_run_checkpoint(checkpoint):
+        check_run_checkpoint(checkpoint, args.checkpoint)
         config, classes = checkpoint["config"], tuple(checkpoint["classes"])
         model = model_for(config, len(classes))
         report = load_weights(checkpoint["model"], model, allow_missing_attention=False, source_name=source)
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if split.classes != classes:
         raise ValueError(f"--data {data}: its classes {list(split.classes)} differ from the checkpoint's "
                          f"{list(classes)}")
-    result = predict(model, split, batch_size)
+    result = predict(model, split, args.batch_size)
     matrix = confusion_matrix(result.predictions, result.labels, len(classes))
     try:
         path = save_figure(confusion_figure(matrix, classes), out, dpi=100)

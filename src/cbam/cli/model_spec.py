@@ -1,4 +1,4 @@
-"""The model and input arguments shared by subcommands: ``--model``, ``--attention``, ``--input``."""
+"""The model and input arguments shared by subcommands: ``--model``, ``--attention``, ``--stem``, ``--input``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,23 @@ from ..presets import PRESET_NAMES
 from ..resnets import RESNETS
 
 ATTENTIONS = ("cbam", "none")
+STEMS = ("imagenet", "cifar")
+MAX_SEED = 2**32 - 1
+MAX_BATCH = 2**31 - 1
+
+
+def int_range(low: int, high: int):
+    """An argparse ``type``: an int from ``low`` to ``high``; else a one-line usage error naming the option."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an int from {low} to {high}, got {text!r}")
+        return value
+
+    return parse
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +40,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"one of {', '.join(RESNETS)}, or pkg.module:factory for your own model")
     parser.add_argument("--attention", default="cbam", choices=ATTENTIONS, help="CBAM in every block, or none")
     add_preset_argument(parser)
+    add_stem_argument(parser)
     parser.add_argument("--num-classes", type=int, default=1000)
 
 
@@ -31,13 +49,20 @@ def add_preset_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None, choices=PRESET_NAMES, help="CBAM preset")
 
 
+def add_stem_argument(parser: argparse.ArgumentParser) -> None:
+    """``--stem``: the built-in ResNets' first layers, as ``cbam train --stem`` trained them."""
+    parser.add_argument("--stem", default="imagenet", choices=STEMS,
+                        help="imagenet: 7x7/2 conv + max-pool; cifar: 3x3/1 conv, for 32x32 images (default imagenet)")
+
+
 def model_from_args(args: argparse.Namespace) -> nn.Module:
     """``--model``: a built-in ResNet (``cbam.models.build_model``), or whatever ``pkg.module:factory``
     returns when called with no arguments."""
     if args.model in RESNETS:
         from ..models import build_model
 
-        return build_model(args.model, args.num_classes, attention=args.attention, preset=args.preset)
+        return build_model(args.model, args.num_classes, attention=args.attention, preset=args.preset,
+                           stem=args.stem)
     module_name, _, factory_name = args.model.partition(":")
     if not factory_name:
         raise ValueError(f"--model must be one of {', '.join(RESNETS)} or pkg.module:factory, got {args.model!r}")
@@ -45,12 +70,20 @@ def model_from_args(args: argparse.Namespace) -> nn.Module:
         if os.getcwd() not in sys.path:  # as `python -m cbam` would: the installed script lacks the cwd
             sys.path.insert(0, os.getcwd())
         factory = getattr(importlib.import_module(module_name), factory_name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"--model {args.model!r}: cannot load the factory ({error})") from None
-    model = factory()
+    except Exception as error:  # ImportError, AttributeError, or whatever the module raises on import
+        raise ValueError(f"--model {args.model!r}: cannot load the factory ({_one_line(error)})") from None
+    try:
+        model = factory()
+    except Exception as error:  # the user's code: one line, not a traceback
+        raise ValueError(f"--model {args.model!r}: the factory raised {_one_line(error)}") from None
     if not isinstance(model, nn.Module):
         raise TypeError(f"--model {args.model!r} should return an nn.Module, got {type(model).__name__}")
     return model
+
+
+def _one_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -69,7 +102,8 @@ def add_input_arguments(parser: argparse.ArgumentParser, default: str = "1,3,224
     parser.add_argument("--input", type=parse_shape, default=parse_shape(default), metavar="B,C,H,W",
                         help=f"input shape, a random tensor (default {default})")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the input and the model's initialisation")
+    parser.add_argument("--seed", type=int_range(0, MAX_SEED), default=0,
+                        help="seed of the input and the model's initialisation")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .model_spec import add_input_arguments, add_model_arguments, build_model_and_input, print_report
 
@@ -25,4 +26,10 @@ def run(args: argparse.Namespace) -> int:
     model, x = build_model_and_input(args)
     trace = trace_shapes(model, x)
     print_report(args, str(trace), trace.as_dict())
-    return 0 if trace.ok else 1
+    if trace.ok:
+        return 0
+    where = "" if trace.failed is None else f" in {trace.failed.path or '(model)'} ({trace.failed.type})"
+    lines = str(trace.error).strip().splitlines()
+    print(f"cbam trace: error: the forward failed{where}: {type(trace.error).__name__}"
+          + (f": {lines[0]}" if lines else ""), file=sys.stderr)
+    return 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .model_spec import ATTENTIONS, RESNETS, add_preset_argument
+from .model_spec import ATTENTIONS, MAX_BATCH, MAX_SEED, RESNETS, add_preset_argument, add_stem_argument, int_range
 
 
 def register(subparsers) -> None:
@@ -18,15 +18,15 @@ def register(subparsers) -> None:
     parser.add_argument("--model", default="resnet18", choices=RESNETS)
     parser.add_argument("--attention", default="cbam", choices=ATTENTIONS, help="CBAM in every block, or none")
     add_preset_argument(parser)
-    parser.add_argument("--stem", default="imagenet", choices=("imagenet", "cifar"),
-                        help="imagenet: 7x7/2 conv + max-pool; cifar: 3x3/1 conv, for 32x32 images")
+    add_stem_argument(parser)
     add_data_arguments(parser)
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch, split over the processes")
+    parser.add_argument("--batch-size", type=int_range(1, MAX_BATCH), default=64,
+                        help="global batch, split over the processes")
     parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default sgd 0.05, adamw 0.002)")
     parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    parser.add_argument("--seed", type=int_range(0, MAX_SEED), default=0, help="initialisation and data order")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT/checkpoint.pt (start afresh if there is none)")

@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 
 from ..viz.image import MIN_SIDE
-from .model_spec import add_model_arguments, model_from_args
+from .model_spec import add_model_arguments, int_range, model_from_args
+
+MAX_SIDE = 4096  # --size: larger inputs take minutes and gigabytes, and draw nothing more
 
 
 def register(subparsers) -> None:
@@ -20,9 +22,11 @@ def register(subparsers) -> None:
     add_model_arguments(parser)
     parser.add_argument("--checkpoint", type=Path,
                         help="weights in any layout cbam convert reads (cbam, official, timm; .pt or .safetensors), "
-                             "converted to the model's")
+                             "converted to the model's; a cbam train checkpoint brings its own model settings "
+                             "(--model, --attention, --preset, --stem, --num-classes are then ignored)")
     parser.add_argument("--image", type=Path, required=True, help="any image Pillow reads")
-    parser.add_argument("--size", type=_side, default=224, help="side of the square model input (default 224)")
+    parser.add_argument("--size", type=int_range(MIN_SIDE, MAX_SIDE), default=224,
+                        help="side of the square model input (default 224)")
     parser.add_argument("--layers", nargs="+", metavar="NAME",
                         help="layers to draw, by name or prefix (layer4: layer4.0.cbam, layer4.1.cbam); default all")
     parser.add_argument("--grad-cam", metavar="LAYER",
@@ -31,19 +35,12 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def _side(text: str) -> int:
-    try:
-        side = int(text)
-    except ValueError:
-        side = 0
-    if side < MIN_SIDE:
-        raise argparse.ArgumentTypeError(f"expected an int >= {MIN_SIDE}, got {text!r}")
-    return side
-
-
 def run(args: argparse.Namespace) -> int:
     from .. import viz
+    from ..atomic import check_destination
     from ..convert import load_weights
+    from ..train import model_for, read_checkpoint
+    from ..train.checkpoint import check_run_checkpoint, is_run_checkpoint
     from ..viz.extras import require
 
     try:
@@ -52,10 +49,19 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as error:  # one line, like every other error here
         raise RuntimeError(str(error)) from None
     viz.figure_format(args.out)
+    check_destination(args.out)
     image = viz.load_image(args.image, args.size)
-    model = model_from_args(args).eval()
-    if args.checkpoint is not None:  # attention left at initialisation would draw nothing learnt: strict
-        print(load_weights(args.checkpoint, model, allow_missing_attention=False))
+    weights = args.checkpoint  # a path, or below the state dict of a cbam train checkpoint
+    content = None if weights is None else read_checkpoint(weights)
+    if is_run_checkpoint(content):  # as cbam eval: the model the run trained, with its settings
+        check_run_checkpoint(content, args.checkpoint)
+        model, weights = model_for(content["config"], len(content["classes"])), content["model"]
+    else:
+        model = model_from_args(args)
+    if weights is not None:  # attention left at initialisation would draw nothing learnt: strict
+        print(load_weights(weights, model, allow_missing_attention=False,
+                           source_name=f"checkpoint {str(args.checkpoint)!r}"))
+    model.eval()
     heatmaps = {}
     with viz.capture_attention(model) as records:
         if args.grad_cam is None:

@@ -123,8 +123,11 @@ def find_state_dict(content, source: str, entry: str | None = None) -> tuple[Map
     """
     if entry is not None:
         if not isinstance(content, Mapping) or entry not in content:
-            found = f"entries {[k for k in content if isinstance(k, str)]}" if isinstance(content, Mapping) else \
-                type(content).__name__
+            found = type(content).__name__
+            if isinstance(content, Mapping):
+                names = [k for k in content if isinstance(k, str)]
+                found = f"entries {names}" if len(names) <= 5 else \
+                    f"{len(names)} entries [{', '.join(map(repr, names[:5]))}, ...]"
             raise ValueError(f"{source} has no entry {entry!r}: found {found}")
         if not _is_state_dict(content[entry]):
             raise ValueError(f"{source}: entry {entry!r} is no state dict (a dict of tensors), "

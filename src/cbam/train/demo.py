@@ -23,7 +23,7 @@ from ..profile import cost
 from ..tables import format_count, format_table
 from .data import load_split
 from .inference import Pointing, predict
-from .loop import TrainConfig, train
+from .loop import ChangedSettings, TrainConfig, train
 from .metrics import curves_figure
 
 FULL = {"data": "synthetic:4000,1000", "epochs": 2, "batch_size": 64, "optimizer": "adamw", "lr": 2e-3}
@@ -94,7 +94,11 @@ def run_demo(out, *, quick: bool = False, seed: int = 0, progress: bool = True,
             f"{settings['epochs']} epoch{'s' if settings['epochs'] > 1 else ''})")
         config = TrainConfig(out=str(out / folder), attention=attention, seed=seed, resume=True, progress=progress,
                              **settings)
-        result = train(config, log=log)
+        try:
+            result = train(config, log=log)
+        except ChangedSettings as error:  # an earlier demo in out, with another --quick or --seed
+            raise ValueError(f"{str(out)!r} holds a demo run with other settings ({', '.join(error.changes)}): "
+                             f"pass another --out (or the same --quick and --seed), or remove it") from None
         report = cost(result.model, torch.zeros(1, 3, 64, 64))
         results[folder] = result
         summary["runs"][folder] = {

@@ -28,16 +28,21 @@ from .. import models
 from ..convert import load_weights
 from ..validation import check_choice, check_int
 from . import distributed
-from .checkpoint import load_state, read_checkpoint, save_checkpoint
+from .checkpoint import (
+    FORMAT,
+    RESUME_ENTRIES,
+    RUN_SETTINGS,
+    check_run_checkpoint,
+    is_run_checkpoint,
+    load_state,
+    read_checkpoint,
+    save_checkpoint,
+)
 from .data import load_split
 from .metrics import curves_figure, write_metrics
 
 OPTIMIZERS = {"sgd": 0.05, "adamw": 2e-3}  # name -> default learning rate
-FORMAT = "cbam-train-1"
 CHECKPOINT = "checkpoint.pt"
-# What changes a run's trajectory; a resumed run must keep them.
-_RUN_KEYS = ("model", "attention", "preset", "stem", "data", "image_size", "epochs", "batch_size", "optimizer",
-             "lr", "weight_decay", "seed", "amp", "channels_last")
 
 
 @dataclass(frozen=True)
@@ -82,11 +87,23 @@ class TrainConfig:
             object.__setattr__(self, "lr", OPTIMIZERS[self.optimizer])
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
+            raise ValueError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
         if self.attention == "none" and self.preset is not None:
             raise ValueError(f"--attention none builds a plain ResNet and takes no --preset; got {self.preset!r}")
 
     def run_settings(self) -> dict:
-        return {key: getattr(self, key) for key in _RUN_KEYS}
+        return {key: getattr(self, key) for key in RUN_SETTINGS}
+
+
+class ChangedSettings(ValueError):
+    """``--resume`` found a run with other settings; ``changes`` names them (``"seed 0 -> 1"``)."""
+
+    def __init__(self, changes: list[str]) -> None:
+        super().__init__(f"--resume must keep the run's settings; changed: {', '.join(changes)}")
+        self.changes = changes
 
 
 class TrainResult(NamedTuple):
@@ -150,24 +167,38 @@ def _resume_state(config: TrainConfig, path: Path):
     if not config.resume:
         raise FileExistsError(f"{str(path)!r} exists: pass --resume to continue that run, or choose another --out")
     checkpoint = read_checkpoint(path)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+    if not is_run_checkpoint(checkpoint):
         raise ValueError(f"checkpoint {str(path)!r} is not a cbam train checkpoint ({FORMAT})")
-    saved = checkpoint["config"]
-    changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in config.run_settings().items()
-               if saved.get(key) != value]
+    saved = check_run_checkpoint(checkpoint, path, RESUME_ENTRIES)["config"]
+    changed = [f"{key} {saved[key]!r} -> {value!r}" for key, value in config.run_settings().items()
+               if saved[key] != value]
     if changed:
-        raise ValueError(f"--resume must keep the run's settings; changed: {', '.join(changed)}")
+        raise ChangedSettings(changed)
     return checkpoint
 
 
 def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     """Run (or continue, with ``config.resume``) the training ``config`` describes; see the module docstring."""
     context = distributed.setup(config.device, config.dist_timeout)
+    out = Path(config.out)
+    created = [folder for folder in (out, *out.parents) if not folder.exists()] if context.main else []
     try:
         with distributed.failures(context, config.dist_timeout):
             return _train(config, context, log if context.main else (lambda message: None))
+    except BaseException:
+        _remove_empty(created)  # a failed run leaves no empty --out behind
+        raise
     finally:
         distributed.teardown(context)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (the run wrote something) or already gone
+            return
 
 
 def _train(config: TrainConfig, context: distributed.Context, log: Callable[[str], None]) -> TrainResult:
@@ -207,10 +238,13 @@ def _train(config: TrainConfig, context: distributed.Context, log: Callable[[str
     history: list[dict] = []
     if checkpoint is not None:
         load_state(model, checkpoint["model"], out / CHECKPOINT)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        torch.set_rng_state(checkpoint["rng"])
+        for entry, restore in (("optimizer", optimizer.load_state_dict), ("scheduler", scheduler.load_state_dict),
+                               ("scaler", scaler.load_state_dict), ("rng", torch.set_rng_state)):
+            try:
+                restore(checkpoint[entry])
+            except Exception as error:  # torch's KeyError, ValueError or RuntimeError on a state of another run
+                raise ValueError(f"checkpoint {str(out / CHECKPOINT)!r}: its {entry!r} entry does not fit this "
+                                 f"run ({type(error).__name__}: {error})") from None
         history = list(checkpoint["history"])
         log(f"resuming {out / CHECKPOINT} after epoch {checkpoint['epoch']} of {config.epochs}")
     network = DistributedDataParallel(model) if context.world_size > 1 else model
