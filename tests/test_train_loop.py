@@ -101,8 +101,9 @@ def test_refusals_on_an_existing_run(full, capsys, extra, message):
     (["--lr", "-1"], "lr must be a positive number"),
     (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
     (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
-    (["--dist-timeout", "0"], "--dist-timeout must be a positive number of seconds, got 0.0"),
-    (["--dist-timeout", "nan"], "--dist-timeout must be a positive number of seconds, got nan"),
+    (["--dist-timeout", "0"], "--dist-timeout must be a positive number of seconds below 86400000000000, got 0.0"),
+    (["--dist-timeout", "nan"], "--dist-timeout must be a positive number of seconds below 86400000000000, got nan"),
+    (["--dist-timeout", "1e308"], "below 86400000000000, got 1e+308"),  # more than timedelta holds
 ])
 def test_bad_arguments(tmp_path, capsys, args, message):
     assert train(tmp_path, *args) == 2

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -89,8 +90,9 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
-        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
-            raise ValueError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
+        if not 0 < self.dist_timeout < timedelta.max.total_seconds():  # NaN fails too
+            raise ValueError(f"--dist-timeout must be a positive number of seconds below "
+                             f"{timedelta.max.total_seconds():.0f}, got {self.dist_timeout}")
         if self.attention == "none" and self.preset is not None:
             raise ValueError(f"--attention none builds a plain ResNet and takes no --preset; got {self.preset!r}")
 
