@@ -533,13 +533,13 @@ def backward_from(grad: Tensor, saved: dict[str, Tensor | None], weights: CbamWe
     """The backward of ``forward_saving``: ``(dx, d_residual, d_in_weight, d_in_bias, d_weights)``, the
     last in ``weights.flat()``'s order, ``None`` where there is no such input."""
     computed = weights.to(saved["mc"].dtype)
-    spec, engine, passes = plan.spec, plan.engine, plan.passes
+    spec, passes = plan.spec, plan.passes
     x, mc, ms = saved["x"], saved["mc"], saved["ms"]
     grad = _strides_of(grad, x)
-    if grad.stride() != x.stride():  # another layout than the input's: the passes' outputs follow the gradient's
-        grad = torch.empty_like(x).copy_(grad)
+    if grad.stride() != x.stride():  # another layout than the input's (already the engine's): the passes' outputs
+        grad = torch.empty_like(x).copy_(grad)  # follow the gradient's
     flat = (*x.shape[:2], plan.spatial.numel())
-    x3, g3 = x.reshape(flat), _in_layout(engine, grad.reshape(flat))
+    x3, g3 = x.reshape(flat), grad.reshape(flat)
     rectified = None if saved["rectified"] is None else saved["rectified"].reshape(flat)
     affine, in_mean, in_spread = (saved.get(name) for name in ("affine", "in_mean", "in_spread"))
     pooled = {kind: saved[f"pooled_{kind}"] for kind in plan.pool_names}
