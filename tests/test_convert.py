@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.layers.cbam import CbamModule, LightCbamModule
 from torch import nn
 
-from cbam import CBAM
+from cbam import CBAM, LightCBAM
 from cbam.convert import detect, from_official, from_timm, strip_wrappers, to_official, to_timm
 
 SEED = 0
@@ -382,13 +382,48 @@ def test_non_mapping_raises_type_error(convert, value, type_name):
     assert convert.__name__ in str(info.value)
 
 
-@pytest.mark.parametrize("kernel", [7, 3])
-def test_timm_light_cbam_raises_value_error_with_shape(kernel):
-    """timm's LightCbamModule (a 1-input-channel spatial conv) has no CBAM equivalent: refused."""
-    state = LightCbamModule(32, spatial_kernel_size=kernel).state_dict()
-    with pytest.raises(ValueError, match="spatial.conv.conv.weight") as info:
-        from_timm(state)
-    assert str((1, 1, kernel, kernel)) in str(info.value)
+@pytest.mark.parametrize(("channels", "kernel"), [(32, 7), (40, 3)])
+def test_timm_light_cbam_converts_to_light_cbam_and_back(channels, kernel):
+    """timm's LightCbamModule (a spatial conv over one map) into ``LightCBAM(preset="timm")`` and back
+    exactly; then the same outputs, input gradients and running statistics as timm's, eval and training."""
+    gen = torch.Generator().manual_seed(SEED)
+    theirs = _randomise(LightCbamModule(channels, spatial_kernel_size=kernel), gen).double()
+    ours = LightCBAM(channels, kernel_size=kernel, preset="timm").double()
+    ours.load_state_dict(from_timm(theirs.state_dict()), strict=True)
+    back = to_timm(ours.state_dict())
+    assert list(back) == list(theirs.state_dict())
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(back[key], value, rtol=0, atol=0, msg=key)
+    for training in (False, True):
+        theirs.train(training)
+        ours.train(training)
+        x = torch.randn(3, channels, 9, 11, generator=gen, dtype=torch.float64)
+        x_theirs, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+        upstream = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        expected, got = theirs(x_theirs), ours(x_ours)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        expected.backward(upstream)
+        got.backward(upstream)
+        torch.testing.assert_close(x_ours.grad, x_theirs.grad, rtol=1e-10, atol=1e-10)
+    for key, value in from_timm(theirs.state_dict()).items():  # running statistics moved alike
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-12, atol=1e-12, msg=key)
+
+
+def test_light_cbam_has_no_official_equivalent():
+    """The official code has no light CBAM: its one-map conv is refused, naming why."""
+    state = LightCBAM(32, preset="official").state_dict()
+    with pytest.raises(ValueError, match=r"spatial_att.conv.weight should be a \(1, 2, k, k\) .* got shape "
+                                         r"\(1, 1, 7, 7\); a light CBAM's conv over one map has no equivalent"):
+        to_official(state)
+
+
+@pytest.mark.parametrize("convert", [from_timm, to_timm])
+def test_timm_spatial_conv_of_another_shape_is_refused(convert):
+    key = "spatial.conv.conv.weight" if convert is from_timm else "spatial_att.conv.weight"
+    state = (CbamModule if convert is from_timm else lambda c: CBAM(c, preset="timm"))(32).state_dict()
+    state[key] = torch.ones(1, 3, 7, 7)
+    with pytest.raises(ValueError, match=r"\(1, 2, k, k\) .* or \(1, 1, k, k\) .* got shape \(1, 3, 7, 7\)"):
+        convert(state)
 
 
 @pytest.mark.parametrize("convert", [from_timm, from_official, to_timm, to_official, detect, strip_wrappers])

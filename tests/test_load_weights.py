@@ -21,7 +21,7 @@ from torch import nn
 import cbam
 from cbam.convert import load_weights, save_weights, strip_wrappers
 
-from wild_checkpoints import NUM_CLASSES, Sources, assert_same_logits, torchvision_resnet
+from wild_checkpoints import NUM_CLASSES, Sources, assert_same_logits, perturb, torchvision_resnet
 
 torch.set_num_threads(2)
 
@@ -297,3 +297,19 @@ def test_safetensors_without_the_package_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="safetensors package"):
         save_weights(tmp_path / "x.safetensors", nn.Linear(2, 2).state_dict())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+
+
+def test_timm_light_cbam_resnet_loads_into_a_light_cbam_resnet():
+    """timm's ``attn_layer="lcbam"`` (LightCbamModule: one pooled map per gate) into ``cbam.models`` with
+    the light CBAM's pooling: timm's logits. Into a CBAM model (two maps) it is refused, naming both."""
+    torch.manual_seed(0)
+    theirs = timm.create_model("resnet18", block_args={"attn_layer": "lcbam"}, num_classes=NUM_CLASSES)
+    theirs = perturb(theirs, 5, attention_only_params=".se.")
+    light = cbam.models.resnet18(num_classes=NUM_CLASSES, preset="timm", pool_types=("mix",), spatial_pool="mix")
+    report = load_weights(theirs.state_dict(), light)
+    assert report.converted == "timm -> cbam" and report.loaded == len(light.state_dict())
+    assert_same_logits(light, theirs)
+    with pytest.raises(ValueError, match=r"size mismatch for layer1.0.cbam.spatial_att.conv.weight: found "
+                                         r"torch.Size\(\[1, 1, 7, 7\]\) .* \(a conv over one pooled map is a light "
+                                         r"CBAM's: LightCBAM, or pool_types=\('mix',\)"):
+        load_weights(theirs.state_dict(), cbam.models.resnet18(num_classes=NUM_CLASSES, preset="timm"))

@@ -18,7 +18,7 @@ from .rules import OFFICIAL_ANCHOR, OURS_ANCHOR, TIMM_ANCHOR, attention_prefixes
 LAYOUTS = {  # name -> (anchor, how a report names it)
     "cbam": (OURS_ANCHOR, "cbam's layout (channel_att/spatial_att)"),
     "official": (OFFICIAL_ANCHOR, "the official CBAM code's layout (ChannelGate/SpatialGate)"),
-    "timm": (TIMM_ANCHOR, "timm's layout (CbamModule)"),
+    "timm": (TIMM_ANCHOR, "timm's layout (CbamModule/LightCbamModule)"),
 }
 PLAIN = "plain"
 _DEPTHS = {(kind == "bottleneck", blocks): depth(name) for name, (kind, blocks) in RESNET_BLOCKS.items()}

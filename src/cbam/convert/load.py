@@ -136,13 +136,24 @@ def _head_keys(model: nn.Module) -> set[str]:
     return {prefix + name for name, _ in model.get_submodule(linears[-1]).named_parameters()}
 
 
+def _maps_hint(key: str, found: Tensor, expected: Tensor) -> str:
+    """Where a spatial conv over one pooled map meets one over two: which module each belongs to."""
+    if not key.endswith("conv.weight") or found.dim() != expected.dim() or found.dim() < 3:
+        return ""
+    if {found.shape[1], expected.shape[1]} != {1, 2} or found.shape[2:] != expected.shape[2:]:
+        return ""
+    return (" (a conv over one pooled map is a light CBAM's: LightCBAM, or pool_types=('mix',) and "
+            "spatial_pool='mix'; over two maps, CBAM's)")
+
+
 def _mismatch(source: str, missing, unexpected, wrong_shapes, layout: Layout, target: Layout) -> str:
     """One line: the first wrong-shape key, the missing/unexpected counts with the first of each, the layouts."""
     parts = []
     if wrong_shapes:
         key, found, expected = wrong_shapes[0]
         more = f" (and {len(wrong_shapes) - 1} more)" if len(wrong_shapes) > 1 else ""
-        parts.append(f"size mismatch for {key}: found {found.shape} in the checkpoint, expected {expected.shape}{more}")
+        parts.append(f"size mismatch for {key}: found {found.shape} in the checkpoint, expected {expected.shape}{more}"
+                     f"{_maps_hint(key, found, expected)}")
     if missing or unexpected:
         first = ", ".join(f"{kind} {keys[0]!r}" for kind, keys in (("missing", missing), ("unexpected", unexpected))
                           if keys)

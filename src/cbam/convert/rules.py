@@ -11,7 +11,8 @@ they should: in a whole ResNet's dict (stem ``conv1``, stages ``layer1``–``lay
 ``layer1.0.se.`` <-> ``layer1.0.cbam.``; ``attention_name=`` overrides (``None`` keeps every prefix).
 
 Load ``from_official``'s result into ``CBAM(C, preset="official")`` and ``from_timm``'s into
-``CBAM(C, preset="timm")``; ``to_official``/``to_timm`` take such models' dicts.
+``CBAM(C, preset="timm")`` (timm's ``CbamModule``) or ``LightCBAM(C, preset="timm")`` (its
+``LightCbamModule``: a spatial conv over one map); ``to_official``/``to_timm`` take such models' dicts.
 """
 
 from __future__ import annotations
@@ -50,20 +51,29 @@ def _as_conv(key: str, weight: Tensor) -> Tensor:
     return weight.reshape(*weight.shape, 1, 1)
 
 
-def _two_maps(caller: str, key: str, weight: Tensor, hint: str = "") -> None:
+def _two_maps(caller: str, key: str, weight: Tensor) -> None:
+    """The official code's spatial conv: over two maps only (it has no light variant)."""
     if weight.dim() < 3 or weight.shape[1] != 2:
+        light = "; a light CBAM's conv over one map has no equivalent there" if weight.dim() >= 3 else ""
         raise ValueError(f"{caller}: {key} should be a (1, 2, k, k) conv weight over two pooled maps, got shape "
-                         f"{tuple(weight.shape)}{hint}")
+                         f"{tuple(weight.shape)}{light}")
+
+
+def _timm_maps(caller: str, key: str, weight: Tensor) -> Tensor:
+    """timm's spatial conv: over two maps (``CbamModule``, [mean, max]) or one (``LightCbamModule``,
+    ``(mean + max) / 2``, what ``LightCBAM`` computes); the same weight in our layout either way."""
+    if weight.dim() < 3 or weight.shape[1] not in (1, 2):
+        raise ValueError(f"{caller}: {key} should be a (1, 2, k, k) conv weight over two pooled maps (CbamModule) "
+                         f"or (1, 1, k, k) over one (LightCbamModule), got shape {tuple(weight.shape)}")
+    return weight
 
 
 def _timm_spatial(key: str, weight: Tensor) -> Tensor:
-    _two_maps("from_timm", key, weight, "; timm's LightCbamModule (one summed map) has no CBAM equivalent")
-    return weight
+    return _timm_maps("from_timm", key, weight)
 
 
 def _to_timm_spatial(key: str, weight: Tensor) -> Tensor:
-    _two_maps("to_timm", key, weight)
-    return weight
+    return _timm_maps("to_timm", key, weight)
 
 
 def _official_spatial(key: str, weight: Tensor) -> Tensor:
@@ -198,7 +208,8 @@ def _convert(
 
 
 def from_timm(state_dict: Mapping[str, Tensor], *, attention_name: str | None = AUTO) -> OrderedDict:
-    """timm ``CbamModule`` keys (``channel.fc1/fc2`` 1x1 convs, ``spatial.conv.conv``/``.bn``) -> ours.
+    """timm ``CbamModule``/``LightCbamModule`` keys (``channel.fc1/fc2`` 1x1 convs, ``spatial.conv.conv``/``.bn``)
+    -> ours (for ``CBAM``/``LightCBAM`` with ``preset="timm"``).
 
     ``attention_name``: ``"auto"`` (default) renames timm's ``se`` slot to ``cbam`` in a whole timm
     ResNet's dict (``layer1.0.se.*`` -> ``layer1.0.cbam.*``, what ``cbam.models`` loads) and keeps
@@ -221,6 +232,7 @@ def to_timm(state_dict: Mapping[str, Tensor], *, attention_name: str | None = AU
     The inverse of ``from_timm``: MLP weights ``(out, in)`` become 1x1 convs ``(out, in, 1, 1)``;
     ``"auto"`` renames ``cbam`` to timm's ``se`` slot in a whole ResNet's dict. Every CBAM needs the
     spatial BatchNorm timm has (``preset="timm"``); other spatial convs than the full one are refused.
+    A ``LightCBAM``'s dict (a conv over one map) becomes ``LightCbamModule``'s (``attn_layer="lcbam"``).
     """
     check_state_dict(state_dict, "to_timm")
     prefixes = attention_prefixes(state_dict, OURS_ANCHOR)
