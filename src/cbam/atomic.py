@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -27,7 +28,8 @@ def write_atomic(path, write: Callable[[BinaryIO], None]) -> Path:
 
     A crash or an error at any moment leaves ``path`` as it was (the temporary file is removed on
     errors; after a SIGKILL a hidden ``.NAME.*.tmp`` may remain beside it). The directory must exist.
-    Errors name ``path``, not the temporary file.
+    A file rewritten keeps its permission bits, as one written in place does. Errors name ``path``,
+    not the temporary file.
     """
     path = check_destination(path)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
@@ -36,6 +38,8 @@ def write_atomic(path, write: Callable[[BinaryIO], None]) -> Path:
             write(file)
             file.flush()
             os.fsync(file.fileno())
+        if path.exists():
+            os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
         os.replace(temporary, path)
     except BaseException as error:
         temporary.unlink(missing_ok=True)

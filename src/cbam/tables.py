@@ -18,7 +18,7 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[object]], align
     align = align or "l" * len(headers)
     if len(align) != len(headers) or set(align) - {"l", "r"}:
         raise ValueError(f"align must have one 'l' or 'r' per column ({len(headers)}), got {align!r}")
-    widths = [max(len(str(h)), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
+    widths = [max([len(str(h)), *(len(row[i]) for row in cells)]) for i, h in enumerate(headers)]
 
     def line(values: Sequence[str]) -> str:
         padded = (v.rjust(w) if a == "r" else v.ljust(w) for v, w, a in zip(values, widths, align))
@@ -29,8 +29,9 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[object]], align
 
 def format_count(value: float) -> str:
     """``1234567`` -> ``'1.23M'``: a count with an SI suffix (k, M, G, T), three significant digits."""
+    rounded = abs(float(f"{value:.3g}"))  # 999_999 rounds to 1e6: '1M', not '1e+03k'
     for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
+        if rounded >= scale:
             return f"{value / scale:.3g}{suffix}"
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 

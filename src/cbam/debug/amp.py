@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from .buffers import restored_buffers
@@ -103,18 +104,20 @@ def check_amp(module: nn.Module, *inputs, dtype: torch.dtype | None = None, rtol
               locate: bool = True) -> AmpReport:
     """Run ``module(*inputs)`` in float32 and under ``torch.autocast(dtype)``; compare the outputs.
 
-    ``inputs`` are float32 tensors (and any non-tensor arguments); ``dtype`` defaults to bfloat16 on
-    the CPU and float16 on CUDA; ``rtol`` to 5e-2 (bfloat16) / 1e-2 (float16). With ``locate``,
-    forward hooks name the first module whose output goes non-finite under autocast. Both runs are
-    gradient-free and in the module's mode; its buffers are restored afterwards.
+    ``inputs`` are tensors, float32 where floating (token ids stay integers), and any non-tensor
+    arguments; ``dtype`` defaults to bfloat16 on the CPU and float16 on CUDA; ``rtol`` to 5e-2
+    (bfloat16) / 1e-2 (float16). With ``locate``, forward hooks name the first module whose output
+    goes non-finite under autocast. Both runs are gradient-free, in the module's mode and from the
+    same RNG state (the same dropout masks); its buffers and the RNG state are restored afterwards.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"check_amp expects an nn.Module, got {type(module).__name__}")
-    tensors = floating_tensors(list(inputs))
+    tensors = [t for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
     if not tensors:
-        raise ValueError("check_amp needs at least one floating-point input tensor, got none")
-    if any(t.dtype != torch.float32 for t in tensors):
-        found = sorted({str(t.dtype) for t in tensors})
+        raise ValueError("check_amp needs at least one input tensor, got none")
+    floating = floating_tensors(tensors)
+    if any(t.dtype != torch.float32 for t in floating):
+        found = sorted({str(t.dtype) for t in floating})
         raise ValueError(f"check_amp compares autocast with float32: expected float32 inputs, got {found}")
     device = tensors[0].device.type
     dtype = DEFAULT_DTYPES.get(device, torch.bfloat16) if dtype is None else dtype
@@ -122,12 +125,15 @@ def check_amp(module: nn.Module, *inputs, dtype: torch.dtype | None = None, rtol
         raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
     rtol = DEFAULT_RTOL[dtype] if rtol is None else rtol
 
-    with torch.no_grad(), restored_buffers(module):
+    def same_rng():
+        return torch.random.fork_rng([] if device == "cpu" else [tensors[0].device], device_type=device)
+
+    with torch.no_grad(), restored_buffers(module), same_rng():
         reference = _flat(module(*inputs))
     locator = _FirstNonFinite(module)
     handles = [m.register_forward_hook(locator) for m in locator.paths] if locate else []
     try:
-        with torch.no_grad(), restored_buffers(module), torch.autocast(device, dtype=dtype):
+        with torch.no_grad(), restored_buffers(module), same_rng(), torch.autocast(device, dtype=dtype):
             amp = _flat(module(*inputs))
     finally:
         for handle in handles:

@@ -199,7 +199,7 @@ def check_gradients(
     def f(*values: Tensor) -> Tensor:
         args = list(leaves)
         for position, value in zip(positions, values):
-            args[position] = value
+            args[position] = value.clone()  # a forward that changes its input in place must not change ours
         weights = dict(zip(names, values[len(positions):]))
         return _flat(torch.func.functional_call(double, weights, pytree.tree_unflatten(args, structure)))
 

@@ -1,8 +1,9 @@
 """``poisoned()``: allocations that show where a kernel failed to write.
 
 Inside the block ``torch.empty`` and ``torch.empty_like`` hand out tensors filled with NaN (integer
-tensors: ``POISON``) instead of whatever the allocator's memory held, so an output element that a
-kernel never writes shows as NaN rather than as a plausible stale value.
+tensors: ``POISON``, or the dtype's largest value where it does not fit, as in ``uint8``) instead of
+whatever the allocator's memory held, so an output element that a kernel never writes shows as NaN
+rather than as a plausible stale value.
 
 >>> import torch
 >>> with poisoned():
@@ -26,10 +27,18 @@ def poisoned() -> Iterator[None]:
     """``torch.empty`` and ``torch.empty_like`` hand out NaN-filled (integers: ``POISON``) tensors."""
     originals = torch.empty, torch.empty_like
 
+    def poison(t: torch.Tensor):
+        if t.is_floating_point():
+            return math.nan
+        if t.is_complex() or t.dtype == torch.bool:
+            return POISON  # bool: True
+        info = torch.iinfo(t.dtype)
+        return POISON if info.min <= POISON else info.max
+
     def filled(make):
         def fill(*args, **kwargs):
             t = make(*args, **kwargs)
-            return t.fill_(math.nan if t.is_floating_point() else POISON)
+            return t.fill_(poison(t))
         return fill
 
     torch.empty, torch.empty_like = (filled(make) for make in originals)

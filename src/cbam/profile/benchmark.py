@@ -11,6 +11,7 @@ CPU peak is reported.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
 import time
@@ -18,25 +19,30 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
+from ..debug.buffers import restored_buffers
 from ..debug.outputs import floating_tensors
 from ..tables import format_bytes, format_table
 from ..validation import check_int
 
 
 def _leaves(inputs: tuple) -> tuple:
-    """``inputs`` with each floating tensor replaced by a fresh leaf that requires grad."""
-    return tuple(x.detach().clone().requires_grad_() if isinstance(x, Tensor) and x.is_floating_point() else x
-                 for x in inputs)
+    """``inputs`` with each floating tensor (also inside lists, tuples, dicts) replaced by a fresh leaf
+    that requires grad."""
+    return pytree.tree_map(lambda x: x.detach().clone().requires_grad_()
+                           if isinstance(x, Tensor) and x.is_floating_point() else x, inputs)
 
 
 def _train_step(module: nn.Module, inputs: tuple) -> None:
-    """Forward and backward of ``sum(outputs)`` to every input and parameter, without touching ``.grad``."""
+    """Forward and backward of ``sum(outputs)`` to every input and parameter, without touching ``.grad``
+    (with autograd on, whatever the caller's grad mode)."""
     leaves = _leaves(inputs)
     wanted = [t for t in (*floating_tensors(list(leaves)), *module.parameters()) if t.requires_grad]
-    loss = sum(t.sum() for t in floating_tensors(module(*leaves)))
-    torch.autograd.grad(loss, wanted, allow_unused=True)
+    with torch.enable_grad():
+        loss = sum(t.sum() for t in floating_tensors(module(*leaves)))
+        torch.autograd.grad(loss, wanted, allow_unused=True)
 
 
 def saved_bytes(module: nn.Module, *inputs) -> int:
@@ -51,7 +57,7 @@ def saved_bytes(module: nn.Module, *inputs) -> int:
             storages[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         output = module(*_leaves(inputs))
     del output
     return sum(storages.values())
@@ -152,9 +158,10 @@ def benchmark(modules: nn.Module | Mapping[str, nn.Module], *inputs, warmup: int
               backward: bool = True) -> BenchmarkReport:
     """Time and measure ``modules`` (one module, or ``{name: module}`` to compare) on the same ``inputs``.
 
-    Modules run in their current mode (``eval()`` for inference numbers) on the inputs' device.
-    ``backward=False`` skips the training-step timing. Gradients are computed with
-    ``torch.autograd.grad``, so no ``.grad`` attribute is changed.
+    Modules run in their current mode (``eval()`` for inference numbers) on the inputs' device; their
+    buffers (BatchNorm statistics, counters) are restored afterwards. ``backward=False`` skips the
+    training-step timing. Gradients are computed with ``torch.autograd.grad``, so no ``.grad``
+    attribute is changed.
     """
     if isinstance(modules, nn.Module):
         modules = {type(modules).__name__: modules}
@@ -178,18 +185,21 @@ def benchmark(modules: nn.Module | Mapping[str, nn.Module], *inputs, warmup: int
 
     runs = {name: [forward(m)] + ([train(m)] if backward else []) for name, m in modules.items()}
     times: dict[str, list[list[float]]] = {name: [[] for _ in fns] for name, fns in runs.items()}
-    for round_index in range(warmup + repeats):
-        for name, fns in runs.items():
-            for fn, samples in zip(fns, times[name]):
-                elapsed = _clock(fn, device)
-                if round_index >= warmup:
-                    samples.append(elapsed)
-    rows = [
-        BenchmarkRow(name, statistics.median(times[name][0]),
-                     statistics.median(times[name][1]) if backward else None,
-                     saved_bytes(module, *inputs), _peak_bytes(module, inputs, device))
-        for name, module in modules.items()
-    ]
+    with contextlib.ExitStack() as restore:
+        for module in modules.values():
+            restore.enter_context(restored_buffers(module))
+        for round_index in range(warmup + repeats):
+            for name, fns in runs.items():
+                for fn, samples in zip(fns, times[name]):
+                    elapsed = _clock(fn, device)
+                    if round_index >= warmup:
+                        samples.append(elapsed)
+        rows = [
+            BenchmarkRow(name, statistics.median(times[name][0]),
+                         statistics.median(times[name][1]) if backward else None,
+                         saved_bytes(module, *inputs), _peak_bytes(module, inputs, device))
+            for name, module in modules.items()
+        ]
     cpu = platform.processor() or platform.machine()
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     return BenchmarkReport(rows, str(device), machine, torch.get_num_threads(), warmup, repeats)
