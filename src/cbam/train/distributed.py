@@ -92,6 +92,13 @@ def failures(context: Context, timeout_s: float) -> Iterator[None]:
                            f"rank died or did not answer within {timeout_s:g} s ({cause})") from None
 
 
+def broadcast_buffers(context: Context, module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics: DDP syncs them only before a training forward)."""
+    if context.world_size > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+
+
 def sum_over_ranks(context: Context, values: Sequence[float]) -> list[float]:
     """``values`` summed element-wise over every rank (float64); unchanged with one process."""
     if context.world_size == 1:

@@ -35,8 +35,18 @@ class Predictions(NamedTuple):
 
 
 def predict(model: nn.Module, split: Split, batch_size: int = 128, device="cpu") -> Predictions:
-    """Run ``model`` (in eval mode) over ``split``; score each CBAM's spatial gate on ``split.boxes`` if known."""
+    """Run ``model`` (in eval mode, each module's mode restored after) over ``split``; score each CBAM's spatial
+    gate on ``split.boxes`` if known."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
+    try:
+        return _predict(model, split, batch_size, device)
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _predict(model: nn.Module, split: Split, batch_size: int, device) -> Predictions:
     loader = DataLoader(split.dataset, batch_size=batch_size)
     score = split.boxes is not None and any(is_cbam_module(module) for module in model.modules())
     predictions, labels, hits, sizes = [], [], {}, {}

@@ -137,7 +137,9 @@ def _batches(loader: DataLoader, config: TrainConfig, device: torch.device):
 
 def evaluate(model: nn.Module, dataset: Dataset, config: TrainConfig,
              context: distributed.Context) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over all of ``dataset``; each rank takes every ``world_size``-th image."""
+    """Mean cross-entropy and accuracy of rank 0's ``model`` over all of ``dataset``; each rank takes every
+    ``world_size``-th image."""
+    distributed.broadcast_buffers(context, model)
     shard = Subset(dataset, range(context.rank, len(dataset), context.world_size))
     loader = DataLoader(shard, batch_size=config.batch_size, num_workers=config.workers)
     model.eval()
@@ -253,6 +255,8 @@ def _train(config: TrainConfig, context: distributed.Context, log: Callable[[str
 
     first = len(history)
     last = config.epochs if config.stop_after is None else min(config.epochs, first + config.stop_after)
+    if context.main and checkpoint is not None and first == last:  # killed after its last checkpoint, before metrics
+        _write_metrics(config, out, history, train_split.classes)
     for epoch in range(first, last):
         sampler.set_epoch(epoch)
         network.train()
@@ -301,6 +305,11 @@ def _write_outputs(config, out, model, optimizer, scheduler, scaler, history, cl
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "history": history,
     })
+    _write_metrics(config, out, history, classes)
+
+
+def _write_metrics(config, out, history, classes) -> None:
+    """``metrics.json``, ``metrics.csv`` and ``curves.png`` of ``history``."""
     write_metrics(out, history, {"config": config.run_settings(), "classes": list(classes)})
     try:
         figure = curves_figure({config.attention: history})

@@ -1,0 +1,144 @@
+"""``cbam.train`` at its edges: DDP evaluation of the saved model, outputs after a crash at the last save,
+``predict``'s modes, and the CIFAR reader on batches in the original (Python 2 ``cPickle``) format."""
+
+import io
+import json
+import multiprocessing
+import os
+import pickle
+import socket
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from cbam.train import Split, TrainConfig, load_split, loop, predict, read_checkpoint, train
+from cbam.train import distributed as dist_context
+
+torch.set_num_threads(2)
+
+
+def _tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _evaluate_rank(rank, port, x, y, folder):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    context = dist_context.setup("cpu", 30)
+    try:
+        network = nn.parallel.DistributedDataParallel(_tiny_model())
+        network.train()
+        network(x[rank::2] * (1 + rank))  # a training step: each rank's BatchNorm sees its own batch
+        config = TrainConfig(out=folder, batch_size=4, progress=False)
+        result = loop.evaluate(network.module, TensorDataset(x, y), config, context)
+        torch.save({"model": network.module.state_dict(), "result": result}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist_context.teardown(context)
+
+
+def test_ddp_evaluation_scores_the_model_rank_0_saves(tmp_path):
+    """DDP syncs BatchNorm statistics only before a training forward, so after an epoch each rank holds its
+    own; the test metrics must be those of rank 0's model, the one the checkpoint keeps."""
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(11, 3, 6, 6, generator=generator), torch.randint(0, 3, (11,), generator=generator)
+    context, port = multiprocessing.get_context("fork"), _free_port()
+    processes = [context.Process(target=_evaluate_rank, args=(rank, port, x, y, str(tmp_path))) for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert [process.exitcode for process in processes] == [0, 0]
+    saved = torch.load(tmp_path / "rank0.pt")
+    model = _tiny_model()
+    model.load_state_dict(saved["model"])
+    with torch.no_grad():
+        logits = model.eval()(x)
+    expected = F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).double().mean().item()
+    for rank in range(2):
+        loss, accuracy = torch.load(tmp_path / f"rank{rank}.pt")["result"]
+        assert loss == pytest.approx(expected[0], rel=1e-6) and accuracy == pytest.approx(expected[1])
+
+
+def test_resume_after_a_crash_at_the_last_save_writes_the_metrics(tmp_path, monkeypatch):
+    """Killed after the final checkpoint but before its metrics: ``--resume`` has no epoch left to run and
+    must still leave metrics.json and metrics.csv as the checkpoint's history says."""
+    config = TrainConfig(out=str(tmp_path), data="synthetic:8,2", batch_size=8, epochs=1, progress=False)
+
+    def crash(*args):
+        raise KeyboardInterrupt  # stands in for a kill between the checkpoint and the metrics
+
+    def no_matplotlib(*args):
+        raise ImportError  # the figure is not what this test is about; it takes seconds
+
+    monkeypatch.setattr(loop, "curves_figure", no_matplotlib)
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "write_metrics", crash)
+        with pytest.raises(KeyboardInterrupt):
+            train(config, log=lambda message: None)
+    history = read_checkpoint(tmp_path / "checkpoint.pt")["history"]
+    assert not (tmp_path / "metrics.json").exists()
+    train(TrainConfig(**{**config.__dict__, "resume": True}), log=lambda message: None)
+    assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == history
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 1 + len(history)
+
+
+def test_predict_restores_every_module_s_mode():
+    model = _tiny_model()
+    model.train()
+    model[1].eval()  # a frozen BatchNorm inside a training model
+    modes = [module.training for module in model.modules()]
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 3, 6, 6, generator=generator), torch.randint(0, 3, (5,), generator=generator)
+    statistics = model[1].running_mean.clone()
+    result = predict(model, Split(TensorDataset(x, y), ("a", "b", "c"), None, 6), batch_size=2)
+    assert [module.training for module in model.modules()] == modes
+    assert torch.equal(model[1].running_mean, statistics)
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(result.predictions, model(x).argmax(1))
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Writes ``str`` and ``bytes`` as Python 2's ``str`` (``BINSTRING``), as ``cPickle`` wrote the CIFAR batches."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj):
+        data = obj.encode("latin-1") if isinstance(obj, str) else obj
+        short = len(data) < 256
+        self.write((pickle.SHORT_BINSTRING + bytes([len(data)]) if short
+                    else pickle.BINSTRING + struct.pack("<i", len(data))) + data)
+        self.memoize(obj)
+
+    dispatch[str] = dispatch[bytes] = _save_py2_str
+
+
+def test_cifar10_reads_batches_in_the_original_python_2_format(tmp_path):
+    rows = np.random.default_rng(0).integers(0, 256, (3, 3072), dtype=np.uint8)
+    file = io.BytesIO()
+    _Py2Pickler(file, protocol=2).dump({"batch_label": "testing batch 1 of 1", "labels": [9, 0, 4], "data": rows,
+                                        "filenames": ["a.png", "b.png", "c.png"]})
+    blob = file.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")  # numpy 1's name
+    assert b"cnumpy.core.multiarray\n_reconstruct" in blob and b"X" not in blob[:20]  # no unicode keys
+    (tmp_path / "test_batch").write_bytes(blob)
+    split = load_split(f"cifar10:{tmp_path}", False)
+    image, label = split.dataset[2]
+    assert label == 4
+    mean = torch.tensor((0.4914, 0.4822, 0.4465), dtype=torch.float64)[:, None, None]
+    std = torch.tensor((0.2470, 0.2435, 0.2616), dtype=torch.float64)[:, None, None]
+    expected = (torch.from_numpy(rows[2].reshape(3, 32, 32)).double() / 255 - mean) / std
+    assert torch.allclose(image.double(), expected, atol=1e-5)
