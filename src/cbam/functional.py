@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .presets import COMBINES, ORDERS, SPATIAL_POOLS
-from .validation import check_choice, check_gate, check_input, check_pool_types
+from .validation import check_choice, check_gate, check_input, check_pool_types, check_spatial_kernels
 
 Norm = Callable[[Tensor], Tensor]
 
@@ -53,6 +53,7 @@ _POOLS = {
 def pool(x: Tensor, kind: str) -> Tensor:
     """Pool ``x: (B, C, *spatial)`` over its spatial dims with one pool type -> ``(B, C)``."""
     (kind,) = check_pool_types((kind,))
+    check_input(x, "cbam.functional.pool")
     return _POOLS[kind](x, tuple(range(2, x.dim())))
 
 
@@ -106,6 +107,7 @@ def spatial_pool(x: Tensor, kind: str = "concat") -> Tensor:
     ``"concat"``: ``(B, 2, *spatial)``, mean first (the paper); ``"mix"``: ``(B, 1, *spatial)``,
     their average (timm's light CBAM).
     """
+    check_input(x, "cbam.functional.spatial_pool")
     return spatial_maps(x.mean(1, keepdim=True), x.amax(1, keepdim=True), kind)
 
 
@@ -133,8 +135,10 @@ def spatial_attention_logits(
     ``[(1, 2, 1, 1), (1, 1, k, k)]`` the separable pointwise-then-depthwise one. With
     ``pool="mix"`` the first weight takes one input map instead of two.
     """
-    first = conv_weight if isinstance(conv_weight, Tensor) else conv_weight[0]
-    check_input(x, "cbam.functional.spatial_attention_logits", dims=first.dim() - 2)
+    owner = "cbam.functional.spatial_attention_logits"
+    weights = [conv_weight] if isinstance(conv_weight, Tensor) else conv_weight
+    check_spatial_kernels(weights, owner)
+    check_input(x, owner, dims=weights[0].dim() - 2)
     logits = spatial_conv(spatial_pool(x, pool), conv_weight)
     return logits if norm is None else norm(logits)
 
@@ -200,7 +204,7 @@ def parallel_cbam(
     gate_kind: str = "sigmoid",
     combine: str = "average",
 ) -> Tensor:
-    """Both gates from the same ``x: (B, C, *spatial)``; output shaped like ``x``.
+    """Both gates from the same ``x: (B, C, *spatial)``; output shaped and typed like ``x``.
 
     ``combine="average"`` (the tutorial's): ``(x * Mc(x) + x * Ms(x)) / 2``;
     ``"logits"``: one gate over the summed logits, ``x * gate(a_c + a_s)`` (as in BAM).
@@ -208,5 +212,5 @@ def parallel_cbam(
     a_c = channel_attention_logits(x, fc1_weight, fc2_weight, fc1_bias, fc2_bias, pool_types=pool_types)
     a_s = spatial_attention_logits(x, conv_weight, norm=norm, pool=spatial_pool)
     if check_choice("combine", combine, COMBINES) == "average":
-        return (x * gate(a_c, gate_kind) + x * gate(a_s, gate_kind)) / 2
-    return x * gate(a_c + a_s, gate_kind)
+        return (x * gate(a_c, gate_kind).to(x.dtype) + x * gate(a_s, gate_kind).to(x.dtype)) / 2
+    return x * gate(a_c + a_s, gate_kind).to(x.dtype)

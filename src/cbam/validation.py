@@ -76,9 +76,19 @@ def check_pool_types(value) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, Sequence):
         raise TypeError(f"pool_types must be {expected}, got {_describe(value)}")
     pools = tuple(value)
-    if not pools or len(set(pools)) != len(pools) or any(p not in POOL_TYPES for p in pools):
+    if not pools or any(p not in POOL_TYPES for p in pools) or len(set(pools)) != len(pools):  # names hash
         raise ValueError(f"pool_types must be {expected}, got {pools!r}")
     return pools
+
+
+def check_spatial_kernels(weights: Sequence[torch.Tensor], owner: str) -> None:
+    """A spatial conv chain ``[(1, I, *kernel), ...]``: non-empty, odd kernels (padding ``k // 2`` keeps the size)."""
+    if not weights:
+        raise ValueError(f"{owner} expects a conv weight or a non-empty chain of them, got an empty sequence")
+    for weight in weights:
+        if any(k % 2 == 0 for k in weight.shape[2:]):
+            raise ValueError(f"{owner} expects odd kernel sizes (padding k // 2 keeps the size), "
+                             f"got a conv weight of shape {tuple(weight.shape)}")
 
 
 def check_preset(value) -> Preset:

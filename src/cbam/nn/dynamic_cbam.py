@@ -83,7 +83,10 @@ class DynamicCBAM(nn.Module):
         self.in_channels = check_int("in_channels", in_channels)
         self.kernel_sizes = _distinct("kernel_sizes", kernel_sizes, check_kernel_size)
         self.reduction_ratios = _distinct("reduction_ratios", reduction_ratios, partial(check_int, "reduction_ratios"))
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            kind = type(temperature).__name__
+            raise TypeError(f"temperature must be a positive number, got {temperature!r} ({kind})")
+        if not temperature > 0:
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         self.temperature = float(temperature)
         self.pool_types = check_pool_types(options.pool_types)
@@ -105,12 +108,13 @@ class DynamicCBAM(nn.Module):
             self.bn = _NORM[self.dims](1, eps=options.bn_eps, momentum=options.bn_momentum, **factory)
         self.kernel_logits = nn.Parameter(torch.zeros(len(self.kernel_sizes), **factory))
         self.reduction_logits = nn.Parameter(torch.zeros(len(self.reduction_ratios), **factory))
-        masks = torch.stack([torch.arange(widest) < h for h in self.hidden_widths])
-        self.register_buffer("width_masks", masks.to(self.fc1.weight.dtype), persistent=False)
+        self.register_buffer("width_masks", torch.empty(len(self.hidden_widths), widest, **factory), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """He (fan_out) weights, zero biases, uniform choices (zero logits)."""
+        """He (fan_out) weights, zero biases, uniform choices (zero logits), the width masks (not saved)."""
+        units = torch.arange(self.width_masks.shape[1], device=self.width_masks.device)
+        self.width_masks.copy_(torch.stack([units < h for h in self.hidden_widths]))
         for weight in (self.fc1.weight, self.fc2.weight, *self.kernels):
             nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
         for bias in (self.fc1.bias, self.fc2.bias):
@@ -151,12 +155,13 @@ class DynamicCBAM(nn.Module):
             pool_types=self.pool_types, hidden_mask=self.width_probabilities() @ self.width_masks,
         )
         channel = functional.gate(logits, self.gate)
-        spatial = functional.spatial_attention_map(x * channel, self.mixed_kernel(), norm=self.bn, gate_kind=self.gate)
+        spatial = functional.spatial_attention_map(x * channel.to(x.dtype), self.mixed_kernel(), norm=self.bn,
+                                                   gate_kind=self.gate)
         return AttentionMaps(channel, spatial)
 
     def forward(self, x: Tensor) -> Tensor:
         channel, spatial = self.attention(x)
-        return x * channel * spatial
+        return x * channel.to(x.dtype) * spatial.to(x.dtype)  # float32 gates (CUDA autocast) keep x's dtype
 
     @torch.no_grad()
     def finalize(self) -> CBAM:

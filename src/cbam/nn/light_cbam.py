@@ -15,6 +15,8 @@ class LightCBAM(CBAM):
     """
 
     def __init__(self, in_channels: int, reduction_ratio: int = 16, kernel_size: int = 7, **options) -> None:
-        options.setdefault("pool_types", ("mix",))
-        options.setdefault("spatial_pool", "mix")
+        if options.get("pool_types") is None:  # None is "not given", as everywhere
+            options["pool_types"] = ("mix",)
+        if options.get("spatial_pool") is None:
+            options["spatial_pool"] = "mix"
         super().__init__(in_channels, reduction_ratio, kernel_size, **options)
