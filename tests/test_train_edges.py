@@ -18,6 +18,7 @@ from torch.utils.data import TensorDataset
 
 from cbam.train import Split, TrainConfig, load_split, loop, predict, read_checkpoint, train
 from cbam.train import distributed as dist_context
+from cbam.train.loop import restore_scaler
 
 torch.set_num_threads(2)
 
@@ -142,3 +143,15 @@ def test_cifar10_reads_batches_in_the_original_python_2_format(tmp_path):
     std = torch.tensor((0.2470, 0.2435, 0.2616), dtype=torch.float64)[:, None, None]
     expected = (torch.from_numpy(rows[2].reshape(3, 32, 32)).double() / 255 - mean) / std
     assert torch.allclose(image.double(), expected, atol=1e-5)
+
+
+def test_an_enabled_scaler_resumes_a_disabled_one_afresh():
+    """A CPU (or float32) run saves a disabled scaler's empty state; resumed where the scaler is enabled (CUDA
+    with --amp), it starts afresh instead of failing. A real state still loads."""
+    enabled = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**10)
+    restore_scaler(enabled, torch.amp.GradScaler("cpu", enabled=False).state_dict())
+    assert enabled.get_scale() == 2.0**10
+    saved = torch.amp.GradScaler("cpu", enabled=True, init_scale=8.0)
+    saved.scale(torch.ones(()))  # the scale tensor exists once used
+    restore_scaler(enabled, saved.state_dict())
+    assert enabled.get_scale() == 8.0

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -135,6 +136,13 @@ def _batches(loader: DataLoader, config: TrainConfig, device: torch.device):
         yield x.to(device, memory_format=memory_format, non_blocking=True), y.to(device, non_blocking=True)
 
 
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict) -> None:
+    """Load a grad scaler's saved state; a disabled scaler's is empty (a CPU or float32 run), and an enabled
+    one resuming it starts afresh (torch refuses to load an empty state)."""
+    if state:
+        scaler.load_state_dict(state)
+
+
 def evaluate(model: nn.Module, dataset: Dataset, config: TrainConfig,
              context: distributed.Context) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of rank 0's ``model`` over all of ``dataset``; each rank takes every
@@ -243,7 +251,7 @@ def _train(config: TrainConfig, context: distributed.Context, log: Callable[[str
     if checkpoint is not None:
         load_state(model, checkpoint["model"], out / CHECKPOINT)
         for entry, restore in (("optimizer", optimizer.load_state_dict), ("scheduler", scheduler.load_state_dict),
-                               ("scaler", scaler.load_state_dict), ("rng", torch.set_rng_state)):
+                               ("scaler", partial(restore_scaler, scaler)), ("rng", torch.set_rng_state)):
             try:
                 restore(checkpoint[entry])
             except Exception as error:  # torch's KeyError, ValueError or RuntimeError on a state of another run
