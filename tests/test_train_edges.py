@@ -19,6 +19,7 @@ from torch.utils.data import TensorDataset
 from cbam.train import Split, TrainConfig, load_split, loop, predict, read_checkpoint, train
 from cbam.train import distributed as dist_context
 from cbam.train.loop import restore_scaler
+from cbam.train.metrics import write_metrics
 
 torch.set_num_threads(2)
 
@@ -155,3 +156,18 @@ def test_an_enabled_scaler_resumes_a_disabled_one_afresh():
     saved.scale(torch.ones(()))  # the scale tensor exists once used
     restore_scaler(enabled, saved.state_dict())
     assert enabled.get_scale() == 8.0
+
+
+def test_metrics_of_a_diverged_run_are_strict_json(tmp_path):
+    """A NaN or infinite loss is written as null (``NaN`` is not JSON: strict parsers refuse the file); the CSV
+    keeps the value as Python writes it."""
+    row = {"epoch": 1, "lr": 0.1, "train_loss": float("nan"), "train_accuracy": 0.1, "test_loss": float("inf"),
+           "test_accuracy": 0.1, "train_seconds": 1.0, "images_per_second": 10.0}
+    write_metrics(tmp_path, [row], {"classes": ["a"]})
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    written = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
+    assert written["epochs"] == [{**row, "train_loss": None, "test_loss": None}]
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[1].split(",")[2:5] == ["nan", "0.1", "inf"]

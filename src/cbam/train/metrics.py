@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,9 +18,16 @@ EPOCH_FIELDS = ("epoch", "lr", "train_loss", "train_accuracy", "test_loss", "tes
                 "images_per_second")
 
 
+def _finite_or_null(row: Mapping[str, float]) -> dict:
+    """``row`` with NaN and infinities as ``None``: strict JSON (``NaN`` is not JSON; a diverged run has it)."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in row.items()}
+
+
 def write_metrics(out: Path, history: Sequence[Mapping[str, float]], extra: Mapping) -> None:
-    """``out/metrics.json`` (``extra`` plus ``epochs``: ``history``) and ``out/metrics.csv`` (one row an epoch)."""
-    write_text_atomic(out / "metrics.json", json.dumps({**extra, "epochs": list(history)}, indent=2) + "\n")
+    """``out/metrics.json`` (``extra`` plus ``epochs``: ``history``, non-finite values as ``null``) and
+    ``out/metrics.csv`` (one row an epoch)."""
+    epochs = [_finite_or_null(row) for row in history]
+    write_text_atomic(out / "metrics.json", json.dumps({**extra, "epochs": epochs}, indent=2, allow_nan=False) + "\n")
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=EPOCH_FIELDS, lineterminator="\n")
     writer.writeheader()
