@@ -171,3 +171,15 @@ def test_metrics_of_a_diverged_run_are_strict_json(tmp_path):
     written = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
     assert written["epochs"] == [{**row, "train_loss": None, "test_loss": None}]
     assert (tmp_path / "metrics.csv").read_text().splitlines()[1].split(",")[2:5] == ["nan", "0.1", "inf"]
+
+
+def test_a_numbered_gpu_under_torchrun_is_refused(monkeypatch):
+    """``--device cuda:1`` under torchrun would put every rank on GPU 1 (NCCL then fails or deadlocks): refused
+    in one line before any process group is joined. (No GPU here: CUDA is reported present.)"""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match=r"--device cuda:1: under torchrun each of the 2 processes takes the GPU of "
+                                         r"its LOCAL_RANK; pass --device cuda"):
+        dist_context.setup("cuda:1")

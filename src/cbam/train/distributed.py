@@ -40,7 +40,8 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an int, got {value!r}") from None
 
 
-def _device(name: str, local_rank: int) -> torch.device:
+def _device(name: str, local_rank: int, world_size: int) -> torch.device:
+    """The device ``--device`` names; under ``torchrun`` (``world_size > 1``) each process's own GPU."""
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -48,6 +49,9 @@ def _device(name: str, local_rank: int) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available here")
+        if device.index is not None and world_size > 1:
+            raise ValueError(f"--device {name}: under torchrun each of the {world_size} processes takes the GPU of "
+                             "its LOCAL_RANK; pass --device cuda (CUDA_VISIBLE_DEVICES picks the GPUs)")
         return torch.device("cuda", local_rank if device.index is None else device.index)
     if device.type != "cpu":
         raise ValueError(f"--device expects cpu or cuda, got {name!r}")
@@ -60,7 +64,7 @@ def setup(device: str = "cpu", timeout_s: float = 300.0) -> Context:
     On the CPU each of the machine's ``LOCAL_WORLD_SIZE`` processes gets an equal share of its cores.
     """
     world_size, rank, local_rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
-    context = Context(rank, world_size, local_rank, _device(device, local_rank))
+    context = Context(rank, world_size, local_rank, _device(device, local_rank, world_size))
     if world_size == 1:
         return context
     if context.device.type == "cuda":
