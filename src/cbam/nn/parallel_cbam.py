@@ -47,7 +47,9 @@ class ParallelCBAM(GatePair):
         self.combine = check_choice("combine", combine, COMBINES)
 
     def attention(self, x: Tensor) -> AttentionMaps:
-        """Both gates of the same ``x``: channel ``(B, C, 1, ...)``, spatial ``(B, 1, *spatial)``."""
+        """Both gates of the same ``x``: channel ``(B, C, 1, ...)``, spatial ``(B, 1, *spatial)``. With
+        ``combine="logits"`` each is its branch's gate alone: the one applied, ``gate(a_c + a_s)``, is a
+        ``(B, C, *spatial)`` map that does not split into the two."""
         self._check(x)
         return AttentionMaps(self.channel_att.attention(x), self.spatial_att.attention(x))
 
