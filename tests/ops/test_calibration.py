@@ -239,3 +239,20 @@ def test_calibration_runs_are_invisible_to_saved_tensor_hooks(calibrated):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
         cbam.CBAM(16, 4).fuses(torch.randn(2, 16, 5, 5, requires_grad=True))
     assert len(calibration.decisions()) == 1 and packed == []
+
+
+def test_a_decision_taken_under_autocast_is_not_used_outside_it(calibrated):
+    """Under CPU autocast the reference computes its MLP and conv in bfloat16 and the fused path in float32:
+    their times there say nothing of the two paths without autocast (nor the other way round)."""
+    stub = calibrated("reference")
+    x = torch.randn(2, 16, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _call(cbam.CBAM(16, 4).eval(), x, training=False)
+    assert stub.total == 2 * (1 + calibration.REPEATS)
+    _call(cbam.CBAM(16, 4).eval(), x, training=False)  # another module, same settings: the key is shared
+    module = cbam.CBAM(16, 4).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _call(module, x, training=False)
+    _call(module, x, training=False)  # the same module: its own answers
+    assert stub.total == 2 * 2 * (1 + calibration.REPEATS)
+    assert sorted(str(key.autocast) for key in calibration.decisions()) == ["None", "torch.bfloat16"]

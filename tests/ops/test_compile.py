@@ -91,9 +91,9 @@ def test_opcheck_passes(dtype, training):
     spec, weights = module._fused_inputs()
     x = torch.randn(2, 8, 4, 5, dtype=dtype).to(memory_format=torch.channels_last).requires_grad_()
     empty = x.new_empty(0)
-    norm = [spec.norm.weight, spec.norm.bias, spec.norm.running_mean, spec.norm.running_var]
+    norm = [spec.norm.weight, spec.norm.bias, spec.norm.running_mean, spec.norm.running_var, empty]
     mode = library.BATCH if training else library.RUNNING
-    args = (x, None, [empty if w is None else w for w in weights.flat()], norm, [empty] * 4, "avg,max", "sigmoid",
+    args = (x, None, [empty if w is None else w for w in weights.flat()], norm, [empty] * 5, "avg,max", "sigmoid",
             "concat", mode, 0.1, 1e-5, library.NONE, 0.0, 0.0)
     torch.library.opcheck(torch.ops.cbam.fused_forward.default, args)
 

@@ -20,27 +20,39 @@ from torch import Tensor, nn
 @dataclass(frozen=True)
 class BatchNormState:
     """``weight``, ``bias`` (``None`` where not affine), ``running_mean``, ``running_var`` (``None`` where
-    not tracked), ``eps``, the running-average ``factor`` of this forward and whether it normalises with
-    the ``batch``'s statistics."""
+    not tracked, or not updated in training), ``eps``, the ``momentum`` (0 where ``None``), whether it
+    normalises with the ``batch``'s statistics and, for a cumulative average, the batch ``count`` (the
+    ``num_batches_tracked`` that counted this batch: the factor is read from it when used, so that traced
+    code can pass the tensor)."""
 
     weight: Tensor | None
     bias: Tensor | None
     running_mean: Tensor | None
     running_var: Tensor | None
     eps: float
-    factor: float
+    momentum: float
     batch: bool
+    count: Tensor | None = None
 
     @classmethod
     def step(cls, module: nn.Module) -> BatchNormState:
         """The state of one forward of a plain BatchNorm ``module``; counts the batch in its
         ``num_batches_tracked`` as its forward does (call it once per forward)."""
-        factor = 0.0 if module.momentum is None else module.momentum
-        if module.training and module.track_running_stats and module.num_batches_tracked is not None:
+        count = None
+        tracking = module.training and module.track_running_stats
+        if tracking and module.num_batches_tracked is not None:
             module.num_batches_tracked.add_(1)
-            factor = 1.0 / float(module.num_batches_tracked) if module.momentum is None else module.momentum
+            count = module.num_batches_tracked if module.momentum is None else None
         batch = module.training or module.running_mean is None
-        return cls(module.weight, module.bias, module.running_mean, module.running_var, module.eps, factor, batch)
+        # in training without tracking torch neither reads nor updates the running statistics it may still hold
+        mean, var = (module.running_mean, module.running_var) if tracking or not module.training else (None, None)
+        momentum = 0.0 if module.momentum is None else module.momentum
+        return cls(module.weight, module.bias, mean, var, module.eps, momentum, batch, count)
+
+    @property
+    def factor(self) -> float:
+        """The running-average factor of this forward: ``momentum``, or ``1 / count`` for a cumulative average."""
+        return self.momentum if self.count is None else 1.0 / float(self.count)
 
     @property
     def updates(self) -> bool:

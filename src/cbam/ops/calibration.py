@@ -32,7 +32,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -48,7 +48,8 @@ _ON, _OFF = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")
 class Key:
     """What a decision is cached under: ``x``'s shape and dtype, ``training`` (autograd records the call:
     forward+backward timed) or inference (forward timed), a residual tail, a folded BatchNorm, the
-    module's settings that change its cost (``config``) and torch's intra-op threads."""
+    module's settings that change its cost (``config``), torch's intra-op threads and the CPU ``autocast``
+    dtype (``None`` where off; ``choose`` fills it in)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -57,6 +58,7 @@ class Key:
     fold: bool
     config: tuple = ()
     threads: int = 0
+    autocast: torch.dtype | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,12 @@ def applies(x: Tensor) -> bool:
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting() or x.numel() == 0:
         return False
     return enabled() and engine_for(x) == "cpp"
+
+
+def autocast_dtype() -> torch.dtype | None:
+    """The CPU autocast dtype calls run under (``None`` where off): the reference then computes its MLP and conv
+    in it, the fused path in float32, so a decision taken under autocast says nothing without it."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
 
 
 def timer(path: str, run: Callable[[], None]) -> float:
@@ -120,6 +128,7 @@ def decide(owner: object, quick: tuple, call: Callable[[], tuple]) -> bool:
     """Whether ``owner`` (a module) takes the fused path for a call it describes cheaply by ``quick``: its
     answer for ``quick`` if it has one, else ``choose(*call())`` (``call`` builds the ``Key`` and the runs,
     which costs more than a lookup: a ResNet-50 asks 32 times per forward)."""
+    quick = (*quick, autocast_dtype())
     with _lock:
         answers = _answers.get(owner)
         if answers is None:
@@ -131,7 +140,9 @@ def decide(owner: object, quick: tuple, call: Callable[[], tuple]) -> bool:
 
 def choose(key: Key, fused: Run, reference: Run, x: Tensor, residual: Tensor | None = None,
            params: Sequence[Tensor] = (), buffers: Sequence[Tensor] = ()) -> bool:
-    """Whether the call of ``key`` takes the fused path: the cached decision, else ``calibrate``'s."""
+    """Whether the call of ``key`` (under this call's autocast) takes the fused path: the cached decision, else
+    ``calibrate``'s."""
+    key = replace(key, autocast=autocast_dtype())
     with _lock:
         found = _decisions.get(key)
         if found is None:
@@ -198,5 +209,5 @@ def describe(decision_map: dict[Key, Decision] | None = None) -> list[str]:
     return lines
 
 
-__all__ = ["ENV", "REPEATS", "Decision", "Key", "applies", "calibrate", "choose", "clear", "decide", "decisions",
-           "describe", "enabled", "timer"]
+__all__ = ["ENV", "REPEATS", "Decision", "Key", "applies", "autocast_dtype", "calibrate", "choose", "clear", "decide",
+           "decisions", "describe", "enabled", "timer"]

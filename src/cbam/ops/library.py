@@ -13,6 +13,8 @@ anything else runs the reference under compile (``impl="auto"``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -33,7 +35,8 @@ def covers(spec: FusedSpec, weights: CbamWeights) -> bool:
 
 
 def _tensors(state: BatchNormState | None) -> list[Tensor | None]:
-    return [None] * 4 if state is None else [state.weight, state.bias, state.running_mean, state.running_var]
+    return [None] * 5 if state is None else [state.weight, state.bias, state.running_mean, state.running_var,
+                                             state.count]
 
 
 def _filled(tensors: list[Tensor | None], like: Tensor) -> list[Tensor]:
@@ -51,17 +54,24 @@ def _mode(state: BatchNormState | None) -> int:
     return NONE if state is None else BATCH if state.batch else RUNNING
 
 
-def _state(tensors: list[Tensor | None], mode: int, factor: float, eps: float) -> BatchNormState | None:
+def _state(tensors: list[Tensor | None], mode: int, momentum: float, eps: float) -> BatchNormState | None:
     """A BatchNorm's state from the ops' arguments, on copies of running statistics it would update."""
     if mode == NONE:
         return None
-    weight, bias, mean, var = tensors
-    return BatchNormState(weight, bias, mean, var, eps, factor, mode == BATCH).detached_copy()
+    weight, bias, mean, var, count = tensors
+    return BatchNormState(weight, bias, mean, var, eps, momentum, mode == BATCH, count).detached_copy()
 
 
 def _empty(like: Tensor) -> Tensor:
     """A placeholder result: empty, in ``like``'s dtype (the fake kernels say the same)."""
     return like.new_empty(0)
+
+
+def _as_read(x: Tensor) -> Tensor:
+    """``x`` in the layout the engines read it in, which their large results keep: itself where contiguous or
+    channels-last (``(B, *spatial, C)`` in memory), else contiguous (every engine falls back to the torch
+    engine, which reads both). Tested without viewing ``x``, which a fake tensor refuses with a ``ValueError``."""
+    return x if x.is_contiguous() or x.movedim(1, -1).is_contiguous() else x.contiguous()
 
 
 def _spec(pool_types: str, gate: str, spatial_pool: str, norm: BatchNormState | None) -> FusedSpec:
@@ -79,7 +89,9 @@ def fused_forward(x: Tensor, residual: Tensor | None, weights: list[Tensor], nor
                   input_eps: float) -> list[Tensor]:
     """``[out, norm's new running mean and var, input norm's new running mean and var, *SAVED]`` for
     ``x: (B, C, *spatial)``; ``weights`` as ``CbamWeights.flat()``, each norm ``[weight, bias,
-    running_mean, running_var]``; empty tensors where an argument or a result does not exist."""
+    running_mean, running_var, count]`` with its ``factor``, which is ``1 / count`` where ``count`` (its
+    ``num_batches_tracked``, read when the op runs: a cumulative average) is given; empty tensors where an
+    argument or a result does not exist."""
     weights, norm, input_norm = _holes(weights), _holes(norm), _holes(input_norm)
     norm_state = _state(norm, norm_mode, norm_factor, norm_eps)
     input_state = _state(input_norm, input_mode, input_factor, input_eps)
@@ -100,7 +112,7 @@ def fused_forward(x: Tensor, residual: Tensor | None, weights: list[Tensor], nor
 @fused_forward.register_fake
 def _(x, residual, weights, norm, input_norm, pool_types, gate, spatial_pool, norm_mode, norm_factor, norm_eps,
       input_mode, input_factor, input_eps):
-    batch, channels, positions = x.shape[0], x.shape[1], x[0, 0].numel()
+    batch, channels, positions = x.shape[0], x.shape[1], math.prod(x.shape[2:])  # x[0, 0] fails on B = 0
     dtype = compute_dtype(x)
     norm, input_norm = _holes(norm), _holes(input_norm)
 
@@ -116,7 +128,7 @@ def _(x, residual, weights, norm, input_norm, pool_types, gate, spatial_pool, no
     folded = [torch.empty_like(t) for t in folded]  # distinct tensors, as the real op returns
     indices = [vector(batch, channels, kind=torch.int64), vector(batch, positions, kind=torch.int64)]
     per_position = [vector(batch, positions) for _ in range(4)]
-    return [torch.empty_like(x), *statistics, *per_position[:1], vector(batch, channels), *per_position[1:],
+    return [torch.empty_like(_as_read(x)), *statistics, *per_position[:1], vector(batch, channels), *per_position[1:],
             *indices, *folded, vector(batch, channels)]
 
 
@@ -164,7 +176,8 @@ def _unshared(outputs: list[Tensor], inputs: list[Tensor]) -> list[Tensor]:
 def _(grad, x, rectified, saved, weights, norm, input_weight, pool_types, gate, spatial_pool, norm_mode, norm_eps,
       input_mode, input_eps):
     folded = input_mode != NONE and input_weight is not None
-    return [torch.empty_like(x), x.new_empty(0) if rectified is None else torch.empty_like(x),
+    read = _as_read(x)
+    return [torch.empty_like(read), x.new_empty(0) if rectified is None else torch.empty_like(read),
             *(torch.empty_like(input_weight) if folded else x.new_empty(0) for _ in range(2)),
             *(torch.empty_like(w) for w in weights)]
 
@@ -174,7 +187,7 @@ def _setup_context(ctx, inputs, output):
      input_eps) = inputs
     # a BatchNorm on running statistics needs them in the backward; on batch statistics they are updated
     # right after this forward, so they are not saved (autograd would see them modified)
-    kept_norm = norm if norm_mode == RUNNING else [*norm[:2], x.new_empty(0), x.new_empty(0)]
+    kept_norm = norm if norm_mode == RUNNING else [*norm[:2], *(x.new_empty(0) for _ in norm[2:])]
     ctx.options = (pool_types, gate, spatial_pool, norm_mode, norm_eps, input_mode, input_eps)
     ctx.has_residual, ctx.count = residual is not None, (len(weights), len(norm))
     ctx.input_affine = (input_norm[0].numel() > 0, input_norm[1].numel() > 0)
@@ -189,10 +202,11 @@ def _backward(ctx, grads):
     weights, norm, input_weight = rest[:weight_count], rest[weight_count:weight_count + norm_count], rest[-1]
     found = torch.ops.cbam.fused_backward(grads[0], x, rectified, saved, weights, norm, input_weight, *ctx.options)
     dx, d_residual, d_in_w, d_in_b, *d_weights = found
-    d_input_norm = [d_in_w if ctx.input_affine[0] else None, d_in_b if ctx.input_affine[1] else None, None, None]
+    d_input_norm = [d_in_w if ctx.input_affine[0] else None, d_in_b if ctx.input_affine[1] else None, None, None,
+                    None]
     d_weights = [_present(g, w) for g, w in zip(d_weights, weights)]
     # the spatial norm's weight and bias come twice (in weights and in norm): their gradients once
-    return (dx, d_residual if ctx.has_residual else None, d_weights, [None] * 4, d_input_norm,
+    return (dx, d_residual if ctx.has_residual else None, d_weights, [None] * norm_count, d_input_norm,
             None, None, None, None, None, None, None, None, None)
 
 
@@ -213,8 +227,8 @@ def fused_cbam_op(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: 
     results = torch.ops.cbam.fused_forward(
         x, residual, _filled(list(weights.flat()), x), _filled(_tensors(norm_state), x),
         _filled(_tensors(input_state), x), ",".join(spec.pool_types),
-        spec.gate, spec.spatial_pool, _mode(norm_state), norm_state.factor if norm_state else 0.0,
-        norm_state.eps if norm_state else 0.0, _mode(input_state), input_state.factor if input_state else 0.0,
+        spec.gate, spec.spatial_pool, _mode(norm_state), norm_state.momentum if norm_state else 0.0,
+        norm_state.eps if norm_state else 0.0, _mode(input_state), input_state.momentum if input_state else 0.0,
         input_state.eps if input_state else 0.0)
     with torch.no_grad():
         for state, mean, var in ((norm_state, *results[1:3]), (input_state, *results[3:5])):
