@@ -61,6 +61,19 @@ def test_channels_last_views_are_recognised():
     assert not engines.is_channels_last_view(x.transpose(2, 3))
 
 
+def test_layouts_are_read_from_fake_tensors_too():
+    """What ``torch.compile`` traces with: a fake tensor refuses a view with ``ValueError`` (a real one with
+    ``RuntimeError``); either way the layout is not channels-last, and the engine is the torch one."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 4, 3, 5)
+        assert engines.is_channels_last_view(x.to(memory_format=torch.channels_last))
+        assert not engines.is_channels_last_view(x.transpose(2, 3))
+        with engines.using("auto"):
+            assert engines.engine_for(x.transpose(2, 3)) == "torch"
+
+
 def test_auto_fuses_where_a_compiled_engine_runs():
     x = torch.randn(1, 4, 3, 3)
     assert fused_applies("auto", "channel-spatial", x) == (CPP == "cpp")

@@ -55,16 +55,11 @@ def is_channels_last_view(x: Tensor) -> bool:
     ``(S * C, 1, C)``."""
     if x.dim() < 3 or x.shape[1] == 1:
         return False
-    flat = x.view(*x.shape[:2], -1) if _viewable(x) else None
-    return flat is not None and flat.stride(1) == 1 and (flat.shape[2] == 1 or flat.stride(2) == x.shape[1])
-
-
-def _viewable(x: Tensor) -> bool:
     try:
-        x.view(*x.shape[:2], -1)
-    except RuntimeError:
+        flat = x.view(*x.shape[:2], -1)
+    except (RuntimeError, ValueError):  # strides that do not flatten (fake tensors raise ValueError)
         return False
-    return True
+    return flat.stride(1) == 1 and (flat.shape[2] == 1 or flat.stride(2) == x.shape[1])
 
 
 @dataclass(frozen=True)
