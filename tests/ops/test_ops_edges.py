@@ -110,3 +110,30 @@ def test_the_fake_kernels_take_an_empty_batch():
     folds: ``folds_input_norm``)."""
     x = torch.randn(0, 8, 4, 5, dtype=F64).requires_grad_()
     torch.library.opcheck(torch.ops.cbam.fused_forward.default, _args(x, fold=False))
+
+
+@pytest.mark.parametrize("where", ["cbam", "resnet-block"])
+def test_per_sample_gradients_through_torch_func(where):
+    """``torch.func.vmap(grad(...))`` (per-sample gradients, as differential-privacy training takes them) of a
+    CBAM and of a ResNet block holding one, ``impl="auto"``: the fused autograd function cannot enter a
+    ``torch.func`` transform, so the reference runs; every sample's gradients equal a float64 loop over samples."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    if where == "cbam":
+        module = cbam.CBAM(16, 4, preset="timm")
+    else:
+        module = cbam.models.resnet18(num_classes=3, stem="cifar", preset="timm").layer1[0]
+    module = module.double().eval()
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    x = torch.randn(3, 16 if where == "cbam" else 64, 6, 5, dtype=torch.float64)
+
+    def loss(p, sample):
+        return functional_call(module, p, (sample[None],)).square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(x.shape[0]):
+        out = module(x[i:i + 1]).square().sum()
+        expected = torch.autograd.grad(out, list(module.parameters()))
+        for (name, got), want in zip(per_sample.items(), expected):
+            torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-12, msg=f"sample {i}, {name}")

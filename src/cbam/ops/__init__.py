@@ -22,7 +22,8 @@ def fused_applies(impl: str, order: str, x: Tensor) -> bool:
     autocast too (the gates then compute in float32 and the output keeps ``x``'s dtype) and under
     ``torch.compile`` (through the ``torch.library`` ops, where they cover the module: see
     ``CBAM.fuses``), but not while tracing with ``torch.jit`` or exporting with ``torch.export`` (ONNX
-    and other exporters see the reference's standard ops).
+    and other exporters see the reference's standard ops), nor inside a ``torch.func`` transform
+    (``grad``, ``vmap``, ``jacrev``: per-sample gradients), which the fused autograd function cannot enter.
     """
     if impl != "auto":
         return impl == "fused"
@@ -30,7 +31,13 @@ def fused_applies(impl: str, order: str, x: Tensor) -> bool:
         return False
     if torch.compiler.is_compiling():  # the op picks its engine when it runs; exports see the reference's ops
         return not _exporting()
-    return engine_for(x) != "torch" or requested() == "torch"
+    return not _transformed() and (engine_for(x) != "torch" or requested() == "torch")
+
+
+def _transformed() -> bool:
+    """Whether a ``torch.func`` transform is running (torch has no public question for it; read where present)."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return active is not None and bool(active())
 
 
 def _exporting() -> bool:
