@@ -117,6 +117,11 @@ def test_cifar10_errors(tmp_path):
     write_cifar(tmp_path / "only-test", {"test_batch": 2})
     with pytest.raises(FileNotFoundError, match="no training batches"):
         load_split(f"cifar10:{tmp_path / 'only-test'}", True)
+    write_cifar(tmp_path / "empty-test", {"data_batch_1": 2})  # an empty test batch divided by 0 after an epoch
+    with open(tmp_path / "empty-test" / "test_batch", "wb") as file:
+        pickle.dump({b"data": np.zeros((0, 3072), np.uint8), b"labels": []}, file, protocol=4)
+    with pytest.raises(ValueError, match="the test batches hold no images"):
+        load_split(f"cifar10:{tmp_path / 'empty-test'}", False)
 
 
 def test_imagefolder(tmp_path):

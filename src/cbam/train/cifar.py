@@ -63,7 +63,7 @@ def _read_batch(path: Path) -> tuple[np.ndarray, list]:
 def read_cifar10(root, train: bool) -> tuple[Tensor, Tensor]:
     """The training (``data_batch_*``) or test split under ``root``: ``pixels (N, 3, 32, 32)`` uint8, ``labels (N,)``.
 
-    Missing training batches are skipped (at least one must exist); labels must lie in 0..9.
+    Missing training batches are skipped (at least one must exist, and one image); labels must lie in 0..9.
     """
     folder = _batch_folder(Path(root))
     paths = [folder / name for name in (TRAIN_FILES if train else TEST_FILES) if (folder / name).is_file()]
@@ -72,6 +72,8 @@ def read_cifar10(root, train: bool) -> tuple[Tensor, Tensor]:
     batches = [_read_batch(path) for path in paths]
     pixels = torch.from_numpy(np.concatenate([data for data, _ in batches])).reshape(-1, 3, 32, 32)
     labels = torch.tensor([label for _, batch_labels in batches for label in batch_labels], dtype=torch.int64)
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASSES)):
+    if not len(labels):
+        raise ValueError(f"cifar10:{root}: the {'training' if train else 'test'} batches hold no images")
+    if labels.min() < 0 or labels.max() >= len(CLASSES):
         raise ValueError(f"cifar10:{root}: labels must lie in 0..9, got {labels.min()}..{labels.max()}")
     return pixels, labels
