@@ -42,33 +42,45 @@
 #                                   --compile --modes bf16-autocast, torch.compile's mode from COMPILE_MODE
 #                                   (default; reduce-overhead replays each step from CUDA graphs)
 #
-# A budget of 0 skips its step (e.g. T_KERNELS=0 where the profile is already known).
+# A budget of 0 skips its step (e.g. T_KERNELS=0 where the profile is already known) and leaves its files from an
+# earlier run into the same $OUT alone: GPU_CHECK_COMPILE=1 with every other budget 0 adds the compiled step.
 # BENCH_ARGS adds options to the module-table runs (e.g. BENCH_ARGS="--shapes 256x56,2048x7" for a rerun).
 # A step that runs out of time leaves what it measured in NAME.log (one line per module or model).
-# Exit status: 0 when every step exited 0 (a correctness step exits 1 on any failed case).
+# Exit status: 0 when every step of this run exited 0 (a correctness step exits 1 on any failed case); steps.txt
+# keeps each run's lines under a "# run" line.
 set -u
-mkdir -p "${OUT:-./out}"
-OUT="$(cd "${OUT:-./out}" && pwd)"  # absolute: the script moves to the repository root next
-cd "$(dirname "$0")/.."
+mkdir -p "${OUT:-./out}" || exit 2
+OUT="$(cd "${OUT:-./out}" && pwd)" || exit 2  # absolute: the script moves to the repository root next
+cd "$(dirname "$0")/.." || exit 2
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 export CBAM_NO_EXTENSION=1  # the C++ CPU engine is not measured here: never build it on the GPU machine
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 T_CHECK="${T_CHECK:-70}" T_WARM="${T_WARM:-70}" T_MODULES="${T_MODULES:-90}" T_RESNET="${T_RESNET:-75}"
 T_HOST="${T_HOST:-30}" T_KERNELS="${T_KERNELS:-0}" T_GRAPHS="${T_GRAPHS:-35}"
 T_COMPILE="${T_COMPILE:-240}"
-: > "$OUT/steps.txt"
+echo "# run $(date -u '+%Y-%m-%d %H:%M:%S') UTC" >> "$OUT/steps.txt"
 
 step() {  # step NAME BUDGET COMMAND...: stdout to NAME.md, stderr to NAME.log and the console; may run in the background
     local name=$1 budget=$2 start rc
     shift 2
-    if [ "$budget" -eq 0 ]; then echo "== $name: skipped (budget 0)" >&2; : > "$OUT/$name.md"; return; fi
+    if [ "$budget" -eq 0 ]; then echo "== $name: skipped (budget 0)" >&2; return; fi
     echo "== $name (budget ${budget} s): $(printf '%s ' "$@" | head -n 1)" >&2
     start=$(date +%s)
     timeout -k 10 "$budget" "$@" > "$OUT/$name.md" 2> >(tee "$OUT/$name.log" >&2)
     rc=$?
-    [ "$rc" -eq 124 ] && echo "== $name: out of time after ${budget} s (partial progress in $OUT/$name.log)" >&2
+    case $rc in
+        124 | 137) echo "== $name: out of time after ${budget} s (partial progress in $OUT/$name.log)" >&2 ;;
+    esac
     echo "$name $rc $(( $(date +%s) - start ))" >> "$OUT/steps.txt"
     echo "== $name: exit $rc in $(( $(date +%s) - start )) s" >&2
+}
+
+show() {  # show NAME...: the reports of the steps this run made (a skipped one may hold an earlier run's)
+    local name
+    for name; do
+        awk -v name="$name" '/^# run/ { ran = 0 } $1 == name { ran = 1 } END { exit !ran }' "$OUT/steps.txt" &&
+            cat "$OUT/$name.md"
+    done
 }
 
 step environment 60 "$PY" -c '
@@ -84,15 +96,16 @@ print(f"torch {torch.__version__}, triton {triton.__version__}, timm {timm_versi
 if not cuda:
     raise SystemExit("no CUDA device: nothing to measure")
 '
-cat "$OUT/environment.md"
+show environment
 if grep -q "^device: None" "$OUT/environment.md" || [ ! -s "$OUT/environment.md" ]; then
     echo "gpu_check: no CUDA device or no torch/triton; stopping" >&2
     exit 2
 fi
 
+check_budget=$(( T_CHECK > 40 ? T_CHECK - 20 : T_CHECK / 2 ))  # cases start within it; the rest is for exiting
 for dtype in fp32 bf16 fp16; do
     step "correctness_$dtype" "$T_CHECK" "$PY" -m cbam.profile.cuda_check --device cuda --engine triton \
-        --dtypes "$dtype" --budget $(( T_CHECK - 20 )) --json "$OUT/correctness_$dtype.json" &
+        --dtypes "$dtype" --budget "$check_budget" --json "$OUT/correctness_$dtype.json" &
 done
 for mode in fp32 bf16 bf16-autocast; do
     # shellcheck disable=SC2086  # BENCH_ARGS: extra options, word-split on purpose
@@ -100,36 +113,37 @@ for mode in fp32 bf16 bf16-autocast; do
 done
 step warm_resnet "$T_WARM" "$PY" -m cbam bench --device cuda --resnet-only --steps 2 &
 wait
-cat "$OUT"/correctness_*.md
+show correctness_fp32 correctness_bf16 correctness_fp16
 
 per_mode=$(( T_MODULES / 3 ))
 for mode in bf16-autocast bf16 fp32; do
     # shellcheck disable=SC2086  # BENCH_ARGS: extra options, word-split on purpose (e.g. "--shapes 256x56")
     step "modules_$mode" "$per_mode" "$PY" -m cbam bench --device cuda --modes "$mode" \
         --save "$OUT/modules_$mode.json" ${BENCH_ARGS:-}
-    cat "$OUT/modules_$mode.md"
+    show "modules_$mode"
 done
 
 step resnet "$T_RESNET" "$PY" -m cbam bench --device cuda --resnet-only --save "$OUT/resnet.json"
-cat "$OUT/resnet.md"
+show resnet
 
 step host_profile "$T_HOST" "$PY" benchmarks/host_profile.py
-cat "$OUT/host_profile.md"
+show host_profile
 
 step kernels "$T_KERNELS" "$PY" benchmarks/kernel_times.py
-cat "$OUT/kernels.md"
+show kernels
 
 # shellcheck disable=SC2086  # BENCH_ARGS: as above
 step graphs "$T_GRAPHS" "$PY" -m cbam bench --device cuda --modes bf16-autocast --graphs --save "$OUT/graphs.json" \
     ${BENCH_ARGS:-}
-cat "$OUT/graphs.md"
+show graphs
 
 if [ "${GPU_CHECK_COMPILE:-0}" = 1 ]; then
     step compiled "$T_COMPILE" "$PY" -m cbam bench --device cuda --resnet-only --compile --modes bf16-autocast \
         --compile-mode "${COMPILE_MODE:-default}" --save "$OUT/compiled.json"
-    cat "$OUT/compiled.md"
+    show compiled
 fi
 
 echo "== steps (name, exit status, seconds):" >&2
 cat "$OUT/steps.txt" >&2
-awk '$1 !~ /^warm_/ && $2 != 0 { failed = 1 } END { exit failed }' "$OUT/steps.txt"  # warm-ups only compile
+awk '/^# run/ { failed = 0; next } $1 !~ /^warm_/ && $2 != 0 { failed = 1 } END { exit failed }' \
+    "$OUT/steps.txt"  # this run's steps; warm-ups only compile

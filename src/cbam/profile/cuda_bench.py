@@ -12,7 +12,8 @@ preallocated memory as the floor. Forward: eval mode, no autograd. Forward+backw
 and weight gradients from a fixed dense upstream gradient, reset to ``None`` first. On CUDA each time
 is the median of ``triton.testing.do_bench`` (CUDA events, the L2 cache flushed before each call);
 elsewhere (tests) ``host_timer``. "× copy" is time over the copy's (lower is better); "× timm" and
-"× compiled" are timm's times over this row's (speed-up, higher is better).
+"× compiled" are timm's times over this row's (speed-up, higher is better); a CUDA-graph row's "× timm" is
+over timm's CUDA-graph row.
 
 ResNet-50 (``resnet_table``): batch 128, 224², channels-last, ``cudnn.benchmark=True``, SGD (momentum 0.9)
 on cross-entropy of random labels; per model and precision (``bf16-autocast``, ``fp32``): a training step
@@ -212,7 +213,8 @@ def module_table(batch: int = 64, shapes: Sequence[tuple[int, int]] = SHAPES, mo
     ``timer`` defaults to ``do_bench_timer()`` on CUDA and ``host_timer()`` elsewhere; ``compile_timm``
     (default: on CUDA) adds ``torch.compile(timm)`` (when timm is installed), ``compile_ours``
     ``torch.compile`` of ours; ``graphs`` timm's module and ours once more by ``replay_timer`` (default
-    ``graph_timer()`` on CUDA, ``timer`` elsewhere), their rows named as in ``GRAPHED``.
+    ``graph_timer()`` on CUDA, ``timer`` elsewhere), their rows named as in ``GRAPHED`` and their "× timm"
+    over timm's replayed row (no "× compiled": compiled timm is not replayed).
     Each shape and mode starts from ``torch._dynamo.reset()``, so recompilation limits never apply."""
     batch = check_int("batch", batch)
     shapes = [(check_int("channels", c), check_int("side", h)) for c, h in shapes]
@@ -235,14 +237,20 @@ def module_table(batch: int = 64, shapes: Sequence[tuple[int, int]] = SHAPES, mo
         dtype = torch.float32 if mode == "fp32" else torch.bfloat16
         autocast = mode == "bf16-autocast"
         for channels, side in shapes:
-            torch._dynamo.reset()
-            torch.manual_seed(0)
-            x = torch.randn(batch, channels, side, side, device=device, dtype=dtype).contiguous(
-                memory_format=memory_format)
-            leaf, upstream, target = x.clone().requires_grad_(), torch.randn_like(x), torch.empty_like(x)
-            modules = _module_set(channels, mode, device, compile_timm, compile_ours)
-            times: dict[str, tuple[float, float | None]] = {COPY: (timer(lambda x=x, target=target: target.copy_(x)),
-                                                                     None)}
+            try:  # a shape that cannot be set up (on a GPU: a sticky CUDA error, memory) leaves the others standing
+                torch._dynamo.reset()
+                torch.manual_seed(0)
+                x = torch.randn(batch, channels, side, side, device=device, dtype=dtype).contiguous(
+                    memory_format=memory_format)
+                leaf, upstream, target = x.clone().requires_grad_(), torch.randn_like(x), torch.empty_like(x)
+                modules = _module_set(channels, mode, device, compile_timm, compile_ours)
+                times: dict[str, tuple[float, float | None]] = {
+                    COPY: (timer(lambda x=x, target=target: target.copy_(x)), None)}
+            except Exception as error:
+                notes.append(f"{mode} {channels}x{side}² failed, shape left out: {_first_line(error)}")
+                if progress is not None:
+                    progress(notes[-1])
+                continue
             runs = [(name, module, timer, True) for name, module in modules.items()]
             if graphs:  # autocast's cache of cast weights would be freed under a captured graph
                 runs += [(GRAPHED[name], modules[name], replay_timer, False) for name in GRAPHED if name in modules]
@@ -261,10 +269,12 @@ def module_table(batch: int = 64, shapes: Sequence[tuple[int, int]] = SHAPES, mo
                 if progress is not None:
                     progress(f"{mode} {channels}x{side}² {name}: forward {forward:.3f} ms, fwd+bwd {train:.3f} ms")
             copy_ms = times[COPY][0]
-            timm_times, compiled_times = times.get(TIMM, (None, None)), times.get(COMPILED_TIMM, (None, None))
+            eager_peers = times.get(TIMM, (None, None)), times.get(COMPILED_TIMM, (None, None))
+            replayed_peers = times.get(GRAPHED[TIMM], (None, None)), (None, None)  # no compiled timm is replayed
             for name, (forward, train) in times.items():
                 if name == COPY:
                     continue
+                timm_times, compiled_times = replayed_peers if name in GRAPHED.values() else eager_peers
                 ours, fused_row = name in (FUSED, COMPILED_OURS, GRAPHED[FUSED]), name in (FUSED, GRAPHED[FUSED])
                 rows.append(CudaModuleRow(
                     mode, channels, side, name, forward, train, _ratio(forward, copy_ms), _ratio(train, copy_ms),
@@ -442,11 +452,12 @@ def resnet_table(batch: int = 128, image_size: int = 224, steps: int = 20, warmu
                         progress(notes[-1])
                     plain = plain or False  # without the plain twin, no ratios in this group
                     continue
-                if compiled:
-                    torch._dynamo.reset()  # compiled code may hold the model's tensors
-                gc.collect()  # the model, its gradients and optimizer state go before the next is built
-                if cuda:
-                    torch.cuda.empty_cache()
+                finally:  # a failed model's memory too, or it would count in the next one's peak
+                    if compiled:
+                        torch._dynamo.reset()  # compiled code (and CUDA graphs) may hold the model's tensors
+                    gc.collect()  # the model, its gradients and optimizer state go before the next is built
+                    if cuda:
+                        torch.cuda.empty_cache()
                 row = CudaResNetRow(precision, name, compiled, train, inference, peak, graph_breaks=breaks)
                 plain = row if plain is None else plain
                 if plain:
@@ -473,7 +484,8 @@ def format_module_table(table: CudaModuleTable) -> str:
     parts = []
     for mode in table.modes:
         parts += [f"{mode}, batch {table.batch}, {table.layout} ({table.timer}, ms); × copy: time over the copy's; "
-                  "× timm, × compiled: timm's time over this one's (speed-up)",
+                  "× timm, × compiled: timm's time over this one's (speed-up; a CUDA-graph row: over timm's "
+                  "CUDA-graph row)",
                   "| shape C×H² | module | engine | forward ms | × copy | × timm | × compiled | fwd+bwd ms | × copy | "
                   "× timm | × compiled |",
                   "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
