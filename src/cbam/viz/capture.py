@@ -53,25 +53,37 @@ def _timm_gates(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class _Recorder:
-    """Forward hook: recompute the module's gates from its input and store them as ``records[name]``.
+    """Hooks that store the gates of each call as ``records[name]``.
 
-    The gates are recomputed (one more gate pass, no grad) rather than intercepted because the fused
-    CBAM and ParallelCBAM never call their gate submodules: ``attention(x)`` is the one contract
-    every CBAM-family module keeps. In train mode the module's buffers (spatial BatchNorm running
-    statistics) are put back afterwards, so capturing never changes training.
+    ``before`` (a forward pre-hook) recomputes the gates from the call's input, with no grad, before
+    the forward can overwrite it (``inplace=True``); a call with ``input_norm`` gets the gates of
+    ``input_norm(x)``, the input CBAM gates. ``after`` (a forward hook) stores them once the forward
+    has returned. Recomputed rather than intercepted because the fused CBAM and ParallelCBAM never
+    call their gate submodules: ``attention(x)`` is the one contract every CBAM-family module keeps.
+    The buffers the extra pass updates (BatchNorm running statistics and counts, in training) are
+    put back, so capturing never changes training.
     """
 
     def __init__(self, name: str, records: dict[str, AttentionRecord]) -> None:
-        self.name, self.records = name, records
+        self.name, self.records, self.pending = name, records, None
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs["x"]
+        norm = args[2] if len(args) > 2 else kwargs.get("input_norm")
+        owners = [module, *([norm] if isinstance(norm, nn.Module) else [])]
+        buffers = [buffer for owner in owners for buffer in owner.buffers()]
         with torch.no_grad():
-            saved = [buffer.clone() for buffer in module.buffers()] if module.training else []
-            channel, spatial = module.attention(x) if isinstance(module, CBAM_MODULES) else _timm_gates(module, x)
-            for buffer, value in zip(module.buffers(), saved):
-                buffer.copy_(value)
-        self.records[self.name] = AttentionRecord(channel.flatten(1).cpu(), spatial.cpu())
+            saved = [buffer.clone() for buffer in buffers]
+            try:
+                x = x if norm is None else norm(x)
+                channel, spatial = module.attention(x) if isinstance(module, CBAM_MODULES) else _timm_gates(module, x)
+            finally:
+                for buffer, value in zip(buffers, saved):
+                    buffer.copy_(value)
+        self.pending = AttentionRecord(channel.flatten(1).cpu(), spatial.cpu())
+
+    def after(self, module: nn.Module, args: tuple, output) -> None:
+        self.records[self.name], self.pending = self.pending, None
 
 
 @contextmanager
@@ -99,7 +111,11 @@ def capture_attention(model: nn.Module) -> Iterator[dict[str, AttentionRecord]]:
         raise ValueError(f"capture_attention found no CBAM-family module in {type(model).__name__} (looked for cbam's "
                          f"CBAM, LightCBAM, ParallelCBAM, DynamicCBAM and timm's {' and '.join(TIMM_MODULES)})")
     records: dict[str, AttentionRecord] = {}
-    handles = [module.register_forward_hook(_Recorder(name, records), with_kwargs=True) for name, module in targets]
+    handles = []
+    for name, module in targets:
+        recorder = _Recorder(name, records)
+        handles += [module.register_forward_pre_hook(recorder.before, with_kwargs=True),
+                    module.register_forward_hook(recorder.after)]
     try:
         yield records
     finally:

@@ -38,16 +38,23 @@ def _map_2d(heatmap: Tensor) -> Tensor:
     return heatmap.detach().float().cpu()
 
 
+def _finite_range(heatmap: Tensor) -> tuple[float, float]:
+    """``(min, max)`` of the finite values of ``heatmap``; ``(0, 0)`` if it has none."""
+    finite = heatmap[heatmap.isfinite()]
+    return (finite.min().item(), finite.max().item()) if len(finite) else (0.0, 0.0)
+
+
 def draw_overlay(ax, image: Tensor, heatmap: Tensor, *, cmap: str = "turbo", alpha: float = 0.5) -> None:
     """Draw ``image: (3, H, W)`` in [0, 1] on ``ax`` with ``heatmap: (h, w)`` over it.
 
-    The map is upsampled bilinearly to ``(H, W)`` and min-max scaled (a constant map draws as 0),
-    so the colours show where it is high relative to itself; ``alpha`` is the overlay's opacity.
+    The map is upsampled bilinearly to ``(H, W)`` and min-max scaled over its finite values (a
+    constant map draws as 0; NaN stays NaN, drawn transparent), so the colours show where it is high
+    relative to itself; ``alpha`` is the overlay's opacity.
     """
     pixels = _pixels(image)
     heat = upsample_maps(_map_2d(heatmap)[None], pixels.shape[:2])[0]
-    low, high = heat.min(), heat.max()
-    heat = (heat - low) / (high - low) if high > low else heat.zero_()
+    low, high = _finite_range(heat)
+    heat = (heat - low) / (high - low) if high > low else heat.masked_fill(~heat.isnan(), 0)
     ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0, vmax=1)
     ax.imshow(heat.numpy(), cmap=cmap, alpha=alpha, vmin=0, vmax=1)
     ax.set_axis_off()
@@ -123,7 +130,9 @@ def attention_figure(
     for ax, (name, heatmap) in zip(axes[1:], overlays.items()):
         heatmap = _map_2d(heatmap)
         draw_overlay(ax, image, heatmap, cmap=cmap, alpha=alpha)
-        ax.set_title(f"{name}\n{heatmap.min():.2f} to {heatmap.max():.2f}", fontsize=8)
+        low, high = _finite_range(heatmap)
+        flag = ", has NaN" if heatmap.isnan().any() else ""
+        ax.set_title(f"{name}\n{low:.2f} to {high:.2f}{flag}", fontsize=8)
     for ax in axes[panels:]:
         ax.set_axis_off()
 

@@ -25,20 +25,32 @@ def grad_cam(model: nn.Module, x: Tensor, layer: str, class_index: int | None = 
     """Grad-CAM of ``model`` (``(B, 3, H, W) -> (B, classes)`` logits) at the output of submodule ``layer``.
 
     ``relu(sum_k mean_hw(d score / d A_k) * A_k)`` with ``A: (B, K, h, w)`` the layer's output and
-    ``score`` the logit of ``class_index`` (default: each image's top class). Runs one forward and
-    one backward; call it with the model in eval mode. Parameter gradients are left untouched.
+    ``score`` the logit of ``class_index`` (default: each image's top class). Runs one forward, in eval
+    mode (batch statistics would mix the images and update the running ones; each module's mode is
+    put back), and one backward. Parameters, their gradients and ``requires_grad`` are left untouched.
     """
     try:
         module = model.get_submodule(layer)
     except AttributeError:
         raise ValueError(f"grad_cam: {type(model).__name__} has no submodule {layer!r}") from None
     outputs = []
-    handle = module.register_forward_hook(lambda module, inputs, output: outputs.append(output))
+
+    def keep(module: nn.Module, inputs: tuple, output):
+        """Keep ``A`` and pass a copy on: an in-place layer after it (``ReLU(inplace=True)``, ``out +=``)
+        would otherwise change ``A`` and the tensor its gradient is taken for."""
+        outputs.append(output)
+        return output.clone() if isinstance(output, Tensor) else None
+
+    modes = [(submodule, submodule.training) for submodule in model.modules()]
+    handle = module.register_forward_hook(keep)
     try:
+        model.eval()
         with torch.enable_grad():
             logits = model(x.detach().requires_grad_())
     finally:
         handle.remove()
+        for submodule, training in modes:
+            submodule.training = training
     if len(outputs) != 1 or not isinstance(outputs[0], Tensor) or outputs[0].dim() != 4:
         raise ValueError(f"grad_cam: {layer!r} must run once and output one 4-D tensor (B, K, h, w)")
     if not isinstance(logits, Tensor) or logits.dim() != 2:

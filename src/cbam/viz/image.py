@@ -29,6 +29,8 @@ def load_image(path, size: int = 224, *, mean: Sequence[float] = IMAGENET_MEAN,
                std: Sequence[float] = IMAGENET_STD) -> LoadedImage:
     """Read ``path`` with Pillow as RGB, scale its shorter side to ``size`` and centre-crop ``size x size``.
 
+    The image is turned as its EXIF orientation says (as viewers show it; phone photos are stored
+    sideways); 16-bit grey (``I;16``, ``I``) is scaled to 8 bits (``convert`` would clip it at 255).
     ``batch = (pixels - mean) / std`` per channel (ImageNet statistics by default). Raises
     ``FileNotFoundError`` for a missing file, ``ValueError`` for a file Pillow cannot read or an
     image smaller than ``MIN_SIDE`` pixels on a side.
@@ -41,7 +43,11 @@ def load_image(path, size: int = 224, *, mean: Sequence[float] = IMAGENET_MEAN,
         raise FileNotFoundError(f"image {str(path)!r} does not exist or is not a file")
     try:
         with image_module.open(path) as opened:
-            image = opened.convert("RGB")
+            image = image_ops.exif_transpose(opened)
+            if image.mode.startswith("I"):  # 16-bit values: 65535 -> 255
+                image = image_module.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).round()
+                                               .astype(np.uint8))
+            image = image.convert("RGB")
     except (OSError, ValueError, image_module.DecompressionBombError) as error:
         raise ValueError(f"cannot read image {str(path)!r}: {error}") from None
     if min(image.size) < MIN_SIDE:

@@ -45,9 +45,13 @@ def pointing_game(spatial_maps: Tensor, boxes, image_size: int | tuple[int, int]
     the top-left pixel). ``boxes: (N, 4)``, one per map, are ``(x0, y0, x1, y1)`` in pixels,
     half-open: pixel ``(row, col)`` is inside when ``x0 <= col < x1`` and ``y0 <= row < y1``.
     ``chance`` is the mean share of the image the boxes cover: the accuracy of a uniformly random peak.
+    A map holding NaN has no peak (``argmax`` would pick the NaN): ``ValueError``.
     """
     height, width = check_image_size(image_size)
     maps = upsample_maps(spatial_maps, (height, width))
+    broken = maps.flatten(1).isnan().any(1)
+    if broken.any():
+        raise ValueError(f"spatial_maps[{int(broken.nonzero()[0])}] holds NaN: it has no peak to score")
     boxes = _check_boxes(boxes, len(maps), height, width)
     peaks = maps.flatten(1).argmax(1)
     rows, cols = peaks // width, peaks % width

@@ -22,7 +22,9 @@ def upsample_maps(maps: Tensor, size) -> Tensor:
     """``maps: (B, 1, h, w)`` or ``(B, h, w)`` -> ``(B, H, W)`` float32, bilinear (``align_corners=False``).
 
     ``size`` is ``(H, W)`` or an int. Bilinear weights are convex, so values stay within the map's
-    range (gates stay in (0, 1)).
+    range (gates stay in (0, 1)) and a constant map stays constant: interpolated in float64, whose
+    rounding vanishes in float32 (float32's own left a constant map ~1e-7 uneven, which min-max
+    scaling drew as a full-range pattern, and moved the pointing game's peak).
     """
     if not isinstance(maps, Tensor):
         raise TypeError(f"maps must be a tensor (B, 1, h, w) or (B, h, w), got {type(maps).__name__}")
@@ -30,4 +32,5 @@ def upsample_maps(maps: Tensor, size) -> Tensor:
         maps = maps[:, 0]
     if maps.dim() != 3 or 0 in maps.shape:
         raise ValueError(f"maps must be non-empty 2-D maps (B, 1, h, w) or (B, h, w), got shape {tuple(maps.shape)}")
-    return F.interpolate(maps[:, None].float(), size=check_image_size(size), mode="bilinear", align_corners=False)[:, 0]
+    up = F.interpolate(maps[:, None].double(), size=check_image_size(size), mode="bilinear", align_corners=False)
+    return up[:, 0].float()
