@@ -172,7 +172,7 @@ def channel_backward(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef:
     pre = F.linear(stacked, fc1_w, fc1_b)  # (P, B, H)
     slope = ((mc > 0) & (mc < 1)).to(mc.dtype) / 6 if hard else mc * (1 - mc)
     d_logits = d_mc * slope  # (B, C)
-    d_pre = (d_logits @ fc2_w) * (pre > 0)  # (P, B, H)
+    d_pre = torch.ops.aten.threshold_backward((d_logits @ fc2_w).expand_as(pre), pre, 0)  # (P, B, H): as ReLU's
     d_stacked = list((d_pre @ fc1_w).unbind(0))
     return [_combination(avg_coef, d_stacked), _combination(max_coef, d_stacked),
             d_pre.flatten(0, 1).t() @ stacked.flatten(0, 1), d_pre.sum((0, 1)), d_logits.t() @ pre.relu().sum(0),

@@ -13,6 +13,21 @@
 namespace cbam_cpu {
 namespace {
 
+// The first NaN among n values value(i), if any, as the maximum and its index, as torch's max takes it: the
+// scans compare with > (a NaN never is above), so where a sum came out NaN (a NaN, or +inf and -inf) they
+// look again. Off the hot loops: one test of the sum per row or position.
+template <typename scalar_t, typename Value>
+__attribute__((noinline, cold)) void first_nan(int64_t n, Value value, scalar_t& peak, int64_t& index) {
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t v = value(i);
+    if (v != v) {
+      peak = v;
+      index = i;
+      return;
+    }
+  }
+}
+
 // Mean, max and (with kIndex) first arg-max of one row of S values norm(row[s]), in one read.
 template <bool kIndex, typename scalar_t, bool kNormed>
 void pool_row(const scalar_t* row, int64_t S, Affine<scalar_t, kNormed> norm, scalar_t& mean, scalar_t& peak,
@@ -26,7 +41,8 @@ void pool_row(const scalar_t* row, int64_t S, Affine<scalar_t, kNormed> norm, sc
     sums += fresh ? v : Values{};
   });
   mean = fold_lanes(sums, [](auto a, auto b) { return a + b; }) / S;
-  const auto [found, at] = highest.result();
+  auto [found, at] = highest.result();
+  if (mean != mean) first_nan(S, [&](int64_t s) { return norm(row[s]); }, found, at);
   peak = found;
   if constexpr (kIndex) *index = at;
 }
@@ -64,12 +80,22 @@ void gated_block(const scalar_t* x, const scalar_t* mc, InputNorm<scalar_t, kNor
       if constexpr (kIndex) arg[j] = above ? channel : arg[j];
     }
   }
-  for (int j = 0; j < kBlock; ++j)
+  Positions nan = {};
+  for (int j = 0; j < kBlock; ++j) {
+    nan |= sum[j] != sum[j];
     for (int l = 0; l < kWidth; ++l) {
       mean[j * kWidth + l] = sum[j][l] / C;
       peak[j * kWidth + l] = best[j][l];
       if constexpr (kIndex) index[j * kWidth + l] = arg[j][l];
     }
+  }
+  if (fold_lanes(nan, [](auto a, auto b) { return a | b; }) == 0) return;
+  for (int64_t s = 0; s < kBlock * kWidth; ++s) {  // rare: a NaN sum in the block
+    if (mean[s] == mean[s]) continue;
+    int64_t at = 0;
+    first_nan(C, [&](int64_t c) { return mc[c] * norm[c](x[c * S + s]); }, peak[s], at);
+    if constexpr (kIndex) index[s] = peak[s] != peak[s] ? at : index[s];
+  }
 }
 
 // The same for the rest positions (fewer than a block) in per-position arrays, still vectorised
@@ -97,9 +123,11 @@ void gated_rest(const scalar_t* x, const scalar_t* mc, InputNorm<scalar_t, kNorm
     }
   }
   for (int64_t t = 0; t < rest; ++t) {
+    int64_t at = arg[t];
+    if (sum[t] != sum[t]) first_nan(C, [&](int64_t c) { return mc[c] * norm[c](x[c * S + t]); }, best[t], at);
     mean[t] = sum[t] / C;
     peak[t] = best[t];
-    if constexpr (kIndex) index[t] = arg[t];
+    if constexpr (kIndex) index[t] = at;
   }
 }
 

@@ -9,6 +9,7 @@
 #include <ATen/ops/relu.h>
 #include <ATen/ops/relu6.h>
 #include <ATen/ops/sigmoid.h>
+#include <ATen/ops/threshold_backward.h>
 
 namespace cbam_cpu {
 namespace {
@@ -42,12 +43,12 @@ std::vector<at::Tensor> channel_backward_blas(const at::Tensor& avg, const at::T
   const auto hidden_sum = at::relu(pre).view({P, B, H}).sum(0);      // (B, H)
   const auto slope = hard ? ((mc > 0) & (mc < 1)).to(mc.scalar_type()) / 6 : mc * (1 - mc);
   const auto d_z = d_mc * slope;                                      // (B, C)
-  const auto d_pre = (d_z.mm(fc2_w).unsqueeze(0) * (pre > 0).view({P, B, H})).view({P * B, H});  // (P * B, H)
+  const auto d_pre = at::threshold_backward(d_z.mm(fc2_w).repeat({P, 1}), pre, 0);  // (P * B, H): torch's ReLU's
   const auto d_descriptors = d_pre.mm(fc1_w).view({P, B, avg.size(1)});  // (P, B, C)
   auto d_avg = at::zeros_like(avg), d_peak = at::zeros_like(peak);
-  for (int64_t k = 0; k < P; ++k) {
-    d_avg.add_(d_descriptors[k], avg_coef[k]);
-    d_peak.add_(d_descriptors[k], max_coef[k]);
+  for (int64_t k = 0; k < P; ++k) {  // a coefficient of 0 adds nothing (not 0 * inf)
+    if (avg_coef[k] != 0) d_avg.add_(d_descriptors[k], avg_coef[k]);
+    if (max_coef[k] != 0) d_peak.add_(d_descriptors[k], max_coef[k]);
   }
   return {d_avg, d_peak, d_pre.t().mm(stacked), d_pre.sum(0), d_z.t().mm(hidden_sum), d_z.sum(0) * P};
 }

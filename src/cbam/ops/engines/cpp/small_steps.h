@@ -22,17 +22,18 @@ struct ChannelMLP {
   int64_t C, H;
   bool hard;
 
-  // The hidden layer of one sample: its P descriptors (P, C), their pre-activations (P, H) and
-  // hidden_sum (H) = sum_k relu(pre_k).
+  // The hidden layer of one sample: its P descriptors (P, C) (a term of coefficient 0 left out: no
+  // 0 * inf), their pre-activations (P, H) and hidden_sum (H) = sum_k relu(pre_k) (NaN kept, as torch's).
   void hidden(const scalar_t* avg, const scalar_t* peak, scalar_t* descriptors, scalar_t* pre,
               scalar_t* hidden_sum) const {
     std::fill(hidden_sum, hidden_sum + H, scalar_t(0));
     for (size_t k = 0; k < avg_coef.size(); ++k) {
       scalar_t* d = descriptors + k * C;
-      for (int64_t c = 0; c < C; ++c) d[c] = scalar_t(avg_coef[k]) * avg[c] + scalar_t(max_coef[k]) * peak[c];
+      const scalar_t a = scalar_t(avg_coef[k]), m = scalar_t(max_coef[k]);
+      for (int64_t c = 0; c < C; ++c) d[c] = a == 0 ? m * peak[c] : m == 0 ? a * avg[c] : a * avg[c] + m * peak[c];
       for (int64_t j = 0; j < H; ++j) {
         pre[k * H + j] = dot(w1 + j * C, d, C) + (b1 ? b1[j] : scalar_t(0));
-        hidden_sum[j] += pre[k * H + j] > 0 ? pre[k * H + j] : scalar_t(0);
+        hidden_sum[j] += pre[k * H + j] <= 0 ? scalar_t(0) : pre[k * H + j];
       }
     }
   }
@@ -65,11 +66,12 @@ struct ChannelMLP {
     for (int64_t k = 0; k < P; ++k) {
       const scalar_t* d = descriptors.data() + k * C;
       for (int64_t j = 0; j < H; ++j) {
-        const scalar_t d_pre = pre[k * H + j] > 0 ? d_hidden[j] : scalar_t(0);
+        const scalar_t d_pre = pre[k * H + j] <= 0 ? scalar_t(0) : d_hidden[j];  // as torch's ReLU backward
         d_b1[j] += d_pre;
         const scalar_t* row = w1 + j * C;
         scalar_t* d_row = d_w1 + j * C;
-        const scalar_t to_avg = scalar_t(avg_coef[k]) * d_pre, to_peak = scalar_t(max_coef[k]) * d_pre;
+        const scalar_t to_avg = avg_coef[k] == 0 ? scalar_t(0) : scalar_t(avg_coef[k]) * d_pre;
+        const scalar_t to_peak = max_coef[k] == 0 ? scalar_t(0) : scalar_t(max_coef[k]) * d_pre;
         for (int64_t c = 0; c < C; ++c) {
           d_row[c] += d_pre * d[c];
           d_avg[c] += to_avg * row[c];

@@ -41,6 +41,18 @@ def _coefficient(p: tl.constexpr, C0, C1, C2):
 
 
 @triton.jit
+def _mixed(a, u, m, v):
+    """``a * u + m * v`` with a term of coefficient 0 left out (``0 * inf`` would be a NaN the reference lacks)."""
+    return tl.where(a == 0, 0, a * u) + tl.where(m == 0, 0, m * v)
+
+
+@triton.jit
+def _relu(z):
+    """``relu(z)`` keeping NaN, as torch's (``tl.maximum`` drops it)."""
+    return tl.where(z <= 0, 0, z)
+
+
+@triton.jit
 def _two_tiles(first_ptr, second_ptr, b, c, b_in, c_in, C, ACC: tl.constexpr):
     """The ``(b, c)`` tiles ``(BLOCK_B, BLOCK_C)`` of two ``(B, C)`` tensors, in ``ACC`` (0 outside them)."""
     rows = b[:, None] * C + c[None, :]
@@ -75,8 +87,8 @@ def _hidden_kernel(avg_ptr, peak_ptr, w1_ptr, b1_ptr, hidden_ptr, B, C, H, A0, A
     bias = tl.load(b1_ptr + h, mask=h_in, other=0).to(ACC)[None, :] if BIAS else 0
     hidden = tl.zeros([BLOCK_B, BLOCK_H], ACC)
     for p in tl.static_range(POOLS):
-        pre = _coefficient(p, A0, A1, A2) * u + _coefficient(p, M0, M1, M2) * v + bias
-        hidden += tl.maximum(pre, 0)
+        pre = _mixed(_coefficient(p, A0, A1, A2), u, _coefficient(p, M0, M1, M2), v) + bias
+        hidden += _relu(pre)
     tl.store(hidden_ptr + b[:, None] * H + h[None, :], hidden, mask=b_in[:, None] & h_in[None, :])
 
 
@@ -171,11 +183,11 @@ def _hidden_grads_kernel(avg_ptr, peak_ptr, w1_ptr, b1_ptr, w2_ptr, mc_ptr, d_mc
     d_pre_sum = tl.zeros([BLOCK_B, BLOCK_H], ACC)
     for p in tl.static_range(POOLS):
         a, m = _coefficient(p, A0, A1, A2), _coefficient(p, M0, M1, M2)
-        pre = a * u + m * v + bias
-        hidden += tl.maximum(pre, 0)
-        d_pre = tl.where(pre > 0, d_r, 0)
-        d_avg_side += a * d_pre
-        d_max_side += m * d_pre
+        pre = _mixed(a, u, m, v) + bias
+        hidden += _relu(pre)
+        d_pre = tl.where(pre <= 0, 0, d_r)  # torch's ReLU backward: a NaN pre-activation passes the gradient
+        d_avg_side += tl.where(a == 0, 0, a * d_pre)
+        d_max_side += tl.where(m == 0, 0, m * d_pre)
         d_pre_sum += d_pre
     at = b[:, None] * H + h[None, :]
     inside = b_in[:, None] & h_in[None, :]
@@ -213,9 +225,11 @@ def _vector_grads_tile(hidden_ptr, w1_ptr, d_avg_ptr, d_max_ptr, b_block, c_bloc
 
 @triton.jit
 def _weight_grads_tile(avg_ptr, peak_ptr, mc_ptr, d_mc_ptr, hidden_ptr, d_w1_ptr, d_b1_ptr, d_w2_ptr, d_b2_ptr,
-                       h_block, c_block, B, C, H, POOLS: tl.constexpr, HARD: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
-    """On the ``(h, c)`` tile ``(h_block, c_block)``, sums over the samples: ``d_w1 = E_aᵀ avg + E_mᵀ peak``,
+                       h_block, c_block, B, C, H, POOLS: tl.constexpr, AVG: tl.constexpr, MAX: tl.constexpr,
+                       HARD: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    """On the ``(h, c)`` tile ``(h_block, c_block)``, sums over the samples: ``d_w1 = E_aᵀ avg + E_mᵀ peak``
+    (only the terms of the vectors some pool type uses, ``AVG``, ``MAX``: an unused one may be infinite),
     ``d_w2 = d_logitsᵀ r``; the first tile along each axis also sums ``d_b1`` (over ``E``) and ``d_b2``
     (``POOLS`` times ``d_logits``)."""
     h = h_block * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -236,7 +250,13 @@ def _weight_grads_tile(avg_ptr, peak_ptr, mc_ptr, d_mc_ptr, hidden_ptr, d_w1_ptr
         hidden = tl.load(hidden_ptr + at, mask=inside, other=0)
         e_avg = tl.load(hidden_ptr + B * H + at, mask=inside, other=0)
         e_max = tl.load(hidden_ptr + 2 * B * H + at, mask=inside, other=0)
-        d_w1 += tl.sum(e_avg[:, :, None] * avg[:, None, :] + e_max[:, :, None] * peak[:, None, :], 0)
+        if AVG and MAX:
+            products = e_avg[:, :, None] * avg[:, None, :] + e_max[:, :, None] * peak[:, None, :]
+        elif AVG:
+            products = e_avg[:, :, None] * avg[:, None, :]
+        else:
+            products = e_max[:, :, None] * peak[:, None, :]
+        d_w1 += tl.sum(products, 0)
         d_w2 += tl.sum(hidden[:, :, None] * d_logits[:, None, :], 0)
         d_b1 += tl.sum(tl.load(hidden_ptr + 3 * B * H + at, mask=inside, other=0), 0)
         d_b2 += tl.sum(d_logits, 0)
@@ -252,8 +272,9 @@ def _weight_grads_tile(avg_ptr, peak_ptr, mc_ptr, d_mc_ptr, hidden_ptr, d_w1_ptr
 @triton.jit
 def _vector_and_weight_grads_kernel(hidden_ptr, w1_ptr, avg_ptr, peak_ptr, mc_ptr, d_mc_ptr, d_avg_ptr, d_max_ptr,
                                     d_w1_ptr, d_b1_ptr, d_w2_ptr, d_b2_ptr, B, C, H, POOLS: tl.constexpr,
-                                    HARD: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr,
-                                    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, WEIGHT_BLOCK: tl.constexpr):
+                                    AVG: tl.constexpr, MAX: tl.constexpr, HARD: tl.constexpr, ACC: tl.constexpr,
+                                    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+                                    WEIGHT_BLOCK: tl.constexpr):
     """Two independent sets of tiles in one launch: the first programs take the vectors' gradients on
     ``(b, c)`` tiles, the others the weights' on ``WEIGHT_BLOCK``-edged ``(h, c)`` tiles."""
     tile = tl.program_id(0)
@@ -266,8 +287,8 @@ def _vector_and_weight_grads_kernel(hidden_ptr, w1_ptr, avg_ptr, peak_ptr, mc_pt
         tile -= vector_tiles
         weight_columns = tl.cdiv(C, WEIGHT_BLOCK)
         _weight_grads_tile(avg_ptr, peak_ptr, mc_ptr, d_mc_ptr, hidden_ptr, d_w1_ptr, d_b1_ptr, d_w2_ptr, d_b2_ptr,
-                           tile // weight_columns, tile % weight_columns, B, C, H, POOLS, HARD, ACC, WEIGHT_BLOCK,
-                           WEIGHT_BLOCK, WEIGHT_BLOCK)
+                           tile // weight_columns, tile % weight_columns, B, C, H, POOLS, AVG, MAX, HARD, ACC,
+                           WEIGHT_BLOCK, WEIGHT_BLOCK, WEIGHT_BLOCK)
 
 
 def channel_backward(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef: list[float], fc1_w: Tensor,
@@ -290,5 +311,5 @@ def channel_backward(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef:
     tiles = math.prod(_grid(blocks, B=B, C=C)) + cdiv(H, WEIGHT_BLOCK) * cdiv(C, WEIGHT_BLOCK)
     _vector_and_weight_grads_kernel[(tiles,)](
         hidden, fc1_w, avg, peak, mc, d_mc, d_avg, d_max, d_w1, d_b1, d_w2, d_b2, B, C, H, POOLS=pools,
-        HARD=hard_gate, ACC=acc, WEIGHT_BLOCK=WEIGHT_BLOCK, **blocks)
+        AVG=any(avg_coef), MAX=any(max_coef), HARD=hard_gate, ACC=acc, WEIGHT_BLOCK=WEIGHT_BLOCK, **blocks)
     return [d_avg, d_max, d_w1, d_b1, d_w2, d_b2]

@@ -1,0 +1,168 @@
+"""NaN and ±inf on the fused path against the reference, on every engine: a non-finite input value shows
+in the output where the reference's does (no maximum or ReLU that compares with ``>`` swallows a NaN,
+no ``0 * inf`` of a pool type's unused vector adds one), and the gradients are NaN where the reference's
+are NaN and finite where they are finite (max pooling routes its gradient to one arg-max, the reference
+spreads it over the row: there the fused NaNs are a subset, so only "some NaN" is asked)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import cbam
+from cbam.ops import engines
+from cbam.ops.fused import NATIVE_POOLS
+
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+ENGINES = [name for name in ("torch", "cpp", "triton") if engines.ENGINES[name].load() is not None]
+SHAPE = (2, 8, 4, 5)
+WHERE = {"element": (0, 3, 1, 2), "position": (0, slice(None), 1, 2), "channel": (0, 3)}
+VALUES = (float("nan"), float("inf"), float("-inf"))
+
+
+def pair(preset, pools, dtype=torch.float32):
+    """A reference CBAM with random parameters and running statistics, its fused twin and a BatchNorm
+    to fold before it, all in eval mode."""
+    torch.manual_seed(0)
+    reference = cbam.CBAM(8, 2, 3, preset=preset, pool_types=pools, impl="reference", dtype=dtype)
+    norm = nn.BatchNorm2d(8, dtype=dtype)
+    with torch.no_grad():
+        for p in [*reference.parameters(), *norm.parameters()]:
+            p.normal_(0, 0.7)
+        for bn in [m for m in reference.modules() if isinstance(m, nn.BatchNorm2d)] + [norm]:
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2)
+    fused = copy.deepcopy(reference)
+    fused.impl = "fused"
+    return reference.eval(), fused.eval(), norm.eval()
+
+
+def inputs(dtype=torch.float32):
+    """``(name, x)``: a random input with one value made NaN or ±inf at an element, a position or a channel."""
+    base = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    for value in VALUES:
+        for where, index in WHERE.items():
+            x = base.clone()
+            x[index] = value
+            yield f"{value} at {where}", x
+
+
+def run(module, x, residual, norm, grad):
+    """Output and, with ``grad``, the gradients (input, residual, parameters) of ``sum(out)``."""
+    x = x.detach().requires_grad_(grad)
+    residual = None if residual is None else residual.detach().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        out = module(x, residual, input_norm=norm)
+    if not grad:
+        return out, {}
+    out.sum().backward()
+    found = {"x": x.grad, "residual": None if residual is None else residual.grad}
+    found.update({name: p.grad for name, p in module.named_parameters()})
+    return out.detach(), found
+
+
+def same_non_finite(reference, fused, what):
+    for kind, mask in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        assert bool(torch.equal(mask(reference), mask(fused))), (
+            f"{what}: {kind} at {mask(reference).sum()} elements in the reference, {mask(fused).sum()} fused")
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request):
+    with engines.using(request.param):
+        yield request.param
+
+
+@pytest.mark.parametrize("preset", [None, "official"])
+@pytest.mark.parametrize("pools", [None, ("avg",), ("max",), ("mix",)])
+@pytest.mark.parametrize("tail", [False, True])
+def test_non_finite_input_shows_in_the_output_as_in_the_reference(engine, preset, pools, tail):
+    """Inference (the C++ forward tracks no arg-maxima there); the gradient test covers the recorded forward."""
+    reference, fused, norm = pair(preset, pools)
+    residual = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2)) if tail else None
+    for name, x in inputs():
+        expected, _ = run(reference, x, residual, norm if tail else None, grad=False)
+        found, _ = run(fused, x, residual, norm if tail else None, grad=False)
+        same_non_finite(expected, found, f"{name}{' with the tail' if tail else ''}")
+
+
+@pytest.mark.parametrize("preset", [None, "official"])
+@pytest.mark.parametrize("pools", [None, ("avg",), ("max",), ("mix",)])
+@pytest.mark.parametrize("tail", [False, True])
+def test_gradients_of_non_finite_input_are_nan_where_the_reference_has_nan(engine, preset, pools, tail):
+    reference, fused, norm = pair(preset, pools)
+    residual = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2)) if tail else None
+    for name, x in inputs():
+        if not name.endswith("element"):  # the other places: in the forward test (the interpreter is slow)
+            continue
+        out, expected = run(reference, x, residual, norm if tail else None, grad=True)
+        fused_out, found = run(fused, x, residual, norm if tail else None, grad=True)
+        same_non_finite(out, fused_out, name)
+        for key, grad in expected.items():
+            if grad is None:
+                continue
+            what = f"{name}{' with the tail' if tail else ''}: d{key}"
+            spurious = grad.isfinite() & ~found[key].isfinite()
+            assert not spurious.any(), f"{what}: {spurious.sum()} non-finite where the reference's are finite"
+            assert found[key].isnan().any() == grad.isnan().any(), f"{what}: NaN in one, not in the other"
+
+
+def test_pooling_passes_take_a_nan_as_the_maximum(engine):
+    """``pool`` and ``gated_stats``: a NaN after the first value of a row is its maximum at its first index, as
+    for ``torch.max``; +inf and -inf (a NaN sum, no NaN) leave the maximum +inf."""
+    x = torch.randn(2, 8, 100, generator=torch.Generator().manual_seed(1))  # whole vectors and a rest
+    x[0, 3, [5, 9]] = x[1, [2, 6], 7] = x[1, [4, 5], 97] = float("nan")
+    x[0, 5, [20, 30]] = x[0, [1, 2], 40] = x[0, [3, 4], 98] = torch.tensor([float("inf"), float("-inf")])
+    mc = torch.rand(2, 8, generator=torch.Generator().manual_seed(2))
+    passes = engines.select(x)[1]
+    pooled, gated = passes.pool(x)[1:], passes.gated_stats(x, mc)[1:]
+    for found, (peak, index) in ((pooled, x.max(2)), (gated, (x * mc[..., None]).max(1))):
+        torch.testing.assert_close(found[0], peak, equal_nan=True)
+        assert torch.equal(found[1], index)
+
+
+def channel_mlp_cases():
+    """``(name, avg, peak (2, 8), d_mc (2, 8))``: sample 0 with a NaN in both pooled vectors, with a -inf mean
+    (its maximum finite), or with a NaN in the gate's gradient."""
+    gen = torch.Generator().manual_seed(3)
+    avg, peak, d_mc = torch.randn(3, 2, 8, generator=gen)
+    for name, tensors, value in (("NaN", (avg, peak), float("nan")), ("-inf mean", (avg,), float("-inf")),
+                                 ("NaN gradient", (d_mc,), float("nan"))):
+        changed = {id(t): t.clone() for t in tensors}
+        for t in changed.values():
+            t[0, 2] = value
+        yield name, *(changed.get(id(t), t) for t in (avg, peak, d_mc))
+
+
+def reference_gate(avg, peak, weights, pools):
+    """The reference's channel gate of pooled vectors: descriptors as ``functional.pool`` forms them."""
+    forms = {"avg": lambda: avg, "max": lambda: peak, "mix": lambda: (avg + peak) / 2}
+    fc1_w, fc1_b, fc2_w, fc2_b = weights
+    return torch.sigmoid(cbam.functional.channel_mlp(torch.stack([forms[p]() for p in pools]), fc1_w, fc2_w, fc1_b,
+                                                      fc2_b))
+
+
+@pytest.mark.parametrize("pools", [("avg", "max"), ("max",), ("mix",)])
+def test_channel_mlp_keeps_nan_and_adds_none(engine, pools):
+    """``channel_gate``: a NaN in the pooled vectors makes the sample's whole gate NaN (torch's ReLU keeps it),
+    and an infinite vector that no pool type uses adds no NaN (no ``0 * inf``); ``channel_backward``: the
+    gradients are NaN where the reference's (autograd's) are, and finite where they are finite (a dead
+    hidden unit passes no NaN)."""
+    gen = torch.Generator().manual_seed(4)
+    weights = [torch.randn(shape, generator=gen) for shape in ((4, 8), (4,), (8, 4), (8,))]
+    avg_coef, max_coef = [list(c) for c in zip(*(NATIVE_POOLS[p] for p in pools))]
+    passes = engines.select(weights[0])[1]
+    for case, avg, peak, d_mc in channel_mlp_cases():
+        leaves = [t.clone().requires_grad_() for t in (avg, peak, *weights)]
+        expected = reference_gate(*leaves[:2], leaves[2:], pools)
+        fc1_w, fc1_b, fc2_w, fc2_b = weights
+        mc = passes.channel_gate(avg, peak, avg_coef, max_coef, fc1_w, fc1_b, fc2_w, fc2_b, False)
+        torch.testing.assert_close(mc, expected.detach(), equal_nan=True, msg=lambda m, case=case: f"{case}: {m}")
+        grads = torch.autograd.grad(expected, leaves, d_mc, allow_unused=True)
+        found = passes.channel_backward(avg, peak, avg_coef, max_coef, fc1_w, fc1_b, fc2_w, mc, d_mc, False)
+        for name, grad, got in zip(("avg", "peak", "fc1_w", "fc1_b", "fc2_w", "fc2_b"), grads, found):
+            grad = torch.zeros_like(got) if grad is None else grad
+            what = f"{case}: d{name}"
+            assert not (grad.isfinite() & ~got.isfinite()).any(), f"{what} non-finite where the reference's are finite"
+            assert got.isnan().any() == grad.isnan().any(), f"{what}: NaN in one, not in the other"
