@@ -166,3 +166,15 @@ def test_channel_mlp_keeps_nan_and_adds_none(engine, pools):
             what = f"{case}: d{name}"
             assert not (grad.isfinite() & ~got.isfinite()).any(), f"{what} non-finite where the reference's are finite"
             assert got.isnan().any() == grad.isnan().any(), f"{what}: NaN in one, not in the other"
+
+
+def test_the_hard_sigmoid_gate_keeps_nan(engine):
+    """``relu6(z + 3) / 6`` of a NaN logit is NaN, as torch's; a maximum and minimum that drop NaN gave 0."""
+    torch.manual_seed(0)
+    reference = cbam.CBAM(8, 2, 3, gate="hard-sigmoid", impl="reference").eval()
+    fused = copy.deepcopy(reference)
+    fused.impl = "fused"
+    for name, x in inputs():
+        if name.startswith("nan"):
+            same_non_finite(run(reference, x, None, None, grad=False)[0], run(fused, x, None, None, grad=False)[0],
+                            f"hard-sigmoid, {name}")

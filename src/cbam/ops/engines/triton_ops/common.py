@@ -49,9 +49,10 @@ def merge_max(best, at, peak, first):
 
 @triton.jit
 def gate(z, HARD: tl.constexpr):
-    """The gate of logits ``z``: hard-sigmoid ``relu6(z + 3) / 6`` with ``HARD``, else the sigmoid."""
+    """The gate of logits ``z``: hard-sigmoid ``relu6(z + 3) / 6`` with ``HARD`` (NaN kept, as torch's:
+    ``tl.maximum`` and ``tl.minimum`` drop it), else the sigmoid."""
     if HARD:
-        return tl.minimum(tl.maximum(z + 3, 0), 6) / 6
+        return tl.where(z != z, z, tl.minimum(tl.maximum(z + 3, 0), 6) / 6)
     return 1 / (1 + tl.exp(-z))
 
 
