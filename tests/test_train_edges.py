@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from cbam.train import Split, TrainConfig, load_split, loop, predict, read_checkpoint, train
+from cbam.ops import calibration, engines
+from cbam.train import Split, TrainConfig, demo, load_split, loop, predict, read_checkpoint, train
 from cbam.train import distributed as dist_context
-from cbam.train.loop import restore_scaler
+from cbam.train.loop import model_for, restore_scaler
 from cbam.train.metrics import write_metrics
+from cbam.train.synthetic import SHAPES
 
 torch.set_num_threads(2)
 
@@ -183,3 +185,25 @@ def test_a_numbered_gpu_under_torchrun_is_refused(monkeypatch):
     with pytest.raises(ValueError, match=r"--device cuda:1: under torchrun each of the 2 processes takes the GPU of "
                                          r"its LOCAL_RANK; pass --device cuda"):
         dist_context.setup("cuda:1")
+
+
+def test_the_demo_calibrates_before_its_timed_runs(monkeypatch):
+    """``impl="auto"`` times its paths once per call shape: the demo does it on a throwaway model before each
+    timed run, so that a run built as the demo builds it finds every decision made (else ``--quick``'s 3 steps
+    counted the timing as CBAM's overhead: +300% where it is a few percent)."""
+    if engines.ENGINES["cpp"].load() is None:
+        pytest.skip("calibration applies to the C++ engine only")
+    monkeypatch.setenv(calibration.ENV, "1")
+    monkeypatch.setattr(calibration, "timer", lambda path, run: 1.0 if path == "fused" else 2.0)
+    calibration.clear()
+    try:
+        config = TrainConfig(out="unused", attention="cbam", **demo.QUICK)
+        demo._calibrate(config, len(SHAPES), 64)
+        made = len(calibration.decisions())
+        assert made > 0
+        torch.manual_seed(0)
+        model = model_for(config.run_settings(), len(SHAPES))
+        model(torch.randn(config.batch_size, 3, 64, 64)).sum().backward()
+        assert len(calibration.decisions()) == made
+    finally:
+        calibration.clear()
