@@ -232,7 +232,9 @@ def to_timm(state_dict: Mapping[str, Tensor], *, attention_name: str | None = AU
     The inverse of ``from_timm``: MLP weights ``(out, in)`` become 1x1 convs ``(out, in, 1, 1)``;
     ``"auto"`` renames ``cbam`` to timm's ``se`` slot in a whole ResNet's dict. Every CBAM needs the
     spatial BatchNorm timm has (``preset="timm"``); other spatial convs than the full one are refused.
-    A ``LightCBAM``'s dict (a conv over one map) becomes ``LightCbamModule``'s (``attn_layer="lcbam"``).
+    A ``LightCBAM``'s dict (a conv over one map) becomes ``LightCbamModule``'s (``attn_layer="lcbam"``); MLP
+    biases (``mlp_bias=True``) become those of timm's ``CbamModule(mlp_bias=True)``, which timm's
+    ``attn_layer="cbam"`` ResNets do not have.
     """
     check_state_dict(state_dict, "to_timm")
     prefixes = attention_prefixes(state_dict, OURS_ANCHOR)
