@@ -11,6 +11,8 @@ over ``(B, S)``) instead of keeping them.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
 
@@ -39,18 +41,28 @@ def uses_batch_statistics(norm: BatchNormState | nn.Module) -> bool:
 
 def forward(logits: Tensor, spatial: torch.Size, norm: BatchNormState | None, gate: str) -> Tensor:
     """``ms (B, S) = gate(norm(logits))`` (updating the norm's running statistics on batch statistics), the
-    norm on the logits in its own dtype (a bfloat16 module's norm on float32 logits: torch wants them alike)."""
+    norm in the logits' dtype (float32 for a half-precision module: its tensors widened, see ``_normalized``)."""
     with torch.no_grad():
         if norm is not None:
-            shaped = logits.view(logits.shape[0], 1, *spatial).to(_dtype_of(norm, logits.dtype))
-            logits = norm.normalize(shaped).view(logits.shape).to(logits.dtype)
+            shaped = logits.view(logits.shape[0], 1, *spatial)
+            logits = _normalized(norm, shaped).view(logits.shape)
         return functional.gate(logits, gate)
 
 
-def _dtype_of(norm: BatchNormState, default: torch.dtype) -> torch.dtype:
-    """The dtype of ``norm``'s tensors (``default`` where it has none)."""
-    tensors = [t for t in (norm.weight, norm.running_mean) if t is not None]
-    return tensors[0].dtype if tensors else default
+def _normalized(norm: BatchNormState, z: Tensor) -> Tensor:
+    """``norm(z)`` in ``z``'s dtype. A bfloat16/float16 module's norm runs on float32 copies of its tensors
+    (torch wants them alike; casting the float32 logits down instead overflowed float16 where they exceed
+    its range) and its running statistics are stored back in their dtype."""
+    tensors = (norm.weight, norm.bias, norm.running_mean, norm.running_var)
+    if all(t is None or t.dtype == z.dtype for t in tensors):
+        return norm.normalize(z)
+    weight, bias, mean, var = (None if t is None else t.to(z.dtype) for t in tensors)
+    widened = replace(norm, weight=weight, bias=bias, running_mean=mean, running_var=var)
+    out = widened.normalize(z)
+    if norm.updates:
+        norm.running_mean.copy_(mean)
+        norm.running_var.copy_(var)
+    return out
 
 
 def backward(logits: Tensor, ms: Tensor, d_ms: Tensor, norm: BatchNormState | None, gate: str,

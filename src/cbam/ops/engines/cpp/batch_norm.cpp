@@ -4,6 +4,7 @@
 #include "passes.h"
 #include "vector.h"
 
+#include <cmath>
 #include <tuple>
 #include <utility>
 
@@ -64,10 +65,17 @@ struct FoldedPool {
   scalar_t *avg, *peak, *mean, *var, *invstd, *scale, *shift;
   int64_t* index;
 
-  // Row r = (b, c): its moments about the channel's first value, its maximum and its minimum.
+  // The value channel c's moments are taken about: its first, or 0 where that is infinite (x - inf would
+  // make every sum NaN, where torch's mean is the channel's sum over the count: inf).
+  scalar_t centre(int64_t c) const {
+    const scalar_t first = x[c * S];
+    return std::isinf(first) ? scalar_t(0) : first;
+  }
+
+  // Row r = (b, c): its moments about the channel's centre, its maximum and its minimum.
   void row(int64_t r) const {
     std::pair<scalar_t, int64_t> high;
-    moments_row(x + r * S, S, x[(r % C) * S], sums[r], squares[r], minima[r], high);
+    moments_row(x + r * S, S, centre(r % C), sums[r], squares[r], minima[r], high);
     std::tie(peak[r], index[r]) = high;
   }
 
@@ -80,7 +88,7 @@ struct FoldedPool {
     }
     const double count = static_cast<double>(B * S), offset = sum / count;
     const double variance = std::max(square_sum / count - offset * offset, 0.0);
-    const scalar_t centre = x[c * S], channel_mean = static_cast<scalar_t>(centre + offset);
+    const scalar_t centre = this->centre(c), channel_mean = static_cast<scalar_t>(centre + offset);
     mean[c] = channel_mean;
     var[c] = static_cast<scalar_t>(variance);
     invstd[c] = static_cast<scalar_t>(1 / std::sqrt(variance + eps));

@@ -109,6 +109,8 @@ def _batch_norm_pool_kernel(rows_ptr, at_ptr, weight_ptr, bias_ptr, avg_ptr, pea
     merged = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
     squares = tl.zeros([BLOCK_C], ACC)
+    top = tl.full([BLOCK_C], float("-inf"), ACC)  # the channel's maximum and minimum (NaN where it holds one)
+    bottom = tl.full([BLOCK_C], float("inf"), ACC)
     for b in range(0, B):  # rows of S values each
         row_mean = tl.load(rows_ptr + b * C + c, mask=c_in, other=0)
         delta = row_mean - mean
@@ -116,6 +118,13 @@ def _batch_norm_pool_kernel(rows_ptr, at_ptr, weight_ptr, bias_ptr, avg_ptr, pea
         mean += delta / total
         squares += tl.load(rows_ptr + plane + b * C + c, mask=c_in, other=0) + delta * delta * (merged * S / total)
         merged = total
+        top = tl.maximum(top, tl.load(rows_ptr + 2 * plane + b * C + c, mask=c_in, other=0),
+                         propagate_nan=tl.PropagateNan.ALL)
+        bottom = tl.minimum(bottom, tl.load(rows_ptr + 3 * plane + b * C + c, mask=c_in, other=0),
+                            propagate_nan=tl.PropagateNan.ALL)
+    # a channel holding an infinity: torch's mean (its sum over the count) is that infinity, NaN with both or a
+    # NaN; Welford's merges made it NaN (inf - inf)
+    mean = tl.where((top == float("inf")) | (bottom == float("-inf")), top + bottom, mean)
     var = squares / (merged * S)
     invstd = 1 / tl.sqrt(var + eps)
     scale = invstd

@@ -114,7 +114,8 @@ def _spatial_norm_kernel(logits_ptr, weight_ptr, bias_ptr, running_mean_ptr, run
         total += z
         squares += z * z
     offset = tl.sum(total, 0) / N
-    variance = tl.maximum(tl.sum(squares, 0) / N - offset * offset, 0)
+    # a NaN variance (a non-finite logit) stays NaN, as torch's: it poisons the running variance as there
+    variance = tl.maximum(tl.sum(squares, 0) / N - offset * offset, 0, propagate_nan=tl.PropagateNan.ALL)
     mean = shift + offset
     scale = 1 / tl.sqrt(variance + eps)
     if WEIGHT:
@@ -195,7 +196,8 @@ def _spatial_backward_kernel(logits_ptr, ms_ptr, d_ms_ptr, mean_ptr, speak_ptr, 
         sum_dn = tl.load(sums_ptr)
         if BATCH:
             offset = tl.load(sums_ptr + 2) / N  # the batch mean - shift
-            variance = tl.maximum(tl.load(sums_ptr + 3) / N - offset * offset, 0)
+            variance = tl.maximum(tl.load(sums_ptr + 3) / N - offset * offset, 0,
+                                  propagate_nan=tl.PropagateNan.ALL)  # NaN stays, as in the forward
         else:
             offset = 0.0
             variance = tl.load(running_var_ptr).to(ACC)
