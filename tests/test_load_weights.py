@@ -286,6 +286,10 @@ def test_save_weights_refuses_what_is_no_state_dict(tmp_path):
         for state, error, pattern in cases:
             with pytest.raises(error, match=pattern):
                 save_weights(tmp_path / name, state)
+        with pytest.raises(TypeError, match=r"takes the path first, got OrderedDict as the path \(torch.save's order"):
+            save_weights(nn.Linear(2, 2).state_dict(), tmp_path / name)  # torch.save's order
+    with pytest.raises(TypeError, match=r"expects a path \(str or os.PathLike\) first, got int"):
+        save_weights(3, {"w": torch.ones(1)})
     assert list(tmp_path.iterdir()) == []
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +29,11 @@ def save_weights(path, state: Mapping[str, Tensor]) -> Path:
     """Write ``state`` (str -> Tensor) to ``path``: safetensors (``{"format": "pt"}`` metadata, as timm and
     the Hugging Face hub write it) or ``torch.save`` of a plain dict; through ``write_atomic``, so a
     failure leaves ``path`` as it was. The folder must exist."""
+    if isinstance(path, (Mapping, torch.nn.Module)):  # torch.save's order is (obj, path)
+        raise TypeError(f"save_weights(path, state) takes the path first, got {type(path).__name__} as the path "
+                        "(torch.save's order is the other way round)")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"save_weights expects a path (str or os.PathLike) first, got {type(path).__name__}")
     path = check_weights_path(path)
     if isinstance(state, torch.nn.Module):
         raise TypeError(f"save_weights expects a state dict, got the module {type(state).__name__}: pass "
