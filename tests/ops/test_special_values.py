@@ -68,15 +68,22 @@ def same_non_finite(reference, fused, what):
             f"{what}: {kind} at {mask(reference).sum()} elements in the reference, {mask(fused).sum()} fused")
 
 
+def configurations(test):
+    """Both sweeps' cases: the paper's and the official preset, each pool form, with and without the residual
+    tail (and the folded BatchNorm)."""
+    for name, values in (("tail", [False, True]), ("pools", [None, ("avg",), ("max",), ("mix",)]),
+                         ("preset", [None, "official"])):
+        test = pytest.mark.parametrize(name, values)(test)
+    return test
+
+
 @pytest.fixture(params=ENGINES)
 def engine(request):
     with engines.using(request.param):
         yield request.param
 
 
-@pytest.mark.parametrize("preset", [None, "official"])
-@pytest.mark.parametrize("pools", [None, ("avg",), ("max",), ("mix",)])
-@pytest.mark.parametrize("tail", [False, True])
+@configurations
 def test_non_finite_input_shows_in_the_output_as_in_the_reference(engine, preset, pools, tail):
     """Inference (the C++ forward tracks no arg-maxima there); the gradient test covers the recorded forward."""
     reference, fused, norm = pair(preset, pools)
@@ -87,9 +94,7 @@ def test_non_finite_input_shows_in_the_output_as_in_the_reference(engine, preset
         same_non_finite(expected, found, f"{name}{' with the tail' if tail else ''}")
 
 
-@pytest.mark.parametrize("preset", [None, "official"])
-@pytest.mark.parametrize("pools", [None, ("avg",), ("max",), ("mix",)])
-@pytest.mark.parametrize("tail", [False, True])
+@configurations
 def test_gradients_of_non_finite_input_are_nan_where_the_reference_has_nan(engine, preset, pools, tail):
     reference, fused, norm = pair(preset, pools)
     residual = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2)) if tail else None

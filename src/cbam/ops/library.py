@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from . import spatial_gate
 from .batch_norm_state import BatchNormState
-from .engines import select
+from .engines import is_channels_last_view, select
 from .fused import CbamWeights, FusedSpec, _in_layout, _Plan, autocast_off, backward_from, compute_dtype, forward_saving
 
 SAVED = ("logits", "mc", "ms", "mean", "speak", "channel_index", "spatial_index", "affine", "in_mean", "in_spread",
@@ -69,9 +69,8 @@ def _empty(like: Tensor) -> Tensor:
 
 def _as_read(x: Tensor) -> Tensor:
     """``x`` in the layout the engines read it in, which their large results keep: itself where contiguous or
-    channels-last (``(B, *spatial, C)`` in memory), else contiguous (every engine falls back to the torch
-    engine, which reads both). Tested without viewing ``x``, which a fake tensor refuses with a ``ValueError``."""
-    return x if x.is_contiguous() or x.movedim(1, -1).is_contiguous() else x.contiguous()
+    channels-last, else contiguous (every engine falls back to the torch engine, which reads both)."""
+    return x if x.is_contiguous() or is_channels_last_view(x) else x.contiguous()
 
 
 def _spec(pool_types: str, gate: str, spatial_pool: str, norm: BatchNormState | None) -> FusedSpec:
