@@ -35,6 +35,8 @@ TINY = (2, 64, 4, 4)
 def origin(filename: str, function: str) -> str:
     """The part of the host path a profiled function belongs to (``pstats``' file name and function)."""
     where = f"{filename} {function}"
+    if "/cbam/" in filename and not filename.endswith("/triton_ops/launch.py"):
+        return "cbam Python"
     if "triton" in where:
         return "Triton launch path"
     if "run_backward" in function or "/torch/autograd/" in filename:

@@ -69,10 +69,10 @@ def test_interpreted_kernels_are_refused():
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the comparison runs in the interpreter")
-def test_host_profile_counts_one_triton_run_per_launch():
-    """``benchmarks/host_profile.py`` on the CPU profiles our calls through the launch path: Triton's ``run``
-    is called once per kernel the interpreter runs for the same eval call, and timm's calls spend nothing
-    in Triton."""
+def test_host_profile_counts_one_launch_per_kernel():
+    """``benchmarks/host_profile.py`` on the CPU profiles our calls through the launch path: the engine's
+    ``launch`` is called once per kernel the interpreter runs for the same eval call, and timm's calls
+    spend nothing in Triton."""
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "host_profile.py")
     done = subprocess.run([sys.executable, script, "--calls", "3", "--top", "80"], capture_output=True, text=True,
@@ -88,7 +88,7 @@ def test_host_profile_counts_one_triton_run_per_launch():
     assert by_row["cbam fused, eval"][triton_column] != "0%"
     eval_functions = next(section for section in sections if section.startswith("cbam fused, eval:"))
     runs = [line for line in eval_functions.splitlines()
-            if line.startswith("| `jit.py:") and line.split("`")[1].endswith(" run")]
+            if line.startswith("| `launch.py:") and line.split("`")[1].endswith(" launch")]
     assert len(runs) == 1
     torch.manual_seed(0)
     expected = _interpreted_kernels(cbam.CBAM(64, preset="timm", impl="fused"), torch.randn(2, 64, 4, 4), False)

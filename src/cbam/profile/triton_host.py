@@ -52,9 +52,10 @@ def _stand_in_driver(arch: int):
 
 
 @contextlib.contextmanager
-def launch_path_without_gpu(arch: int = 90) -> Iterator[list[int]]:
+def launch_path_without_gpu(arch: int = 90, record: list | None = None) -> Iterator[list[int]]:
     """Within it, the Triton engine takes CPU tensors and each launch goes through Triton's host path
-    (``JITFunction.run``) to a launcher that only counts: yields ``[launches so far]``."""
+    (``JITFunction.run``) to a launcher that only counts: yields ``[launches so far]``. With a ``record``
+    list, each launch also appends ``(compiled kernel, the launcher's arguments)`` to it."""
     from triton.compiler.compiler import CompiledKernel
     from triton.runtime import driver
 
@@ -72,6 +73,8 @@ def launch_path_without_gpu(arch: int = 90) -> Iterator[list[int]]:
 
         def counted(*args) -> None:
             launches[0] += 1
+            if record is not None:
+                record.append((kernel, args))
 
         kernel.module, kernel.function, kernel._run = "stand-in", 0, counted
 

@@ -26,6 +26,7 @@ from .common import (
     warps,
 )
 from .gradients import input_grad_tile
+from .launch import launch
 
 
 @triton.jit
@@ -50,7 +51,7 @@ def batch_norm_affine(weight: Tensor | None, bias: Tensor | None, mean: Tensor, 
     C = mean.numel()
     (affine,) = small_outputs(mean, (2, C))
     block_c = min(1024, power_of_two(C))
-    _affine_kernel[(cdiv(C, block_c),)](
+    launch(_affine_kernel, (cdiv(C, block_c),),
         weight, bias, mean, var, affine, C, eps, WEIGHT=weight is not None, BIAS=bias is not None,
         ACC=acc_type(mean), BLOCK_C=block_c)
     return affine
@@ -162,11 +163,11 @@ def batch_norm_pool(x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
     at = torch.empty(2, B, C, dtype=torch.int32, device=x3.device)
     index = torch.empty(B, C, dtype=torch.int64, device=x3.device)
     block_c, block_s = reduction_tile(x3, B, C, S)
-    _row_moments_kernel[(cdiv(C, block_c), B)](
+    launch(_row_moments_kernel, (cdiv(C, block_c), B),
         x3, rows, at, B, C, S, *x3.stride(), ACC=acc_type(x3), BLOCK_C=block_c, BLOCK_S=block_s,
         num_warps=warps(block_c, block_s))
     block_c = min(128, power_of_two(C))
-    _batch_norm_pool_kernel[(cdiv(C, block_c),)](
+    launch(_batch_norm_pool_kernel, (cdiv(C, block_c),),
         rows, at, weight, bias, avg, peak, index, mean, var, invstd, affine, B, C, S, eps, WEIGHT=weight is not None,
         BIAS=bias is not None, ACC=acc_type(x3), BLOCK_C=block_c)
     return [avg, peak, index, mean, var, invstd, affine]
@@ -262,11 +263,11 @@ def batch_norm_input_grad(
     d_weight, d_bias = small_outputs(x, (C,), (C,))
     dx = torch.empty_like(x)
     block_c, block_s = (min(1024, power_of_two(n)) for n in (C, S))
-    _batch_norm_sums_kernel[(B,)](
+    launch(_batch_norm_sums_kernel, (B,),
         x, mc, d_mean, d_peak, index, d_avg, d_max, channel_index, gated, centred, mean, sums, C, S, *x.stride(),
         ACC=acc_type(x), BLOCK_C=block_c, BLOCK_S=block_s)
     block_c, block_s = elementwise_tile(C, S)
-    _batch_norm_input_grad_kernel[(cdiv(S, block_s), cdiv(C, block_c), B)](
+    launch(_batch_norm_input_grad_kernel, (cdiv(S, block_s), cdiv(C, block_c), B),
         grad, x, mc, ms, d_mean, d_peak, index, d_avg, d_max, channel_index, sums, mean, invstd, weight, dx, d_weight,
         d_bias, B, C, S, *grad.stride(), *x.stride(), *dx.stride(), WEIGHT=weight is not None, ACC=acc_type(x),
         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps(block_c, block_s))

@@ -20,6 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import acc_type, cdiv, gate, gate_grad, power_of_two, small_outputs
+from .launch import launch
 
 PRODUCTS = 4096  # a program's (BLOCK_B, BLOCK_H, BLOCK_C) tile of products (fp32: 32 per thread each, 4 warps)
 PROGRAMS = 128  # programs over (B, H) that keep a GPU's SMs busy: the sums over C are long at 2048 channels
@@ -149,10 +150,10 @@ def channel_gate(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef: lis
         return mc
     acc = acc_type(avg)
     blocks = _tiles(B, H, C, avg.is_cuda)
-    _hidden_kernel[_grid(blocks, B=B, H=H)](
+    launch(_hidden_kernel, _grid(blocks, B=B, H=H),
         avg, peak, fc1_w, fc1_b, hidden, B, C, H, **_coefficients(avg_coef, max_coef), POOLS=len(avg_coef),
         BIAS=fc1_b is not None, ACC=acc, **blocks)
-    _gate_kernel[_grid(blocks, B=B, C=C)](hidden, fc2_w, fc2_b, mc, B, C, H, POOLS=len(avg_coef),
+    launch(_gate_kernel, _grid(blocks, B=B, C=C), hidden, fc2_w, fc2_b, mc, B, C, H, POOLS=len(avg_coef),
                                           BIAS=fc2_b is not None, HARD=hard, ACC=acc, **blocks)
     return mc
 
@@ -305,11 +306,11 @@ def channel_backward(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef:
     acc = acc_type(avg)
     blocks = _tiles(B, H, C, avg.is_cuda)
     pools, hard_gate = len(avg_coef), bool(hard)
-    _hidden_grads_kernel[_grid(blocks, B=B, H=H)](
+    launch(_hidden_grads_kernel, _grid(blocks, B=B, H=H),
         avg, peak, fc1_w, fc1_b, fc2_w, mc, d_mc, hidden, B, C, H, **_coefficients(avg_coef, max_coef), POOLS=pools,
         BIAS=fc1_b is not None, HARD=hard_gate, ACC=acc, **blocks)
     tiles = math.prod(_grid(blocks, B=B, C=C)) + cdiv(H, WEIGHT_BLOCK) * cdiv(C, WEIGHT_BLOCK)
-    _vector_and_weight_grads_kernel[(tiles,)](
+    launch(_vector_and_weight_grads_kernel, (tiles,),
         hidden, fc1_w, avg, peak, mc, d_mc, d_avg, d_max, d_w1, d_b1, d_w2, d_b2, B, C, H, POOLS=pools,
         AVG=any(avg_coef), MAX=any(max_coef), HARD=hard_gate, ACC=acc, WEIGHT_BLOCK=WEIGHT_BLOCK, **blocks)
     return [d_avg, d_max, d_w1, d_b1, d_w2, d_b2]

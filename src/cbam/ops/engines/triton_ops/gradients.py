@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import BUSY, acc_type, affine_at, cdiv, elementwise_tile, reduction_tile, small_outputs, warps
+from .launch import launch
 
 
 @triton.jit
@@ -84,7 +85,7 @@ def gate_grads(grad: Tensor, x: Tensor, mc: Tensor, ms: Tensor, rectified: Tenso
     chunks = cdiv(S, block_s)
     splits = min(chunks, cdiv(BUSY, B * cdiv(C, block_c))) if x.is_cuda else 1
     span = cdiv(chunks, max(splits, 1)) * block_s
-    _gate_grads_kernel[(cdiv(C, block_c), cdiv(S, span), B)](
+    launch(_gate_grads_kernel, (cdiv(C, block_c), cdiv(S, span), B),
         grad, x, rectified, through, mc, ms, channel_index, input_affine, centre, d_ms, d_mc, peaks, gated, C, S,
         span, *grad.stride(), *x.stride(), *(x if rectified is None else rectified).stride(), *through.stride(),
         RECTIFIED=rectified is not None, NORMED=input_affine is not None, CENTRED=centre is not None,
@@ -138,7 +139,7 @@ def stats_grad(x: Tensor, d_mean: Tensor, d_peak: Tensor, index: Tensor, input_a
     B, C, S = x.shape
     d_mc, centred = small_outputs(x, (B, C), (B, 2, C) if centre is not None else (0,))
     block_c, block_s = reduction_tile(x, B, C, S)
-    _stats_grad_kernel[(cdiv(C, block_c), B)](
+    launch(_stats_grad_kernel, (cdiv(C, block_c), B),
         x, d_mean, d_peak, index, input_affine, centre, d_mc, centred, C, S, *x.stride(),
         NORMED=input_affine is not None, CENTRED=centre is not None, ACC=acc_type(x), BLOCK_C=block_c,
         BLOCK_S=block_s, num_warps=warps(block_c, block_s))
@@ -189,7 +190,7 @@ def input_grad(
     B, C, S = x.shape
     dx = torch.empty_like(x)
     block_c, block_s = elementwise_tile(C, S)
-    _input_grad_kernel[(cdiv(S, block_s), cdiv(C, block_c), B)](
+    launch(_input_grad_kernel, (cdiv(S, block_s), cdiv(C, block_c), B),
         grad, mc, ms, d_mean, d_peak, index, d_avg, d_max, channel_index, dx, C, S, *grad.stride(), *dx.stride(),
         ACC=acc_type(x), BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps(block_c, block_s))
     return dx

@@ -10,6 +10,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import acc_type, affine_at, cdiv, elementwise_tile, warps
+from .launch import launch
 
 
 @triton.jit
@@ -45,7 +46,7 @@ def apply(x: Tensor, mc: Tensor, ms: Tensor, residual: Tensor | None = None,
     out3 = torch.empty_like(x3)
     residual3 = x3 if residual is None else residual.reshape(B, C, S)
     block_c, block_s = elementwise_tile(C, S)
-    _apply_kernel[(cdiv(S, block_s), cdiv(C, block_c), B)](
+    launch(_apply_kernel, (cdiv(S, block_s), cdiv(C, block_c), B),
         x3, mc, ms, residual3, input_affine, out3, C, S, *x3.stride(), *residual3.stride(), *out3.stride(),
         RESIDUAL=residual is not None, NORMED=input_affine is not None, ACC=acc_type(x), BLOCK_C=block_c,
         BLOCK_S=block_s, num_warps=warps(block_c, block_s))

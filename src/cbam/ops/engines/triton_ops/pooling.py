@@ -12,6 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import acc_type, affine_at, cdiv, chunk_max, merge_max, reduction_tile, small_outputs, warps
+from .launch import launch
 
 
 @triton.jit
@@ -49,7 +50,7 @@ def pool(x: Tensor, input_affine: Tensor | None = None) -> tuple[Tensor, Tensor,
     avg, peak = small_outputs(x, (B, C), (B, C))
     index = torch.empty(B, C, dtype=torch.int64, device=x.device)
     block_c, block_s = reduction_tile(x, B, C, S)
-    _pool_kernel[(cdiv(C, block_c), B)](
+    launch(_pool_kernel, (cdiv(C, block_c), B),
         x, input_affine, avg, peak, index, C, S, *x.stride(), NORMED=input_affine is not None, ACC=acc_type(x),
         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps(block_c, block_s))
     return avg, peak, index
@@ -90,7 +91,7 @@ def gated_stats(x: Tensor, mc: Tensor, input_affine: Tensor | None = None) -> tu
     mean, peak = small_outputs(x, (B, S), (B, S))
     index = torch.empty(B, S, dtype=torch.int64, device=x.device)
     block_s, block_c = reduction_tile(x, B, S, C)
-    _gated_stats_kernel[(cdiv(S, block_s), B)](
+    launch(_gated_stats_kernel, (cdiv(S, block_s), B),
         x, mc, input_affine, mean, peak, index, C, S, *x.stride(), NORMED=input_affine is not None,
         ACC=acc_type(x), BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps(block_c, block_s))
     return mean, peak, index

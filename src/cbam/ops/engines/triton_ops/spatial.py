@@ -22,6 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import TILE, acc_type, cdiv, gate, gate_grad, power_of_two, small_outputs, warps
+from .launch import launch
 
 
 @triton.jit
@@ -91,7 +92,7 @@ def spatial_logits(mean: Tensor, speak: Tensor, conv_w: Tensor, size: list[int],
     if logits.numel() == 0:
         return [logits, ms if finish else None]
     block = _block(mean, S)
-    _spatial_logits_kernel[(cdiv(S, block), B)](
+    launch(_spatial_logits_kernel, (cdiv(S, block), B),
         mean, speak, conv_w, logits, ms, norm_w, norm_b, running_mean, running_var, float(eps), *size, *kernel,
         MAPS=_maps(conv_w, kernel), FINISH=finish, NORM=running_mean is not None, WEIGHT=norm_w is not None,
         BIAS=norm_b is not None, HARD=hard, ACC=acc_type(mean), BLOCK=block, num_warps=warps(1, block))
@@ -146,7 +147,7 @@ def spatial_norm_gate(logits: Tensor, weight: Tensor | None, bias: Tensor | None
     One launch of one program: the logits, one per position (0.8 MB at batch 64 and 56x56), read twice."""
     (ms,) = small_outputs(logits, logits.shape)
     block = min(power_of_two(logits.numel()), 4 * TILE)
-    _spatial_norm_kernel[(1,)](
+    launch(_spatial_norm_kernel, (1,),
         logits, weight, bias, running_mean, running_var, ms, logits.numel(), float(eps), float(factor),
         WEIGHT=weight is not None, BIAS=bias is not None, RUNNING=running_mean is not None, HARD=hard,
         ACC=acc_type(logits), BLOCK=block, num_warps=warps(1, block))
@@ -266,11 +267,11 @@ def spatial_backward(
     shift = logits if batch_statistics else running_mean
     if norm:
         block = min(power_of_two(N), TILE)
-        _norm_sums_kernel[(cdiv(N, block),)](
+        launch(_norm_sums_kernel, (cdiv(N, block),),
             logits, ms, d_ms, shift, sums, N, HARD=hard, BATCH=batch_statistics, ACC=acc, BLOCK=block,
             num_warps=warps(1, block))
     block = _block(logits, S)
-    _spatial_backward_kernel[(cdiv(S, block), B)](
+    launch(_spatial_backward_kernel, (cdiv(S, block), B),
         logits, ms, d_ms, mean, speak, conv_w, shift, sums, weight, running_var, d_maps, d_conv, d_weight, d_bias,
         *size, *kernel, N, eps, MAPS=maps, HARD=hard, NORM=norm, BATCH=batch_statistics, AFFINE=weight is not None,
         ACC=acc, BLOCK=block, num_warps=warps(1, block))

@@ -1,0 +1,64 @@
+"""One kernel launch with less of Triton's Python per call: ``launch(kernel, grid, *args, **constants)``
+does what ``kernel[grid](*args, **constants)`` does.
+
+On a GPU an eager CBAM call is bound by its host time, and about two fifths of it is Triton's launch
+path (``JITFunction.run``: the argument binder, then the cache key, hooks, knobs, the globals check and
+the launch metadata around it). Once a specialisation is compiled, ``launch`` keeps only what decides
+and performs the launch: Triton's own binder and cache key pick the compiled kernel exactly as
+``run`` would, and its launcher is called with the same arguments ``run`` passes. Anything else takes
+Triton's own path: the interpreter, a first (compiling) launch, launch hooks (profilers such as
+proton), pre-run hooks, an asynchronous compile, a Triton whose internals differ from 3.6-3.8's, or
+``CBAM_DIRECT_LAUNCH=0`` in the environment. Skipped from ``run``: its check that the globals a
+kernel read at compile time are unchanged (the engine's kernels read only constants of their own
+modules).
+"""
+
+from __future__ import annotations
+
+import os
+
+from triton import knobs
+from triton.runtime import driver
+
+try:  # the internals the direct path relies on (Triton 3.6 to 3.8); without them every launch is Triton's own
+    from triton.compiler.compiler import CompiledKernel
+    from triton.runtime.jit import compute_cache_key
+except ImportError:  # pragma: no cover - an older or newer Triton
+    CompiledKernel = compute_cache_key = None
+
+DIRECT = compute_cache_key is not None and os.environ.get("CBAM_DIRECT_LAUNCH", "1") != "0"
+
+
+def _active(hook) -> bool:
+    """Whether a launch hook would call anything: Triton 3.6-3.8 keep each as a chain of calls, empty unless
+    a profiler added one (older releases: ``None`` or a function)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _hooked() -> bool:
+    """Whether a launch hook or a stage-inspection hook is set: those need Triton's own path."""
+    runtime = knobs.runtime
+    return (_active(runtime.launch_enter_hook) or _active(runtime.launch_exit_hook)
+            or getattr(runtime, "add_stages_inspection_hook", None) is not None)
+
+
+def launch(kernel, grid: tuple[int, ...], *args, **constants) -> None:
+    """``kernel[grid](*args, **constants)``; ``grid`` a tuple of 1-3 ints."""
+    caches = getattr(kernel, "device_caches", None)  # absent in the interpreter
+    if not DIRECT or caches is None or kernel.pre_run_hooks or _hooked():
+        kernel[grid](*args, **constants)
+        return
+    device = driver.active.get_current_device()
+    kernel_cache, key_cache, _, _, binder = caches[device]
+    # the options in ``run``'s order (the cache key is their text): the caller's, then these two
+    bound, specialisation, options = binder(*args, **constants, debug=kernel.debug or knobs.runtime.debug,
+                                            instrumentation_mode=knobs.compilation.instrumentation_mode)
+    compiled = kernel_cache.get(compute_cache_key(key_cache, specialisation, options))
+    if type(compiled) is not CompiledKernel:  # not compiled yet, or a future of an asynchronous compile
+        kernel[grid](*args, **constants)
+        return
+    stream = driver.active.get_current_stream(device)
+    size = len(grid)
+    # no launch metadata and no hooks: the launcher calls a hook only when it is not None, and the chains are empty
+    compiled.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, compiled.function,
+                 compiled.packed_metadata, None, None, None, *bound.values())

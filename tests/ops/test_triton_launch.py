@@ -1,0 +1,83 @@
+"""``triton_ops.launch`` launches what ``kernel[grid](...)`` launches: the same compiled kernel, grid, stream
+and arguments reach the launcher, through Triton's own launch path for an H100 compiled without a GPU
+(``cbam.profile.triton_host``). Each launch of a workload of fused CBAM calls goes both ways in turn, and
+the two launcher calls are compared: identical but for the launch metadata and hooks, which the direct
+path leaves out only where Triton's would call nothing."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = """
+import json, sys, torch
+from torch import nn
+import cbam
+from cbam.ops import engines
+from cbam.profile.triton_host import launch_path_without_gpu
+
+record = []
+with launch_path_without_gpu(record=record), engines.using("triton"):
+    from cbam.ops.engines.triton_ops import launch as launching
+    direct = launching.launch
+    pairs = []
+
+    def both(kernel, grid, *args, **constants):
+        start = len(record)
+        direct(kernel, grid, *args, **constants)
+        kernel[grid](*args, **constants)
+        pairs.append((kernel.fn.__name__, record[start:]))
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("cbam.ops.engines.triton_ops.") and getattr(module, "launch", None) is direct:
+            module.launch = both
+    for dtype in (torch.float32, torch.bfloat16):
+        for preset in ("timm", "paper"):
+            for training, residual, fold in ((False, False, False), (True, True, True), (True, False, False)):
+                torch.manual_seed(0)
+                module = cbam.CBAM(24, preset=preset, impl="fused").train(training)
+                norm = nn.BatchNorm2d(24).train(training) if fold else None
+                x = torch.randn(2, 24, 5, 6, dtype=dtype, requires_grad=True)
+                shortcut = torch.randn(2, 24, 5, 6, dtype=dtype) if residual else None
+                for repeat in range(2):
+                    out = module(x, shortcut, input_norm=norm)
+                    if training:
+                        out.float().sum().backward()
+
+hooks_empty = True
+compared, direct_launches, failures = 0, 0, []
+for name, launches in pairs:
+    if len(launches) != 2:
+        failures.append(f"{name}: {len(launches)} launcher calls for one launch each way")
+        continue
+    (ours_kernel, ours), (theirs_kernel, theirs) = launches
+    metadata, enter, leave = ours[6:9]
+    if (metadata, enter, leave) == (None, None, None):
+        direct_launches += 1
+    for hook in theirs[7:9]:
+        hooks_empty &= hook is None or not getattr(hook, "calls", [None])
+    same = (ours_kernel is theirs_kernel and len(ours) == len(theirs) and ours[:6] == theirs[:6]
+            and all(a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(ours[9:], theirs[9:])))
+    compared += 1
+    if not same:
+        failures.append(f"{name}: {ours!r} != {theirs!r}")
+print(json.dumps({"compared": compared, "direct": direct_launches, "hooks_empty": hooks_empty,
+                  "failures": failures[:5]}))
+"""
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="compiles for a GPU in a process of its own")
+def test_direct_launch_passes_the_launcher_what_triton_passes():
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("TRITON_INTERPRET", "CBAM_DIRECT_LAUNCH")}
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=environment,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["failures"] == []
+    assert found["hooks_empty"]
+    assert found["compared"] > 100
+    # every launch but each specialisation's first (which compiles through Triton's path) went direct
+    assert found["direct"] > found["compared"] // 2
