@@ -64,7 +64,7 @@ for name, launches in pairs:
     if not same:
         failures.append(f"{name}: {ours!r} != {theirs!r}")
 print(json.dumps({"compared": compared, "direct": direct_launches, "hooks_empty": hooks_empty,
-                  "failures": failures[:5]}))
+                  "capable": launching.DIRECT, "failures": failures[:5]}))
 """
 
 
@@ -79,5 +79,6 @@ def test_direct_launch_passes_the_launcher_what_triton_passes():
     assert found["failures"] == []
     assert found["hooks_empty"]
     assert found["compared"] > 100
-    # every launch but each specialisation's first (which compiles through Triton's path) went direct
-    assert found["direct"] > found["compared"] // 2
+    if found["capable"]:  # Triton 3.6-3.8 (torch 2.8's 3.4 takes Triton's own path, its hooks None as well)
+        # every launch but each specialisation's first (it compiles) went direct
+        assert found["direct"] > found["compared"] // 2

@@ -76,7 +76,11 @@ def launch_path_without_gpu(arch: int = 90, record: list | None = None) -> Itera
             if record is not None:
                 record.append((kernel, args))
 
-        kernel.module, kernel.function, kernel._run = "stand-in", 0, counted
+        kernel.module, kernel.function = "stand-in", 0
+        if isinstance(getattr(type(kernel), "run", None), property):  # Triton 3.6+: ``run`` reads ``_run``
+            kernel._run = counted
+        else:  # Triton 3.4: the launcher is ``run`` itself
+            kernel.run = counted
 
     previous_env, previous_load = os.environ.get("TRITON_INTERPRET"), CompiledKernel._init_handles
     os.environ["TRITON_INTERPRET"] = "1"  # the engine covers CPU tensors (the kernels are already decorated)
