@@ -82,3 +82,39 @@ def test_direct_launch_passes_the_launcher_what_triton_passes():
     if found["capable"]:  # Triton 3.6-3.8 (torch 2.8's 3.4 takes Triton's own path, its hooks None as well)
         # every launch but each specialisation's first (it compiles) went direct
         assert found["direct"] > found["compared"] // 2
+
+
+MISMATCH = """
+import json, torch, cbam
+from cbam.ops import engines
+from cbam.profile.triton_host import launch_path_without_gpu
+
+with launch_path_without_gpu() as launches, engines.using("triton"):
+    from cbam.ops.engines.triton_ops import launch as launching
+    launching.compute_cache_key = lambda *args: "a key Triton never made"  # as a Triton with another key would
+    module = cbam.CBAM(24, preset="timm", impl="fused").eval()
+    x = torch.randn(2, 24, 5, 6)
+    module(x)  # compiles every kernel through Triton's path: the direct path still on
+    still_direct = launching.DIRECT
+    before = launches[0]
+    module(x)
+    print(json.dumps({"after_compiling": still_direct, "after_a_miss": launching.DIRECT,
+                      "launches": launches[0] - before}))
+"""
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="compiles for a GPU in a process of its own")
+def test_a_key_that_misses_compiled_kernels_turns_the_direct_path_off():
+    """Where the direct lookup misses a kernel Triton's own path then finds compiled, every later launch
+    is Triton's: each kernel still launches once per call."""
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("TRITON_INTERPRET", "CBAM_DIRECT_LAUNCH")}
+    done = subprocess.run([sys.executable, "-c", MISMATCH], capture_output=True, text=True, env=environment,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    from cbam.ops.engines.triton_ops import launch as launching
+
+    assert found["after_compiling"] == launching.DIRECT  # compiling launches never count as a miss
+    assert found["after_a_miss"] is False
+    assert found["launches"] == 6  # an eval call's kernels, each launched once

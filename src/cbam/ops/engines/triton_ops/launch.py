@@ -8,9 +8,10 @@ and performs the launch: Triton's own binder and cache key pick the compiled ker
 ``run`` would, and its launcher is called with the same arguments ``run`` passes. Anything else takes
 Triton's own path: the interpreter, a first (compiling) launch, launch hooks (profilers such as
 proton), pre-run hooks, an asynchronous compile, a Triton whose internals differ from 3.6-3.8's, or
-``CBAM_DIRECT_LAUNCH=0`` in the environment. Skipped from ``run``: its check that the globals a
-kernel read at compile time are unchanged (the engine's kernels read only constants of their own
-modules).
+``CBAM_DIRECT_LAUNCH=0`` in the environment. Where Triton's path then finds a compiled kernel that
+the direct lookup missed (a Triton whose cache key is built otherwise), every later launch takes
+Triton's path. Skipped from ``run``: its check that the globals a kernel read at compile time are
+unchanged (the engine's kernels read only constants of their own modules).
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def _hooked() -> bool:
             or getattr(runtime, "add_stages_inspection_hook", None) is not None)
 
 
+def _give_up() -> None:
+    """Send every later launch through Triton's own path."""
+    global DIRECT
+    DIRECT = False
+
+
 def launch(kernel, grid: tuple[int, ...], *args, **constants) -> None:
     """``kernel[grid](*args, **constants)``; ``grid`` a tuple of 1-3 ints."""
     caches = getattr(kernel, "device_caches", None)  # absent in the interpreter
@@ -55,7 +62,10 @@ def launch(kernel, grid: tuple[int, ...], *args, **constants) -> None:
                                             instrumentation_mode=knobs.compilation.instrumentation_mode)
     compiled = kernel_cache.get(compute_cache_key(key_cache, specialisation, options))
     if type(compiled) is not CompiledKernel:  # not compiled yet, or a future of an asynchronous compile
+        known = len(kernel_cache)
         kernel[grid](*args, **constants)
+        if len(kernel_cache) == known:  # Triton found a kernel under another key: its internals differ from ours
+            _give_up()
         return
     stream = driver.active.get_current_stream(device)
     size = len(grid)
