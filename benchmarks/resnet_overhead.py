@@ -6,7 +6,8 @@ differ):
     python benchmarks/resnet_overhead.py --label new          # this checkout, as installed
 
 Prints one line: the median over rounds of each round's ratio of ``attention="cbam"`` (``preset="timm"``,
-``impl="auto"``) to ``attention=None``, for a training step and for an inference; ``--save PATH`` also
+``impl="auto"``) to ``attention=None``, for a training step and for an inference (``--compile``: of both
+models compiled by ``torch.compile``, each mode compiled apart); ``--save PATH`` also
 appends every round's overheads to PATH as one JSON line, to pool many processes:
 
     for i in 1 2 3 4 5 6; do
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--src", help="a cbam checkout whose src/ to import instead of the installed package")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--label", default="cbam")
+    parser.add_argument("--compile", action="store_true",
+                        help="time torch.compile of both models (inductor; the first round, compiling, not counted)")
     parser.add_argument("--save", help="append this run's per-round overheads to this file (JSON lines)")
     parser.add_argument("--pool", help="print the medians and quartiles per label of the runs saved in this file")
     args = parser.parse_args()
@@ -47,12 +50,13 @@ def main() -> None:
 
     torch.manual_seed(0)
     x = torch.randn(8, 3, 224, 224)
-    models = {"none": cbam.models.resnet50(attention=None),
-              "cbam": cbam.models.resnet50(attention="cbam", preset="timm")}
+    built = {"none": cbam.models.resnet50(attention=None),
+             "cbam": cbam.models.resnet50(attention="cbam", preset="timm")}
     found = {}
     for mode in ("train", "inference"):
-        for model in models.values():
+        for model in built.values():
             model.train(mode == "train")
+        models = {name: torch.compile(model) for name, model in built.items()} if args.compile else built
 
         def run(model, mode=mode):
             if mode == "train":

@@ -49,6 +49,23 @@ def test_compiled_resnet18_keeps_the_fused_ops_and_equals_eager():
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_compiled_inference_takes_the_op_that_saves_nothing_and_equals_eager(training):
+    """Under ``no_grad`` the graph calls ``cbam::fused_inference`` (no arg-maxima, nothing saved), never
+    ``fused_forward``; a network in training mode updates the running statistics as eager code does."""
+    compiled, eager = twins(lambda: cbam.models.resnet18(num_classes=10, stem="cifar").train(training))
+    found: set[str] = set()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = torch.compile(compiled, fullgraph=True, backend=recording_backend(found))(x)
+        want = eager(x)
+    assert any(target.startswith("cbam.fused_inference") for target in found)
+    assert not any(target.startswith("cbam.fused_forward") for target in found)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for p, q in zip(compiled.buffers(), eager.buffers(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_aot_compiled_resnet18_forward_backward_equals_eager(training):
     """Through AOTAutograd (functionalisation, the fake implementations, the registered backward)."""
@@ -105,3 +122,21 @@ def test_what_the_ops_cover():
     module = cbam.CBAM(8, preset="timm")
     module.spatial_att.bn = nn.SyncBatchNorm(1)
     assert not library.covers(*module._fused_inputs())
+
+
+@pytest.mark.parametrize(("dtype", "training"), [(F64, False), (torch.bfloat16, True)])
+def test_opcheck_passes_for_the_inference_op(dtype, training):
+    """The same checks of ``cbam::fused_inference``, with a folded BatchNorm and a residual: its fake results'
+    dtypes, shapes and strides (the running statistics where a norm on batch statistics updates them)."""
+    module = cbam.CBAM(8, 2, 3, preset="timm", dtype=F64 if dtype == F64 else torch.float32).train(training)
+    spec, weights = module._fused_inputs()
+    x = torch.randn(2, 8, 4, 5, dtype=dtype).to(memory_format=torch.channels_last)
+    empty = x.new_empty(0)
+    norm = [spec.norm.weight, spec.norm.bias, spec.norm.running_mean, spec.norm.running_var, empty]
+    folded = nn.BatchNorm2d(8, dtype=norm[0].dtype).train(training)
+    input_norm = [folded.weight, folded.bias, folded.running_mean, folded.running_var, empty]
+    mode = library.BATCH if training else library.RUNNING
+    plain = [[empty if t is None else t.detach() for t in tensors]  # it records no gradient: no input asks for one
+             for tensors in (weights.flat(), norm, input_norm)]
+    args = (x, torch.randn_like(x), *plain, "avg,max", "sigmoid", "concat", mode, 0.1, 1e-5, mode, 0.1, 1e-5)
+    torch.library.opcheck(torch.ops.cbam.fused_inference.default, args)

@@ -481,9 +481,19 @@ def checked_fused_cbam(x: Tensor, spec: FusedSpec, weights: CbamWeights, residua
         return FusedCBAM.apply(x, residual, spec, input_norm, *norm_weights, *weights.flat())
     selected = select(x)
     x = _in_layout(selected[0], x)
-    folded = None if input_norm is None else _input_norm(selected[1], BatchNormState.step(input_norm), x)
-    return _forward(x, residual, resolved(spec), weights.to(compute_dtype(x)), record=False, selected=selected,
-                    input_norm=folded, overwrite=inplace).out
+    input_state = None if input_norm is None else BatchNormState.step(input_norm)
+    return forward_without_saving(x, residual, resolved(spec), weights, input_state, selected, overwrite=inplace)
+
+
+def forward_without_saving(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamWeights,
+                           input_state: BatchNormState | None, selected: tuple[Engine, object],
+                           overwrite: bool = False) -> Tensor:
+    """The forward where no backward follows: the output alone (no arg-maxima tracked where the engine can
+    leave them out, nothing saved); ``spec`` already ``resolved``, ``input_state`` the folded BatchNorm's
+    state of this forward, ``x`` in the engine's layout."""
+    folded = None if input_state is None else _input_norm(selected[1], input_state, x)
+    return _forward(x, residual, spec, weights.to(compute_dtype(x)), record=False, selected=selected,
+                    input_norm=folded, overwrite=overwrite).out
 
 
 @dataclass

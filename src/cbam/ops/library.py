@@ -1,7 +1,9 @@
 """The fused CBAM as ``torch.library`` custom ops, so that ``torch.compile(..., fullgraph=True)`` keeps its
 kernels: ``cbam::fused_forward`` returns the output, the tensors its backward needs and the new
-running statistics of the BatchNorms it applies; ``cbam::fused_backward`` returns the gradients. Both
-are functional (no input is mutated: ``fused_cbam_op`` copies the new running statistics into the
+running statistics of the BatchNorms it applies; ``cbam::fused_backward`` returns the gradients;
+``cbam::fused_inference``, for a call that records no gradient, returns the output and the running
+statistics only, computed as eager code computes them without autograd (no arg-maxima, nothing saved).
+All are functional (no input is mutated: ``fused_cbam_op`` copies the new running statistics into the
 BatchNorms' buffers, as traced code), with fake implementations for tracing and the backward
 registered with ``register_autograd``. Eager code runs the same ``forward_saving`` / ``backward_from``
 through ``FusedCBAM``; the ops are what a compiled graph calls.
@@ -21,7 +23,17 @@ from torch import Tensor, nn
 from . import spatial_gate
 from .batch_norm_state import BatchNormState
 from .engines import is_channels_last_view, select
-from .fused import CbamWeights, FusedSpec, _in_layout, _Plan, autocast_off, backward_from, compute_dtype, forward_saving
+from .fused import (
+    CbamWeights,
+    FusedSpec,
+    _in_layout,
+    _Plan,
+    autocast_off,
+    backward_from,
+    compute_dtype,
+    forward_saving,
+    forward_without_saving,
+)
 
 SAVED = ("logits", "mc", "ms", "mean", "speak", "channel_index", "spatial_index", "affine", "in_mean", "in_spread",
          "pooled_avg")
@@ -100,12 +112,18 @@ def fused_forward(x: Tensor, residual: Tensor | None, weights: list[Tensor], nor
     with autocast_off(x.device.type):
         out, saved, _ = forward_saving(x, residual, _spec(pool_types, gate, spatial_pool, norm_state),
                                        CbamWeights.from_flat(weights), input_state, selected)
-    statistics = []
-    for state in (norm_state, input_state):
-        updated = state is not None and state.updates
-        statistics += [state.running_mean, state.running_var] if updated else [_empty(x), _empty(x)]
-    return _unshared([out, *statistics, *(_empty(x) if saved.get(name) is None else saved[name] for name in SAVED)],
+    return _unshared([out, *_statistics(x, norm_state, input_state),
+                      *(_empty(x) if saved.get(name) is None else saved[name] for name in SAVED)],
                      [x, *(t for t in (residual, *weights, *norm, *input_norm) if t is not None)])
+
+
+def _statistics(x: Tensor, *states: BatchNormState | None) -> list[Tensor]:
+    """Each state's new running mean and variance where it updates them, else two empty tensors."""
+    found = []
+    for state in states:
+        updated = state is not None and state.updates
+        found += [state.running_mean, state.running_var] if updated else [_empty(x), _empty(x)]
+    return found
 
 
 @fused_forward.register_fake
@@ -118,17 +136,51 @@ def _(x, residual, weights, norm, input_norm, pool_types, gate, spatial_pool, no
     def vector(*shape, kind=dtype):
         return x.new_empty(shape, dtype=kind)
 
-    statistics = []
-    for tensors, mode in ((norm, norm_mode), (input_norm, input_mode)):
-        running = tensors[2]
-        updated = mode == BATCH and running is not None
-        statistics += [torch.empty_like(running), torch.empty_like(tensors[3])] if updated else [_empty(x), _empty(x)]
+    statistics = _fake_statistics(x, (norm, norm_mode), (input_norm, input_mode))
     folded = [vector(2, channels), vector(channels), vector(channels)] if input_mode != NONE else [_empty(x)] * 3
     folded = [torch.empty_like(t) for t in folded]  # distinct tensors, as the real op returns
     indices = [vector(batch, channels, kind=torch.int64), vector(batch, positions, kind=torch.int64)]
     per_position = [vector(batch, positions) for _ in range(4)]
     return [torch.empty_like(_as_read(x)), *statistics, *per_position[:1], vector(batch, channels), *per_position[1:],
             *indices, *folded, vector(batch, channels)]
+
+
+def _fake_statistics(x: Tensor, *norms: tuple[list[Tensor | None], int]) -> list[Tensor]:
+    """``_statistics``' fake: for each ``(norm tensors, mode)``, new running statistics where it updates them."""
+    found = []
+    for tensors, mode in norms:
+        updated = mode == BATCH and tensors[2] is not None
+        found += [torch.empty_like(tensors[2]), torch.empty_like(tensors[3])] if updated else [_empty(x), _empty(x)]
+    return found
+
+
+@torch.library.custom_op("cbam::fused_inference", mutates_args=(), schema=(
+    "(Tensor x, Tensor? residual, Tensor[] weights, Tensor[] norm, Tensor[] input_norm, str pool_types, str gate, "
+    "str spatial_pool, int norm_mode, float norm_factor, float norm_eps, int input_mode, float input_factor, "
+    "float input_eps) -> Tensor[]"))
+def fused_inference(x: Tensor, residual: Tensor | None, weights: list[Tensor], norm: list[Tensor],
+                    input_norm: list[Tensor], pool_types: str, gate: str, spatial_pool: str, norm_mode: int,
+                    norm_factor: float, norm_eps: float, input_mode: int, input_factor: float,
+                    input_eps: float) -> list[Tensor]:
+    """``fused_forward``'s first five results (``[out, norm's new running mean and var, input norm's]``) for a
+    call that records no gradient: what ``fused_cbam`` computes without autograd, nothing kept for a backward."""
+    weights, norm, input_norm = _holes(weights), _holes(norm), _holes(input_norm)
+    norm_state = _state(norm, norm_mode, norm_factor, norm_eps)
+    input_state = _state(input_norm, input_mode, input_factor, input_eps)
+    selected = select(x)
+    x = _in_layout(selected[0], x)
+    with autocast_off(x.device.type):
+        out = forward_without_saving(x, residual, _spec(pool_types, gate, spatial_pool, norm_state),
+                                     CbamWeights.from_flat(weights), input_state, selected)
+    return _unshared([out, *_statistics(x, norm_state, input_state)],
+                     [x, *(t for t in (residual, *weights, *norm, *input_norm) if t is not None)])
+
+
+@fused_inference.register_fake
+def _(x, residual, weights, norm, input_norm, pool_types, gate, spatial_pool, norm_mode, norm_factor, norm_eps,
+      input_mode, input_factor, input_eps):
+    statistics = _fake_statistics(x, (_holes(norm), norm_mode), (_holes(input_norm), input_mode))
+    return [torch.empty_like(_as_read(x)), *statistics]
 
 
 @torch.library.custom_op("cbam::fused_backward", mutates_args=(), schema=(
@@ -219,11 +271,16 @@ fused_forward.register_autograd(_backward, setup_context=_setup_context)
 def fused_cbam_op(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamWeights,
                   input_norm: nn.Module | None) -> Tensor:
     """``fused_cbam`` through the custom ops (where ``covers``; ``input_norm`` where it folds): what
-    ``CBAM.forward`` calls under ``torch.compile``. Counts each BatchNorm's batch and copies its new
-    running statistics into its buffers as its own forward would."""
+    ``CBAM.forward`` calls under ``torch.compile``, ``fused_inference`` where no gradient is recorded.
+    Counts each BatchNorm's batch and copies its new running statistics into its buffers as its own
+    forward would."""
     norm_state = None if spec.norm is None else BatchNormState.step(spec.norm)
     input_state = None if input_norm is None else BatchNormState.step(input_norm)
-    results = torch.ops.cbam.fused_forward(
+    norm_weights = (None, None) if input_norm is None else (input_norm.weight, input_norm.bias)
+    recorded = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, residual, *norm_weights, *weights.flat()))
+    op = torch.ops.cbam.fused_forward if recorded else torch.ops.cbam.fused_inference
+    results = op(
         x, residual, _filled(list(weights.flat()), x), _filled(_tensors(norm_state), x),
         _filled(_tensors(input_state), x), ",".join(spec.pool_types),
         spec.gate, spec.spatial_pool, _mode(norm_state), norm_state.momentum if norm_state else 0.0,
