@@ -1,6 +1,8 @@
 """``torch.compile(fullgraph=True)`` keeps the fused CBAM as the ``cbam::fused_forward`` / ``fused_backward``
 custom ops (no graph break), and the compiled network equals the eager one: outputs, every gradient,
-every running statistic."""
+every running statistic. On the CPU ``impl="auto"`` compiles the reference instead (inductor's channels-last
+convolutions would be copied around the C++ engine's contiguous-only op); the ops are tested through
+``impl="fused"``, which keeps them anywhere."""
 
 import pytest
 import torch
@@ -36,7 +38,7 @@ def recording_backend(found: set):
 
 
 def test_compiled_resnet18_keeps_the_fused_ops_and_equals_eager():
-    compiled, eager = twins(lambda: cbam.models.resnet18(num_classes=10, stem="cifar"))
+    compiled, eager = twins(lambda: cbam.models.resnet18(num_classes=10, stem="cifar", impl="fused"))
     found: set[str] = set()
     x = torch.randn(2, 3, 32, 32)
     got = step(torch.compile(compiled, fullgraph=True, backend=recording_backend(found)), x)
@@ -49,11 +51,25 @@ def test_compiled_resnet18_keeps_the_fused_ops_and_equals_eager():
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+def test_auto_compiles_the_reference_on_the_cpu_and_equals_eager():
+    """No cbam op in the graph for ``impl="auto"`` on the CPU: dynamo sees the reference's standard ops."""
+    compiled, eager = twins(lambda: cbam.models.resnet18(num_classes=10, stem="cifar"))
+    found: set[str] = set()
+    x = torch.randn(2, 3, 32, 32)
+    got = step(torch.compile(compiled, fullgraph=True, backend=recording_backend(found)), x)
+    want = step(eager, x)  # eager auto: the fused C++ path
+    assert not any(target.startswith("cbam.") for target in found)
+    assert any("sigmoid" in target for target in found)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_compiled_inference_takes_the_op_that_saves_nothing_and_equals_eager(training):
     """Under ``no_grad`` the graph calls ``cbam::fused_inference`` (no arg-maxima, nothing saved), never
     ``fused_forward``; a network in training mode updates the running statistics as eager code does."""
-    compiled, eager = twins(lambda: cbam.models.resnet18(num_classes=10, stem="cifar").train(training))
+    compiled, eager = twins(lambda: cbam.models.resnet18(num_classes=10, stem="cifar", impl="fused").train(training))
     found: set[str] = set()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -69,7 +85,7 @@ def test_compiled_inference_takes_the_op_that_saves_nothing_and_equals_eager(tra
 @pytest.mark.parametrize("training", [True, False])
 def test_aot_compiled_resnet18_forward_backward_equals_eager(training):
     """Through AOTAutograd (functionalisation, the fake implementations, the registered backward)."""
-    compiled, eager = twins(lambda: cbam.models.resnet18(num_classes=10, stem="cifar").train(training))
+    compiled, eager = twins(lambda: cbam.models.resnet18(num_classes=10, stem="cifar", impl="fused").train(training))
     x = torch.randn(2, 3, 32, 32)
     got = step(torch.compile(compiled, fullgraph=True, backend="aot_eager"), x)
     want = step(eager, x)

@@ -87,6 +87,19 @@ def test_auto_fuses_where_a_compiled_engine_runs():
         assert fused_applies("auto", "channel-spatial", x.half())
 
 
+def test_under_compile_auto_fuses_only_where_the_engine_reads_any_layout(monkeypatch):
+    """CUDA's Triton engine reads channels-last and contiguous tensors, the CPU's C++ engine contiguous ones
+    only (inductor would copy around it); ``impl="fused"`` keeps the op anywhere."""
+    assert engines.reads_any_layout("cuda") and not engines.reads_any_layout("cpu")
+    assert not engines.reads_any_layout("mps")  # no compiled engine there at all
+    x = torch.randn(1, 4, 3, 3)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not fused_applies("auto", "channel-spatial", x)
+    assert fused_applies("fused", "channel-spatial", x)
+    monkeypatch.setattr(engines, "AUTO", {**engines.AUTO, "cpu": ("triton",)})  # as the CUDA device's choice
+    assert fused_applies("auto", "channel-spatial", x)
+
+
 def reference_pair(channels, **options):
     torch.manual_seed(0)
     fused = cbam.CBAM(channels, 4, 3, impl="fused", **options)

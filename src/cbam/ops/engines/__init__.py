@@ -113,6 +113,14 @@ ENGINES = {
 AUTO = {"cpu": ("cpp",), "cuda": ("triton",)}  # the compiled engine tried first on each device
 
 
+def reads_any_layout(device_type: str) -> bool:
+    """Whether the compiled engine ``auto`` tries first on this device reads channels-last tensors as well as
+    contiguous ones (Triton on CUDA; not the C++ engine on the CPU), so that whatever layout
+    ``torch.compile`` gives a tensor reaches it uncopied."""
+    first = AUTO.get(device_type)
+    return first is not None and ENGINES[first[0]].channels_last
+
+
 def requested() -> str:
     """``CBAM_ENGINE``, checked (default ``auto``)."""
     wanted = os.environ.get("CBAM_ENGINE", "auto").strip().lower() or "auto"
