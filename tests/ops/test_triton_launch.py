@@ -68,14 +68,19 @@ print(json.dumps({"compared": compared, "direct": direct_launches, "hooks_empty"
 """
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="compiles for a GPU in a process of its own")
-def test_direct_launch_passes_the_launcher_what_triton_passes():
+def _run_without_interpreter(script: str) -> dict:
+    """The JSON that ``script`` prints last, run in a process where the kernels are decorated for a GPU."""
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("TRITON_INTERPRET", "CBAM_DIRECT_LAUNCH")}
-    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=environment,
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="compiles for a GPU in a process of its own")
+def test_direct_launch_passes_the_launcher_what_triton_passes():
+    found = _run_without_interpreter(SCRIPT)
     assert found["failures"] == []
     assert found["hooks_empty"]
     assert found["compared"] > 100
@@ -107,12 +112,7 @@ with launch_path_without_gpu() as launches, engines.using("triton"):
 def test_a_key_that_misses_compiled_kernels_turns_the_direct_path_off():
     """Where the direct lookup misses a kernel Triton's own path then finds compiled, every later launch
     is Triton's: each kernel still launches once per call."""
-    environment = {key: value for key, value in os.environ.items()
-                   if key not in ("TRITON_INTERPRET", "CBAM_DIRECT_LAUNCH")}
-    done = subprocess.run([sys.executable, "-c", MISMATCH], capture_output=True, text=True, env=environment,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    found = _run_without_interpreter(MISMATCH)
     from cbam.ops.engines.triton_ops import launch as launching
 
     assert found["after_compiling"] == launching.DIRECT  # compiling launches never count as a miss

@@ -90,10 +90,23 @@ def _spec(pool_types: str, gate: str, spatial_pool: str, norm: BatchNormState | 
 
 
 # The schemas are written out: torch before 2.5 cannot infer one from postponed (string) annotations.
-@torch.library.custom_op("cbam::fused_forward", mutates_args=(), schema=(
-    "(Tensor x, Tensor? residual, Tensor[] weights, Tensor[] norm, Tensor[] input_norm, str pool_types, str gate, "
-    "str spatial_pool, int norm_mode, float norm_factor, float norm_eps, int input_mode, float input_factor, "
-    "float input_eps) -> Tensor[]"))
+FORWARD_SCHEMA = ("(Tensor x, Tensor? residual, Tensor[] weights, Tensor[] norm, Tensor[] input_norm, str pool_types, "
+                  "str gate, str spatial_pool, int norm_mode, float norm_factor, float norm_eps, int input_mode, "
+                  "float input_factor, float input_eps) -> Tensor[]")  # both forward ops'
+
+
+def _forward_inputs(x: Tensor, weights: list[Tensor], norm: list[Tensor], input_norm: list[Tensor], norm_mode: int,
+                    norm_factor: float, norm_eps: float, input_mode: int, input_factor: float, input_eps: float):
+    """A forward op's arguments as the fused path takes them: ``(x in its engine's layout, CbamWeights, the
+    spatial norm's state, the folded norm's state, the selected engine)``, the states on copies of the running
+    statistics they update."""
+    selected = select(x)
+    return (_in_layout(selected[0], x), CbamWeights.from_flat(_holes(weights)),
+            _state(_holes(norm), norm_mode, norm_factor, norm_eps),
+            _state(_holes(input_norm), input_mode, input_factor, input_eps), selected)
+
+
+@torch.library.custom_op("cbam::fused_forward", mutates_args=(), schema=FORWARD_SCHEMA)
 def fused_forward(x: Tensor, residual: Tensor | None, weights: list[Tensor], norm: list[Tensor],
                   input_norm: list[Tensor], pool_types: str, gate: str, spatial_pool: str, norm_mode: int,
                   norm_factor: float, norm_eps: float, input_mode: int, input_factor: float,
@@ -103,18 +116,15 @@ def fused_forward(x: Tensor, residual: Tensor | None, weights: list[Tensor], nor
     running_mean, running_var, count]`` with its ``factor``, which is ``1 / count`` where ``count`` (its
     ``num_batches_tracked``, read when the op runs: a cumulative average) is given; empty tensors where an
     argument or a result does not exist."""
-    weights, norm, input_norm = _holes(weights), _holes(norm), _holes(input_norm)
-    norm_state = _state(norm, norm_mode, norm_factor, norm_eps)
-    input_state = _state(input_norm, input_mode, input_factor, input_eps)
-    selected = select(x)
-    x = _in_layout(selected[0], x)
+    inputs = [x, *(() if residual is None else (residual,)), *weights, *norm, *input_norm]
+    x, cbam_weights, norm_state, input_state, selected = _forward_inputs(
+        x, weights, norm, input_norm, norm_mode, norm_factor, norm_eps, input_mode, input_factor, input_eps)
     # a compiled graph may call the op inside an autocast region: compute in compute_dtype(x), as the fake says
     with autocast_off(x.device.type):
-        out, saved, _ = forward_saving(x, residual, _spec(pool_types, gate, spatial_pool, norm_state),
-                                       CbamWeights.from_flat(weights), input_state, selected)
+        out, saved, _ = forward_saving(x, residual, _spec(pool_types, gate, spatial_pool, norm_state), cbam_weights,
+                                       input_state, selected)
     return _unshared([out, *_statistics(x, norm_state, input_state),
-                      *(_empty(x) if saved.get(name) is None else saved[name] for name in SAVED)],
-                     [x, *(t for t in (residual, *weights, *norm, *input_norm) if t is not None)])
+                      *(_empty(x) if saved.get(name) is None else saved[name] for name in SAVED)], inputs)
 
 
 def _statistics(x: Tensor, *states: BatchNormState | None) -> list[Tensor]:
@@ -154,26 +164,20 @@ def _fake_statistics(x: Tensor, *norms: tuple[list[Tensor | None], int]) -> list
     return found
 
 
-@torch.library.custom_op("cbam::fused_inference", mutates_args=(), schema=(
-    "(Tensor x, Tensor? residual, Tensor[] weights, Tensor[] norm, Tensor[] input_norm, str pool_types, str gate, "
-    "str spatial_pool, int norm_mode, float norm_factor, float norm_eps, int input_mode, float input_factor, "
-    "float input_eps) -> Tensor[]"))
+@torch.library.custom_op("cbam::fused_inference", mutates_args=(), schema=FORWARD_SCHEMA)
 def fused_inference(x: Tensor, residual: Tensor | None, weights: list[Tensor], norm: list[Tensor],
                     input_norm: list[Tensor], pool_types: str, gate: str, spatial_pool: str, norm_mode: int,
                     norm_factor: float, norm_eps: float, input_mode: int, input_factor: float,
                     input_eps: float) -> list[Tensor]:
     """``fused_forward``'s first five results (``[out, norm's new running mean and var, input norm's]``) for a
     call that records no gradient: what ``fused_cbam`` computes without autograd, nothing kept for a backward."""
-    weights, norm, input_norm = _holes(weights), _holes(norm), _holes(input_norm)
-    norm_state = _state(norm, norm_mode, norm_factor, norm_eps)
-    input_state = _state(input_norm, input_mode, input_factor, input_eps)
-    selected = select(x)
-    x = _in_layout(selected[0], x)
+    inputs = [x, *(() if residual is None else (residual,)), *weights, *norm, *input_norm]
+    x, cbam_weights, norm_state, input_state, selected = _forward_inputs(
+        x, weights, norm, input_norm, norm_mode, norm_factor, norm_eps, input_mode, input_factor, input_eps)
     with autocast_off(x.device.type):
-        out = forward_without_saving(x, residual, _spec(pool_types, gate, spatial_pool, norm_state),
-                                     CbamWeights.from_flat(weights), input_state, selected)
-    return _unshared([out, *_statistics(x, norm_state, input_state)],
-                     [x, *(t for t in (residual, *weights, *norm, *input_norm) if t is not None)])
+        out = forward_without_saving(x, residual, _spec(pool_types, gate, spatial_pool, norm_state), cbam_weights,
+                                     input_state, selected)
+    return _unshared([out, *_statistics(x, norm_state, input_state)], inputs)
 
 
 @fused_inference.register_fake
