@@ -118,3 +118,12 @@ def test_a_key_that_misses_compiled_kernels_turns_the_direct_path_off():
     assert found["after_compiling"] == launching.DIRECT  # compiling launches never count as a miss
     assert found["after_a_miss"] is False
     assert found["launches"] == 6  # an eval call's kernels, each launched once
+
+
+def test_only_the_checked_triton_releases_launch_directly():
+    from cbam.ops.engines.triton_ops import launch as launching
+
+    assert launching._checked_release("3.6.0") and launching._checked_release("3.8.0")
+    assert launching._checked_release("3.7.1+git1234")
+    assert not launching._checked_release("3.4.0") and not launching._checked_release("3.9.0")
+    assert not launching._checked_release("4.0.0") and not launching._checked_release("nightly")

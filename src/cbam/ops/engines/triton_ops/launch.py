@@ -7,7 +7,7 @@ the launch metadata around it). Once a specialisation is compiled, ``launch`` ke
 and performs the launch: Triton's own binder and cache key pick the compiled kernel exactly as
 ``run`` would, and its launcher is called with the same arguments ``run`` passes. Anything else takes
 Triton's own path: the interpreter, a first (compiling) launch, launch hooks (profilers such as
-proton), pre-run hooks, an asynchronous compile, a Triton whose internals differ from 3.6-3.8's, or
+proton), pre-run hooks, an asynchronous compile, a Triton outside the releases checked (3.6 to 3.8), or
 ``CBAM_DIRECT_LAUNCH=0`` in the environment. Where Triton's path then finds a compiled kernel that
 the direct lookup missed (a Triton whose cache key is built otherwise), every later launch takes
 Triton's path. Skipped from ``run``: its check that the globals a kernel read at compile time are
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 
+import triton
 from triton import knobs
 from triton.runtime import driver
 
@@ -27,7 +28,20 @@ try:  # the internals the direct path relies on (Triton 3.6 to 3.8); without the
 except ImportError:  # pragma: no cover - an older or newer Triton
     CompiledKernel = compute_cache_key = None
 
-DIRECT = compute_cache_key is not None and os.environ.get("CBAM_DIRECT_LAUNCH", "1") != "0"
+CHECKED = ((3, 6), (3, 8))  # the Triton releases whose JITFunction.run the direct path follows (read in both)
+
+
+def _checked_release(version: str) -> bool:
+    """Whether Triton ``version`` lies between the releases the direct path was checked against."""
+    try:
+        release = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return False
+    return CHECKED[0] <= release <= CHECKED[1]
+
+
+DIRECT = (compute_cache_key is not None and _checked_release(triton.__version__)
+          and os.environ.get("CBAM_DIRECT_LAUNCH", "1") != "0")
 
 
 def _active(hook) -> bool:
