@@ -45,6 +45,12 @@ with launch_path_without_gpu(record=record), engines.using("triton"):
                     out = module(x, shortcut, input_norm=norm)
                     if training:
                         out.float().sum().backward()
+    # the same shapes at an address 4 bytes off 16-byte alignment, after the aligned ones: another specialisation
+    module = cbam.CBAM(24, preset="timm", impl="fused").eval()
+    aligned = torch.randn(2, 24, 5, 6)
+    misaligned = torch.randn(aligned.numel() + 1)[1:].view(aligned.shape)
+    for x in (aligned, misaligned, aligned, misaligned):
+        module(x)
 
 hooks_empty = True
 compared, direct_launches, failures = 0, 0, []
@@ -64,7 +70,9 @@ for name, launches in pairs:
     if not same:
         failures.append(f"{name}: {ours!r} != {theirs!r}")
 print(json.dumps({"compared": compared, "direct": direct_launches, "hooks_empty": hooks_empty,
-                  "capable": launching.DIRECT, "failures": failures[:5]}))
+                  "capable": launching.DIRECT, "failures": failures[:5],
+                  "kernels": len({id(launches[1][0]) for _, launches in pairs if len(launches) == 2}),
+                  "kernels_aligned": len({id(launches[1][0]) for _, launches in pairs[:-24] if len(launches) == 2})}))
 """
 
 
@@ -84,6 +92,7 @@ def test_direct_launch_passes_the_launcher_what_triton_passes():
     assert found["failures"] == []
     assert found["hooks_empty"]
     assert found["compared"] > 100
+    assert found["kernels"] > found["kernels_aligned"]  # the misaligned input launched kernels of its own
     if found["capable"]:  # Triton 3.6-3.8 (torch 2.8's 3.4 takes Triton's own path, its hooks None as well)
         # every launch but each specialisation's first (it compiles) went direct
         assert found["direct"] > found["compared"] // 2
