@@ -90,13 +90,13 @@ def launch(kernel, grid: tuple[int, ...], *args, **constants) -> None:
     remembered = _REMEMBERED.setdefault(kernel, {})
     found = remembered.get(signature)
     if found is None:  # Triton's binder and cache key, as ``run``: the options in its order (the key is their text)
-        bound, specialisation, options = caches[device][4](*args, **constants, debug=debug,
-                                                           instrumentation_mode=mode)
-        compiled = caches[device][0].get(compute_cache_key(caches[device][1], specialisation, options))
+        kernel_cache, key_cache, _, _, binder = caches[device]
+        bound, specialisation, options = binder(*args, **constants, debug=debug, instrumentation_mode=mode)
+        compiled = kernel_cache.get(compute_cache_key(key_cache, specialisation, options))
         if type(compiled) is not CompiledKernel:  # not compiled yet, or a future of an asynchronous compile
-            known = len(caches[device][0])
+            known = len(kernel_cache)
             kernel[grid](*args, **constants)
-            if len(caches[device][0]) == known:  # Triton found a kernel under another key: its internals differ
+            if len(kernel_cache) == known:  # Triton found a kernel under another key: its internals differ
                 _give_up()
             return
         if len(remembered) >= REMEMBERED:
