@@ -102,9 +102,9 @@ def check(shapes: list[tuple[int, int]], batch: int, device: str) -> list[str]:
                 with tile_policy(values), recorder:
                     results[name] = _training_results(channels, size, batch, device, torch.float32)
             for name in POLICIES:
-                for what, got, want in zip(("output", "input grad", "parameter grads"), results[name],
-                                           results["default"]):
+                for index, (got, want) in enumerate(zip(results[name], results["default"], strict=True)):
                     if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+                        what = ("output", "input grad")[index] if index < 2 else f"parameter {index - 2}'s grad"
                         error = (got - want).abs().max().item()
                         problems.append(f"{channels}x{size}, {name}: {what} differs from the default's by {error:.3g}")
     for name in POLICIES:

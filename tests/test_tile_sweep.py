@@ -67,3 +67,22 @@ def test_sweep_needs_cuda_and_shapes_are_checked(tile_sweep, capsys):
         assert "needs a CUDA device" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="CxH"):
         tile_sweep.main(["--check", "--shapes", "64by8"])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the check runs in Triton's interpreter here")
+def test_a_wrong_gradient_under_a_policy_is_named(tile_sweep, monkeypatch):
+    """Every parameter's gradient is compared, the last one too (here made wrong under one policy)."""
+    real = tile_sweep._training_results
+
+    def spoiled(*args):
+        results = real(*args)
+        from cbam.ops.engines.triton_ops import common
+
+        if common.TILE == 1024:
+            results[-1] = results[-1] + 1
+        return results
+
+    monkeypatch.setattr(tile_sweep, "_training_results", spoiled)
+    problems = tile_sweep.check([(64, 8)], batch=2, device="cpu")
+    assert any(line.startswith("64x8, TILE=1024: parameter") for line in problems)
+    assert not any("TILE=4096" in line and "differs" in line for line in problems)
