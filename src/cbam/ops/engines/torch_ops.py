@@ -192,8 +192,9 @@ def batch_norm_pool(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: 
     channel_index (B, C)``, the batch ``mean``, biased ``var``, ``invstd (C)`` and the map ``(2, C)``. The mean
     is the rows' means' mean, a sum over the count as torch's BatchNorm takes it (``var_mean``'s Welford mean
     is NaN, not ±inf, for a channel holding an infinity), and ``avg`` the map of the rows' means."""
-    rows = wide(x).mean(2)
-    mean, var = rows.mean(0), torch.var(wide(x), dim=(0, 2), correction=0)
+    widened = wide(x)
+    rows = widened.mean(2)
+    mean, var = rows.mean(0), torch.var(widened, dim=(0, 2), correction=0)
     affine = batch_norm_affine(weight, bias, mean, var, eps)
     peak, index = normed(x, affine).max(2)
     return [affine[0] * rows + affine[1], peak, index, mean, var, torch.rsqrt(var + eps), affine]

@@ -153,8 +153,8 @@ def channel_gate(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef: lis
     launch(_hidden_kernel, _grid(blocks, B=B, H=H),
         avg, peak, fc1_w, fc1_b, hidden, B, C, H, **_coefficients(avg_coef, max_coef), POOLS=len(avg_coef),
         BIAS=fc1_b is not None, ACC=acc, **blocks)
-    launch(_gate_kernel, _grid(blocks, B=B, C=C), hidden, fc2_w, fc2_b, mc, B, C, H, POOLS=len(avg_coef),
-                                          BIAS=fc2_b is not None, HARD=hard, ACC=acc, **blocks)
+    launch(_gate_kernel, _grid(blocks, B=B, C=C),
+        hidden, fc2_w, fc2_b, mc, B, C, H, POOLS=len(avg_coef), BIAS=fc2_b is not None, HARD=hard, ACC=acc, **blocks)
     return mc
 
 
