@@ -6,7 +6,8 @@ differ):
     python benchmarks/resnet_overhead.py --label new          # this checkout, as installed
 
 Prints one line: the median over rounds of each round's ratio of ``attention="cbam"`` (``preset="timm"``,
-``impl="auto"``) to ``attention=None``, for a training step and for an inference (``--compile``: of both
+``impl="auto"`` or ``--impl``; ``--channels-last``: both networks and the input channels-last) to
+``attention=None``, for a training step and for an inference (``--compile``: of both
 models compiled by ``torch.compile``, each mode compiled apart); ``--save PATH`` also
 appends every round's overheads to PATH as one JSON line, to pool many processes:
 
@@ -35,6 +36,10 @@ def main() -> None:
     parser.add_argument("--label", default="cbam")
     parser.add_argument("--compile", action="store_true",
                         help="time torch.compile of both models (inductor; the first round, compiling, not counted)")
+    parser.add_argument("--impl", default="auto", choices=("auto", "fused", "reference"),
+                        help="the CBAM network's impl= (default auto)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="run both models and the input in torch.channels_last memory format")
     parser.add_argument("--save", help="append this run's per-round overheads to this file (JSON lines)")
     parser.add_argument("--pool", help="print the medians and quartiles per label of the runs saved in this file")
     args = parser.parse_args()
@@ -51,7 +56,10 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(8, 3, 224, 224)
     built = {"none": cbam.models.resnet50(attention=None),
-             "cbam": cbam.models.resnet50(attention="cbam", preset="timm")}
+             "cbam": cbam.models.resnet50(attention="cbam", preset="timm", impl=args.impl)}
+    if args.channels_last:
+        x = x.to(memory_format=torch.channels_last)
+        built = {name: model.to(memory_format=torch.channels_last) for name, model in built.items()}
     found = {}
     for mode in ("train", "inference"):
         for model in built.values():

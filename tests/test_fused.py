@@ -12,6 +12,7 @@ import cbam
 from cbam.ops import engines
 from cbam.ops.engines import cpp, torch_ops
 from cbam.profile.benchmark import saved_bytes
+from layouts import channels_last, laid_out
 
 F64 = torch.float64
 ENGINES = ["torch"] + (["cpp"] if cpp.engine() is not None else [])
@@ -60,6 +61,7 @@ def cases(draw):
         "spatial_pool": draw(st.sampled_from(["concat", "mix"])),
         "train": draw(st.booleans()),
         "residual": draw(st.booleans()),
+        "layout": draw(st.sampled_from(["contiguous", "channels_last"])),
         "seed": draw(st.integers(0, 2**16)),
     }
 
@@ -74,7 +76,7 @@ def test_fused_equals_reference_on_random_shapes(engine, case):
     fast.train(case["train"])
     slow.train(case["train"])
     x = torch.randn(case["shape"], dtype=F64, generator=torch.Generator().manual_seed(case["seed"]))
-    upstream = torch.randn(case["shape"], dtype=F64)
+    x, upstream = laid_out(x, case["layout"]), laid_out(torch.randn(case["shape"], dtype=F64), case["layout"])
     residual = torch.randn(case["shape"], dtype=F64) if case["residual"] else None
     found = [outputs_and_grads(module, x, upstream, residual) for module in (fast, slow)]
     for got, want in zip(*found):
@@ -126,7 +128,7 @@ def test_fused_on_other_layouts(engine, layout, with_residual):
     fast, slow = pair(6, 3, 2, preset="official")
     x = torch.randn(2, 6, 5, 7, dtype=F64)
     if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
+        x = channels_last(x)
     elif layout == "transposed":
         x = torch.randn(2, 6, 7, 5, dtype=F64).transpose(2, 3)
     else:

@@ -38,9 +38,12 @@ def pair(preset, pools, dtype=torch.float32):
     return reference.eval(), fused.eval(), norm.eval()
 
 
-def inputs(dtype=torch.float32):
-    """``(name, x)``: a random input with one value made NaN or ±inf at an element, a position or a channel."""
+def inputs(dtype=torch.float32, layout="contiguous"):
+    """``(name, x)``: a random input with one value made NaN or ±inf at an element, a position or a channel,
+    laid out contiguous or channels-last."""
     base = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    if layout == "channels_last":
+        base = base.contiguous(memory_format=torch.channels_last)
     for value in VALUES:
         for where, index in WHERE.items():
             x = base.clone()
@@ -70,9 +73,9 @@ def same_non_finite(reference, fused, what):
 
 def configurations(test):
     """Both sweeps' cases: the paper's and the official preset, each pool form, with and without the residual
-    tail (and the folded BatchNorm)."""
+    tail (and the folded BatchNorm), contiguous and channels-last."""
     for name, values in (("tail", [False, True]), ("pools", [None, ("avg",), ("max",), ("mix",)]),
-                         ("preset", [None, "official"])):
+                         ("preset", [None, "official"]), ("layout", ["contiguous", "channels_last"])):
         test = pytest.mark.parametrize(name, values)(test)
     return test
 
@@ -84,21 +87,21 @@ def engine(request):
 
 
 @configurations
-def test_non_finite_input_shows_in_the_output_as_in_the_reference(engine, preset, pools, tail):
+def test_non_finite_input_shows_in_the_output_as_in_the_reference(engine, preset, pools, tail, layout):
     """Inference (the C++ forward tracks no arg-maxima there); the gradient test covers the recorded forward."""
     reference, fused, norm = pair(preset, pools)
     residual = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2)) if tail else None
-    for name, x in inputs():
+    for name, x in inputs(layout=layout):
         expected, _ = run(reference, x, residual, norm if tail else None, grad=False)
         found, _ = run(fused, x, residual, norm if tail else None, grad=False)
         same_non_finite(expected, found, f"{name}{' with the tail' if tail else ''}")
 
 
 @configurations
-def test_gradients_of_non_finite_input_are_nan_where_the_reference_has_nan(engine, preset, pools, tail):
+def test_gradients_of_non_finite_input_are_nan_where_the_reference_has_nan(engine, preset, pools, tail, layout):
     reference, fused, norm = pair(preset, pools)
     residual = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2)) if tail else None
-    for name, x in inputs():
+    for name, x in inputs(layout=layout):
         if not name.endswith("element"):  # the other places: in the forward test (the interpreter is slow)
             continue
         out, expected = run(reference, x, residual, norm if tail else None, grad=True)
@@ -113,13 +116,18 @@ def test_gradients_of_non_finite_input_are_nan_where_the_reference_has_nan(engin
             assert found[key].isnan().any() == grad.isnan().any(), f"{what}: NaN in one, not in the other"
 
 
-def test_pooling_passes_take_a_nan_as_the_maximum(engine):
+@pytest.mark.parametrize("channels", [8, 37])  # channels-last: whole vectors of channels, and a rest
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_pooling_passes_take_a_nan_as_the_maximum(engine, layout, channels):
     """``pool`` and ``gated_stats``: a NaN after the first value of a row is its maximum at its first index, as
     for ``torch.max``; +inf and -inf (a NaN sum, no NaN) leave the maximum +inf."""
-    x = torch.randn(2, 8, 100, generator=torch.Generator().manual_seed(1))  # whole vectors and a rest
+    x = torch.randn(2, channels, 100, generator=torch.Generator().manual_seed(1))  # whole vectors and a rest
     x[0, 3, [5, 9]] = x[1, [2, 6], 7] = x[1, [4, 5], 97] = float("nan")
     x[0, 5, [20, 30]] = x[0, [1, 2], 40] = x[0, [3, 4], 98] = torch.tensor([float("inf"), float("-inf")])
-    mc = torch.rand(2, 8, generator=torch.Generator().manual_seed(2))
+    x[1, [3, channels - 2], 50] = float("nan")  # a NaN among the last channels (channels-last: the rest)
+    if layout == "channels_last":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    mc = torch.rand(2, channels, generator=torch.Generator().manual_seed(2))
     passes = engines.select(x)[1]
     pooled, gated = passes.pool(x)[1:], passes.gated_stats(x, mc)[1:]
     for found, (peak, index) in ((pooled, x.max(2)), (gated, (x * mc[..., None]).max(1))):

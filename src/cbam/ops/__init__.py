@@ -8,10 +8,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .engines import engine_for, reads_any_layout, requested
+from .engines import engine_for, requested
 from .fused import CbamWeights, FusedCBAM, FusedSpec, compute_dtype, folds_input_norm, fused_cbam
 
 IMPLS = ("auto", "reference", "fused")
+# The devices where "auto" keeps the fused op under torch.compile. Not the CPU: there inductor's own code for
+# the reference, compiled with the network, measured faster in inference than the op (ResNet-50; BENCHMARKS.md).
+COMPILED_OP_DEVICES = frozenset({"cuda"})
 
 
 def fused_applies(impl: str, order: str, x: Tensor) -> bool:
@@ -20,21 +23,19 @@ def fused_applies(impl: str, order: str, x: Tensor) -> bool:
     ``"auto"`` takes it for channel-first CBAM where a compiled engine covers ``x`` (``engine_for``
     names ``cpp`` or ``triton``; or ``CBAM_ENGINE=torch`` asks for the plain-torch passes), under
     autocast too (the gates then compute in float32 and the output keeps ``x``'s dtype) and under
-    ``torch.compile`` on a device whose compiled engine reads channels-last tensors too (CUDA: through
-    the ``torch.library`` ops, where they cover the module: see ``CBAM.fuses``). Not under
-    ``torch.compile`` on the CPU: inductor runs a CPU network's convolutions channels-last, and the C++
-    engine reads contiguous tensors only, so each CBAM would cost two layout copies; the reference,
-    compiled with the network, is faster there. Nor while tracing with ``torch.jit`` or exporting with
-    ``torch.export`` (ONNX and other exporters see the reference's standard ops), nor inside a
-    ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``: per-sample gradients), which the fused
-    autograd function cannot enter.
+    ``torch.compile`` on CUDA (``COMPILED_OP_DEVICES``: through the ``torch.library`` ops, where they cover
+    the module: see ``CBAM.fuses``). Not under ``torch.compile`` on the CPU: there inductor compiles the
+    reference with the network into code that measured faster in inference than the op. Nor while
+    tracing with ``torch.jit`` or exporting with ``torch.export`` (ONNX and other exporters see the
+    reference's standard ops), nor inside a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``:
+    per-sample gradients), which the fused autograd function cannot enter.
     """
     if impl != "auto":
         return impl == "fused"
     if order != "channel-spatial" or not x.is_floating_point() or torch.jit.is_tracing():
         return False
     if torch.compiler.is_compiling():  # the op picks its engine when it runs; exports see the reference's ops
-        return not _exporting() and reads_any_layout(x.device.type)
+        return not _exporting() and x.device.type in COMPILED_OP_DEVICES
     return not _transformed() and (engine_for(x) != "torch" or requested() == "torch")
 
 

@@ -228,7 +228,7 @@ def _native_forward(passes, x: Tensor, residual: Tensor | None, spec: FusedSpec,
         fc2_w=weights.fc2_weight.contiguous(), fc2_b=_contiguous(weights.fc2_bias),
         conv_w=weights.conv[0].contiguous(), kernel=_padded(weights.conv[0].shape[2:]),
         hard=spec.gate == "hard-sigmoid", **_finishing(fixed_norm),
-        residual=_contiguous(residual), input_affine=None if input_norm is None else input_norm.affine,
+        residual=residual, input_affine=None if input_norm is None else input_norm.affine,
         overwrite=overwrite, pooled=[] if input_norm is None or input_norm.pooled is None else list(input_norm.pooled),
         indices=indices)
 
@@ -358,6 +358,16 @@ def _strides_of(t: Tensor, like: Tensor) -> Tensor:
     if t.stride() != like.stride() and all(a == b or n == 1 for a, b, n in zip(t.stride(), like.stride(), t.shape)):
         return t.as_strided(t.shape, like.stride(), t.storage_offset())
     return t
+
+
+def _laid_out_as(t: Tensor | None, x: Tensor) -> Tensor | None:
+    """``t`` (shaped like ``x``) with ``x``'s strides, which the backward passes read every large tensor in
+    (already the engine's layout): itself, a view, or a copy where ``t`` comes in another layout (a gradient,
+    or under ``torch.compile`` a saved tensor)."""
+    if t is None:
+        return None
+    t = _strides_of(t, x)
+    return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
 
 
 @dataclass
@@ -545,12 +555,10 @@ def backward_from(grad: Tensor, saved: dict[str, Tensor | None], weights: CbamWe
     computed = weights.to(saved["mc"].dtype)
     spec, passes = plan.spec, plan.passes
     x, mc, ms = saved["x"], saved["mc"], saved["ms"]
-    grad = _strides_of(grad, x)
-    if grad.stride() != x.stride():  # another layout than the input's (already the engine's): the passes' outputs
-        grad = torch.empty_like(x).copy_(grad)  # follow the gradient's
+    grad, rectified = _laid_out_as(grad, x), _laid_out_as(saved["rectified"], x)
     flat = (*x.shape[:2], plan.spatial.numel())
     x3, g3 = x.reshape(flat), grad.reshape(flat)
-    rectified = None if saved["rectified"] is None else saved["rectified"].reshape(flat)
+    rectified = None if rectified is None else rectified.reshape(flat)
     affine, in_mean, in_spread = (saved.get(name) for name in ("affine", "in_mean", "in_spread"))
     pooled = {kind: saved[f"pooled_{kind}"] for kind in plan.pool_names}
 

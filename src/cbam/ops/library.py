@@ -89,6 +89,11 @@ def _spec(pool_types: str, gate: str, spatial_pool: str, norm: BatchNormState | 
     return FusedSpec(tuple(pool_types.split(",")), gate, spatial_pool, norm)
 
 
+# The engines read contiguous and channels-last tensors (and copy any other layout), so inductor may pass the
+# ops whatever layout it gives their inputs: without the tag it would copy them back to the strides they had
+# when traced (on the CPU, inductor runs convolutions channels-last: two copies per CBAM).
+READS_ANY_LAYOUT = (torch.Tag.flexible_layout,)
+
 # The schemas are written out: torch before 2.5 cannot infer one from postponed (string) annotations.
 FORWARD_SCHEMA = ("(Tensor x, Tensor? residual, Tensor[] weights, Tensor[] norm, Tensor[] input_norm, str pool_types, "
                   "str gate, str spatial_pool, int norm_mode, float norm_factor, float norm_eps, int input_mode, "
@@ -106,7 +111,7 @@ def _forward_inputs(x: Tensor, weights: list[Tensor], norm: list[Tensor], input_
             _state(_holes(input_norm), input_mode, input_factor, input_eps), selected)
 
 
-@torch.library.custom_op("cbam::fused_forward", mutates_args=(), schema=FORWARD_SCHEMA)
+@torch.library.custom_op("cbam::fused_forward", mutates_args=(), schema=FORWARD_SCHEMA, tags=READS_ANY_LAYOUT)
 def fused_forward(x: Tensor, residual: Tensor | None, weights: list[Tensor], norm: list[Tensor],
                   input_norm: list[Tensor], pool_types: str, gate: str, spatial_pool: str, norm_mode: int,
                   norm_factor: float, norm_eps: float, input_mode: int, input_factor: float,
@@ -164,7 +169,7 @@ def _fake_statistics(x: Tensor, *norms: tuple[list[Tensor | None], int]) -> list
     return found
 
 
-@torch.library.custom_op("cbam::fused_inference", mutates_args=(), schema=FORWARD_SCHEMA)
+@torch.library.custom_op("cbam::fused_inference", mutates_args=(), schema=FORWARD_SCHEMA, tags=READS_ANY_LAYOUT)
 def fused_inference(x: Tensor, residual: Tensor | None, weights: list[Tensor], norm: list[Tensor],
                     input_norm: list[Tensor], pool_types: str, gate: str, spatial_pool: str, norm_mode: int,
                     norm_factor: float, norm_eps: float, input_mode: int, input_factor: float,
@@ -187,7 +192,7 @@ def _(x, residual, weights, norm, input_norm, pool_types, gate, spatial_pool, no
     return [torch.empty_like(_as_read(x)), *statistics]
 
 
-@torch.library.custom_op("cbam::fused_backward", mutates_args=(), schema=(
+@torch.library.custom_op("cbam::fused_backward", mutates_args=(), tags=READS_ANY_LAYOUT, schema=(
     "(Tensor grad, Tensor x, Tensor? rectified, Tensor[] saved, Tensor[] weights, Tensor[] norm, Tensor? input_weight, "
     "str pool_types, str gate, str spatial_pool, int norm_mode, float norm_eps, int input_mode, float input_eps) "
     "-> Tensor[]"))

@@ -7,7 +7,7 @@ portable definition, every other engine tested against it). Each declares what i
 engine    devices                       dtypes                           layouts
 ========  ============================  ===============================  ==========================
 torch     any                           any floating                     any (copies where needed)
-cpp       cpu                           float32, float64                 contiguous
+cpp       cpu                           float32, float64                 contiguous, channels-last
 triton    cuda (cpu: TRITON_INTERPRET)  float32, float64, bf16, fp16     contiguous, channels-last
 ========  ============================  ===============================  ==========================
 
@@ -105,20 +105,12 @@ def _imported(module_name: str) -> ModuleType | None:
 ENGINES = {
     "torch": Engine("torch", frozenset({"cpu", "cuda", "mps", "xpu", "meta"}), WIDE_DTYPES | HALF_DTYPES, True,
                     frozenset({"fold"}), ".torch_ops"),
-    "cpp": Engine("cpp", frozenset({"cpu"}), WIDE_DTYPES, False, frozenset({"forward", "spatial-backward", "fold"}),
+    "cpp": Engine("cpp", frozenset({"cpu"}), WIDE_DTYPES, True, frozenset({"forward", "spatial-backward", "fold"}),
                   ".cpp", lambda module: module.engine()),
     "triton": Engine("triton", frozenset({"cuda"}), WIDE_DTYPES | HALF_DTYPES, True,
                      frozenset({"spatial-logits", "spatial-norm", "spatial-backward", "fold"}), ".triton_ops"),
 }
 AUTO = {"cpu": ("cpp",), "cuda": ("triton",)}  # the compiled engine tried first on each device
-
-
-def reads_any_layout(device_type: str) -> bool:
-    """Whether the compiled engine ``auto`` tries first on this device reads channels-last tensors as well as
-    contiguous ones (Triton on CUDA; not the C++ engine on the CPU), so that whatever layout
-    ``torch.compile`` gives a tensor reaches it uncopied."""
-    first = AUTO.get(device_type)
-    return first is not None and ENGINES[first[0]].channels_last
 
 
 def requested() -> str:

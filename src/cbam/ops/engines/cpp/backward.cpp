@@ -41,14 +41,15 @@ GateSums<scalar_t> gate_grads_row(const scalar_t* __restrict grad, const scalar_
   return {dot, gated, centred};
 }
 
-// gate_grads' work, task by task: grad, x, rectified and through (B, C, S), mc (B, C), ms (B, S), centre
-// (C) or null, channel_index and peaks (B, C).
+// gate_grads' work, task by task: grad, x, rectified and through (B, C, S), all contiguous or (rows_last)
+// all channels-last, mc (B, C), ms (B, S), centre (C) or null, channel_index and peaks (B, C).
 template <typename scalar_t>
 struct GateGrads {
   const scalar_t *grad, *x, *mc, *ms, *rectified, *centre;
   const int64_t* channel_index;
   scalar_t *through, *peaks;
   int64_t C, S;
+  bool rows_last;
 
   // gate_grads_row from element row = (b, c, s0) on, with the ReLU and the centred sums known at
   // compile time.
@@ -63,6 +64,13 @@ struct GateGrads {
   // each row's GateSums; and the row maxima that lie among these positions.
   template <typename Norm>
   void task(Norm norm, int64_t b, int64_t s0, int64_t n, scalar_t* acc, scalar_t* found) const {
+    if (rows_last) {
+      if (rectified)
+        centre ? rows_task<true, true>(norm, b, s0, n, acc, found) : rows_task<true, false>(norm, b, s0, n, acc, found);
+      else
+        centre ? rows_task<false, true>(norm, b, s0, n, acc, found) : rows_task<false, false>(norm, b, s0, n, acc, found);
+      return;
+    }
     const scalar_t* gate = ms + b * S + s0;
     std::fill(acc, acc + n, scalar_t(0));
     for (int64_t c = 0; c < C; ++c) {
@@ -79,6 +87,45 @@ struct GateGrads {
       }
       const int64_t at = channel_index[b * C + c] - s0;  // the row's maximum, if in this task's positions
       if (at >= 0 && at < n) peaks[b * C + c] = norm[c](x[row + at]);
+    }
+  }
+
+  // task() for channels-last tensors: position by position, a row of C channels each; the position's share
+  // of d_ms summed along its row, the channels' GateSums in arrays along the channels (found).
+  template <bool kRectified, bool kCentred, typename Norm>
+  void rows_task(Norm norm, int64_t b, int64_t s0, int64_t n, scalar_t* acc, scalar_t* found) const {
+    scalar_t* __restrict dot = found;
+    scalar_t* __restrict gated = found + C;
+    scalar_t* __restrict centred = found + 2 * C;
+    std::fill(found, found + (kCentred ? 3 : 1) * C, scalar_t(0));
+    const scalar_t* __restrict m = mc + b * C;
+    for (int64_t s = 0; s < n; ++s) {
+      const int64_t row = (b * S + s0 + s) * C;
+      const scalar_t gate = ms[b * S + s0 + s];
+      const scalar_t* __restrict g_row = grad + row;
+      const scalar_t* __restrict x_row = x + row;
+      scalar_t sum = 0;
+#pragma GCC ivdep
+      for (int64_t c = 0; c < C; ++c) {
+        scalar_t g = g_row[c];
+        if constexpr (kRectified) {
+          g = rectified[row + c] <= 0 ? scalar_t(0) : g;
+          through[row + c] = g;
+        }
+        const scalar_t t = g * norm[c](x_row[c]);
+        sum += t * m[c];
+        dot[c] += t * gate;
+        if constexpr (kCentred) {
+          const scalar_t u = g * gate;
+          gated[c] += u;
+          centred[c] += u * (x_row[c] - centre[c]);
+        }
+      }
+      acc[s] = sum;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t at = channel_index[b * C + c] - s0;  // the channel's maximum, if in this task's positions
+      if (at >= 0 && at < n) peaks[b * C + c] = norm[c](x[(b * S + s0 + at) * C + c]);
     }
   }
 };
@@ -112,6 +159,38 @@ void stats_grad_sample(const scalar_t* x, const scalar_t* w, const scalar_t* d_p
   }
 }
 
+// stats_grad_sample for one channels-last sample: x (S rows of C), the channels' sums in arrays along the
+// channels while the rows stream by.
+template <typename scalar_t, typename Norm>
+void stats_grad_rows(const scalar_t* x, const scalar_t* w, const scalar_t* d_peak, const int64_t* index,
+                     const scalar_t* centre, Norm norm, int64_t C, int64_t S, scalar_t* out, scalar_t* centred) {
+  scalar_t* __restrict dot = out;
+  std::fill(dot, dot + C, scalar_t(0));
+  if (centre) std::fill(centred, centred + 2 * C, scalar_t(0));
+  for (int64_t s = 0; s < S; ++s) {
+    const scalar_t* __restrict row = x + s * C;
+    const scalar_t ws = w[s];
+    if (centre) {
+      scalar_t* __restrict weighted = centred;
+      scalar_t* __restrict offsets = centred + C;
+#pragma GCC ivdep
+      for (int64_t c = 0; c < C; ++c) {
+        dot[c] += ws * norm[c](row[c]);
+        weighted[c] += ws * (row[c] - centre[c]);
+        offsets[c] += row[c] - centre[c];
+      }
+    } else {
+#pragma GCC ivdep
+      for (int64_t c = 0; c < C; ++c) dot[c] += ws * norm[c](row[c]);
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) dot[c] /= C;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t c = index[s];
+    out[c] += d_peak[s] * norm[c](x[s * C + c]);
+  }
+}
+
 // CBAM's input gradient, the pieces it is made of: per element grad (B, C, S) through the gates mc
 // (B, C) and ms (B, S), per row mc d_mean / C (d_mean (B, S)) and d_avg / S (d_avg (B, C)), and the
 // maxima's shares: d_max (B, C) at each row's channel_index, d_peak (B, S) mc at each position's
@@ -119,22 +198,31 @@ void stats_grad_sample(const scalar_t* x, const scalar_t* w, const scalar_t* d_p
 template <typename scalar_t>
 struct InputGradient {
   int64_t B, C, S;
+  bool rows_last;  // grad, x and the output channels-last rather than contiguous
   const scalar_t *grad, *mc, *ms, *d_mean, *d_peak, *d_avg, *d_max;
   const int64_t *index, *channel_index;
 
   InputGradient(const at::Tensor& grad_, const at::Tensor& mc_, const at::Tensor& ms_, const at::Tensor& d_mean_,
                 const at::Tensor& d_peak_, const at::Tensor& index_, const at::Tensor& d_avg_,
                 const at::Tensor& d_max_, const at::Tensor& channel_index_)
-      : B(grad_.size(0)), C(grad_.size(1)), S(grad_.size(2)), grad(grad_.data_ptr<scalar_t>()),
+      : B(grad_.size(0)), C(grad_.size(1)), S(grad_.size(2)), rows_last(channels_last(grad_)),
+        grad(grad_.data_ptr<scalar_t>()),
         mc(mc_.data_ptr<scalar_t>()), ms(ms_.data_ptr<scalar_t>()), d_mean(d_mean_.data_ptr<scalar_t>()),
         d_peak(d_peak_.data_ptr<scalar_t>()), d_avg(d_avg_.data_ptr<scalar_t>()), d_max(d_max_.data_ptr<scalar_t>()),
         index(index_.data_ptr<int64_t>()), channel_index(channel_index_.data_ptr<int64_t>()) {}
 
   // Writes out (B, C, S) = a[c] dy + shift[c] + slope[c] (x - centre[c]) for CBAM's input gradient dy,
   // a BatchNorm's backward (kNormed), or dy itself.
+  // The offset of element (b, c, s) in grad, x and the output.
+  int64_t offset(int64_t b, int64_t c, int64_t s) const { return rows_last ? (b * S + s) * C + c : (b * C + c) * S + s; }
+
   template <bool kNormed>
   void write(scalar_t* out, const scalar_t* x = nullptr, const scalar_t* a = nullptr, const scalar_t* shift = nullptr,
              const scalar_t* slope = nullptr, const scalar_t* centre = nullptr) const {
+    if (rows_last) {
+      write_rows<kNormed>(out, x, a, shift, slope, centre);
+      return;
+    }
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / C, c = r % C;
@@ -165,6 +253,54 @@ struct InputGradient {
       }
     });
   }
+
+  // write() for channels-last tensors: position by position, a row of C channels each.
+  template <bool kNormed>
+  void write_rows(scalar_t* out, const scalar_t* x, const scalar_t* a, const scalar_t* shift, const scalar_t* slope,
+                  const scalar_t* centre) const {
+    std::vector<scalar_t> m_over_c(B * C), avg_shares(B * C);
+    for (int64_t r = 0; r < B * C; ++r) {
+      m_over_c[r] = mc[r] / C;
+      avg_shares[r] = d_avg[r] / S;
+    }
+    const int64_t K = chunks(S);
+    at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / K, s0 = (task % K) * kChunk, s1 = std::min(S, s0 + kChunk);
+        const scalar_t* __restrict m = mc + b * C;
+        const scalar_t* __restrict m_c = m_over_c.data() + b * C;
+        const scalar_t* __restrict avg_share = avg_shares.data() + b * C;
+        for (int64_t s = s0; s < s1; ++s) {
+          const int64_t row = (b * S + s) * C;
+          const scalar_t gate = ms[b * S + s], w = d_mean[b * S + s];
+          const scalar_t* __restrict g = grad + row;
+          scalar_t* __restrict o = out + row;
+          if constexpr (kNormed) {
+            const scalar_t* __restrict xr = x + row;
+#pragma GCC ivdep
+            for (int64_t c = 0; c < C; ++c)
+              o[c] = a[c] * (g[c] * m[c] * gate + m_c[c] * w + avg_share[c]) + shift[c] + slope[c] * (xr[c] - centre[c]);
+          } else {
+#pragma GCC ivdep
+            for (int64_t c = 0; c < C; ++c) o[c] = g[c] * m[c] * gate + m_c[c] * w + avg_share[c];
+          }
+        }
+      }
+    });
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t r = b * C + c;
+          out[offset(b, c, channel_index[r])] += kNormed ? a[c] * d_max[r] : d_max[r];
+        }
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t c = index[b * S + s];
+          const scalar_t share = d_peak[b * S + s] * mc[b * C + c];
+          out[offset(b, c, s)] += kNormed ? a[c] * share : share;
+        }
+      }
+    });
+  }
 };
 
 // batch_norm_input_grad's sums per row (b, c), in double: plain = sum_s dy and moment = sum_s dy (x - mean),
@@ -190,13 +326,13 @@ void batch_norm_row_sums(const InputGradient<scalar_t>& pieces, const scalar_t* 
       const scalar_t* x_sums = cs + b * 2 * C;
       plain[r] = m * g_sums[c] + m_over_c * d_mean_sum + da[r] + dx_max[r];
       moment[r] = m * g_sums[C + c] + m_over_c * x_sums[c] + double(da[r]) / S * x_sums[C + c] +
-                  double(dx_max[r]) * (xp[r * S + cp[r]] - mu[c]);
+                  double(dx_max[r]) * (xp[pieces.offset(b, c, cp[r])] - mu[c]);
     }
     for (int64_t s = 0; s < S; ++s) {  // the gated maxima's shares
       const int64_t c = ip[b * S + s], r = b * C + c;
       const double share = double(dp[b * S + s]) * mp[r];
       plain[r] += share;
-      moment[r] += share * (xp[r * S + s] - mu[c]);
+      moment[r] += share * (xp[pieces.offset(b, c, s)] - mu[c]);
     }
   }
 }
@@ -241,6 +377,9 @@ std::vector<at::Tensor> gate_grads(const at::Tensor& grad, const at::Tensor& x, 
                                    const at::Tensor& channel_index, const std::optional<at::Tensor>& input_affine,
                                    const std::optional<at::Tensor>& centre) {
   const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
+  const bool rows_last = channels_last(x);
+  TORCH_CHECK(grad.strides() == x.strides() && (!rectified || rectified->strides() == x.strides()),
+              "cbam: gate_grads reads grad and rectified laid out as x");
   const bool by_sample = B >= at::get_num_threads();
   const int64_t K = by_sample ? 1 : chunks(S), span = by_sample ? S : kChunk, sums = centre ? 3 : 1;
   auto d_ms = at::empty({B, S}, x.options());
@@ -251,7 +390,7 @@ std::vector<at::Tensor> gate_grads(const at::Tensor& grad, const at::Tensor& x, 
     const GateGrads<scalar_t> work{grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), mc.data_ptr<scalar_t>(),
                                    ms.data_ptr<scalar_t>(), data_or_null<scalar_t>(rectified),
                                    data_or_null<scalar_t>(centre), channel_index.data_ptr<int64_t>(),
-                                   through.data_ptr<scalar_t>(), peaks.data_ptr<scalar_t>(), C, S};
+                                   through.data_ptr<scalar_t>(), peaks.data_ptr<scalar_t>(), C, S, rows_last};
     with_input_norm<scalar_t>(input_affine, C, [&](auto norm) {
       at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
@@ -276,6 +415,7 @@ std::vector<at::Tensor> stats_grad(const at::Tensor& x, const at::Tensor& d_mean
   const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
   auto d_mc = at::empty({B, C}, x.options());
   auto centred = centre ? at::empty({B, 2, C}, x.options()) : at::Tensor();
+  const bool rows_last = channels_last(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_stats_grad", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* dm = d_mean.data_ptr<scalar_t>();
@@ -285,19 +425,26 @@ std::vector<at::Tensor> stats_grad(const at::Tensor& x, const at::Tensor& d_mean
     scalar_t* out = d_mc.data_ptr<scalar_t>();
     with_input_norm<scalar_t>(input_affine, C, [&](auto norm) {
       at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b)
-          stats_grad_sample(xp + b * C * S, dm + b * S, dp + b * S, ip + b * S, cp, norm, C, S, out + b * C,
-                            cp ? centred.data_ptr<scalar_t>() + b * 2 * C : nullptr);
+        for (int64_t b = begin; b < end; ++b) {
+          scalar_t* centred_b = cp ? centred.data_ptr<scalar_t>() + b * 2 * C : nullptr;
+          if (rows_last)
+            stats_grad_rows(xp + b * C * S, dm + b * S, dp + b * S, ip + b * S, cp, norm, C, S, out + b * C, centred_b);
+          else
+            stats_grad_sample(xp + b * C * S, dm + b * S, dp + b * S, ip + b * S, cp, norm, C, S, out + b * C,
+                              centred_b);
+        }
       });
     });
   });
   return {d_mc, centred};
 }
 
-// d/d x (B, C, S): through the output, the gated statistics and the pooling, in one write of dx.
+// d/d x (B, C, S), laid out as x and grad: through the output, the gated statistics and the pooling, in
+// one write of dx.
 at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms,
                       const at::Tensor& d_mean, const at::Tensor& d_peak, const at::Tensor& index,
                       const at::Tensor& d_avg, const at::Tensor& d_max, const at::Tensor& channel_index) {
+  TORCH_CHECK(grad.strides() == x.strides(), "cbam: input_grad reads grad laid out as x");
   auto dx = output_cache::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_input_grad", [&] {
     InputGradient<scalar_t>(grad, mc, ms, d_mean, d_peak, index, d_avg, d_max, channel_index)
@@ -321,6 +468,7 @@ std::vector<at::Tensor> batch_norm_input_grad(const at::Tensor& grad, const at::
                                               const at::Tensor& centred, const at::Tensor& mean,
                                               const at::Tensor& invstd, const std::optional<at::Tensor>& weight) {
   const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
+  TORCH_CHECK(grad.strides() == x.strides(), "cbam: batch_norm_input_grad reads grad laid out as x");
   auto dx = output_cache::empty_like(x);
   auto d_weight = at::empty({C}, x.options()), d_bias = at::empty({C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_batch_norm_input_grad", [&] {

@@ -49,13 +49,54 @@ void moments_row(const scalar_t* row, int64_t S, scalar_t centre, double& sum, d
   low.first = -low.first;
 }
 
-// batch_norm_pool's work, by row and by channel: x (B, C, S); per row (b, c) the sums and squares of
+// moments_row for channels c0 .. c0 + n - 1 (n <= kBlock) of one channels-last sample x (S rows of C),
+// centres (n) the channels' centres: sums, squares (n), minima and maxima with their positions (n), in
+// arrays along the channels while the rows stream by.
+template <int64_t kBlock, typename scalar_t>
+void moments_columns(const scalar_t* x, int64_t C, int64_t S, int64_t c0, int64_t n, const scalar_t* centres,
+                     double* sums, double* squares, std::pair<scalar_t, int64_t>* low,
+                     std::pair<scalar_t, int64_t>* high) {
+  alignas(64) double sum[kBlock], square[kBlock], centre[kBlock];
+  alignas(64) scalar_t lowest[kBlock], highest[kBlock];
+  alignas(64) int32_t low_at[kBlock], high_at[kBlock];
+  for (int64_t j = 0; j < n; ++j) {
+    centre[j] = centres[j];
+    sum[j] = square[j] = 0;
+    lowest[j] = highest[j] = x[c0 + j];
+    low_at[j] = high_at[j] = 0;
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    const scalar_t* __restrict row = x + s * C + c0;
+    const int32_t at = static_cast<int32_t>(s);
+#pragma GCC ivdep
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t v = row[j];
+      const double d = static_cast<double>(v) - centre[j];
+      sum[j] += d;
+      square[j] += d * d;
+      const bool above = v > highest[j], below = v < lowest[j];
+      highest[j] = above ? v : highest[j];
+      high_at[j] = above ? at : high_at[j];
+      lowest[j] = below ? v : lowest[j];
+      low_at[j] = below ? at : low_at[j];
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    sums[j] = sum[j];
+    squares[j] = square[j];
+    low[j] = {lowest[j], low_at[j]};
+    high[j] = {highest[j], high_at[j]};
+  }
+}
+
+// batch_norm_pool's work, by row and by channel: x (B, C, S), contiguous or (rows_last) channels-last; per row (b, c) the sums and squares of
 // moments_row, the maximum and its position (peak, index: then the pooled ones) and the minimum;
 // per channel the statistics (mean, var, invstd) and the map (scale, shift); avg (B, C) the pooling.
 template <typename scalar_t>
 struct FoldedPool {
   const scalar_t* x;
   int64_t B, C, S;
+  bool rows_last;
   double eps;
   const scalar_t* weight;  // (C) or null
   const scalar_t* bias;    // (C) or null
@@ -68,7 +109,7 @@ struct FoldedPool {
   // The value channel c's moments are taken about: its first, or 0 where that is infinite (x - inf would
   // make every sum NaN, where torch's mean is the channel's sum over the count: inf).
   scalar_t centre(int64_t c) const {
-    const scalar_t first = x[c * S];
+    const scalar_t first = x[rows_last ? c : c * S];
     return std::isinf(first) ? scalar_t(0) : first;
   }
 
@@ -77,6 +118,18 @@ struct FoldedPool {
     std::pair<scalar_t, int64_t> high;
     moments_row(x + r * S, S, centre(r % C), sums[r], squares[r], minima[r], high);
     std::tie(peak[r], index[r]) = high;
+  }
+
+  static constexpr int64_t kColumns = 64;  // channels per task, channels-last
+
+  // Channels c0 .. c0 + n - 1 (n <= kColumns) of sample b, channels-last: what row() finds for each of their rows.
+  void columns(int64_t b, int64_t c0, int64_t n) const {
+    scalar_t centres[kColumns];
+    std::pair<scalar_t, int64_t> high[kColumns];
+    for (int64_t j = 0; j < n; ++j) centres[j] = centre(c0 + j);
+    const int64_t r = b * C + c0;
+    moments_columns<kColumns>(x + b * S * C, C, S, c0, n, centres, sums + r, squares + r, minima + r, high);
+    for (int64_t j = 0; j < n; ++j) std::tie(peak[r + j], index[r + j]) = high[j];
   }
 
   // Channel c: its statistics over (B, S), its map, and the pooling of the map's output on its rows.
@@ -130,7 +183,8 @@ at::Tensor batch_norm_affine(const std::optional<at::Tensor>& weight, const std:
   return affine;
 }
 
-// A training-mode BatchNorm folded into CBAM's pooling, in one read of x (B, C, S): its statistics over
+// A training-mode BatchNorm folded into CBAM's pooling, in one read of x (B, C, S), contiguous or
+// channels-last: its statistics over
 // (B, S) — mean, biased var, and invstd = 1 / sqrt(var + eps) in double, as torch computes them — its
 // map (2, C) (scale = invstd * weight, shift = bias - mean * scale) and CBAM's pooling of the map's
 // output: each row's mean, and its max and first arg-max from the row's maximum or minimum (the map
@@ -139,6 +193,7 @@ std::vector<at::Tensor> batch_norm_pool(const at::Tensor& x, const std::optional
                                         const std::optional<at::Tensor>& bias, double eps) {
   const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
   check_positions(S);
+  const bool rows_last = channels_last(x);
   const auto wide = x.options().dtype(at::kDouble), positions = x.options().dtype(at::kLong);
   auto sums = at::empty({B, C}, wide), squares = at::empty({B, C}, wide);
   auto avg = at::empty({B, C}, x.options()), peak = at::empty({B, C}, x.options());
@@ -148,14 +203,25 @@ std::vector<at::Tensor> batch_norm_pool(const at::Tensor& x, const std::optional
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_batch_norm_pool", [&] {
     std::vector<std::pair<scalar_t, int64_t>> minima(B * C);
     scalar_t* scale = affine.data_ptr<scalar_t>();
-    const FoldedPool<scalar_t> fold{x.data_ptr<scalar_t>(), B, C, S, eps, data_or_null<scalar_t>(weight),
+    const FoldedPool<scalar_t> fold{x.data_ptr<scalar_t>(), B, C, S, rows_last, eps, data_or_null<scalar_t>(weight),
                                     data_or_null<scalar_t>(bias), sums.data_ptr<double>(),
                                     squares.data_ptr<double>(), minima.data(), avg.data_ptr<scalar_t>(),
                                     peak.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(),
                                     invstd.data_ptr<scalar_t>(), scale, scale + C, index.data_ptr<int64_t>()};
-    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) fold.row(r);
-    });
+    if (rows_last) {
+      constexpr int64_t kColumns = FoldedPool<scalar_t>::kColumns;
+      const int64_t K = (C + kColumns - 1) / kColumns;
+      at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t c0 = (task % K) * kColumns;
+          fold.columns(task / K, c0, std::min(kColumns, C - c0));
+        }
+      });
+    } else {
+      at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) fold.row(r);
+      });
+    }
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) fold.channel(c);
     });

@@ -162,6 +162,173 @@ void pool_rows(const scalar_t* x, InputNorm<scalar_t, kNormed> norm, int64_t B, 
   });
 }
 
+// Channels-last: a sample's x is S rows of C channels, x[s * C + c].
+
+constexpr int64_t kChannelBlock = 128;  // channels per task in the channels-last pooling
+
+inline int64_t channel_blocks(int64_t C) { return (C + kChannelBlock - 1) / kChannelBlock; }
+
+// Spatial mean, max and (with kIndex) first arg-max of channels c0 .. c0 + n - 1 (n <= kChannelBlock) of
+// one channels-last sample x, y = norm(x): sums, maxima and arg-maxima in arrays along the channels while
+// the rows stream by (the compiler vectorises the channel loop), each channel summed over positions in order.
+// No reassociation (the lanes are channels, no sum needs it): it would fold norm's rounding into the sums.
+template <bool kIndex, typename scalar_t, bool kNormed>
+__attribute__((optimize("no-associative-math")))
+void pool_columns(const scalar_t* x, InputNorm<scalar_t, kNormed> norm, int64_t C, int64_t S, int64_t c0, int64_t n,
+                  scalar_t* avg, scalar_t* peak, int64_t* index) {
+  alignas(64) scalar_t sum[kChannelBlock], best[kChannelBlock];
+  alignas(64) int32_t arg[kChannelBlock];
+  const scalar_t* scale = kNormed ? norm.scale + c0 : nullptr;
+  const scalar_t* shift = kNormed ? norm.shift + c0 : nullptr;
+  const auto y = [&](int64_t j, scalar_t v) -> scalar_t {  // rounded as torch's kernel rounds it
+    if constexpr (kNormed) return std::fma(v, scale[j], shift[j]);
+    return v;
+  };
+  for (int64_t j = 0; j < n; ++j) {
+    sum[j] = best[j] = y(j, x[c0 + j]);
+    arg[j] = 0;
+  }
+  for (int64_t s = 1; s < S; ++s) {
+    const scalar_t* __restrict row = x + s * C + c0;
+    const int32_t at = static_cast<int32_t>(s);
+#pragma GCC ivdep
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t v = y(j, row[j]);
+      const bool above = v > best[j];
+      sum[j] += v;
+      best[j] = above ? v : best[j];
+      if constexpr (kIndex) arg[j] = above ? at : arg[j];
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t c = c0 + j;
+    scalar_t found = best[j];
+    int64_t at = arg[j];
+    avg[c] = sum[j] / S;
+    if (avg[c] != avg[c]) first_nan(S, [&](int64_t s) { return norm[c](x[s * C + c]); }, found, at);
+    peak[c] = found;
+    if constexpr (kIndex) index[c] = at;
+  }
+}
+
+// pool_columns of every sample of a channels-last x (B, S rows of C): avg, peak, index (B, C), the
+// arg-maxima only where index is not null; tasks of a sample's channel block.
+template <typename scalar_t, bool kNormed>
+void pool_columns_all(const scalar_t* x, InputNorm<scalar_t, kNormed> norm, int64_t B, int64_t C, int64_t S,
+                      scalar_t* avg, scalar_t* peak, int64_t* index) {
+  const int64_t K = channel_blocks(C);
+  at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / K, c0 = (task % K) * kChannelBlock, n = std::min(kChannelBlock, C - c0);
+      if (index)
+        pool_columns<true>(x + b * S * C, norm, C, S, c0, n, avg + b * C, peak + b * C, index + b * C);
+      else
+        pool_columns<false>(x + b * S * C, norm, C, S, c0, n, avg + b * C, peak + b * C, nullptr);
+    }
+  });
+}
+
+// Channel-wise mean, max and (with kIndex) first arg-max of mc[c] * norm[c](row[c]) over one channels-last
+// row of C values: a vector of channels at a time (lane sums folded at the end), the channels beyond the
+// last whole vector one by one.
+template <bool kIndex, typename scalar_t, bool kNormed>
+void gated_row(const scalar_t* row, const scalar_t* mc, InputNorm<scalar_t, kNormed> norm, int64_t C, scalar_t& mean,
+               scalar_t& peak, int64_t* index) {
+  using Values = typename Lanes<scalar_t>::Values;
+  using Positions = typename Lanes<scalar_t>::Positions;
+  using Position = typename std::remove_reference<decltype(Positions{}[0])>::type;
+  constexpr int kWidth = sizeof(Values) / sizeof(scalar_t);
+  const auto value = [&](int64_t c) { return mc[c] * norm[c](row[c]); };
+  const auto load = [](const scalar_t* at) {
+    Values v;
+    std::memcpy(&v, at, sizeof(Values));
+    return v;
+  };
+  const auto values = [&](int64_t c) {
+    Values v = load(row + c);
+    if constexpr (kNormed) v = v * load(norm.scale + c) + load(norm.shift + c);
+    return load(mc + c) * v;
+  };
+  scalar_t total = value(0), found = total;
+  int64_t at = 0, c = 1;
+  if (C >= kWidth) {
+    Positions positions, arg;
+    for (int l = 0; l < kWidth; ++l) positions[l] = l;
+    Values sum = values(0), best = sum;
+    arg = positions;
+    for (c = kWidth; c + kWidth <= C; c += kWidth) {
+      positions += kWidth;
+      const Values v = values(c);
+      const Positions above = v > best;
+      sum += v;
+      best = above ? v : best;
+      if constexpr (kIndex) arg = above ? positions : arg;
+    }
+    total = fold_lanes(sum, [](auto a, auto b) { return a + b; });
+    found = fold_lanes(best, [](auto a, auto b) { return b > a ? b : a; });
+    if constexpr (kIndex) {
+      const Position none = std::numeric_limits<Position>::max();
+      at = fold_lanes(best == found + Values{} ? arg : none + Positions{}, [](auto a, auto b) { return b < a ? b : a; });
+      at = at == none ? 0 : at;
+    }
+  }
+  for (; c < C; ++c) {
+    const scalar_t v = value(c);
+    total += v;
+    if (v > found) {
+      found = v;
+      at = c;
+    }
+  }
+  mean = total / C;
+  if (mean != mean) first_nan(C, value, found, at);
+  peak = found;
+  if constexpr (kIndex) *index = at;
+}
+
+// gated_row of n positions of one channels-last sample (x at the first position's row): mean, peak and
+// index (n); the arg-maxima only where index is not null.
+template <typename scalar_t, bool kNormed>
+void gated_rows(const scalar_t* x, const scalar_t* mc, InputNorm<scalar_t, kNormed> norm, int64_t C, int64_t n,
+                scalar_t* mean, scalar_t* peak, int64_t* index) {
+  for (int64_t s = 0; s < n; ++s) {
+    if (index)
+      gated_row<true>(x + s * C, mc, norm, C, mean[s], peak[s], index + s);
+    else
+      gated_row<false>(x + s * C, mc, norm, C, mean[s], peak[s], nullptr);
+  }
+}
+
+// The output of n positions of one channels-last sample (rows of C, x at the first position's row):
+// out = y * mc * ms, or relu(y * mc * ms + residual) with residual rows (null without), y = norm(x);
+// rounded as output_row rounds.
+template <typename scalar_t, bool kNormed>
+__attribute__((optimize("no-associative-math", "fp-contract=off")))
+void output_rows(const scalar_t* x, InputNorm<scalar_t, kNormed> norm, const scalar_t* mc, const scalar_t* ms,
+                 const scalar_t* residual, int64_t C, int64_t n, scalar_t* out) {
+  for (int64_t s = 0; s < n; ++s) {
+    const scalar_t* __restrict xs = x + s * C;
+    scalar_t* __restrict os = out + s * C;
+    const scalar_t gate = ms[s];
+    const auto y = [&](int64_t c) -> scalar_t {
+      if constexpr (!kNormed) return xs[c];
+      if constexpr (std::is_same_v<scalar_t, float>) return __builtin_fmaf(xs[c], norm.scale[c], norm.shift[c]);
+      return __builtin_fma(xs[c], norm.scale[c], norm.shift[c]);
+    };
+    if (residual == nullptr) {
+#pragma GCC ivdep
+      for (int64_t c = 0; c < C; ++c) os[c] = y(c) * mc[c] * gate;
+      continue;
+    }
+    const scalar_t* __restrict rs = residual + s * C;
+#pragma GCC ivdep
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t v = y(c) * mc[c] * gate + rs[c];
+      os[c] = v < 0 ? scalar_t(0) : v;
+    }
+  }
+}
+
 // One output row of S positions: out = y * m * ms, or relu(y * m * ms + residual) with a residual row
 // (the residual block's tail; NaN stays NaN as in torch.relu), y = norm(x). Rounded as torch's
 // separate ops round, (y * m) * ms then + residual: no reassociation, no other fused multiply-add
@@ -185,8 +352,8 @@ void output_row(const scalar_t* x, Affine<scalar_t, kNormed> norm, scalar_t m, c
   }
 }
 
-// The one-call forward's work on the tensors forward() made: x, out (B, C, S), residual shaped like x
-// or null, mc, avg, peak, channel_index (B, C), mean, speak, spatial_index, logits, ms (B, S); the index
+// The one-call forward's work on the tensors forward() made: x, out (B, C, S), contiguous or (rows_last)
+// channels-last, residual laid out like x or null, mc, avg, peak, channel_index (B, C), mean, speak, spatial_index, logits, ms (B, S); the index
 // pointers null where the arg-maxima are not tracked.
 template <typename scalar_t, typename Norm>
 struct OneCall {
@@ -195,20 +362,29 @@ struct OneCall {
   Norm norm;
   int64_t B, C, S, I;
   const int64_t *size, *kernel;
-  bool hard, finish;
+  bool hard, finish, rows_last;
   double scale, shift;  // the fixed norm of the spatial logits: scale * z + shift
   scalar_t *out, *ms, *mc, *avg, *peak, *mean, *speak, *logits;
   int64_t *channel_index, *spatial_index;
 
   // Every sample's pooling, then every sample's MLP in plain loops.
-  void pool_all() const { pool_rows(x, norm, B, C, S, avg, peak, channel_index); }
+  void pool_all() const {
+    if (rows_last)
+      pool_columns_all(x, norm, B, C, S, avg, peak, channel_index);
+    else
+      pool_rows(x, norm, B, C, S, avg, peak, channel_index);
+  }
   void gate_all() const {
     for (int64_t b = 0; b < B; ++b) mlp.gate(avg + b * C, peak + b * C, mc + b * C);
   }
 
   // Sample b's pooling, then its MLP.
   void pool_and_mlp(int64_t b) const {
-    pool_rows(x + b * C * S, norm, 1, C, S, avg + b * C, peak + b * C, channel_index ? channel_index + b * C : nullptr);
+    int64_t* index = channel_index ? channel_index + b * C : nullptr;
+    if (rows_last)
+      pool_columns_all(x + b * C * S, norm, 1, C, S, avg + b * C, peak + b * C, index);
+    else
+      pool_rows(x + b * C * S, norm, 1, C, S, avg + b * C, peak + b * C, index);
     mlp.gate(avg + b * C, peak + b * C, mc + b * C);
   }
 
@@ -221,7 +397,10 @@ struct OneCall {
       for (int64_t k = begin; k < end; ++k) {
         const int64_t s0 = k * kChunk;
         const int64_t n = std::min(kChunk, S - s0);
-        if (spatial_index)
+        if (rows_last)
+          gated_rows(xb + s0 * C, mc_b, norm, C, n, mean_b + s0, speak_b + s0,
+                     spatial_index ? spatial_index + b * S + s0 : nullptr);
+        else if (spatial_index)
           gated_chunk<true>(xb + s0, mc_b, norm, C, S, n, mean_b + s0, speak_b + s0, spatial_index + b * S + s0);
         else
           gated_chunk<false>(xb + s0, mc_b, norm, C, S, n, mean_b + s0, speak_b + s0, nullptr);
@@ -243,6 +422,16 @@ struct OneCall {
     const scalar_t* mc_b = mc + b * C;
     scalar_t* ob = out + b * C * S;
     const scalar_t* rb = residual ? residual + b * C * S : nullptr;
+    if (rows_last) {
+      at::parallel_for(0, chunks(S), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          const int64_t s0 = k * kChunk, offset = s0 * C;
+          output_rows(xb + offset, norm, mc_b, ms_b + s0, rb ? rb + offset : nullptr, C, std::min(kChunk, S - s0),
+                      ob + offset);
+        }
+      });
+      return;
+    }
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c)
         output_row(xb + c * S, norm[c], mc_b[c], ms_b, rb ? rb + c * S : nullptr, S, ob + c * S);
@@ -284,9 +473,15 @@ std::vector<at::Tensor> pool(const at::Tensor& x) {
   auto avg = at::empty({B, C}, x.options());
   auto peak = at::empty({B, C}, x.options());
   auto index = at::empty({B, C}, x.options().dtype(at::kLong));
+  const bool rows_last = channels_last(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_pool", [&] {
-    pool_rows(x.data_ptr<scalar_t>(), InputNorm<scalar_t, false>{}, B, C, S, avg.data_ptr<scalar_t>(),
-              peak.data_ptr<scalar_t>(), index.data_ptr<int64_t>());
+    const InputNorm<scalar_t, false> none;
+    if (rows_last)
+      pool_columns_all(x.data_ptr<scalar_t>(), none, B, C, S, avg.data_ptr<scalar_t>(), peak.data_ptr<scalar_t>(),
+                       index.data_ptr<int64_t>());
+    else
+      pool_rows(x.data_ptr<scalar_t>(), none, B, C, S, avg.data_ptr<scalar_t>(), peak.data_ptr<scalar_t>(),
+                index.data_ptr<int64_t>());
   });
   return {avg, peak, index};
 }
@@ -297,12 +492,19 @@ std::vector<at::Tensor> gated_stats(const at::Tensor& x, const at::Tensor& mc) {
   auto mean = at::empty({B, S}, x.options());
   auto peak = at::empty({B, S}, x.options());
   auto index = at::empty({B, S}, x.options().dtype(at::kLong));
+  const bool rows_last = channels_last(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_gated_stats", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* mp = mc.data_ptr<scalar_t>();
     at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / K, s0 = (task % K) * kChunk, offset = b * S + s0;
+        if (rows_last) {
+          gated_rows(xp + offset * C, mp + b * C, InputNorm<scalar_t, false>{}, C, std::min(kChunk, S - s0),
+                     mean.data_ptr<scalar_t>() + offset, peak.data_ptr<scalar_t>() + offset,
+                     index.data_ptr<int64_t>() + offset);
+          continue;
+        }
         gated_chunk<true>(xp + b * C * S + s0, mp + b * C, InputNorm<scalar_t, false>{}, C, S, std::min(kChunk, S - s0),
                     mean.data_ptr<scalar_t>() + offset, peak.data_ptr<scalar_t>() + offset,
                     index.data_ptr<int64_t>() + offset);
@@ -313,18 +515,32 @@ std::vector<at::Tensor> gated_stats(const at::Tensor& x, const at::Tensor& mc) {
 }
 
 // out = y * mc * ms (relu(... + residual) with a residual shaped like x), y = x or, with input_affine
-// (2, C), the BatchNorm map of x; out has x's shape (the caller passes x unflattened but contiguous).
+// (2, C), the BatchNorm map of x; out has x's shape and layout (the caller passes x unflattened).
 at::Tensor apply(const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms,
                  const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& input_affine) {
   const int64_t B = x.size(0), C = x.size(1), S = x.numel() / std::max<int64_t>(B * C, 1);
+  const bool rows_last = channels_last(x);
+  const std::optional<at::Tensor> laid_residual =
+      residual ? std::optional<at::Tensor>(laid_out_as(*residual, x)) : std::nullopt;
   auto out = output_cache::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_apply", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* mp = mc.data_ptr<scalar_t>();
     const scalar_t* sp = ms.data_ptr<scalar_t>();
-    const scalar_t* rp = data_or_null<scalar_t>(residual);
+    const scalar_t* rp = data_or_null<scalar_t>(laid_residual);
     scalar_t* op = out.data_ptr<scalar_t>();
     with_input_norm<scalar_t>(input_affine, C, [&](auto norm) {
+      if (rows_last) {
+        const int64_t K = chunks(S);
+        at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t task = begin; task < end; ++task) {
+            const int64_t b = task / K, s0 = (task % K) * kChunk, offset = (b * S + s0) * C;
+            output_rows(xp + offset, norm, mp + b * C, sp + b * S + s0, rp ? rp + offset : nullptr, C,
+                        std::min(kChunk, S - s0), op + offset);
+          }
+        });
+        return;
+      }
       at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r)
           output_row(xp + r * S, norm[r % C], mp[r], sp + (r / C) * S, rp ? rp + r * S : nullptr, S, op + r * S);
@@ -345,8 +561,8 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms
 // With overwrite the output is written over x (each sample's output pass is its last read of it).
 // pooled, where not empty, is (avg, peak, channel_index) computed already (batch_norm_pool).
 // Without indices (an inference) channel_index (unless pooled) and spatial_index come back empty, not computed.
-// x is (B, C, *spatial), contiguous. Returns out (shaped like x), mc, ms, avg, peak, channel_index,
-// mean, speak, spatial_index, logits.
+// x is (B, C, *spatial), contiguous or channels-last. Returns out (shaped and laid out like x), mc, ms,
+// avg, peak, channel_index, mean, speak, spatial_index, logits.
 std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, std::vector<double> avg_coef,
                                 std::vector<double> max_coef, const at::Tensor& fc1_w,
                                 const std::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
@@ -361,6 +577,9 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
                                 const std::vector<at::Tensor>& pooled, bool indices) {
   const int64_t B = x.size(0), C = x.size(1), S = size[0] * size[1] * size[2];
   const int64_t I = conv_w.numel() / (kernel[0] * kernel[1] * kernel[2]);
+  const bool rows_last = channels_last(x);
+  const std::optional<at::Tensor> laid_residual =
+      residual ? std::optional<at::Tensor>(laid_out_as(*residual, x)) : std::nullopt;
   const std::pair<double, double> spatial_norm =
       finish ? fixed_norm(norm_weight, norm_bias, running_mean, running_var, eps) : std::pair<double, double>(1, 0);
   check_positions(S);
@@ -378,8 +597,8 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
     const auto mlp = channel_mlp<scalar_t>(avg_coef, max_coef, fc1_w, fc1_b, fc2_w, fc2_b, hard);
     with_input_norm<scalar_t>(input_affine, C, [&](auto norm) {
       OneCall<scalar_t, decltype(norm)> call{
-          x.data_ptr<scalar_t>(), conv_w.data_ptr<scalar_t>(), data_or_null<scalar_t>(residual), mlp, norm, B, C, S,
-          I, size.data(), kernel.data(), hard, finish, spatial_norm.first, spatial_norm.second,
+          x.data_ptr<scalar_t>(), conv_w.data_ptr<scalar_t>(), data_or_null<scalar_t>(laid_residual), mlp, norm, B, C,
+          S, I, size.data(), kernel.data(), hard, finish, rows_last, spatial_norm.first, spatial_norm.second,
           finish ? out.data_ptr<scalar_t>() : nullptr, finish ? ms.data_ptr<scalar_t>() : nullptr,
           mc.data_ptr<scalar_t>(), avg.data_ptr<scalar_t>(),
           peak.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), speak.data_ptr<scalar_t>(),

@@ -94,10 +94,13 @@ class Cache final : public c10::Allocator {
   size_t limit_ = size_t(256) << 20;  // replaced by CBAM_OUTPUT_CACHE_MB when the extension loads
 };
 
-// A contiguous CPU tensor shaped and typed like x, in a cached block.
+// A CPU tensor shaped, typed and laid out like x (contiguous, or with x's strides where x, a pass's
+// input, is not: channels-last), in a cached block.
 at::Tensor empty_like(const at::Tensor& x) {
-  return at::detail::empty_generic(x.sizes(), &Cache::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   x.scalar_type(), at::MemoryFormat::Contiguous);
+  const auto keys = c10::DispatchKeySet(c10::DispatchKey::CPU);
+  if (x.is_contiguous())
+    return at::detail::empty_generic(x.sizes(), &Cache::instance(), keys, x.scalar_type(), at::MemoryFormat::Contiguous);
+  return at::detail::empty_strided_generic(x.sizes(), x.strides(), &Cache::instance(), keys, x.scalar_type());
 }
 
 void set_limit(size_t bytes) { Cache::instance().set_limit(bytes); }

@@ -1,7 +1,8 @@
-// The large-tensor passes of the fused CBAM for contiguous CPU tensors x: (B, C, S), float or double.
-// Same functions and semantics as torch_ops.py (the definition), each one read of x (and of the
-// incoming gradient) instead of several: loops run over contiguous rows so the compiler vectorises
-// them; at::parallel_for splits batches, rows or position chunks across threads.
+// The large-tensor passes of the fused CBAM for CPU tensors x: (B, C, S), float or double, contiguous
+// or channels-last. Same functions and semantics as torch_ops.py (the definition), each one read of x
+// (and of the incoming gradient) instead of several: loops run over contiguous rows (a channel's
+// positions, or channels-last, a position's channels) so the compiler vectorises them;
+// at::parallel_for splits batches, rows, channel blocks or position chunks across threads.
 //
 // This header declares what bindings.cpp exposes, file by file (each definition carries its full
 // comment), and the few helpers every pass file shares. The helpers live in an unnamed namespace, as
@@ -97,6 +98,28 @@ namespace {
 constexpr int64_t kChunk = 512;  // positions per task in the position-major passes
 
 inline int64_t chunks(int64_t positions) { return (positions + kChunk - 1) / kChunk; }
+
+// Whether the passes read x: (B, C, *spatial) channels-last, each sample S rows of C channels (its
+// (B, C, S) view has strides (S C, 1, C)), rather than contiguous, C rows of S positions. A tensor that
+// is both (C = 1 or S = 1) is read as contiguous; one that is neither is refused.
+inline bool channels_last(const at::Tensor& x) {
+  if (x.is_contiguous()) return false;
+  const int64_t B = x.size(0), C = x.size(1);
+  bool rows_last = x.dim() >= 3 && x.stride(1) == 1 && (B == 1 || x.stride(0) == x.numel() / B);
+  int64_t expected = C;  // the stride of the next spatial dim outwards
+  for (int64_t d = x.dim() - 1; rows_last && d >= 2; --d) {
+    rows_last = x.size(d) == 1 || x.stride(d) == expected;
+    expected *= x.size(d);
+  }
+  TORCH_CHECK(rows_last, "cbam: the CPU passes read contiguous or channels-last tensors, got strides ", x.strides(),
+              " for sizes ", x.sizes());
+  return true;
+}
+
+// t (a residual) laid out as x: itself where its strides are x's, else a copy with x's strides.
+inline at::Tensor laid_out_as(const at::Tensor& t, const at::Tensor& x) {
+  return t.strides() == x.strides() ? t : at::empty_like(x).copy_(t);
+}
 
 // The positions of one sample must fit the 32-bit lane positions of the vector passes.
 inline void check_positions(int64_t S) {
