@@ -1,6 +1,6 @@
 """The fused CBAM against timm's CbamModule, our reference path and a plain copy, in one run.
 
-    python benchmarks/fused.py [--repeats 15] [--batch 8] [--compile] [--skip-resnet]
+    python benchmarks/fused.py [--repeats 15] [--batch 8] [--compile] [--skip-resnet] [--channels-last]
 
 fp32, CPU, batch 8, ResNet-50 stage shapes. Forward: eval mode, no autograd. Forward+backward:
 train mode, gradient for the input and the weights. Medians of interleaved repeats. "saved" is
@@ -22,8 +22,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the reference")
     parser.add_argument("--skip-resnet", action="store_true")
+    parser.add_argument("--channels-last", action="store_true", help="inputs and networks channels-last")
     args = parser.parse_args()
-    print(fused_bench.run(args.batch, args.repeats, resnet=not args.skip_resnet, compile_reference=args.compile))
+    print(fused_bench.run(args.batch, args.repeats, resnet=not args.skip_resnet, compile_reference=args.compile,
+                          channels_last=args.channels_last))
 
 
 if __name__ == "__main__":

@@ -92,6 +92,31 @@ def test_bench_json_is_strict_with_ratios_of_its_times(capsys):
     assert means == pytest.approx({name: math.sqrt(a * b) for name, (a, b) in speedups.items()}, rel=1e-9)
 
 
+def test_bench_channels_last_times_channels_last_inputs(capsys, monkeypatch):
+    seen = []
+    real = fused_bench._forward
+
+    def recording(module, x):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return real(module, x)
+
+    monkeypatch.setattr(fused_bench, "_forward", recording)
+    status, out, err = run(capsys, *TINY, "--channels-last", "--json")
+    assert status == 0 and err == ""
+    assert strict_json(out)["modules"]["channels_last"] is True
+    assert seen and all(seen)
+    seen.clear()
+    status, out, err = run(capsys, *TINY)
+    assert status == 0 and "fp32 CPU, batch 1;" in out and seen and not any(seen)
+    status, out, err = run(capsys, *TINY, "--channels-last")
+    assert status == 0 and "fp32 CPU, batch 1, channels-last;" in out
+
+
+def test_bench_channels_last_on_cuda_is_a_one_line_error(capsys):
+    status, out, err = run(capsys, *TINY, "--device", "cuda", "--channels-last")
+    assert status == 2 and out == "" and err.count("\n") == 1 and "--channels-last is for the CPU tables" in err
+
+
 @pytest.mark.parametrize("shapes", ["16", "16x", "axb", "16x8,", "0x8", "16x8x2", ""])
 def test_bench_bad_shapes_is_a_one_line_error(capsys, shapes):
     status, out, err = run(capsys, "bench", "--repeats", "1", "--shapes", shapes)
@@ -153,8 +178,10 @@ def test_torch_ops_cbam_restores_the_engine_and_matches_fused():
     assert engine_for(x) == chosen
 
 
-def test_resnet_overhead_rows_and_table():
-    table = fused_bench.resnet_overhead(batch=1, repeats=1, image_size=64)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_resnet_overhead_rows_and_table(channels_last):
+    table = fused_bench.resnet_overhead(batch=1, repeats=1, image_size=64, channels_last=channels_last)
+    assert table.channels_last is channels_last
     names = ["none", "cbam auto", "cbam fused, block ops separate", "cbam reference"]
     assert [r.name for r in table.rows] == names
     for r in table.rows:

@@ -107,7 +107,9 @@ def test_each_key_is_timed_once_per_process(calibrated):
     _call(module, x, training=True)  # another mode
     _call(module, torch.randn(2, 16, 6, 7), training=False)  # another shape
     _call(module.double(), x.double(), training=False)  # another dtype
-    assert stub.total == 4 * per_key and len(calibration.decisions()) == 4
+    _call(module, x.double().contiguous(memory_format=torch.channels_last), training=False)  # another layout
+    assert stub.total == 5 * per_key and len(calibration.decisions()) == 5
+    assert sorted(key.channels_last for key in calibration.decisions()) == [False] * 4 + [True]
     calibration.clear()
     assert calibration.decisions() == {}
 

@@ -36,6 +36,9 @@ def register(subparsers) -> None:
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
     parser.add_argument("--save", default=None, metavar="PATH",
                         help="also write the results as JSON to PATH (atomically, after printing them)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="CPU: inputs (and with --resnet the networks) in torch.channels_last memory format "
+                             "(the CUDA protocol runs ResNet-50 channels-last already)")
     cuda = parser.add_argument_group("CUDA only")
     cuda.add_argument("--modes", default=",".join(CUDA_MODES),
                       help=f"comma-separated, of {', '.join(CUDA_MODES)} (default all; --resnet runs fp32 and "
@@ -60,9 +63,13 @@ def run(args: argparse.Namespace) -> int:
     batch = check_int("--batch", args.batch) if args.batch is not None else (64 if args.device == "cuda" else 8)
     shapes = fused_bench.SHAPES if args.shapes is None else fused_bench.parse_shapes(args.shapes)
     if args.device == "cuda":
+        if args.channels_last:
+            raise ValueError("--channels-last is for the CPU tables (--device cpu); the CUDA protocol already runs "
+                             "ResNet-50 channels-last")
         report = _run_cuda(args, batch, shapes)
     else:
-        report = fused_bench.run(batch, repeats, shapes, resnet=args.resnet, compile_reference=args.compile)
+        report = fused_bench.run(batch, repeats, shapes, resnet=args.resnet, compile_reference=args.compile,
+                                 channels_last=args.channels_last)
     text = json.dumps(report.as_dict(), indent=2, allow_nan=False)
     print(text if args.json else report, flush=True)  # the results are out even if saving them fails
     if args.save:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..hooks import parts_watched
 from ..ops import IMPLS, CbamWeights, FusedSpec, calibration, folds_input_norm, fused_applies, library
+from ..ops.engines import is_channels_last_view
 from ..ops.fused import autocast_off, checked_fused_cbam
 from ..presets import ORDERS
 from ..validation import check_bool, check_callable, check_choice, check_residual
@@ -129,8 +130,8 @@ class CBAM(GatePair):
             return True
         grad = torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)
                                             or self.channel_att.fc1.weight.requires_grad)
-        quick = (x.shape, x.dtype, grad, residual is not None, type(input_norm), getattr(input_norm, "training", None),
-                 self.training, torch.get_num_threads())
+        quick = (x.shape, x.stride(), x.dtype, grad, residual is not None, type(input_norm),
+                 getattr(input_norm, "training", None), self.training, torch.get_num_threads())
         return calibration.decide(self, quick, lambda: self._calibration_call(x, residual, input_norm))
 
     def _calibration_call(self, x: Tensor, residual: Tensor | None, input_norm: Callable | None) -> tuple:
@@ -144,7 +145,7 @@ class CBAM(GatePair):
                   sa.gate, sa.conv_kind, sa.kernel_size, sa.bn is not None, self.training,
                   norm is not None and norm.training)
         key = calibration.Key(tuple(x.shape), x.dtype, training, residual is not None, norm is not None, config,
-                              torch.get_num_threads())
+                              torch.get_num_threads(), channels_last=is_channels_last_view(x))
 
         def reference(x: Tensor, residual: Tensor | None) -> Tensor:
             out = self.spatial_att.forward(self.channel_att.forward(x if norm is None else norm(x)))

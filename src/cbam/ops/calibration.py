@@ -1,6 +1,6 @@
 """One-time calibration of ``impl="auto"`` on the C++ engine, cached for the process (like
-``torch.backends.cudnn.benchmark``): the first time a CBAM meets a ``Key`` (input shape and dtype,
-inference or training, residual tail, folded BatchNorm, the module's settings, threads), its fused
+``torch.backends.cudnn.benchmark``): the first time a CBAM meets a ``Key`` (input shape, dtype and
+layout, inference or training, residual tail, folded BatchNorm, the module's settings, threads), its fused
 path and its reference path are timed on detached copies of that call's inputs, and the faster one
 is kept for every later call with that key.
 
@@ -48,8 +48,9 @@ _ON, _OFF = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")
 class Key:
     """What a decision is cached under: ``x``'s shape and dtype, ``training`` (autograd records the call:
     forward+backward timed) or inference (forward timed), a residual tail, a folded BatchNorm, the
-    module's settings that change its cost (``config``), torch's intra-op threads and the CPU ``autocast``
-    dtype (``None`` where off; ``choose`` fills it in)."""
+    module's settings that change its cost (``config``), torch's intra-op threads, the CPU ``autocast``
+    dtype (``None`` where off; ``choose`` fills it in) and whether ``x`` is channels-last (both paths
+    cost otherwise than on a contiguous ``x``)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -59,6 +60,7 @@ class Key:
     config: tuple = ()
     threads: int = 0
     autocast: torch.dtype | None = None
+    channels_last: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,8 @@ def describe(decision_map: dict[Key, Decision] | None = None) -> list[str]:
     lines = []
     for key, decision in (decisions() if decision_map is None else decision_map).items():
         shape = "×".join(str(n) for n in key.shape)
-        extras = ", ".join(name for name, on in (("residual", key.residual), ("fold", key.fold)) if on)
+        extras = ", ".join(name for name, on in (("channels-last", key.channels_last), ("residual", key.residual),
+                                                 ("fold", key.fold)) if on)
         lines.append(f"{shape} {str(key.dtype).removeprefix('torch.')} {'training' if key.training else 'inference'}"
                      f"{f' ({extras})' if extras else ''}: {decision.path} "
                      f"(fused {1e3 * decision.fused_s:.2f} ms, reference {1e3 * decision.reference_s:.2f} ms)")

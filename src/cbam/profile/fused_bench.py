@@ -1,13 +1,13 @@
 """The fused-CBAM benchmark: CBAM modules side by side at ResNet-50 stage shapes, then CBAM's
 overhead in a ResNet-50; as data (``run``, ``module_table``, ``resnet_overhead``) and as Markdown.
 
-fp32 on the CPU, ``x: (batch, C, H, H)``. Forward: eval mode, no autograd. Forward+backward: train
-mode, gradients for the input and the weights from a fixed dense upstream gradient, reset to
-``None`` before each step as in a training loop. Times are medians of interleaved repeats
-(``interleaved_medians``). A speed-up is the peer's time over the module's: the peer is timm's
-``CbamModule`` when timm is installed, else our reference path. "× copy" is the module's time over
-that of copying ``x`` into preallocated memory (one read and one write, the floor for any layer
-that writes an output). "saved / input" is the bytes autograd keeps for backward over ``x``'s bytes.
+fp32 on the CPU, ``x: (batch, C, H, H)``, contiguous or (``channels_last``) channels-last. Forward:
+eval mode, no autograd. Forward+backward: train mode, gradients for the input and the weights from a
+fixed dense upstream gradient, reset to ``None`` before each step as in a training loop. Times are
+medians of interleaved repeats (``interleaved_medians``). A speed-up is the peer's time over the
+module's: the peer is timm's ``CbamModule`` when timm is installed, else our reference path. "× copy"
+is the module's time over that of copying ``x`` into preallocated memory (one read and one write, the
+floor for any layer that writes an output). "saved / input" is the bytes autograd keeps for backward over ``x``'s bytes.
 Each table also says which path ``impl="auto"`` took (``AutoChoice``; on the C++ engine the one-time
 calibration of ``cbam.ops.calibration`` picks it, ``CBAM_CALIBRATE=0`` turns that off) with the
 calibration's own times of the fused and the reference path (the fastest of its runs).
@@ -147,7 +147,8 @@ class AutoChoice:
 @dataclass
 class ModuleTable:
     """``module_table``'s result: rows per shape (modules, then the copy), the geometric means, the
-    peer the speed-ups are over, notes on what was left out and what ``impl="auto"`` chose per shape."""
+    peer the speed-ups are over, notes on what was left out, what ``impl="auto"`` chose per shape and
+    whether ``x`` was channels-last."""
 
     rows: list[ModuleRow]
     geometric_means: list[GeometricMean]
@@ -157,6 +158,7 @@ class ModuleTable:
     train_repeats: int
     notes: list[str] = field(default_factory=list)
     auto: list[AutoChoice] = field(default_factory=list)
+    channels_last: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -187,6 +189,7 @@ class ResNetTable:
     image_size: int
     repeats: int
     auto: list[str] = field(default_factory=list)
+    channels_last: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -270,8 +273,10 @@ def auto_choice(channels: int, side: int, x: torch.Tensor, leaf: torch.Tensor,
 
 
 def module_table(batch: int = 8, repeats: int = 5, shapes: Sequence[tuple[int, int]] = SHAPES,
-                 compile_reference: bool = False, train_repeats: int | None = None) -> ModuleTable:
-    """Time the CBAM modules and a copy at each ``(C, H)`` of ``shapes`` on ``x: (batch, C, H, H)``.
+                 compile_reference: bool = False, train_repeats: int | None = None,
+                 channels_last: bool = False) -> ModuleTable:
+    """Time the CBAM modules and a copy at each ``(C, H)`` of ``shapes`` on ``x: (batch, C, H, H)``
+    (``channels_last``: in ``torch.channels_last`` memory format).
 
     Modules: timm's ``CbamModule`` (when timm is installed), ``CBAM(preset="timm")`` on the reference
     path, fused on the plain-torch passes, fused on the C++ engine (when it builds) and, with
@@ -292,7 +297,7 @@ def module_table(batch: int = 8, repeats: int = 5, shapes: Sequence[tuple[int, i
     speedups: dict[str, list[tuple[float, float]]] = {}
     for channels, side in shapes:
         torch.manual_seed(0)
-        x = torch.randn(batch, channels, side, side)
+        x = _laid_out(torch.randn(batch, channels, side, side), channels_last)
         leaf, upstream = x.clone().requires_grad_(), torch.randn_like(x)
         modules = _modules(channels, names)
         target = torch.empty_like(x)
@@ -316,7 +321,11 @@ def module_table(batch: int = 8, repeats: int = 5, shapes: Sequence[tuple[int, i
         auto.append(auto_choice(channels, side, x, leaf, modules[REFERENCE].state_dict()))
     means = [GeometricMean(name, geometric_mean(f for f, _ in pairs), geometric_mean(t for _, t in pairs))
              for name, pairs in speedups.items()]
-    return ModuleTable(rows, means, peer, batch, repeats, train_repeats, notes, auto)
+    return ModuleTable(rows, means, peer, batch, repeats, train_repeats, notes, auto, channels_last)
+
+
+def _laid_out(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def _paired_overheads(samples: dict[str, list[float]], name: str) -> tuple[float, tuple[float, float]]:
@@ -338,22 +347,25 @@ def _with_watched_cbams(model: nn.Module) -> nn.Module:
     return model
 
 
-def resnet_overhead(batch: int = 8, repeats: int = 3, image_size: int = 224) -> ResNetTable:
+def resnet_overhead(batch: int = 8, repeats: int = 3, image_size: int = 224,
+                    channels_last: bool = False) -> ResNetTable:
     """Seconds per training step (forward+backward) and per inference of ResNet-50 on
     ``(batch, 3, image_size, image_size)`` without attention, with CBAM (``preset="timm"``, default
     ``impl="auto"``: fused where the calibration found it faster, the block's last BatchNorm in its passes
     and the residual add and ReLU in its output pass), with the fused CBAM but those block ops separate,
     and with CBAM on the reference path, over ``repeats`` rounds after one
     warm-up (which makes the calibration's decisions, listed in ``auto``); overheads are paired within
-    rounds (``ResNetRow``)."""
+    rounds (``ResNetRow``). ``channels_last``: the networks and the input in ``torch.channels_last``."""
     batch, repeats = check_int("batch", batch), check_int("repeats", repeats)
     image_size = check_int("image_size", image_size, minimum=32)
     torch.manual_seed(0)
-    x = torch.randn(batch, 3, image_size, image_size)
+    x = _laid_out(torch.randn(batch, 3, image_size, image_size), channels_last)
     models = {"none": resnet50(attention=None),
               AUTO: resnet50(attention="cbam", preset="timm"),
               SEPARATE_TAIL: _with_watched_cbams(resnet50(attention="cbam", preset="timm")),
               "cbam reference": resnet50(attention="cbam", preset="timm", impl="reference")}
+    if channels_last:
+        models = {name: model.to(memory_format=torch.channels_last) for name, model in models.items()}
     before = calibration.decisions()
     for model in models.values():
         model.train()
@@ -364,7 +376,7 @@ def resnet_overhead(batch: int = 8, repeats: int = 3, image_size: int = 224) -> 
     rows = [ResNetRow(name, statistics.median(train[name]), *_paired_overheads(train, name),
                       statistics.median(inference[name]), *_paired_overheads(inference, name)) for name in models]
     made = {k: d for k, d in calibration.decisions().items() if k not in before}
-    return ResNetTable(rows, batch, image_size, repeats, calibration.describe(made))
+    return ResNetTable(rows, batch, image_size, repeats, calibration.describe(made), channels_last)
 
 
 def _cell(value: float | None, digits: int, suffix: str = "") -> str:
@@ -440,8 +452,9 @@ class FusedBenchReport:
     def __str__(self) -> str:
         env, modules = self.environment, self.modules
         parts = [f"torch {env['torch']}, {env['threads']} threads, {env['cpus']} CPUs, {env['machine']}",
-                 f"fp32 CPU, batch {modules.batch}; medians of interleaved repeats: {modules.repeats} forward "
-                 f"(eval, no autograd), {modules.train_repeats} forward+backward (train mode)"]
+                 f"fp32 CPU, batch {modules.batch}{', channels-last' if modules.channels_last else ''}; medians of "
+                 f"interleaved repeats: {modules.repeats} forward (eval, no autograd), {modules.train_repeats} "
+                 "forward+backward (train mode)"]
         parts += [f"Note: {note}" for note in modules.notes]
         parts += ["", format_module_table(modules)]
         if self.resnet is not None:
@@ -450,9 +463,9 @@ class FusedBenchReport:
 
 
 def run(batch: int = 8, repeats: int = 5, shapes: Sequence[tuple[int, int]] = SHAPES, resnet: bool = False,
-        compile_reference: bool = False) -> FusedBenchReport:
+        compile_reference: bool = False, channels_last: bool = False) -> FusedBenchReport:
     """The whole benchmark: ``module_table``, then with ``resnet`` ``resnet_overhead`` at 224² over
-    ``max(3, repeats)`` rounds."""
-    modules = module_table(batch, repeats, shapes, compile_reference)
-    overhead = resnet_overhead(batch, max(3, repeats)) if resnet else None
+    ``max(3, repeats)`` rounds; everything channels-last with ``channels_last``."""
+    modules = module_table(batch, repeats, shapes, compile_reference, channels_last=channels_last)
+    overhead = resnet_overhead(batch, max(3, repeats), channels_last=channels_last) if resnet else None
     return FusedBenchReport(environment(), modules, overhead)

@@ -14,10 +14,10 @@ namespace {
 typedef double Doubles __attribute__((vector_size(kVectorBytes)));
 constexpr int kDoubles = kVectorBytes / sizeof(double);
 
-// Adds lanes kDoubles kPart .. kDoubles (kPart + 1) - 1 of v, as doubles minus centre, to sums[kPart],
-// and their squares to squares[kPart].
-template <int kPart, typename Vector>
-void add_part(Vector v, double centre, Doubles* sums, Doubles* squares) {
+// Adds lanes kDoubles kPart .. kDoubles (kPart + 1) - 1 of v, as doubles minus centre (a double, or Doubles
+// lane by lane), to sums[kPart], and their squares to squares[kPart].
+template <int kPart, typename Vector, typename Centre>
+void add_part(Vector v, Centre centre, Doubles* sums, Doubles* squares) {
   const auto part = lanes_at<kDoubles * kPart>(v, std::make_index_sequence<kDoubles>{});
   const Doubles d = __builtin_convertvector(part, Doubles) - centre;
   sums[kPart] += d;
@@ -49,9 +49,48 @@ void moments_row(const scalar_t* row, int64_t S, scalar_t centre, double& sum, d
   low.first = -low.first;
 }
 
+// moments_row for the channels of one vector of one channels-last sample, x at its first row (rows C apart),
+// centres (one per lane): sums and squares in vectors of doubles, maxima and minima with their first
+// positions, all in registers while the rows stream by.
+template <typename scalar_t>
+void moments_vector(const scalar_t* x, int64_t C, int64_t S, const scalar_t* centres, double* sums, double* squares,
+                    std::pair<scalar_t, int64_t>* low, std::pair<scalar_t, int64_t>* high) {
+  using Values = typename Lanes<scalar_t>::Values;
+  using Positions = typename Lanes<scalar_t>::Positions;
+  using Position = typename std::remove_reference<decltype(Positions{}[0])>::type;
+  constexpr int kWidth = sizeof(Values) / sizeof(scalar_t), kParts = kWidth / kDoubles;
+  const auto load = [](const scalar_t* at) {
+    Values v;
+    std::memcpy(&v, at, sizeof(Values));
+    return v;
+  };
+  const Values centre_values = load(centres);
+  const auto half = std::make_index_sequence<kDoubles>{};
+  const Doubles centre[2] = {__builtin_convertvector(lanes_at<0>(centre_values, half), Doubles),
+                             __builtin_convertvector(lanes_at<kDoubles * (kParts - 1)>(centre_values, half), Doubles)};
+  Doubles sum[2] = {}, square[2] = {};
+  LaneMaximum<scalar_t> highest(scalar_t(0)), lowest(scalar_t(0));  // the minimum: the maximum of -x
+  highest.best = load(x);
+  lowest.best = -highest.best;
+  for (int64_t s = 0; s < S; ++s) {
+    const Values v = load(x + s * C);
+    const Positions at = static_cast<Position>(s) + Positions{};
+    highest.take(v, at);
+    lowest.take(-v, at);
+    add_part<0>(v, centre[0], sum, square);
+    if constexpr (kParts == 2) add_part<1>(v, centre[1], sum, square);
+  }
+  for (int l = 0; l < kWidth; ++l) {
+    sums[l] = sum[l / kDoubles][l % kDoubles];
+    squares[l] = square[l / kDoubles][l % kDoubles];
+    high[l] = {highest.best[l], highest.at[l]};
+    low[l] = {-lowest.best[l], lowest.at[l]};
+  }
+}
+
 // moments_row for channels c0 .. c0 + n - 1 (n <= kBlock) of one channels-last sample x (S rows of C),
 // centres (n) the channels' centres: sums, squares (n), minima and maxima with their positions (n), in
-// arrays along the channels while the rows stream by.
+// arrays along the channels while the rows stream by (the channels beyond moments_vector's whole vectors).
 template <int64_t kBlock, typename scalar_t>
 void moments_columns(const scalar_t* x, int64_t C, int64_t S, int64_t c0, int64_t n, const scalar_t* centres,
                      double* sums, double* squares, std::pair<scalar_t, int64_t>* low,
@@ -69,11 +108,14 @@ void moments_columns(const scalar_t* x, int64_t C, int64_t S, int64_t c0, int64_
     const scalar_t* __restrict row = x + s * C + c0;
     const int32_t at = static_cast<int32_t>(s);
 #pragma GCC ivdep
-    for (int64_t j = 0; j < n; ++j) {
-      const scalar_t v = row[j];
-      const double d = static_cast<double>(v) - centre[j];
+    for (int64_t j = 0; j < n; ++j) {  // two loops over the row's block (in L1): each vectorises, one would not
+      const double d = static_cast<double>(row[j]) - centre[j];
       sum[j] += d;
       square[j] += d * d;
+    }
+#pragma GCC ivdep
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t v = row[j];
       const bool above = v > highest[j], below = v < lowest[j];
       highest[j] = above ? v : highest[j];
       high_at[j] = above ? at : high_at[j];
@@ -128,8 +170,15 @@ struct FoldedPool {
     std::pair<scalar_t, int64_t> high[kColumns];
     for (int64_t j = 0; j < n; ++j) centres[j] = centre(c0 + j);
     const int64_t r = b * C + c0;
-    moments_columns<kColumns>(x + b * S * C, C, S, c0, n, centres, sums + r, squares + r, minima + r, high);
-    for (int64_t j = 0; j < n; ++j) std::tie(peak[r + j], index[r + j]) = high[j];
+    const scalar_t* sample = x + b * S * C;
+    constexpr int64_t kWidth = sizeof(typename Lanes<scalar_t>::Values) / sizeof(scalar_t);
+    int64_t j = 0;
+    for (; j + kWidth <= n; j += kWidth)
+      moments_vector(sample + c0 + j, C, S, centres + j, sums + r + j, squares + r + j, minima + r + j, high + j);
+    if (j < n)
+      moments_columns<kColumns>(sample, C, S, c0 + j, n - j, centres + j, sums + r + j, squares + r + j,
+                                minima + r + j, high + j);
+    for (j = 0; j < n; ++j) std::tie(peak[r + j], index[r + j]) = high[j];
   }
 
   // Channel c: its statistics over (B, S), its map, and the pooling of the map's output on its rows.

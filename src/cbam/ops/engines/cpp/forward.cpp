@@ -252,23 +252,36 @@ void gated_row(const scalar_t* row, const scalar_t* mc, InputNorm<scalar_t, kNor
   scalar_t total = value(0), found = total;
   int64_t at = 0, c = 1;
   if (C >= kWidth) {
-    Positions positions, arg;
-    for (int l = 0; l < kWidth; ++l) positions[l] = l;
-    Values sum = values(0), best = sum;
-    arg = positions;
-    for (c = kWidth; c + kWidth <= C; c += kWidth) {
-      positions += kWidth;
-      const Values v = values(c);
-      const Positions above = v > best;
-      sum += v;
-      best = above ? v : best;
-      if constexpr (kIndex) arg = above ? positions : arg;
+    // Two sets of lane sums, maxima and arg-maxima, even and odd vectors: two dependency chains, not one.
+    // Set 1 starts as a copy of set 0's first vector, which adds nothing to the sum and ties with itself.
+    Positions iota;
+    for (int l = 0; l < kWidth; ++l) iota[l] = l;
+    Values sum[2] = {values(0), Values{}}, best[2] = {sum[0], sum[0]};
+    Positions arg[2] = {iota, iota};
+    const auto take = [&](int k, int64_t from) {
+      const Values v = values(from);
+      const Positions above = v > best[k];
+      sum[k] += v;
+      best[k] = above ? v : best[k];
+      if constexpr (kIndex) arg[k] = above ? iota + static_cast<Position>(from) : arg[k];
+    };
+    for (c = kWidth; c + 2 * kWidth <= C; c += 2 * kWidth) {
+      take(0, c);
+      take(1, c + kWidth);
     }
-    total = fold_lanes(sum, [](auto a, auto b) { return a + b; });
-    found = fold_lanes(best, [](auto a, auto b) { return b > a ? b : a; });
+    if (c + kWidth <= C) {
+      take(0, c);
+      c += kWidth;
+    }
+    const Positions above = best[1] > best[0];  // the sets merged into set 0; a tie keeps the first position
+    if constexpr (kIndex) arg[0] = above ? arg[1] : best[1] == best[0] && arg[1] < arg[0] ? arg[1] : arg[0];
+    best[0] = above ? best[1] : best[0];
+    total = fold_lanes(sum[0] + sum[1], [](auto a, auto b) { return a + b; });
+    found = fold_lanes(best[0], [](auto a, auto b) { return b > a ? b : a; });
     if constexpr (kIndex) {
       const Position none = std::numeric_limits<Position>::max();
-      at = fold_lanes(best == found + Values{} ? arg : none + Positions{}, [](auto a, auto b) { return b < a ? b : a; });
+      at = fold_lanes(best[0] == found + Values{} ? arg[0] : none + Positions{},
+                      [](auto a, auto b) { return b < a ? b : a; });
       at = at == none ? 0 : at;
     }
   }
