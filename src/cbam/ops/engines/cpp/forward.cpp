@@ -180,9 +180,10 @@ void pool_columns(const scalar_t* x, InputNorm<scalar_t, kNormed> norm, int64_t 
   alignas(64) int32_t arg[kChannelBlock];
   const scalar_t* scale = kNormed ? norm.scale + c0 : nullptr;
   const scalar_t* shift = kNormed ? norm.shift + c0 : nullptr;
-  const auto y = [&](int64_t j, scalar_t v) -> scalar_t {  // rounded as torch's kernel rounds it
-    if constexpr (kNormed) return std::fma(v, scale[j], shift[j]);
-    return v;
+  const auto y = [&](int64_t j, scalar_t v) -> scalar_t {  // rounded as torch's kernel rounds it; a builtin, as
+    if constexpr (!kNormed) return v;                       // std::fma would not be inlined under these options
+    if constexpr (std::is_same_v<scalar_t, float>) return __builtin_fmaf(v, scale[j], shift[j]);
+    return __builtin_fma(v, scale[j], shift[j]);
   };
   for (int64_t j = 0; j < n; ++j) {
     sum[j] = best[j] = y(j, x[c0 + j]);
