@@ -153,3 +153,20 @@ def test_write_atomic_keeps_the_file_mode(tmp_path):
     write_atomic(tmp_path / "fresh", lambda file: file.write(b"x"))
     assert stat.S_IMODE(os.stat(tmp_path / "fresh").st_mode) == stat.S_IMODE(plain.stat().st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "plain", "secret.pt"]
+
+
+def test_write_atomic_writes_through_a_symlink(tmp_path):
+    """A link (``latest.pt`` -> a run's file) stays a link; its target gets the new content, atomically."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    target = runs / "epoch3.pt"
+    target.write_bytes(b"old")
+    link = tmp_path / "latest.pt"
+    link.symlink_to(target)
+    assert write_atomic(link, lambda file: file.write(b"new")) == link
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert target.read_bytes() == b"new" and sorted(p.name for p in runs.iterdir()) == ["epoch3.pt"]
+    dangling = tmp_path / "dangling.pt"
+    dangling.symlink_to(tmp_path / "missing" / "file.pt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        write_atomic(dangling, lambda file: file.write(b"x"))

@@ -28,10 +28,17 @@ def write_atomic(path, write: Callable[[BinaryIO], None]) -> Path:
 
     A crash or an error at any moment leaves ``path`` as it was (the temporary file is removed on
     errors; after a SIGKILL a hidden ``.NAME.*.tmp`` may remain beside it). The directory must exist.
-    A file rewritten keeps its permission bits, as one written in place does. Errors name ``path``,
-    not the temporary file.
+    A file rewritten keeps its permission bits, and a symbolic link stays a link with its target
+    rewritten, as writing in place does. Errors name ``path``, not the temporary file.
     """
     path = check_destination(path)
+    if path.is_symlink():  # the rename goes over the link's target, beside it
+        return _replace(check_destination(path.resolve()), write, shown=path)
+    return _replace(path, write, shown=path)
+
+
+def _replace(path: Path, write: Callable[[BinaryIO], None], shown: Path) -> Path:
+    """``write_atomic``'s work on ``path``, a file or none yet; errors name ``shown``; returns ``shown``."""
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         with open(temporary, "xb") as file:
@@ -44,9 +51,9 @@ def write_atomic(path, write: Callable[[BinaryIO], None]) -> Path:
     except BaseException as error:
         temporary.unlink(missing_ok=True)
         if isinstance(error, OSError) and error.filename in (None, str(temporary)):  # the temporary file failed
-            raise type(error)(f"cannot write {str(path)!r}: {error.strerror or error}") from None
+            raise type(error)(f"cannot write {str(shown)!r}: {error.strerror or error}") from None
         raise
-    return path
+    return shown
 
 
 def write_text_atomic(path, text: str) -> Path:
