@@ -181,6 +181,31 @@ def test_channel_mlp_keeps_nan_and_adds_none(engine, pools):
             assert got.isnan().any() == grad.isnan().any(), f"{what}: NaN in one, not in the other"
 
 
+def test_a_nan_gradient_stops_at_a_saturated_hard_sigmoid_as_in_the_reference(engine):
+    """A NaN in the output's gradient where both hard-sigmoid gates saturate (exactly 1 and 0): torch's relu6
+    backward selects 0 there, so the NaN reaches only its own element of the input gradient, not the
+    logits, the weights or the pooled paths (a product ``NaN * 0`` had spread it everywhere)."""
+    reference = cbam.CBAM(8, 2, 3, preset="official", gate="hard-sigmoid", impl="reference").eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(5))
+        reference.channel_att.fc2.bias.fill_(10.0)  # every channel gate 1
+        reference.spatial_att.bn.bias.fill_(-10.0)  # every spatial gate 0
+    fused = copy.deepcopy(reference)
+    fused.impl = "fused"
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
+    upstream = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
+    upstream[WHERE["element"]] = float("nan")
+    found = []
+    for module in (reference, fused):
+        leaf = x.clone().requires_grad_()
+        found.append(torch.autograd.grad(module(leaf), [leaf, *module.parameters()], upstream))
+    names = ["x", *(name for name, _ in reference.named_parameters())]
+    assert [int(grad.isnan().sum()) for grad in found[0]] == [1] + [0] * (len(names) - 1)  # the case is as meant
+    for name, want, got in zip(names, *found):
+        assert torch.equal(want.isnan(), got.isnan()), f"d{name}: NaN at {int(got.isnan().sum())} elements fused"
+
+
 def test_the_hard_sigmoid_gate_keeps_nan(engine):
     """``relu6(z + 3) / 6`` of a NaN logit is NaN, as torch's; a maximum and minimum that drop NaN gave 0."""
     torch.manual_seed(0)

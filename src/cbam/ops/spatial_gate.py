@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .. import functional
 from .batch_norm_state import BatchNormState
+from .engines import torch_ops
 
 PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -70,8 +71,7 @@ def backward(logits: Tensor, ms: Tensor, d_ms: Tensor, norm: BatchNormState | No
     """Gradients for the logits ``(B, S)`` and the norm's weight and bias (``None`` where it has none),
     given the gate ``ms`` the forward returned and its gradient ``d_ms``; ``batch_statistics`` as the
     forward normalised."""
-    slope = ((ms > 0) & (ms < 1)).to(ms.dtype) / 6 if gate == "hard-sigmoid" else ms * (1 - ms)
-    d_normed = d_ms * slope
+    d_normed = torch_ops.gate_grad(ms, d_ms, gate == "hard-sigmoid")
     if norm is None:
         return d_normed, None, None
     if logits.numel() == 0:  # an empty batch: nothing normalised, nothing to learn

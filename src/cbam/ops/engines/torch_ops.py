@@ -162,6 +162,14 @@ def channel_gate(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef: lis
     return functional.gate(logits, "hard-sigmoid" if hard else "sigmoid")
 
 
+def gate_grad(gate: Tensor, d_gate: Tensor, hard: bool) -> Tensor:
+    """The gate's backward from its output ``gate`` and ``d_gate``: sigmoid ``d y (1 - y)``; hard-sigmoid 0
+    where ``y <= 0`` or ``y >= 1``, also for a NaN ``d``, else ``d / 6`` (torch's relu6 backward selects)."""
+    if hard:
+        return d_gate.masked_fill((gate <= 0) | (gate >= 1), 0) / 6
+    return d_gate * (gate * (1 - gate))
+
+
 def channel_backward(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef: list[float], fc1_w: Tensor,
                      fc1_b: Tensor | None, fc2_w: Tensor, mc: Tensor, d_mc: Tensor, hard: bool) -> list[Tensor]:
     """Gradients of the channel gate ``mc = gate(sum_p fc2(relu(fc1(avg_coef[p] * avg + max_coef[p] * peak))))``
@@ -170,8 +178,7 @@ def channel_backward(avg: Tensor, peak: Tensor, avg_coef: list[float], max_coef:
     count = len(avg_coef)
     stacked = _mlp_inputs(avg, peak, avg_coef, max_coef)
     pre = F.linear(stacked, fc1_w, fc1_b)  # (P, B, H)
-    slope = ((mc > 0) & (mc < 1)).to(mc.dtype) / 6 if hard else mc * (1 - mc)
-    d_logits = d_mc * slope  # (B, C)
+    d_logits = gate_grad(mc, d_mc, hard)  # (B, C)
     d_pre = torch.ops.aten.threshold_backward((d_logits @ fc2_w).expand_as(pre), pre, 0)  # (P, B, H): as ReLU's
     d_stacked = list((d_pre @ fc1_w).unbind(0))
     return [_combination(avg_coef, d_stacked), _combination(max_coef, d_stacked),

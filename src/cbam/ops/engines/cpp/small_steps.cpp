@@ -41,8 +41,7 @@ std::vector<at::Tensor> channel_backward_blas(const at::Tensor& avg, const at::T
   const auto stacked = descriptors(avg, peak, avg_coef, max_coef);   // (P * B, C)
   const auto pre = at::linear(stacked, fc1_w, fc1_b);                 // (P * B, H)
   const auto hidden_sum = at::relu(pre).view({P, B, H}).sum(0);      // (B, H)
-  const auto slope = hard ? ((mc > 0) & (mc < 1)).to(mc.scalar_type()) / 6 : mc * (1 - mc);
-  const auto d_z = d_mc * slope;                                      // (B, C)
+  const auto d_z = hard ? d_mc.masked_fill((mc <= 0) | (mc >= 1), 0) / 6 : d_mc * (mc * (1 - mc));  // (B, C)
   const auto d_pre = at::threshold_backward(d_z.mm(fc2_w).repeat({P, 1}), pre, 0);  // (P * B, H): torch's ReLU's
   const auto d_descriptors = d_pre.mm(fc1_w).view({P, B, avg.size(1)});  // (P, B, C)
   auto d_avg = at::zeros_like(avg), d_peak = at::zeros_like(peak);
@@ -178,7 +177,7 @@ std::vector<at::Tensor> spatial_backward(const at::Tensor& logits, const at::Ten
     const scalar_t* dg = d_ms.data_ptr<scalar_t>();
     scalar_t* dz = d_logits.data_ptr<scalar_t>();
     for (int64_t i = 0; i < N; ++i)
-      dz[i] = dg[i] * gate_slope(g[i], hard);
+      dz[i] = gate_grad(dg[i], g[i], hard);
     if (norm)
       spatial_norm_backward(z, dz, N, batch_statistics, weight, running_mean, running_var, eps,
                             d_norm.data_ptr<scalar_t>());

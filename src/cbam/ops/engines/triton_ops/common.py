@@ -59,10 +59,10 @@ def gate(z, HARD: tl.constexpr):
 @triton.jit
 def gate_grad(g, d, HARD: tl.constexpr):
     """The gradient at the gate's input from its value ``g`` and the gradient ``d`` at its output:
-    ``d / 6`` strictly inside (0, 1) for the hard-sigmoid (divided, not multiplied by a float32 1/6,
-    so float64 stays exact), else ``d g (1 - g)``."""
+    for the hard-sigmoid 0 where ``g <= 0`` or ``g >= 1`` (also for a NaN ``d``, as torch's relu6 backward),
+    else ``d / 6`` (divided, not multiplied by a float32 1/6, so float64 stays exact); else ``d g (1 - g)``."""
     if HARD:
-        return tl.where((g > 0) & (g < 1), d, 0) / 6
+        return tl.where((g <= 0) | (g >= 1), 0, d) / 6
     return d * (g * (1 - g))
 
 
