@@ -60,6 +60,8 @@ def test_channels_last_views_are_recognised():
     assert engines.is_channels_last_view(x.to(memory_format=torch.channels_last))
     assert engines.is_channels_last_view(torch.randn(2, 6, 3, 4, 5).to(memory_format=torch.channels_last_3d))
     assert not engines.is_channels_last_view(x.transpose(2, 3))
+    sliced = torch.randn(4, 6, 4, 5).to(memory_format=torch.channels_last)[::2]  # every other sample
+    assert not engines.is_channels_last_view(sliced) and engines.is_channels_last_view(sliced[:1])
 
 
 def test_layouts_are_read_from_fake_tensors_too():

@@ -51,15 +51,17 @@ def _triton_interpreted() -> bool:
 
 
 def is_channels_last_view(x: Tensor) -> bool:
-    """Whether ``x: (B, C, *spatial)`` lies channels-last in memory: its ``(B, C, S)`` view has strides
-    ``(S * C, 1, C)``."""
+    """Whether ``x: (B, C, *spatial)`` lies channels-last and dense in memory: its ``(B, C, S)`` view has
+    strides ``(S * C, 1, C)`` (a batch of one any first stride)."""
     if x.dim() < 3 or x.shape[1] == 1:
         return False
     try:
         flat = x.view(*x.shape[:2], -1)
     except (RuntimeError, ValueError):  # strides that do not flatten (fake tensors raise ValueError)
         return False
-    return flat.stride(1) == 1 and (flat.shape[2] == 1 or flat.stride(2) == x.shape[1])
+    batch, channels, positions = flat.shape
+    return (flat.stride(1) == 1 and (positions == 1 or flat.stride(2) == channels)
+            and (batch == 1 or flat.stride(0) == channels * positions))
 
 
 @dataclass(frozen=True)
