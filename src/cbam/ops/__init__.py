@@ -53,5 +53,5 @@ def _exporting() -> bool:
     return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
-__all__ = ["IMPLS", "CbamWeights", "FusedCBAM", "FusedSpec", "compute_dtype", "engine_for", "folds_input_norm",
-           "fused_applies", "fused_cbam"]
+__all__ = ["COMPILED_OP_DEVICES", "IMPLS", "CbamWeights", "FusedCBAM", "FusedSpec", "compute_dtype", "engine_for",
+           "folds_input_norm", "fused_applies", "fused_cbam"]
