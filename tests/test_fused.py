@@ -122,8 +122,8 @@ def test_fused_spatial_norm_variants(engine, norm, train):
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("layout", ["channels_last", "channels_last, every other sample", "transposed",
-                                    "empty batch"])
+@pytest.mark.parametrize("layout", ["channels_last", "channels_last, every other sample", "channels_last, 1x1",
+                                    "transposed", "empty batch"])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_fused_on_other_layouts(engine, layout, with_residual):
     fast, slow = pair(6, 3, 2, preset="official")
@@ -132,6 +132,8 @@ def test_fused_on_other_layouts(engine, layout, with_residual):
         x = channels_last(x)
     elif layout == "channels_last, every other sample":
         x = channels_last(torch.randn(4, 6, 5, 7, dtype=F64))[::2]
+    elif layout == "channels_last, 1x1":  # contiguous too, with other strides along the size-1 dims
+        x = torch.randn(2, 6, 1, 1, dtype=F64).to(memory_format=torch.channels_last)
     elif layout == "transposed":
         x = torch.randn(2, 6, 7, 5, dtype=F64).transpose(2, 3)
     else:

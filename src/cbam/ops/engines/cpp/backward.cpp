@@ -378,7 +378,7 @@ std::vector<at::Tensor> gate_grads(const at::Tensor& grad, const at::Tensor& x, 
                                    const std::optional<at::Tensor>& centre) {
   const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
   const bool rows_last = channels_last(x);
-  TORCH_CHECK(grad.strides() == x.strides() && (!rectified || rectified->strides() == x.strides()),
+  TORCH_CHECK(channels_last(grad) == rows_last && (!rectified || channels_last(*rectified) == rows_last),
               "cbam: gate_grads reads grad and rectified laid out as x");
   const bool by_sample = B >= at::get_num_threads();
   const int64_t K = by_sample ? 1 : chunks(S), span = by_sample ? S : kChunk, sums = centre ? 3 : 1;
@@ -444,7 +444,7 @@ std::vector<at::Tensor> stats_grad(const at::Tensor& x, const at::Tensor& d_mean
 at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms,
                       const at::Tensor& d_mean, const at::Tensor& d_peak, const at::Tensor& index,
                       const at::Tensor& d_avg, const at::Tensor& d_max, const at::Tensor& channel_index) {
-  TORCH_CHECK(grad.strides() == x.strides(), "cbam: input_grad reads grad laid out as x");
+  TORCH_CHECK(channels_last(grad) == channels_last(x), "cbam: input_grad reads grad laid out as x");
   auto dx = output_cache::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_input_grad", [&] {
     InputGradient<scalar_t>(grad, mc, ms, d_mean, d_peak, index, d_avg, d_max, channel_index)
@@ -468,7 +468,7 @@ std::vector<at::Tensor> batch_norm_input_grad(const at::Tensor& grad, const at::
                                               const at::Tensor& centred, const at::Tensor& mean,
                                               const at::Tensor& invstd, const std::optional<at::Tensor>& weight) {
   const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
-  TORCH_CHECK(grad.strides() == x.strides(), "cbam: batch_norm_input_grad reads grad laid out as x");
+  TORCH_CHECK(channels_last(grad) == channels_last(x), "cbam: batch_norm_input_grad reads grad laid out as x");
   auto dx = output_cache::empty_like(x);
   auto d_weight = at::empty({C}, x.options()), d_bias = at::empty({C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_batch_norm_input_grad", [&] {
