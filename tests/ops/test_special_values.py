@@ -89,6 +89,8 @@ def engine(request):
 @configurations
 def test_non_finite_input_shows_in_the_output_as_in_the_reference(engine, preset, pools, tail, layout):
     """Inference (the C++ forward tracks no arg-maxima there); the gradient test covers the recorded forward."""
+    if engine == "triton" and layout == "channels_last":
+        pytest.skip("the interpreted Triton engine's channels-last path: test_triton_cbam (it costs seconds a case)")
     reference, fused, norm = pair(preset, pools)
     residual = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2)) if tail else None
     for name, x in inputs(layout=layout):
@@ -99,6 +101,8 @@ def test_non_finite_input_shows_in_the_output_as_in_the_reference(engine, preset
 
 @configurations
 def test_gradients_of_non_finite_input_are_nan_where_the_reference_has_nan(engine, preset, pools, tail, layout):
+    if engine == "triton" and layout == "channels_last":
+        pytest.skip("the interpreted Triton engine's channels-last path: test_triton_cbam (it costs seconds a case)")
     reference, fused, norm = pair(preset, pools)
     residual = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2)) if tail else None
     for name, x in inputs(layout=layout):
