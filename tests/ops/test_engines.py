@@ -116,18 +116,21 @@ def reference_pair(channels, **options):
 
 
 @pytest.mark.parametrize("engine", ["torch", "cpp"])
-def test_fused_under_autocast_keeps_float32_input_in_float32(engine):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fused_under_autocast_keeps_float32_input_in_float32(engine, memory_format):
     """Under CPU bfloat16 autocast the reference runs its convs and MLP in bfloat16; the fused path computes
-    every gate in float32 and returns float32 for float32 input: float32-close to the float64 reference."""
+    every gate in float32 and returns float32 for float32 input, in its layout: float32-close to the float64
+    reference (channels-last with bfloat16 autocast: the usual CPU inference set-up)."""
     fused, oracle = reference_pair(16, preset="timm")
-    x = torch.randn(2, 16, 7, 9)
+    x = torch.randn(2, 16, 7, 9).contiguous(memory_format=memory_format)
     with engines.using(engine), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert engine_for(x) == (engine if engine == "torch" else CPP)
         got = fused(x)
         eager = cbam.CBAM(16, 4, 3, impl="reference", preset="timm").eval()
         eager.load_state_dict(fused.state_dict())
         eager_out = eager(x)
     want = oracle(x.double())
-    assert got.dtype == torch.float32
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=memory_format)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     assert (eager_out.double() - want).abs().max() > (got.double() - want).abs().max()
 
