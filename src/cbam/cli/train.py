@@ -37,7 +37,9 @@ def register(subparsers) -> None:
     parser.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                         help="run at most this many epochs now, then exit (continue later with --resume)")
     parser.add_argument("--amp", action="store_true", help="autocast: bfloat16 on the CPU, float16 on CUDA")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="model and batches in torch.channels_last memory format (faster convolutions; the fused "
+                             "CBAM reads it as it lies, on the CPU and on CUDA)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
     parser.add_argument("--dist-timeout", type=float, default=300.0,
