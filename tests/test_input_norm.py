@@ -213,11 +213,12 @@ def test_batch_statistics_come_with_the_pooling(dtype, length, layout):
     """``batch_norm_pool``, one read of x: the batch's mean, biased variance and ``1 / sqrt(var + eps)``
     (float64 truth), and CBAM's pooling of the BatchNorm's output; a negative weight makes
     each row's minimum its maximum, a zero one makes every position the first maximum. Values far
-    from zero keep the variance exact (sums run about a value of the channel)."""
+    from zero keep the variance exact (sums run about a value of the channel). 42 channels: whole vectors
+    of channels and a rest, channels-last."""
     gen = torch.Generator().manual_seed(length)
-    x = laid_out((torch.randn(3, 6, length, generator=gen, dtype=F64) * 0.01 + 1000).to(dtype), layout)
-    weight = torch.tensor([1.5, -2.0, 0.0, 1.0, -0.5, 3.0], dtype=dtype)
-    bias = torch.randn(6, generator=gen, dtype=dtype)
+    x = laid_out((torch.randn(3, 42, length, generator=gen, dtype=F64) * 0.01 + 1000).to(dtype), layout)
+    weight = torch.tensor([1.5, -2.0, 0.0, 1.0, -0.5, 3.0], dtype=dtype).repeat(7)
+    bias = torch.randn(42, generator=gen, dtype=dtype)
     avg, peak, index, mean, var, invstd, affine = cpp.engine().batch_norm_pool(x, weight, bias, 1e-5)
     true_var, true_mean = torch.var_mean(x.double(), dim=(0, 2), correction=0)
     tolerance = {"rtol": 1e-6 if dtype == torch.float32 else 1e-9, "atol": 0}  # the truth's own error: ~1e-11
@@ -226,9 +227,10 @@ def test_batch_statistics_come_with_the_pooling(dtype, length, layout):
     torch.testing.assert_close(invstd.double(), 1 / torch.sqrt(true_var + 1e-5), **tolerance)
     torch.testing.assert_close(affine[0], invstd * weight, rtol=0, atol=0)
     torch.testing.assert_close(affine[1], bias - mean * affine[0])  # one rounding fewer where contracted
-    normed = torch.addcmul(affine[1].view(1, 6, 1), x, affine[0].view(1, 6, 1))
+    normed = torch.addcmul(affine[1].view(1, 42, 1), x, affine[0].view(1, 42, 1))
     torch.testing.assert_close(avg, normed.mean(2))
     torch.testing.assert_close(peak, normed.amax(2), rtol=0, atol=0)
     torch.testing.assert_close(normed.gather(2, index.unsqueeze(2)).squeeze(2), peak, rtol=0, atol=0)
-    torch.testing.assert_close(index[:, 1], x[:, 1].argmin(1))
-    assert index[:, 2].eq(0).all()
+    negative, zero = weight < 0, weight == 0
+    torch.testing.assert_close(index[:, negative], x[:, negative].argmin(2))
+    assert index[:, zero].eq(0).all()
