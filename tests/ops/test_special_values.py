@@ -139,6 +139,24 @@ def test_pooling_passes_take_a_nan_as_the_maximum(engine, layout, channels):
         assert torch.equal(found[1], index)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_pooling_passes_take_the_first_of_tied_maxima(engine, layout):
+    """``pool`` and ``gated_stats`` at 100 channels and 70 positions (many whole vectors, both accumulator
+    chains of the channels-last statistics, and a rest): a maximum tied at several channels or positions,
+    across vectors, is found at its first index, as by ``torch.max``."""
+    x = torch.randn(2, 100, 70, generator=torch.Generator().manual_seed(8))
+    x[0, [20, 28, 36, 45, 77, 99], 3] = x[1, [1, 60], 69] = 9.0  # ties across channels (and lanes, and chains)
+    x[0, 7, [10, 50, 66]] = x[1, 33, [0, 40]] = 9.0  # ties across positions in a channel
+    mc = torch.ones(2, 100)
+    if layout == "channels_last":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    passes = engines.select(x)[1]
+    for found, (peak, index) in ((passes.pool(x)[1:], x.max(2)), (passes.gated_stats(x, mc)[1:], x.max(1))):
+        torch.testing.assert_close(found[0], peak)
+        assert torch.equal(found[1], index)
+    assert passes.gated_stats(x, mc)[2][0, 3] == 20 and passes.pool(x)[2][0, 7] == 10
+
+
 def channel_mlp_cases():
     """``(name, avg, peak (2, 8), d_mc (2, 8))``: sample 0 with a NaN in both pooled vectors, with a -inf mean
     (its maximum finite), or with a NaN in the gate's gradient."""
