@@ -13,6 +13,7 @@ from torch import nn
 import cbam
 from cbam.ops import engines
 from cbam.ops.fused import NATIVE_POOLS
+from layouts import channels_last
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
 ENGINES = [name for name in ("torch", "cpp", "triton") if engines.ENGINES[name].load() is not None]
@@ -130,7 +131,7 @@ def test_pooling_passes_take_a_nan_as_the_maximum(engine, layout, channels):
     x[0, 5, [20, 30]] = x[0, [1, 2], 40] = x[0, [3, 4], 98] = torch.tensor([float("inf"), float("-inf")])
     x[1, [3, channels - 2], 50] = float("nan")  # a NaN among the last channels (channels-last: the rest)
     if layout == "channels_last":
-        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        x = channels_last(x)
     mc = torch.rand(2, channels, generator=torch.Generator().manual_seed(2))
     passes = engines.select(x)[1]
     pooled, gated = passes.pool(x)[1:], passes.gated_stats(x, mc)[1:]
@@ -149,7 +150,7 @@ def test_pooling_passes_take_the_first_of_tied_maxima(engine, layout):
     x[0, 7, [10, 50, 66]] = x[1, 33, [0, 40]] = 9.0  # ties across positions in a channel
     mc = torch.ones(2, 100)
     if layout == "channels_last":
-        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        x = channels_last(x)
     passes = engines.select(x)[1]
     for found, (peak, index) in ((passes.pool(x)[1:], x.max(2)), (passes.gated_stats(x, mc)[1:], x.max(1))):
         torch.testing.assert_close(found[0], peak)

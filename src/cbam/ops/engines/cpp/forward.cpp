@@ -250,9 +250,12 @@ void gated_row(const scalar_t* row, const scalar_t* mc, InputNorm<scalar_t, kNor
     if constexpr (kNormed) v = v * load(norm.scale + c) + load(norm.shift + c);
     return load(mc + c) * v;
   };
-  scalar_t total = value(0), found = total;
-  int64_t at = 0, c = 1;
-  if (C >= kWidth) {
+  scalar_t total, found;
+  int64_t at = 0, c;
+  if (C < kWidth) {
+    total = found = value(0);
+    c = 1;
+  } else {
     // Two sets of lane sums, maxima and arg-maxima, even and odd vectors: two dependency chains, not one.
     // Set 1 starts as a copy of set 0's first vector, which adds nothing to the sum and ties with itself.
     Positions iota;
