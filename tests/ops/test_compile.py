@@ -156,3 +156,24 @@ def test_opcheck_passes_for_the_inference_op(dtype, training):
              for tensors in (weights.flat(), norm, input_norm)]
     args = (x, torch.randn_like(x), *plain, "avg,max", "sigmoid", "concat", mode, 0.1, 1e-5, mode, 0.1, 1e-5)
     torch.library.opcheck(torch.ops.cbam.fused_inference.default, args)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
+def test_inductor_compiled_layer_trains_as_eager(layout):
+    """Two CBAM blocks compiled by inductor itself (not a recording or ``aot_eager`` backend), a training step:
+    inductor lays tensors out as it likes (convolutions channels-last on the CPU) and asserts that every result
+    of the op has the strides its fake kernel said. The fake said the spatial conv weight's gradient had the
+    weight's layout, which inductor had made channels-last; the real one is contiguous, and the backward
+    failed. Caches off: a graph compiled by an earlier version must not stand in for this one's."""
+    compiled, eager = twins(lambda: cbam.models.resnet18(num_classes=10, stem="cifar", impl="fused").layer1)
+    x = torch.randn(2, 64, 8, 8)
+    if layout == "channels-last":
+        compiled, eager, x = (t.to(memory_format=torch.channels_last) for t in (compiled, eager, x))
+    with torch._inductor.config.patch(force_disable_caches=True):
+        got = step(torch.compile(compiled, fullgraph=True), x)
+    want = step(eager, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4)
+    for p, q in zip(compiled.buffers(), eager.buffers(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

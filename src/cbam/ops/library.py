@@ -215,8 +215,9 @@ def fused_backward(grad: Tensor, x: Tensor, rectified: Tensor | None, saved: lis
     with autocast_off(x.device.type):
         dx, d_residual, d_in_w, d_in_b, d_weights = backward_from(grad, named, CbamWeights.from_flat(weights), plan)
     present = input_mode != NONE and input_weight is not None
+    d_weights = [_empty(x) if g is None else g.contiguous() for g in d_weights]  # as the fake says
     return _unshared([dx, _empty(x) if d_residual is None else d_residual, d_in_w if present else _empty(x),
-                      d_in_b if present else _empty(x), *(_empty(x) if g is None else g for g in d_weights)], [grad])
+                      d_in_b if present else _empty(x), *d_weights], [grad])
 
 
 def _unshared(outputs: list[Tensor], inputs: list[Tensor]) -> list[Tensor]:
@@ -239,7 +240,7 @@ def _(grad, x, rectified, saved, weights, norm, input_weight, pool_types, gate, 
     read = _as_read(x)
     return [torch.empty_like(read), x.new_empty(0) if rectified is None else torch.empty_like(read),
             *(torch.empty_like(input_weight) if folded else x.new_empty(0) for _ in range(2)),
-            *(torch.empty_like(w) for w in weights)]
+            *(w.new_empty(w.shape) for w in weights)]  # contiguous as the real ones, whatever layout inductor gave w
 
 
 def _setup_context(ctx, inputs, output):
