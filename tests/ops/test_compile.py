@@ -1,8 +1,7 @@
 """``torch.compile(fullgraph=True)`` keeps the fused CBAM as the ``cbam::fused_forward`` / ``fused_backward``
 custom ops (no graph break), and the compiled network equals the eager one: outputs, every gradient,
-every running statistic. On the CPU ``impl="auto"`` compiles the reference instead (inductor's channels-last
-convolutions would be copied around the C++ engine's contiguous-only op); the ops are tested through
-``impl="fused"``, which keeps them anywhere."""
+every running statistic. ``impl="auto"`` keeps the ops where a compiled engine covers the input, as in eager code;
+most tests take ``impl="fused"``, which keeps them anywhere."""
 
 import pytest
 import torch
@@ -12,6 +11,15 @@ import cbam
 from cbam.ops import library
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles its own models: dynamo's per-code caches would otherwise pile up past its recompile
+    limit (every model instance is a guard of ``ResNet.forward``)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 def twins(factory):
@@ -51,18 +59,26 @@ def test_compiled_resnet18_keeps_the_fused_ops_and_equals_eager():
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-def test_auto_compiles_the_reference_on_the_cpu_and_equals_eager():
-    """No cbam op in the graph for ``impl="auto"`` on the CPU: dynamo sees the reference's standard ops."""
-    compiled, eager = twins(lambda: cbam.models.resnet18(num_classes=10, stem="cifar"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_under_compile_on_the_cpu_keeps_the_op_in_training(dtype):
+    """``impl="auto"`` under compile on the CPU: a training step runs the op for float32 (the C++ engine covers
+    it) and the reference's standard ops for bfloat16 (no compiled engine does), as in eager code; inference
+    runs the reference (inductor's code for it measured faster there). All equal eager."""
+    compiled, eager = twins(lambda: cbam.models.resnet18(num_classes=10, stem="cifar").to(dtype))
     found: set[str] = set()
-    x = torch.randn(2, 3, 32, 32)
-    got = step(torch.compile(compiled, fullgraph=True, backend=recording_backend(found)), x)
-    want = step(eager, x)  # eager auto: the fused C++ path
-    assert not any(target.startswith("cbam.") for target in found)
-    assert any("sigmoid" in target for target in found)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    model = torch.compile(compiled, fullgraph=True, backend=recording_backend(found))
+    got = step(model, x)
+    want = step(eager, x)
+    assert any(target.startswith("cbam.fused_forward") for target in found) == (dtype == torch.float32)
+    assert any("sigmoid" in target for target in found) == (dtype == torch.bfloat16)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
     for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    found.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-5, atol=1e-5)  # eager: the fused path, rounded apart
+    assert not any(target.startswith("cbam.") for target in found)
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -177,3 +193,29 @@ def test_inductor_compiled_layer_trains_as_eager(layout):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4)
     for p, q in zip(compiled.buffers(), eager.buffers(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_graph_compiled_around_other_versions_of_the_ops_is_not_reused(tmp_path, monkeypatch):
+    """Inductor's on-disk cache of compiled graphs hashes its config, not the ops' fake kernels or tags; the ops'
+    source digest in that config keeps a graph compiled around another version of them from being reused."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    module = cbam.CBAM(8, 2, 3, preset="timm", impl="fused").eval()
+    x = torch.randn(2, 8, 5, 6)
+    marked = torch._inductor.config.unsafe_marked_cacheable_functions
+    assert {marked[f"torch.ops.cbam.{name}"] for name in ("fused_forward", "fused_inference", "fused_backward")} \
+        == {marked["torch.ops.cbam.fused_forward"]}
+
+    def compiled_hits(**patch) -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        with torch._inductor.config.patch(fx_graph_cache=True, **patch), torch.no_grad():
+            torch.testing.assert_close(torch.compile(module, fullgraph=True)(x), module(x), rtol=1e-5, atol=1e-6)
+        return counters["inductor"]["fxgraph_cache_hit"]
+
+    other = {**marked, "torch.ops.cbam.fused_inference": "cbam-another-version"}
+    assert compiled_hits() == 0
+    assert compiled_hits() == 1
+    assert compiled_hits(unsafe_marked_cacheable_functions=other) == 0
+    torch._dynamo.reset()

@@ -90,18 +90,25 @@ def test_auto_fuses_where_a_compiled_engine_runs():
         assert fused_applies("auto", "channel-spatial", x.half())
 
 
-def test_under_compile_auto_fuses_on_cuda_only(monkeypatch):
-    """Under ``torch.compile`` ``auto`` keeps the op on CUDA (Triton) and lets inductor compile the reference
-    on the CPU, although the C++ engine reads inductor's channels-last tensors: inductor's own code measured
-    faster there in inference; ``impl="fused"`` keeps the op anywhere."""
-    assert ops.COMPILED_OP_DEVICES == {"cuda"}
+def test_under_compile_auto_fuses_on_cuda_and_in_cpu_training(monkeypatch):
+    """Under ``torch.compile`` ``auto`` keeps the op on CUDA, and on the CPU where a gradient of ``x`` is recorded
+    (inductor's own code for the reference measured faster in CPU inference), where a compiled engine covers
+    ``x`` as in eager code: bfloat16 on the CPU compiles the reference. ``impl="fused"`` keeps the op anywhere."""
+    assert ops.COMPILED_OP_DEVICES == {"cuda"} and ops.COMPILED_TRAINING_OP_DEVICES == {"cpu"}
     x = torch.randn(1, 4, 3, 3)
-    assert engine_for(x.to(memory_format=torch.channels_last)) == CPP  # not a question of layout
+    trained = x.clone().requires_grad_()
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert fused_applies("auto", "channel-spatial", trained) == (CPP == "cpp")
+    assert fused_applies("auto", "channel-spatial", trained.to(memory_format=torch.channels_last)) == (CPP == "cpp")
     assert not fused_applies("auto", "channel-spatial", x)
-    assert fused_applies("fused", "channel-spatial", x)
+    with torch.no_grad():
+        assert not fused_applies("auto", "channel-spatial", trained)
+    assert not fused_applies("auto", "channel-spatial", trained.bfloat16())
+    assert fused_applies("fused", "channel-spatial", x.bfloat16())
+    with engines.using("torch"):
+        assert fused_applies("auto", "channel-spatial", trained.bfloat16())
     monkeypatch.setattr(ops, "COMPILED_OP_DEVICES", frozenset({"cpu"}))  # as on CUDA
-    assert fused_applies("auto", "channel-spatial", x)
+    assert fused_applies("auto", "channel-spatial", x) == (CPP == "cpp")
 
 
 def reference_pair(channels, **options):

@@ -12,9 +12,12 @@ from .engines import engine_for, requested
 from .fused import CbamWeights, FusedCBAM, FusedSpec, compute_dtype, folds_input_norm, fused_cbam
 
 IMPLS = ("auto", "reference", "fused")
-# The devices where "auto" keeps the fused op under torch.compile. Not the CPU: there inductor's own code for
-# the reference, compiled with the network, measured faster in inference than the op (ResNet-50; BENCHMARKS.md).
+# Where "auto" keeps the fused op under torch.compile (and a compiled engine covers the input): on these devices
+# always, on the training ones where a gradient is recorded. On the CPU the op won in training and lost in inference
+# to inductor's own code for the reference (compiled ResNet-50, overhead over the compiled plain network: op +2.8%
+# against +13.7% in training, +9.2% against +6.2% in inference; BENCHMARKS.md).
 COMPILED_OP_DEVICES = frozenset({"cuda"})
+COMPILED_TRAINING_OP_DEVICES = frozenset({"cpu"})
 
 
 def fused_applies(impl: str, order: str, x: Tensor) -> bool:
@@ -23,20 +26,27 @@ def fused_applies(impl: str, order: str, x: Tensor) -> bool:
     ``"auto"`` takes it for channel-first CBAM where a compiled engine covers ``x`` (``engine_for``
     names ``cpp`` or ``triton``; or ``CBAM_ENGINE=torch`` asks for the plain-torch passes), under
     autocast too (the gates then compute in float32 and the output keeps ``x``'s dtype) and under
-    ``torch.compile`` on CUDA (``COMPILED_OP_DEVICES``: through the ``torch.library`` ops, where they cover
-    the module: see ``CBAM.fuses``). Not under ``torch.compile`` on the CPU: there inductor compiles the
-    reference with the network into code that measured faster in inference than the op. Nor while
-    tracing with ``torch.jit`` or exporting with ``torch.export`` (ONNX and other exporters see the
-    reference's standard ops), nor inside a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``:
-    per-sample gradients), which the fused autograd function cannot enter.
+    ``torch.compile`` on CUDA, and on the CPU where a gradient of ``x`` is recorded (``COMPILED_OP_DEVICES``,
+    ``COMPILED_TRAINING_OP_DEVICES``: through the ``torch.library`` ops, where they cover the module: see
+    ``CBAM.fuses``; elsewhere inductor compiles the reference with the network). Not while tracing with
+    ``torch.jit`` or exporting with ``torch.export`` (ONNX and other exporters see the reference's standard ops),
+    nor inside a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``: per-sample gradients), which the fused
+    autograd function cannot enter.
     """
     if impl != "auto":
         return impl == "fused"
     if order != "channel-spatial" or not x.is_floating_point() or torch.jit.is_tracing():
         return False
+    compiled_engine = engine_for(x) != "torch" or requested() == "torch"  # not loaded while compiling: see engine_for
     if torch.compiler.is_compiling():  # the op picks its engine when it runs; exports see the reference's ops
-        return not _exporting() and x.device.type in COMPILED_OP_DEVICES
-    return not _transformed() and (engine_for(x) != "torch" or requested() == "torch")
+        devices = COMPILED_OP_DEVICES | (COMPILED_TRAINING_OP_DEVICES if _recorded(x) else frozenset())
+        return not _exporting() and x.device.type in devices and compiled_engine
+    return not _transformed() and compiled_engine
+
+
+def _recorded(x: Tensor) -> bool:
+    """Whether autograd records a gradient of ``x`` here (in a network in training: every conv output)."""
+    return torch.is_grad_enabled() and x.requires_grad
 
 
 def _transformed() -> bool:
@@ -53,5 +63,5 @@ def _exporting() -> bool:
     return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
-__all__ = ["COMPILED_OP_DEVICES", "IMPLS", "CbamWeights", "FusedCBAM", "FusedSpec", "compute_dtype", "engine_for",
-           "folds_input_norm", "fused_applies", "fused_cbam"]
+__all__ = ["COMPILED_OP_DEVICES", "COMPILED_TRAINING_OP_DEVICES", "IMPLS", "CbamWeights", "FusedCBAM", "FusedSpec",
+           "compute_dtype", "engine_for", "folds_input_norm", "fused_applies", "fused_cbam"]

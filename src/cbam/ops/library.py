@@ -15,12 +15,15 @@ anything else runs the reference under compile (``impl="auto"``).
 
 from __future__ import annotations
 
+import hashlib
 import math
+import sys
 
 import torch
+import torch._inductor.config
 from torch import Tensor, nn
 
-from . import spatial_gate
+from . import engines, fused, spatial_gate
 from .batch_norm_state import BatchNormState
 from .engines import is_channels_last_view, select
 from .fused import (
@@ -276,6 +279,21 @@ def _present(grad: Tensor, weight: Tensor) -> Tensor | None:
 
 
 fused_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _key_compiled_graphs_to_these_ops() -> None:
+    """Inductor keeps compiled graphs on disk (its FX graph cache) keyed by the graph and its config, not by what
+    an op's fake kernel or tags say: after an upgrade it would reuse a graph compiled around another version of
+    these ops (other result strides, other layout constraints). A digest of the source that defines them,
+    entered in the config that the key hashes, keeps versions apart."""
+    sources = (sys.modules[__name__], fused, engines)
+    digest = hashlib.sha256(b"".join(open(module.__file__, "rb").read() for module in sources)).hexdigest()[:16]
+    config = torch._inductor.config
+    config.unsafe_marked_cacheable_functions = {**config.unsafe_marked_cacheable_functions, **{
+        f"torch.ops.cbam.{name}": f"cbam-{digest}" for name in ("fused_forward", "fused_inference", "fused_backward")}}
+
+
+_key_compiled_graphs_to_these_ops()
 
 
 def fused_cbam_op(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamWeights,
