@@ -143,7 +143,7 @@ def test_opcheck_passes(dtype, training):
     norm = [spec.norm.weight, spec.norm.bias, spec.norm.running_mean, spec.norm.running_var, empty]
     mode = library.BATCH if training else library.RUNNING
     args = (x, None, [empty if w is None else w for w in weights.flat()], norm, [empty] * 5, "avg,max", "sigmoid",
-            "concat", mode, 0.1, 1e-5, library.NONE, 0.0, 0.0)
+            "concat", mode, 0.1, 1e-5, library.NONE, 0.0, 0.0, library.SOURCE)
     torch.library.opcheck(torch.ops.cbam.fused_forward.default, args)
 
 
@@ -170,18 +170,23 @@ def test_opcheck_passes_for_the_inference_op(dtype, training):
     mode = library.BATCH if training else library.RUNNING
     plain = [[empty if t is None else t.detach() for t in tensors]  # it records no gradient: no input asks for one
              for tensors in (weights.flat(), norm, input_norm)]
-    args = (x, torch.randn_like(x), *plain, "avg,max", "sigmoid", "concat", mode, 0.1, 1e-5, mode, 0.1, 1e-5)
+    args = (x, torch.randn_like(x), *plain, "avg,max", "sigmoid", "concat", mode, 0.1, 1e-5, mode, 0.1, 1e-5,
+            library.SOURCE)
     torch.library.opcheck(torch.ops.cbam.fused_inference.default, args)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
-def test_inductor_compiled_layer_trains_as_eager(layout):
+@pytest.mark.parametrize(("layout", "training"), [("contiguous", True), ("channels-last", True), ("contiguous", False)])
+def test_inductor_compiled_layer_trains_as_eager(layout, training):
     """Two CBAM blocks compiled by inductor itself (not a recording or ``aot_eager`` backend), a training step:
     inductor lays tensors out as it likes (convolutions channels-last on the CPU) and asserts that every result
     of the op has the strides its fake kernel said. The fake said the spatial conv weight's gradient had the
     weight's layout, which inductor had made channels-last; the real one is contiguous, and the backward
-    failed. Caches off: a graph compiled by an earlier version must not stand in for this one's."""
-    compiled, eager = twins(lambda: cbam.models.resnet18(num_classes=10, stem="cifar", impl="fused").layer1)
+    failed. Caches off: a graph compiled by an earlier version must not stand in for this one's. In eval mode
+    (fine-tuning with frozen BatchNorms) the folded norms apply their running statistics."""
+    def layer():
+        return cbam.models.resnet18(num_classes=10, stem="cifar", impl="fused").layer1.train(training)
+
+    compiled, eager = twins(layer)
     x = torch.randn(2, 64, 8, 8)
     if layout == "channels-last":
         compiled, eager, x = (t.to(memory_format=torch.channels_last) for t in (compiled, eager, x))
@@ -196,26 +201,28 @@ def test_inductor_compiled_layer_trains_as_eager(layout):
 
 
 def test_a_graph_compiled_around_other_versions_of_the_ops_is_not_reused(tmp_path, monkeypatch):
-    """Inductor's on-disk cache of compiled graphs hashes its config, not the ops' fake kernels or tags; the ops'
-    source digest in that config keeps a graph compiled around another version of them from being reused."""
+    """Inductor's on-disk cache of compiled graphs hashes the graph, not the ops' fake kernels or tags: the digest
+    of the ops' source, an argument of every call, keeps a graph compiled around another version of them from
+    being reused; and the op refuses a call that carries another digest."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     module = cbam.CBAM(8, 2, 3, preset="timm", impl="fused").eval()
     x = torch.randn(2, 8, 5, 6)
-    marked = torch._inductor.config.unsafe_marked_cacheable_functions
-    assert {marked[f"torch.ops.cbam.{name}"] for name in ("fused_forward", "fused_inference", "fused_backward")} \
-        == {marked["torch.ops.cbam.fused_forward"]}
 
-    def compiled_hits(**patch) -> int:
+    def compiled_hits() -> int:
         torch._dynamo.reset()
         counters.clear()
-        with torch._inductor.config.patch(fx_graph_cache=True, **patch), torch.no_grad():
+        with torch._inductor.config.patch(fx_graph_cache=True), torch.no_grad():
             torch.testing.assert_close(torch.compile(module, fullgraph=True)(x), module(x), rtol=1e-5, atol=1e-6)
         return counters["inductor"]["fxgraph_cache_hit"]
 
-    other = {**marked, "torch.ops.cbam.fused_inference": "cbam-another-version"}
     assert compiled_hits() == 0
     assert compiled_hits() == 1
-    assert compiled_hits(unsafe_marked_cacheable_functions=other) == 0
-    torch._dynamo.reset()
+    installed = library.SOURCE
+    monkeypatch.setattr(library, "SOURCE", "another-version")
+    assert compiled_hits() == 0
+    monkeypatch.setattr(library, "SOURCE", installed)
+    with pytest.raises(RuntimeError, match="another version of cbam's ops"), torch.no_grad():
+        library.fused_inference(x, None, *[[] for _ in range(3)], "avg,max", "sigmoid", "concat", 0, 0.0, 0.0, 0, 0.0,
+                                0.0, "another-version")

@@ -94,7 +94,7 @@ def _args(x: torch.Tensor, fold: bool = True) -> tuple:
 
     return (x, torch.randn_like(x).requires_grad_(), [empty if w is None else w for w in weights.flat()],
             tensors(spec.norm), tensors(norm) if fold else [empty] * 5, "avg,max", "sigmoid", "concat", library.BATCH,
-            0.1, 1e-5, library.BATCH if fold else library.NONE, 0.1, 1e-5)
+            0.1, 1e-5, library.BATCH if fold else library.NONE, 0.1, 1e-5, library.SOURCE)
 
 
 def test_the_fake_kernels_give_an_input_in_another_layout_the_real_strides():

@@ -18,9 +18,9 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
+from pathlib import Path
 
 import torch
-import torch._inductor.config
 from torch import Tensor, nn
 
 from . import engines, fused, spatial_gate
@@ -97,10 +97,30 @@ def _spec(pool_types: str, gate: str, spatial_pool: str, norm: BatchNormState | 
 # when traced (on the CPU, inductor runs convolutions channels-last: two copies per CBAM).
 READS_ANY_LAYOUT = (torch.Tag.flexible_layout,)
 
+
+def _source_digest() -> str:
+    """A digest of the source that defines the ops (their fake kernels, layouts and results)."""
+    sources = (sys.modules[__name__], fused, engines)
+    return hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in sources)).hexdigest()[:16]
+
+
+# Every call passes SOURCE as its last argument, a constant in the traced graph. Inductor keeps compiled graphs on
+# disk keyed by the graph, not by what an op's fake kernel or tags say: without it, a graph compiled around another
+# version of these ops (other result strides, other layout constraints) would be reused after an upgrade. The ops
+# refuse a call that carries another version's digest (a graph saved some other way).
+SOURCE = _source_digest()
+
+
+def _check_source(source: str) -> None:
+    if source != SOURCE:
+        raise RuntimeError(f"this graph was compiled around another version of cbam's ops (source {source!r}, "
+                           f"installed {SOURCE!r}): compile it again")
+
+
 # The schemas are written out: torch before 2.5 cannot infer one from postponed (string) annotations.
 FORWARD_SCHEMA = ("(Tensor x, Tensor? residual, Tensor[] weights, Tensor[] norm, Tensor[] input_norm, str pool_types, "
                   "str gate, str spatial_pool, int norm_mode, float norm_factor, float norm_eps, int input_mode, "
-                  "float input_factor, float input_eps) -> Tensor[]")  # both forward ops'
+                  "float input_factor, float input_eps, str source) -> Tensor[]")  # both forward ops'
 
 
 def _forward_inputs(x: Tensor, weights: list[Tensor], norm: list[Tensor], input_norm: list[Tensor], norm_mode: int,
@@ -118,12 +138,13 @@ def _forward_inputs(x: Tensor, weights: list[Tensor], norm: list[Tensor], input_
 def fused_forward(x: Tensor, residual: Tensor | None, weights: list[Tensor], norm: list[Tensor],
                   input_norm: list[Tensor], pool_types: str, gate: str, spatial_pool: str, norm_mode: int,
                   norm_factor: float, norm_eps: float, input_mode: int, input_factor: float,
-                  input_eps: float) -> list[Tensor]:
+                  input_eps: float, source: str) -> list[Tensor]:
     """``[out, norm's new running mean and var, input norm's new running mean and var, *SAVED]`` for
     ``x: (B, C, *spatial)``; ``weights`` as ``CbamWeights.flat()``, each norm ``[weight, bias,
     running_mean, running_var, count]`` with its ``factor``, which is ``1 / count`` where ``count`` (its
     ``num_batches_tracked``, read when the op runs: a cumulative average) is given; empty tensors where an
     argument or a result does not exist."""
+    _check_source(source)
     inputs = [x, *(() if residual is None else (residual,)), *weights, *norm, *input_norm]
     x, cbam_weights, norm_state, input_state, selected = _forward_inputs(
         x, weights, norm, input_norm, norm_mode, norm_factor, norm_eps, input_mode, input_factor, input_eps)
@@ -146,7 +167,7 @@ def _statistics(x: Tensor, *states: BatchNormState | None) -> list[Tensor]:
 
 @fused_forward.register_fake
 def _(x, residual, weights, norm, input_norm, pool_types, gate, spatial_pool, norm_mode, norm_factor, norm_eps,
-      input_mode, input_factor, input_eps):
+      input_mode, input_factor, input_eps, source):
     batch, channels, positions = x.shape[0], x.shape[1], math.prod(x.shape[2:])  # x[0, 0] fails on B = 0
     dtype = compute_dtype(x)
     norm, input_norm = _holes(norm), _holes(input_norm)
@@ -176,9 +197,10 @@ def _fake_statistics(x: Tensor, *norms: tuple[list[Tensor | None], int]) -> list
 def fused_inference(x: Tensor, residual: Tensor | None, weights: list[Tensor], norm: list[Tensor],
                     input_norm: list[Tensor], pool_types: str, gate: str, spatial_pool: str, norm_mode: int,
                     norm_factor: float, norm_eps: float, input_mode: int, input_factor: float,
-                    input_eps: float) -> list[Tensor]:
+                    input_eps: float, source: str) -> list[Tensor]:
     """``fused_forward``'s first five results (``[out, norm's new running mean and var, input norm's]``) for a
     call that records no gradient: what ``fused_cbam`` computes without autograd, nothing kept for a backward."""
+    _check_source(source)
     inputs = [x, *(() if residual is None else (residual,)), *weights, *norm, *input_norm]
     x, cbam_weights, norm_state, input_state, selected = _forward_inputs(
         x, weights, norm, input_norm, norm_mode, norm_factor, norm_eps, input_mode, input_factor, input_eps)
@@ -190,21 +212,23 @@ def fused_inference(x: Tensor, residual: Tensor | None, weights: list[Tensor], n
 
 @fused_inference.register_fake
 def _(x, residual, weights, norm, input_norm, pool_types, gate, spatial_pool, norm_mode, norm_factor, norm_eps,
-      input_mode, input_factor, input_eps):
+      input_mode, input_factor, input_eps, source):
     statistics = _fake_statistics(x, (_holes(norm), norm_mode), (_holes(input_norm), input_mode))
     return [torch.empty_like(_as_read(x)), *statistics]
 
 
 @torch.library.custom_op("cbam::fused_backward", mutates_args=(), tags=READS_ANY_LAYOUT, schema=(
     "(Tensor grad, Tensor x, Tensor? rectified, Tensor[] saved, Tensor[] weights, Tensor[] norm, Tensor? input_weight, "
-    "str pool_types, str gate, str spatial_pool, int norm_mode, float norm_eps, int input_mode, float input_eps) "
+    "str pool_types, str gate, str spatial_pool, int norm_mode, float norm_eps, int input_mode, float input_eps, "
+    "str source) "
     "-> Tensor[]"))
 def fused_backward(grad: Tensor, x: Tensor, rectified: Tensor | None, saved: list[Tensor], weights: list[Tensor],
                    norm: list[Tensor], input_weight: Tensor | None, pool_types: str, gate: str,
                    spatial_pool: str, norm_mode: int, norm_eps: float, input_mode: int,
-                   input_eps: float) -> list[Tensor]:
+                   input_eps: float, source: str) -> list[Tensor]:
     """``[dx, d_residual, d_input_weight, d_input_bias, *d_weights]`` of ``fused_forward`` (``saved``: its
     ``SAVED`` results); empty tensors where there is no such input."""
+    _check_source(source)
     engine, passes = select(x)
     x = _in_layout(engine, x)
     weights, norm = _holes(weights), _holes(norm)
@@ -238,7 +262,7 @@ def _unshared(outputs: list[Tensor], inputs: list[Tensor]) -> list[Tensor]:
 
 @fused_backward.register_fake
 def _(grad, x, rectified, saved, weights, norm, input_weight, pool_types, gate, spatial_pool, norm_mode, norm_eps,
-      input_mode, input_eps):
+      input_mode, input_eps, source):
     folded = input_mode != NONE and input_weight is not None
     read = _as_read(x)
     return [torch.empty_like(read), x.new_empty(0) if rectified is None else torch.empty_like(read),
@@ -248,11 +272,11 @@ def _(grad, x, rectified, saved, weights, norm, input_weight, pool_types, gate, 
 
 def _setup_context(ctx, inputs, output):
     (x, residual, weights, norm, input_norm, pool_types, gate, spatial_pool, norm_mode, _, norm_eps, input_mode, _,
-     input_eps) = inputs
+     input_eps, source) = inputs
     # a BatchNorm on running statistics needs them in the backward; on batch statistics they are updated
     # right after this forward, so they are not saved (autograd would see them modified)
     kept_norm = norm if norm_mode == RUNNING else [*norm[:2], *(x.new_empty(0) for _ in norm[2:])]
-    ctx.options = (pool_types, gate, spatial_pool, norm_mode, norm_eps, input_mode, input_eps)
+    ctx.options = (pool_types, gate, spatial_pool, norm_mode, norm_eps, input_mode, input_eps, source)
     ctx.has_residual, ctx.count = residual is not None, (len(weights), len(norm))
     ctx.input_affine = (input_norm[0].numel() > 0, input_norm[1].numel() > 0)
     ctx.save_for_backward(x, output[0] if residual is not None else None, *output[5:], *weights, *kept_norm,
@@ -271,7 +295,7 @@ def _backward(ctx, grads):
     d_weights = [_present(g, w) for g, w in zip(d_weights, weights)]
     # the spatial norm's weight and bias come twice (in weights and in norm): their gradients once
     return (dx, d_residual if ctx.has_residual else None, d_weights, [None] * norm_count, d_input_norm,
-            None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None)
 
 
 def _present(grad: Tensor, weight: Tensor) -> Tensor | None:
@@ -279,21 +303,6 @@ def _present(grad: Tensor, weight: Tensor) -> Tensor | None:
 
 
 fused_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _key_compiled_graphs_to_these_ops() -> None:
-    """Inductor keeps compiled graphs on disk (its FX graph cache) keyed by the graph and its config, not by what
-    an op's fake kernel or tags say: after an upgrade it would reuse a graph compiled around another version of
-    these ops (other result strides, other layout constraints). A digest of the source that defines them,
-    entered in the config that the key hashes, keeps versions apart."""
-    sources = (sys.modules[__name__], fused, engines)
-    digest = hashlib.sha256(b"".join(open(module.__file__, "rb").read() for module in sources)).hexdigest()[:16]
-    config = torch._inductor.config
-    config.unsafe_marked_cacheable_functions = {**config.unsafe_marked_cacheable_functions, **{
-        f"torch.ops.cbam.{name}": f"cbam-{digest}" for name in ("fused_forward", "fused_inference", "fused_backward")}}
-
-
-_key_compiled_graphs_to_these_ops()
 
 
 def fused_cbam_op(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamWeights,
@@ -313,7 +322,7 @@ def fused_cbam_op(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: 
         _filled(_tensors(input_state), x), ",".join(spec.pool_types),
         spec.gate, spec.spatial_pool, _mode(norm_state), norm_state.momentum if norm_state else 0.0,
         norm_state.eps if norm_state else 0.0, _mode(input_state), input_state.momentum if input_state else 0.0,
-        input_state.eps if input_state else 0.0)
+        input_state.eps if input_state else 0.0, SOURCE)
     with torch.no_grad():
         for state, mean, var in ((norm_state, *results[1:3]), (input_state, *results[3:5])):
             if state is not None and state.updates:
