@@ -37,6 +37,16 @@ def step(model, x):
     return out
 
 
+def assert_same_step(compiled, eager, got, want, output=(0, 0), grads=(0, 0), buffers=(0, 0)):
+    """The two models' step results (``got``, ``want``), parameter gradients and buffers equal, each within its
+    ``(rtol, atol)``."""
+    torch.testing.assert_close(got, want, rtol=output[0], atol=output[1])
+    for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=grads[0], atol=grads[1])
+    for p, q in zip(compiled.buffers(), eager.buffers(), strict=True):
+        torch.testing.assert_close(p, q, rtol=buffers[0], atol=buffers[1])
+
+
 def recording_backend(found: set):
     """A backend that notes the ops in the graph dynamo hands it and runs that graph as it is."""
     def backend(graph_module, inputs):
@@ -52,11 +62,7 @@ def test_compiled_resnet18_keeps_the_fused_ops_and_equals_eager():
     got = step(torch.compile(compiled, fullgraph=True, backend=recording_backend(found)), x)
     want = step(eager, x)
     assert any(target.startswith("cbam.fused_forward") for target in found)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
-    for p, q in zip(compiled.buffers(), eager.buffers(), strict=True):
-        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert_same_step(compiled, eager, got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -72,9 +78,7 @@ def test_auto_under_compile_on_the_cpu_keeps_the_op_in_training(dtype):
     want = step(eager, x)
     assert any(target.startswith("cbam.fused_forward") for target in found) == (dtype == torch.float32)
     assert any("sigmoid" in target for target in found) == (dtype == torch.bfloat16)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    assert_same_step(compiled, eager, got, want)
     found.clear()
     with torch.no_grad():
         torch.testing.assert_close(model(x), eager(x), rtol=1e-5, atol=1e-5)  # eager: the fused path, rounded apart
@@ -105,11 +109,7 @@ def test_aot_compiled_resnet18_forward_backward_equals_eager(training):
     x = torch.randn(2, 3, 32, 32)
     got = step(torch.compile(compiled, fullgraph=True, backend="aot_eager"), x)
     want = step(eager, x)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
-    for p, q in zip(compiled.buffers(), eager.buffers(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    assert_same_step(compiled, eager, got, want, output=(1e-6, 1e-6), grads=(1e-5, 1e-6), buffers=(1e-6, 1e-6))
 
 
 def test_the_op_matches_the_float64_reference_with_a_folded_norm_and_a_residual():
@@ -193,11 +193,7 @@ def test_inductor_compiled_layer_trains_as_eager(layout, training):
     with torch._inductor.config.patch(force_disable_caches=True):
         got = step(torch.compile(compiled, fullgraph=True), x)
     want = step(eager, x)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4)
-    for p, q in zip(compiled.buffers(), eager.buffers(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert_same_step(compiled, eager, got, want, output=(1e-5, 1e-5), grads=(1e-4, 1e-4), buffers=(1e-5, 1e-6))
 
 
 def test_a_graph_compiled_around_other_versions_of_the_ops_is_not_reused(tmp_path, monkeypatch):
