@@ -8,7 +8,7 @@ differ):
 Prints one line: the median over rounds of each round's ratio of ``attention="cbam"`` (``preset="timm"``,
 ``impl="auto"`` or ``--impl``; ``--channels-last``: both networks and the input channels-last) to
 ``attention=None``, for a training step and for an inference (``--compile``: of both
-models compiled by ``torch.compile``, each mode compiled apart); ``--save PATH`` also
+models compiled by ``torch.compile``, each mode compiled apart, inductor's on-disk caches off); ``--save PATH`` also
 appends every round's overheads to PATH as one JSON line, to pool many processes:
 
     for i in 1 2 3 4 5 6; do
@@ -53,6 +53,10 @@ def main() -> None:
     import cbam
     from cbam.profile.benchmark import interleaved_samples
 
+    if args.compile:  # compiled afresh: a cached graph compiled around another version of the ops must not stand in
+        import torch._inductor.config
+
+        torch._inductor.config.force_disable_caches = True
     torch.manual_seed(0)
     x = torch.randn(8, 3, 224, 224)
     built = {"none": cbam.models.resnet50(attention=None),
