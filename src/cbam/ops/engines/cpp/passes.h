@@ -139,10 +139,11 @@ scalar_t squash(scalar_t z, bool hard) {
   return scalar_t(1) / (scalar_t(1) + std::exp(-z));
 }
 
-// The gate's backward from its output y and the gradient d of y: sigmoid d y (1 - y); hard-sigmoid 0 where
-// y <= 0 or y >= 1, also for a NaN d, else d / 6 (torch's relu6 backward selects, never multiplies).
+// The gate's backward from its output y and the gradient d of y (in the order of the torch and Triton
+// engines' gate_grad): sigmoid d y (1 - y); hard-sigmoid 0 where y <= 0 or y >= 1, also for a NaN d, else d / 6
+// (torch's relu6 backward selects, never multiplies).
 template <typename scalar_t>
-scalar_t gate_grad(scalar_t d, scalar_t y, bool hard) {
+scalar_t gate_grad(scalar_t y, scalar_t d, bool hard) {
   if (hard) return (y <= 0 || y >= 1) ? scalar_t(0) : d / 6;
   return d * (y * (1 - y));
 }

@@ -177,7 +177,7 @@ std::vector<at::Tensor> spatial_backward(const at::Tensor& logits, const at::Ten
     const scalar_t* dg = d_ms.data_ptr<scalar_t>();
     scalar_t* dz = d_logits.data_ptr<scalar_t>();
     for (int64_t i = 0; i < N; ++i)
-      dz[i] = gate_grad(dg[i], g[i], hard);
+      dz[i] = gate_grad(g[i], dg[i], hard);
     if (norm)
       spatial_norm_backward(z, dz, N, batch_statistics, weight, running_mean, running_var, eps,
                             d_norm.data_ptr<scalar_t>());

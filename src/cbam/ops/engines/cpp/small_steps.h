@@ -54,7 +54,7 @@ struct ChannelMLP {
     std::vector<scalar_t> descriptors(P * C), pre(P * H), hidden_sum(H), d_hidden(H, scalar_t(0));
     hidden(avg, peak, descriptors.data(), pre.data(), hidden_sum.data());
     for (int64_t c = 0; c < C; ++c) {
-      const scalar_t d_z = gate_grad(d_mc[c], mc[c], hard);
+      const scalar_t d_z = gate_grad(mc[c], d_mc[c], hard);
       d_b2[c] += P * d_z;
       for (int64_t j = 0; j < H; ++j) {
         d_w2[c * H + j] += d_z * hidden_sum[j];
