@@ -2,9 +2,11 @@
 checked against an expectation worked out independently of the tool."""
 
 import copy
+import errno
 import os
 import re
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +172,17 @@ def test_write_atomic_writes_through_a_symlink(tmp_path):
     dangling.symlink_to(tmp_path / "missing" / "file.pt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         write_atomic(dangling, lambda file: file.write(b"x"))
+
+
+def test_write_atomic_on_a_read_only_file_system_names_the_destination(tmp_path, monkeypatch):
+    """On a read-only file system both the temporary file's creation and its clean-up fail (EROFS even for an
+    absent file): the error reported is the first, naming the destination, not the temporary file."""
+    def refuse(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr("cbam.atomic.open", refuse, raising=False)
+    monkeypatch.setattr(Path, "unlink", refuse)
+    with pytest.raises(OSError) as raised:
+        write_atomic(tmp_path / "model.pt", lambda file: file.write(b"x"))
+    assert raised.value.errno is None and str(raised.value) == (
+        f"cannot write {str(tmp_path / 'model.pt')!r}: {os.strerror(errno.EROFS)}")

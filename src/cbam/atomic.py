@@ -49,11 +49,20 @@ def _replace(path: Path, write: Callable[[BinaryIO], None], shown: Path) -> Path
             os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
         os.replace(temporary, path)
     except BaseException as error:
-        temporary.unlink(missing_ok=True)
+        _remove(temporary)
         if isinstance(error, OSError) and error.filename in (None, str(temporary)):  # the temporary file failed
             raise type(error)(f"cannot write {str(shown)!r}: {error.strerror or error}") from None
         raise
     return shown
+
+
+def _remove(temporary: Path) -> None:
+    """Remove ``temporary`` if it is there; a directory that refuses (a read-only file system refuses even
+    to unlink what is absent) leaves the first error to be reported."""
+    try:
+        temporary.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def write_text_atomic(path, text: str) -> Path:
