@@ -112,18 +112,19 @@ def test_the_fake_kernels_take_an_empty_batch():
     torch.library.opcheck(torch.ops.cbam.fused_forward.default, _args(x, fold=False))
 
 
+@pytest.mark.parametrize("impl", ["auto", "fused"])
 @pytest.mark.parametrize("where", ["cbam", "resnet-block"])
-def test_per_sample_gradients_through_torch_func(where):
+def test_per_sample_gradients_through_torch_func(where, impl):
     """``torch.func.vmap(grad(...))`` (per-sample gradients, as differential-privacy training takes them) of a
-    CBAM and of a ResNet block holding one, ``impl="auto"``: the fused autograd function cannot enter a
-    ``torch.func`` transform, so the reference runs; every sample's gradients equal a float64 loop over samples."""
+    CBAM and of a ResNet block holding one: the fused autograd function cannot enter a ``torch.func`` transform,
+    so the reference runs (``impl="fused"`` too); every sample's gradients equal a float64 loop over samples."""
     from torch.func import functional_call, grad, vmap
 
     torch.manual_seed(0)
     if where == "cbam":
-        module = cbam.CBAM(16, 4, preset="timm")
+        module = cbam.CBAM(16, 4, preset="timm", impl=impl)
     else:
-        module = cbam.models.resnet18(num_classes=3, stem="cifar", preset="timm").layer1[0]
+        module = cbam.models.resnet18(num_classes=3, stem="cifar", preset="timm", impl=impl).layer1[0]
     module = module.double().eval()
     params = {name: p.detach() for name, p in module.named_parameters()}
     x = torch.randn(3, 16 if where == "cbam" else 64, 6, 5, dtype=torch.float64)
@@ -137,3 +138,26 @@ def test_per_sample_gradients_through_torch_func(where):
         expected = torch.autograd.grad(out, list(module.parameters()))
         for (name, got), want in zip(per_sample.items(), expected):
             torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-12, msg=f"sample {i}, {name}")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
+@pytest.mark.parametrize("impl", ["auto", "fused"])
+def test_jit_trace_records_the_reference(impl):
+    """``torch.jit.trace`` cannot record the fused autograd function (its parameters would become constants):
+    the trace holds the reference's standard ops, ``impl="fused"`` too, and computes as the module at another
+    batch size, with gradients."""
+    torch.manual_seed(0)
+    module = cbam.CBAM(12, 4, 3, preset="timm", impl=impl).double().train()
+    traced = torch.jit.trace(module, torch.randn(2, 12, 5, 6, dtype=F64))
+    recorded = str(traced.inlined_graph)
+    assert "aten::_convolution" in recorded and "aten::sigmoid" in recorded
+    assert "PythonOp" not in recorded and "cbam::" not in recorded
+    x = torch.randn(3, 12, 5, 6, dtype=F64, requires_grad=True)
+    got = traced(x)
+    expected = cbam.CBAM(12, 4, 3, preset="timm", impl="reference").double().train()
+    expected.load_state_dict(module.state_dict())
+    want = expected(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    (gx,) = torch.autograd.grad(got.square().sum(), x)
+    (wx,) = torch.autograd.grad(want.square().sum(), x)
+    torch.testing.assert_close(gx, wx, rtol=1e-10, atol=1e-12)

@@ -31,17 +31,19 @@ def fused_applies(impl: str, order: str, x: Tensor) -> bool:
     ``CBAM.fuses``; elsewhere inductor compiles the reference with the network). Not while tracing with
     ``torch.jit`` or exporting with ``torch.export`` (ONNX and other exporters see the reference's standard ops),
     nor inside a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``: per-sample gradients), which the fused
-    autograd function cannot enter.
+    autograd function cannot enter: there ``"fused"`` runs the reference too, everywhere else the fused path.
     """
-    if impl != "auto":
-        return impl == "fused"
-    if order != "channel-spatial" or not x.is_floating_point() or torch.jit.is_tracing():
+    if impl == "reference" or torch.jit.is_tracing() or (not torch.compiler.is_compiling() and _transformed()):
+        return False
+    if impl == "fused":
+        return True
+    if order != "channel-spatial" or not x.is_floating_point():
         return False
     compiled_engine = engine_for(x) != "torch" or requested() == "torch"  # not loaded while compiling: see engine_for
     if torch.compiler.is_compiling():  # the op picks its engine when it runs; exports see the reference's ops
         devices = COMPILED_OP_DEVICES | (COMPILED_TRAINING_OP_DEVICES if _recorded(x) else frozenset())
         return not _exporting() and x.device.type in devices and compiled_engine
-    return not _transformed() and compiled_engine
+    return compiled_engine
 
 
 def _recorded(x: Tensor) -> bool:
