@@ -114,6 +114,24 @@ def test_each_key_is_timed_once_per_process(calibrated):
     assert calibration.decisions() == {}
 
 
+def test_deterministic_algorithms_fuse_without_timing(calibrated, fused_calls):
+    """Under ``torch.use_deterministic_algorithms(True)`` nothing is timed (a choice by timing may differ from
+    run to run): ``auto`` fuses wherever the compiled engine covers ``x``, as with the off switch."""
+    stub = calibrated("reference")
+    module = cbam.CBAM(16, 4)
+    x = torch.randn(2, 16, 5, 5)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert module.fuses(x)
+        _call(module, x, training=True)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert stub.total == 0 and calibration.decisions() == {} and fused_calls["n"] == 1
+    _call(module, x, training=True)  # switched back: timed, and the stub's faster reference is kept
+    assert stub.total == 2 * (1 + calibration.REPEATS) and fused_calls["n"] == 1 + 1 + calibration.REPEATS
+
+
 def test_the_off_switch_fuses_without_timing(calibrated, monkeypatch):
     stub = calibrated("reference")
     monkeypatch.setenv(calibration.ENV, "0")

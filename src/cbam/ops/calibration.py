@@ -18,8 +18,8 @@ forward; training a forward and ``torch.autograd.grad`` of it to the inputs and 
 require grad (so no ``.grad`` is touched). The buffers the runs may update (BatchNorm running
 statistics, ``num_batches_tracked``) are restored afterwards. The clock is ``timer`` (tests replace it).
 
-Off switch: ``CBAM_CALIBRATE=0`` (then ``"auto"`` fuses wherever a compiled engine covers the input,
-as before calibration existed). Never under ``torch.compile``, tracing or export: the caller decides
+Off switch: ``CBAM_CALIBRATE=0``, or ``torch.use_deterministic_algorithms(True)`` (then ``"auto"`` fuses
+wherever a compiled engine covers the input, as before calibration existed: runs repeat bitwise). Never under ``torch.compile``, tracing or export: the caller decides
 there as before. ``decisions()`` shows what was chosen; ``clear()`` forgets it.
 
 This module knows nothing of modules: the caller (``CBAM.fuses``) passes the key and two callables.
@@ -85,9 +85,13 @@ def enabled() -> bool:
 
 
 def applies(x: Tensor) -> bool:
-    """Whether a call on ``x`` is calibrated: switched on, not compiling or tracing, and on the C++ engine
-    (the Triton engine and an explicitly requested torch engine are used as before)."""
+    """Whether a call on ``x`` is calibrated: switched on, not compiling or tracing, torch not asked for
+    deterministic algorithms (``torch.use_deterministic_algorithms``: a choice by timing may differ from run to
+    run, and the two paths round differently), and on the C++ engine (the Triton engine and an explicitly
+    requested torch engine are used as before)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting() or x.numel() == 0:
+        return False
+    if torch.are_deterministic_algorithms_enabled():
         return False
     return enabled() and engine_for(x) == "cpp"
 

@@ -4,7 +4,8 @@ Every epoch rank 0 writes ``OUT/checkpoint.pt`` atomically (model, optimizer, sc
 scaler, RNG state, metrics history, configuration), then ``metrics.json``/``metrics.csv`` and
 ``curves.png``. Resuming restores all of it, and the data order is a function of ``(seed, epoch)``
 (``DistributedSampler``), so on the CPU a run interrupted at any moment and resumed ends bitwise
-equal to an uninterrupted one (same world size, same machine).
+equal to an uninterrupted one (same world size, same machine) where ``impl="auto"`` makes a fixed choice of path
+(``CBAM_CALIBRATE=0``; see ``cbam.ops.calibration``).
 """
 
 from __future__ import annotations
