@@ -12,15 +12,16 @@ bfloat16 autocast. The table shows the default's time, the best time, and the po
 kernel reads only some of the constants, so each kernel's best can be combined. Each policy compiles
 its own kernels; ``--budget`` seconds end the sweep where it is.
 
-``--check`` runs on any device (the CPU through Triton's interpreter). It compares each policy's output,
-input gradient and parameter gradients with the default policy's, and names each policy that launched
-no tile different from the default's.
+``--check`` runs on any device (the CPU through Triton's interpreter, which it turns on). It compares each
+policy's output, input gradient and parameter gradients with the default policy's, and names each policy
+that launched no tile different from the default's.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -168,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.check:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":  # the engine runs on the CPU only in Triton's interpreter, read when kernels are defined
+            if "cbam.ops.engines.triton_ops" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+                raise SystemExit("tile_sweep: --check on the CPU needs TRITON_INTERPRET=1 before cbam's Triton "
+                                 "engine is imported")
+            os.environ["TRITON_INTERPRET"] = "1"
         problems = check(_shapes(args.shapes or "64x8,512x4"), args.batch or 2, device)
         print("\n".join(problems) or f"every policy agrees with the default on {device}")
         return 1 if problems else 0

@@ -4,6 +4,7 @@ the policy switch restores the engine's constants, and the per-kernel table pick
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -86,3 +87,15 @@ def test_a_wrong_gradient_under_a_policy_is_named(tile_sweep, monkeypatch):
     problems = tile_sweep.check([(64, 8)], batch=2, device="cpu")
     assert any(line.startswith("64x8, TILE=1024: parameter") for line in problems)
     assert not any("TILE=4096" in line and "differs" in line for line in problems)
+
+
+def test_the_check_turns_the_interpreter_on_by_itself():
+    """``--check`` on a CPU without ``TRITON_INTERPRET`` set: it turns the interpreter on before the engine's
+    kernels are defined, so the policies' launches are seen and each changes the tiles (run without it, the
+    torch engine ran and every policy that changes tiles was named as changing none)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "tile_sweep.py"), "--check", "--shapes", "512x4"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == "every policy agrees with the default on cpu"

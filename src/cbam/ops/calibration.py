@@ -19,8 +19,9 @@ require grad (so no ``.grad`` is touched). The buffers the runs may update (Batc
 statistics, ``num_batches_tracked``) are restored afterwards. The clock is ``timer`` (tests replace it).
 
 Off switch: ``CBAM_CALIBRATE=0``, or ``torch.use_deterministic_algorithms(True)`` (then ``"auto"`` fuses
-wherever a compiled engine covers the input, as before calibration existed: runs repeat bitwise). Never under ``torch.compile``, tracing or export: the caller decides
-there as before. ``decisions()`` shows what was chosen; ``clear()`` forgets it.
+wherever a compiled engine covers the input, as before calibration existed: runs repeat bitwise). Never
+under ``torch.compile``, tracing or export: the caller decides there as before. ``decisions()`` shows what
+was chosen; ``clear()`` forgets it.
 
 This module knows nothing of modules: the caller (``CBAM.fuses``) passes the key and two callables.
 """
