@@ -90,6 +90,16 @@ def test_eval_needs_model_and_data_for_other_checkpoints(sources, capsys):
     assert err.count("\n") == 1 and "was not written by cbam train" in err and "--model and --data" in err
 
 
+def test_eval_refuses_a_class_count_other_than_the_datas(sources, capsys):
+    """``--num-classes`` that is not the data's class count: one line naming both, before any weights load (the
+    confusion matrix once failed with a reshape error)."""
+    status = main(["eval", "--checkpoint", str(sources.timm_path), "--model", "resnet18", "--num-classes", "1000",
+                   "--data", "synthetic:4,4"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert "--num-classes 1000: --data synthetic:4,4 has 10 classes" in err
+
+
 class _Stop(Exception):
     """Ends ``cbam train`` once the weights are in the model."""
 

@@ -62,7 +62,10 @@ def run(args: argparse.Namespace) -> int:
         data = args.data
         split = load_split(data, False, image_size=args.image_size)
         classes = split.classes
-        args.num_classes = len(classes) if args.num_classes is None else args.num_classes
+        if args.num_classes not in (None, len(classes)):
+            raise ValueError(f"--num-classes {args.num_classes}: --data {data} has {len(classes)} classes, and the "
+                             f"model's outputs must be its classes")
+        args.num_classes = len(classes)
         model = model_from_args(args)
         report = load_weights(checkpoint, model, allow_missing_attention=False, source_name=source)
     if split.classes != classes:
