@@ -20,6 +20,7 @@ wrong key, transpose or channel order changes the logits.
 
 from __future__ import annotations
 
+import argparse
 import copy
 
 import timm
@@ -85,10 +86,13 @@ def timm_resnet(depth: int = 50, seed: int = 0) -> nn.Module:
 
 
 def timm_checkpoint(model: nn.Module, ema: nn.Module) -> dict:
-    """timm ``train.py``'s checkpoint, the model compiled (``_orig_mod.`` keys), with an EMA entry."""
+    """timm ``train.py``'s checkpoint, the model compiled (``_orig_mod.`` keys), with an EMA entry and the run's
+    arguments (an ``argparse.Namespace``, as timm's ``CheckpointSaver`` stores them)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = argparse.Namespace(model="resnet50", lr=0.1, epochs=3, amp=True, mean=(0.485, 0.456, 0.406))
     return {"epoch": 3, "arch": "resnet50", "state_dict": torch.compile(model).state_dict(),
-            "state_dict_ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "version": 2, "metric": 0.5}
+            "state_dict_ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "version": 2, "metric": 0.5,
+            "args": args}
 
 
 def timm_ema(model: nn.Module) -> nn.Module:

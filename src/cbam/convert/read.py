@@ -2,7 +2,8 @@
 
 ``read_file`` loads ``.safetensors`` with the ``safetensors`` package and everything else
 (``.pt``, ``.pth``, ``.pth.tar``, ``.bin``, ...) with ``torch.load(weights_only=True)``: tensors,
-dicts, lists, tuples, strings, numbers, ``None``; a pickled class or a ``__reduce__`` payload is
+dicts, lists, tuples, strings, numbers, ``None``, and ``argparse.Namespace`` (timm's ``train.py`` stores its
+arguments as one, under ``args``); a pickled class or a ``__reduce__`` payload is
 refused with one line and never runs. ``find_state_dict`` looks where training scripts put the
 weights (the official ``train_imagenet.py``: ``{'epoch', 'arch', 'state_dict', 'best_prec1',
 'optimizer'}``; timm's ``train.py``: ``state_dict`` and ``state_dict_ema``; ``cbam train``:
@@ -12,6 +13,7 @@ weights (the official ``train_imagenet.py``: ``{'epoch', 'arch', 'state_dict', '
 
 from __future__ import annotations
 
+import argparse
 import pickle
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -71,7 +73,8 @@ def read_file(path):
     try:
         if load_safetensors is not None:
             return load_safetensors(path, device="cpu")
-        return torch.load(path, weights_only=True, map_location="cpu")
+        with torch.serialization.safe_globals([argparse.Namespace]):  # timm's train.py saves its arguments as one
+            return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as error:  # torch.load raises pickle, zip, EOF and runtime errors; safetensors its own
         reason = _load_error(error) if load_safetensors is not None else _not_torch_save(path) or _load_error(error)
         raise ValueError(f"cannot read checkpoint {str(path)!r}: {reason}") from None
