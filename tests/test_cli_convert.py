@@ -4,6 +4,7 @@ layout (.safetensors or .pt), loading in timm and in our models; bad input ends 
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 import timm
@@ -99,6 +100,11 @@ ERRORS = {
                        r"cannot write '.*out.safetensors': directory '.*missing' does not exist"),
     "existing output": (lambda d, s: [s.timm_path, (d / "out.pt").write_bytes(b"keep") and d / "out.pt"],
                         r"'.*out.pt' exists; pass --force to replace it"),
+    "output is the input, forced": (lambda d, s: [_copy(s.timm_path, d / "ckpt.pt"), d / "ckpt.pt", "--force"],
+                                    r"OUT '.*ckpt.pt' is the input checkpoint: write the converted weights to "
+                                    r"another file"),
+    "output links to the input": (lambda d, s: [_copy(s.timm_path, d / "ckpt.pt"), _link(d / "ckpt.pt", d / "l.pt"),
+                                                "--force"], r"OUT '.*l.pt' is the input checkpoint"),
     "unknown suffix": (lambda d, s: [s.timm_path, d / "out.h5"], r"must end in .safetensors, .pt, .* got '.*out.h5'"),
     "output is a folder": (lambda d, s: [s.timm_path, (d / "dir.pt").mkdir() or d / "dir.pt", "--force"],
                            r"error: cannot write '.*dir.pt': it is a directory$"),
@@ -106,6 +112,16 @@ ERRORS = {
                                            r"has no entry 'x': found 146 entries \['conv1.weight', 'bn1.weight', "
                                            r"'bn1.bias', 'bn1.running_mean', 'bn1.running_var', \.\.\.\]$"),
 }
+
+
+def _copy(source, path):
+    shutil.copyfile(source, path)
+    return path
+
+
+def _link(target, path):
+    path.symlink_to(target)
+    return path
 
 
 def _flat(directory):

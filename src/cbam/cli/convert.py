@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
     out = check_weights_path(args.output)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"cannot write {str(out)!r}: directory {str(out.parent)!r} does not exist")
+    if out.exists() and Path(args.input).exists() and out.samefile(args.input):
+        raise ValueError(f"OUT {str(out)!r} is the input checkpoint: write the converted weights to another file "
+                         f"(the input's other entries, such as the optimizer's, would be lost)")
     if out.exists() and not args.force:
         raise FileExistsError(f"{str(out)!r} exists; pass --force to replace it")
     source = f"checkpoint {str(args.input)!r}"
