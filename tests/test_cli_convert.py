@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import re
 import shutil
+from functools import partial
 
 import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+from timm.layers.cbam import CbamModule
 
 import cbam
 from cbam.cli import main
@@ -71,6 +73,19 @@ def test_to_official_and_back(sources, tmp_path, capsys):
     model = cbam.models.resnet18(num_classes=NUM_CLASSES, preset="official")
     model.load_state_dict(load_file(back), strict=True)
     assert_same_logits(model, sources.official)
+
+
+def test_official_to_timm_notes_the_mlp_biases(sources, tmp_path, capsys):
+    """The official CBAMs' MLP biases have no place in timm's ``attn_layer="cbam"`` ResNets: the file is written for
+    ``CbamModule(mlp_bias=True)``, which computes the official logits, and a note on stderr says so."""
+    out = tmp_path / "timm.safetensors"
+    status, printed, err = convert(capsys, sources.official_path, out, "--to", "timm")
+    assert status == 0 and "converted official -> timm" in printed
+    assert err.count("\n") == 1 and "CbamModule(mlp_bias=True)" in err and "attn_layer='cbam' ResNets" in err
+    theirs = timm.create_model("resnet18", num_classes=NUM_CLASSES,
+                               block_args={"attn_layer": partial(CbamModule, mlp_bias=True)})
+    theirs.load_state_dict(load_file(out), strict=True)
+    assert_same_logits(theirs, sources.official)
 
 
 def _truncated(directory):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .model_spec import add_model_arguments, model_from_args
 
 TARGETS = ("cbam", "timm", "official")
+TIMM_MLP_BIASES = ("channel.fc1.bias", "channel.fc2.bias")  # timm's CbamModule(mlp_bias=True) only
 
 
 def register(subparsers) -> None:
@@ -24,8 +26,8 @@ def register(subparsers) -> None:
     parser.add_argument("output", type=Path, metavar="OUT",
                         help="file to write: .safetensors, .pt, .pth, .pth.tar or .bin")
     parser.add_argument("--to", default="cbam", choices=TARGETS,
-                        help="layout of OUT: cbam (cbam.models), timm (resnet* with attn_layer='cbam') or official "
-                             "(ResidualNet(..., 'CBAM')); default cbam")
+                        help="layout of OUT: cbam (cbam.models), timm (resnet* with attn_layer='cbam'; CBAMs with MLP "
+                             "biases: CbamModule(mlp_bias=True)) or official (ResidualNet(..., 'CBAM')); default cbam")
     add_model_arguments(parser)
     parser.set_defaults(model=None)
     parser.add_argument("--entry", default=None, help="take the state dict from this entry (e.g. state_dict_ema)")
@@ -72,4 +74,7 @@ def run(args: argparse.Namespace) -> int:
     path = save_weights(out, target)
     converted = f"converted {layout.name} -> {args.to}; " if layout.name not in ("plain", args.to) else ""
     print(f"{converted}wrote {path} ({len(target)} tensors, {args.to} layout)")
+    if args.to == "timm" and any(key.endswith(TIMM_MLP_BIASES) for key in target):
+        print("note: its CBAMs keep their MLP biases, as timm's CbamModule(mlp_bias=True) has them; timm's "
+              "attn_layer='cbam' ResNets have none and refuse these keys", file=sys.stderr)
     return 0
