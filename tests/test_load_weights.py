@@ -134,6 +134,21 @@ def test_new_head_leaves_another_classifier_at_init():
     assert torch.equal(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
 
 
+def test_new_head_is_the_classifier_not_a_cbam_registered_after_it():
+    """``add_cbam`` on a model's top-level ``features`` puts the CBAM on the root, after ``classifier``: the head
+    swapped is still the classifier (the CBAM's channel MLP was taken for it, and the load refused)."""
+    source = torchvision.models.mobilenet_v2(num_classes=1000)
+    torch.manual_seed(0)
+    model = cbam.add_cbam(torchvision.models.mobilenet_v2(num_classes=NUM_CLASSES),
+                          selector=lambda name, module: name == "features")
+    assert [name for name, _ in model.named_children()][-2:] == ["classifier", "cbam"]
+    head, mlp = model.classifier[1].weight.clone(), model.cbam.channel_att.fc1.weight.clone()
+    report = load_weights(source.state_dict(), model, new_head=True)
+    assert report.new_head == ("classifier.1.weight", "classifier.1.bias")
+    assert torch.equal(model.classifier[1].weight, head) and torch.equal(model.cbam.channel_att.fc1.weight, mlp)
+    assert torch.equal(model.features[18][0].weight, source.features[18][0].weight)
+
+
 def test_two_cbams_under_one_parent_load_their_own_weights():
     def net():
         return nn.Sequential(nn.Conv2d(3, 8, 3), cbam.CBAM(8, 4), nn.Conv2d(8, 8, 3), cbam.CBAM(8, 4))

@@ -128,8 +128,13 @@ def _match_attention_names(state: OrderedDict, target_prefixes: list[str]) -> Or
 
 
 def _head_keys(model: nn.Module) -> set[str]:
-    """The state-dict keys of the model's last ``nn.Linear`` (its classifier)."""
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    """The state-dict keys of the model's last ``nn.Linear`` outside a CBAM's channel MLP (its classifier: a CBAM
+    ``add_cbam`` put on the model's root comes after it)."""
+    from ..nn import ChannelAttention, DynamicCBAM
+
+    mlps = [name for name, module in model.named_modules() if isinstance(module, (ChannelAttention, DynamicCBAM))]
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+               and not any(name.startswith(f"{mlp}.") or not mlp for mlp in mlps)]
     if not linears:
         return set()
     prefix = f"{linears[-1]}." if linears[-1] else ""
