@@ -36,6 +36,31 @@ def tiny_model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), cbam.CBAM(8, 4, 3, impl="reference"))
 
 
+class Raises(nn.Module):
+    """A forward that raises ``KeyError`` (any error a user's model may raise), or, where ``interrupted``, the
+    ``RuntimeError`` that torch's file writer raises when a Ctrl-C arrives mid-write."""
+
+    def __init__(self, interrupted: bool = False):
+        super().__init__()
+        self.interrupted = interrupted
+
+    def forward(self, x):
+        if not self.interrupted:
+            raise KeyError("inside forward")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 61054272") from None
+
+
+def raising_model() -> nn.Module:
+    return Raises()
+
+
+def interrupted_model() -> nn.Module:
+    return Raises(interrupted=True)
+
+
 def run(capsys, *argv):
     status = main(list(argv))
     out, err = capsys.readouterr()
@@ -183,3 +208,16 @@ def test_python_dash_m_cbam_profile():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)["cost"]
     assert report["params"] == 11_777_336 and 0 < report["attention_flops"] < report["flops"]
+
+
+@pytest.mark.parametrize("command", ["check", "profile"])
+def test_any_error_of_a_user_model_is_one_line_naming_it_and_where(capsys, command):
+    status, out, err = run(capsys, command, "--model", "test_cli_tools:raising_model", "--input", "1,3,8,8")
+    assert status == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"cbam {command}: error: KeyError: 'inside forward' (at ")
+    assert err.rstrip().endswith(f"test_cli_tools.py:{Raises.forward.__code__.co_firstlineno + 2})")
+
+
+def test_a_ctrl_c_that_torch_turned_into_an_error_is_an_interruption(capsys):
+    status, out, err = run(capsys, "check", "--model", "test_cli_tools:interrupted_model", "--input", "1,3,8,8")
+    assert status == 130 and err == "cbam check: interrupted\n"
