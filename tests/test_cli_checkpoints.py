@@ -100,6 +100,17 @@ def test_eval_refuses_a_class_count_other_than_the_datas(sources, capsys):
     assert "--num-classes 1000: --data synthetic:4,4 has 10 classes" in err
 
 
+def test_eval_refuses_to_write_its_figure_over_the_checkpoint(sources, tmp_path, capsys):
+    """``--out`` naming the checkpoint (here a PNG-named copy of it): refused before anything is written."""
+    checkpoint = tmp_path / "weights.png"
+    checkpoint.write_bytes(sources.timm_path.read_bytes())
+    status = main(["eval", "--checkpoint", str(checkpoint), "--model", "resnet18", "--data", "synthetic:4,4",
+                   "--out", str(checkpoint)])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and "it is the input" in err
+    assert checkpoint.read_bytes() == sources.timm_path.read_bytes()
+
+
 class _Stop(Exception):
     """Ends ``cbam train`` once the weights are in the model."""
 

@@ -53,6 +53,11 @@ def test_loads_a_checkpoint_as_svg(image, tmp_path, wrap):
     assert "<svg" in out.read_text()
 
 
+def _copy(source, path):
+    Image.open(source).save(path)
+    return path
+
+
 def write_checkpoint(path, content):
     if isinstance(content, bytes):
         path.write_bytes(content)
@@ -87,6 +92,8 @@ ERRORS = {
                       "must end in .png, .svg or .pdf, got '.*figure.jpg'"),
     "missing directory": (lambda d, image: ["--image", image, "--out", d / "no" / "figure.png"],
                           "cannot write '.*figure.png': directory '.*no' does not exist"),
+    "output is the image": (lambda d, image: ["--image", _copy(image, d / "same.png"), "--out", d / "same.png"],
+                            "cannot write '.*same.png': it is the input '.*same.png'; name another file"),
     "bad grad-cam layer": (lambda d, image: ["--image", image, "--grad-cam", "layer9"],
                            "ResNet has no submodule 'layer9'"),
 }

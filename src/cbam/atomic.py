@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def check_destination(path) -> Path:
-    """``path`` as a ``Path`` if ``write_atomic`` can put a file there: its directory exists and it is no directory.
+def check_destination(path, inputs=()) -> Path:
+    """``path`` as a ``Path`` if ``write_atomic`` can put a file there: its directory exists, it is no directory
+    and none of the files ``inputs`` (paths or ``None``) that the work reads.
 
     Call it before long work whose result goes to ``path``, so that a bad path fails first.
     """
@@ -20,6 +21,9 @@ def check_destination(path) -> Path:
         raise FileNotFoundError(f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist")
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {str(path)!r}: it is a directory")
+    for source in inputs:
+        if source is not None and path.exists() and Path(source).exists() and path.samefile(source):
+            raise ValueError(f"cannot write {str(path)!r}: it is the input {str(source)!r}; name another file")
     return path
 
 

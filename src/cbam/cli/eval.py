@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else args.checkpoint.parent / "confusion.png"
     figure_format(out)
     checkpoint = read_checkpoint(args.checkpoint)
-    check_destination(out)  # before the evaluation, not after
+    check_destination(out, inputs=(args.checkpoint,))  # before the evaluation, not after
     source = f"checkpoint {str(args.checkpoint)!r}"
     if is_run_checkpoint(checkpoint):
         check_run_checkpoint(checkpoint, args.checkpoint)

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as error:  # one line, like every other error here
         raise RuntimeError(str(error)) from None
     viz.figure_format(args.out)
-    check_destination(args.out)
+    check_destination(args.out, inputs=(args.image, args.checkpoint))
     image = viz.load_image(args.image, args.size)
     weights = args.checkpoint  # a path, or below the state dict of a cbam train checkpoint
     content = None if weights is None else read_checkpoint(weights)
