@@ -165,6 +165,12 @@ def test_bad_numbers_and_shapes_are_one_line_too(capsys):
     (["eval", "--checkpoint", "unused.pt", "--batch-size", "99999999999999999999"],
      "argument --batch-size: expected an int from 1 to 2147483647"),
     (["train", "--out", "unused", "--batch-size", "0"], "argument --batch-size: expected an int from 1 to 2147483647"),
+    (["train", "--out", "unused", "--image-size", "99999999999999999999"],
+     "argument --image-size: expected an int from 1 to 4096"),
+    (["eval", "--checkpoint", "unused.pt", "--image-size", "0"],
+     "argument --image-size: expected an int from 1 to 4096"),
+    (["train", "--out", "unused", "--workers", "99999999999999999999"],
+     "argument --workers: expected an int from 0 to 256"),
 ])
 def test_numbers_out_of_range_name_the_option(capsys, monkeypatch, tmp_path, argv, message):
     monkeypatch.chdir(tmp_path)  # where a command that wrongly went ahead would write

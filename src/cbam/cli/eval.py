@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..tables import format_table
-from .model_spec import MAX_BATCH, add_model_arguments, int_range, model_from_args
+from .model_spec import MAX_BATCH, MAX_IMAGE_SIDE, add_model_arguments, int_range, model_from_args
 
 
 def register(subparsers) -> None:
@@ -27,7 +27,8 @@ def register(subparsers) -> None:
     add_model_arguments(parser)
     parser.set_defaults(model=None, num_classes=None)
     parser.add_argument("--data", default=None, help="test data (default: the data the checkpoint was trained on)")
-    parser.add_argument("--image-size", type=int, default=64, help="side of imagefolder images with --model")
+    parser.add_argument("--image-size", type=int_range(1, MAX_IMAGE_SIDE), default=64,
+                        help="side of imagefolder images with --model")
     parser.add_argument("--batch-size", type=int_range(1, MAX_BATCH), default=128)
     parser.add_argument("--out", type=Path, default=None,
                         help="confusion-matrix figure (default confusion.png beside the checkpoint)")

@@ -19,6 +19,8 @@ ATTENTIONS = ("cbam", "none")
 STEMS = ("imagenet", "cifar")
 MAX_SEED = 2**32 - 1
 MAX_BATCH = 2**31 - 1
+MAX_IMAGE_SIDE = 4096  # --image-size: a larger side takes minutes and gigabytes per image
+MAX_WORKERS = 256  # --workers: data-loading processes
 
 
 def int_range(low: int, high: int):

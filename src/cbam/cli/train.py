@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from .model_spec import ATTENTIONS, MAX_BATCH, MAX_SEED, RESNETS, add_preset_argument, add_stem_argument, int_range
+from .model_spec import (
+    ATTENTIONS,
+    MAX_BATCH,
+    MAX_IMAGE_SIDE,
+    MAX_SEED,
+    MAX_WORKERS,
+    RESNETS,
+    add_preset_argument,
+    add_stem_argument,
+    int_range,
+)
 
 
 def register(subparsers) -> None:
@@ -41,7 +51,8 @@ def register(subparsers) -> None:
                         help="model and batches in torch.channels_last memory format (faster convolutions; the fused "
                              "CBAM reads it as it lies, on the CPU and on CUDA)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
-    parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
+    parser.add_argument("--workers", type=int_range(0, MAX_WORKERS), default=0,
+                        help="data-loading processes (default 0)")
     parser.add_argument("--dist-timeout", type=float, default=300.0,
                         help="seconds a process waits for the others before it gives up (default 300)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -51,7 +62,8 @@ def register(subparsers) -> None:
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="synthetic",
                         help="synthetic, synthetic:TRAIN,TEST, cifar10:PATH or imagefolder:PATH (default synthetic)")
-    parser.add_argument("--image-size", type=int, default=64, help="side of imagefolder images (default 64)")
+    parser.add_argument("--image-size", type=int_range(1, MAX_IMAGE_SIDE), default=64,
+                        help="side of imagefolder images (default 64)")
 
 
 def run(args: argparse.Namespace) -> int:
