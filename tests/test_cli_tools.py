@@ -227,3 +227,15 @@ def test_any_error_of_a_user_model_is_one_line_naming_it_and_where(capsys, comma
 def test_a_ctrl_c_that_torch_turned_into_an_error_is_an_interruption(capsys):
     status, out, err = run(capsys, "check", "--model", "test_cli_tools:interrupted_model", "--input", "1,3,8,8")
     assert status == 130 and err == "cbam check: interrupted\n"
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+@pytest.mark.parametrize("where", ["out", "parent"])
+def test_an_out_folder_that_is_a_file_is_refused_first(capsys, tmp_path, command, where):
+    """``--out`` naming a file (or a folder under one): one line before any training, the file untouched."""
+    user_file = tmp_path / "notes.txt"
+    user_file.write_text("mine")
+    out = user_file if where == "out" else user_file / "run"
+    status, printed, err = run(capsys, command, "--out", str(out), *(["--quick"] if command == "demo" else []))
+    assert status == 2 and printed == "" and user_file.read_text() == "mine"
+    assert err == f"cbam {command}: error: cannot write into folder {str(out)!r}: {str(user_file)!r} is a file\n"

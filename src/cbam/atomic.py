@@ -27,6 +27,15 @@ def check_destination(path, inputs=()) -> Path:
     return path
 
 
+def check_folder(path) -> Path:
+    """``path`` as a ``Path`` if a folder is or can be made there: neither it nor a parent is a file."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"cannot write into folder {str(path)!r}: {str(folder)!r} is a file")
+    return path
+
+
 def write_atomic(path, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, then rename it over ``path``.
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..atomic import write_text_atomic
+from ..atomic import check_folder, write_text_atomic
 from ..ops import calibration
 from ..ops.engines.cpp import engine
 from ..profile import cost
@@ -94,7 +94,7 @@ def _calibrate(config: TrainConfig, classes: int, image_size: int) -> None:
 def run_demo(out, *, quick: bool = False, seed: int = 0, progress: bool = True,
              log: Callable[[str], None] = print) -> DemoReport:
     """Train both models (``QUICK``'s tiny budget with ``quick``, else ``FULL``), compare, write ``out``."""
-    out = Path(out)
+    out = check_folder(out)  # before minutes of training
     settings = QUICK if quick else FULL
     results, summary = {}, {"settings": {**settings, "model": "resnet18", "stem": "imagenet", "seed": seed},
                             "runs": {}}

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from .. import models
+from ..atomic import check_folder
 from ..convert import load_weights
 from ..validation import check_choice, check_int
 from . import distributed
@@ -192,8 +193,8 @@ def _resume_state(config: TrainConfig, path: Path):
 
 def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     """Run (or continue, with ``config.resume``) the training ``config`` describes; see the module docstring."""
+    out = check_folder(config.out)  # before any work
     context = distributed.setup(config.device, config.dist_timeout)
-    out = Path(config.out)
     created = [folder for folder in (out, *out.parents) if not folder.exists()] if context.main else []
     try:
         with distributed.failures(context, config.dist_timeout):
