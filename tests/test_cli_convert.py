@@ -116,10 +116,10 @@ ERRORS = {
     "existing output": (lambda d, s: [s.timm_path, (d / "out.pt").write_bytes(b"keep") and d / "out.pt"],
                         r"'.*out.pt' exists; pass --force to replace it"),
     "output is the input, forced": (lambda d, s: [_copy(s.timm_path, d / "ckpt.pt"), d / "ckpt.pt", "--force"],
-                                    r"OUT '.*ckpt.pt' is the input checkpoint: write the converted weights to "
-                                    r"another file"),
+                                    r"cannot write '.*ckpt.pt': it is the input '.*ckpt.pt'; name another file$"),
     "output links to the input": (lambda d, s: [_copy(s.timm_path, d / "ckpt.pt"), _link(d / "ckpt.pt", d / "l.pt"),
-                                                "--force"], r"OUT '.*l.pt' is the input checkpoint"),
+                                                "--force"],
+                                  r"cannot write '.*l.pt': it is the input '.*ckpt.pt'; name another file$"),
     "unknown suffix": (lambda d, s: [s.timm_path, d / "out.h5"], r"must end in .safetensors, .pt, .* got '.*out.h5'"),
     "output is a folder": (lambda d, s: [s.timm_path, (d / "dir.pt").mkdir() or d / "dir.pt", "--force"],
                            r"error: cannot write '.*dir.pt': it is a directory$"),

@@ -36,6 +36,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import check_destination
     from ..convert import (
         as_ours,
         detect,
@@ -48,12 +49,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from ..convert.write import check_weights_path, save_weights
 
-    out = check_weights_path(args.output)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {str(out)!r}: directory {str(out.parent)!r} does not exist")
-    if out.exists() and Path(args.input).exists() and out.samefile(args.input):
-        raise ValueError(f"OUT {str(out)!r} is the input checkpoint: write the converted weights to another file "
-                         f"(the input's other entries, such as the optimizer's, would be lost)")
+    out = check_destination(check_weights_path(args.output), inputs=(args.input,))
     if out.exists() and not args.force:
         raise FileExistsError(f"{str(out)!r} exists; pass --force to replace it")
     source = f"checkpoint {str(args.input)!r}"
