@@ -207,3 +207,16 @@ def test_the_demo_calibrates_before_its_timed_runs(monkeypatch):
         assert len(calibration.decisions()) == made
     finally:
         calibration.clear()
+
+
+@pytest.mark.parametrize("name", loop.OUTPUTS)
+def test_a_fresh_run_leaves_a_user_s_file_of_an_output_s_name_alone(tmp_path, name):
+    """A folder with ``metrics.json`` (or the csv, the figure) but no checkpoint holds someone else's file:
+    refused before any work, the file unchanged."""
+    mine = tmp_path / name
+    mine.write_bytes(b"my own results\n")
+    config = TrainConfig(out=str(tmp_path), data="synthetic:8,2", batch_size=8, epochs=1, progress=False)
+    with pytest.raises(FileExistsError, match=f"{name}' exists but no checkpoint.pt"):
+        train(config, log=lambda message: None)
+    assert mine.read_bytes() == b"my own results\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [name]

@@ -47,6 +47,7 @@ from .metrics import curves_figure, write_metrics
 
 OPTIMIZERS = {"sgd": 0.05, "adamw": 2e-3}  # name -> default learning rate
 CHECKPOINT = "checkpoint.pt"
+OUTPUTS = ("metrics.json", "metrics.csv", "curves.png")  # written beside the checkpoint every epoch
 
 
 @dataclass(frozen=True)
@@ -175,8 +176,13 @@ def _progress(iterable, total: int, enabled: bool, description: str):
 
 
 def _resume_state(config: TrainConfig, path: Path):
-    """The checkpoint to continue from (``None``: start afresh), checked against ``config``."""
+    """The checkpoint to continue from (``None``: start afresh), checked against ``config``. A fresh run
+    refuses a folder that holds outputs of ours without the checkpoint: they are not a run's, so the user's."""
     if not path.exists():
+        for name in OUTPUTS:
+            if (path.parent / name).exists():
+                raise FileExistsError(f"{str(path.parent / name)!r} exists but no {CHECKPOINT} of a run beside it: "
+                                      "choose another --out (a run writes its metrics there)")
         return None
     if not config.resume:
         raise FileExistsError(f"{str(path)!r} exists: pass --resume to continue that run, or choose another --out")
