@@ -213,3 +213,15 @@ def test_python_m_cbam_ops_build_reports_the_build():
     assert done.returncode == 0, done.stderr
     assert str(build.build_directory(build.current_name())) in done.stdout
     assert re.search(r"\d+(\.\d)? s", done.stdout)
+
+
+def test_every_install_path_the_build_file_names_is_in_the_build_name():
+    """torch writes the include and library folders of this venv's torch and Python into ``build.ninja``; two
+    installs that shared a name (one checkout, two venvs) rewrote it in turn and rebuilt on every load."""
+    if cpp.engine() is None:
+        pytest.skip("the C++ engine does not build here")
+    ninja = (build.build_directory(build.current_name()) / "build.ninja").read_text()
+    folders = re.findall(r"(?:-isystem |-I|-L)(\S+)", ninja)
+    assert folders and any("torch" in folder for folder in folders)
+    for folder in folders:
+        assert folder in build.toolchain(), folder

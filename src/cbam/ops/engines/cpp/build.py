@@ -2,10 +2,11 @@
 
 The build is named ``cbam_cpu_passes_<hash>``, a hash of the sources' paths and contents, the compiler
 flags, the target ISA that ``-march=$CBAM_CPU_ARCH`` (default ``native``) means on this machine and the
-toolchain (compiler, torch and Python versions). So two installs on one machine, machines of different
-ISAs sharing ``TORCH_EXTENSIONS_DIR``, or builds for different ``CBAM_CPU_ARCH`` targets (``x86-64-v3``:
-AVX2 only, even on an AVX-512 machine) never load or overwrite each other's builds, and an edited source
-builds anew under a new name instead of over the old one. A build prints one line on stderr when it
+toolchain (compiler, torch and Python versions, and the install's torch and Python folders). So two installs
+on one machine (one checkout in two venvs too), machines of different ISAs sharing ``TORCH_EXTENSIONS_DIR``,
+or builds for different ``CBAM_CPU_ARCH`` targets (``x86-64-v3``: AVX2 only, even on an AVX-512 machine)
+never load or overwrite each other's builds, and an edited source builds anew under a new name instead of
+over the old one. A build prints one line on stderr when it
 starts (it takes about a minute, once) and one when it ends, with the seconds it took.
 """
 
@@ -19,6 +20,7 @@ import platform
 import re
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -119,11 +121,15 @@ def architecture() -> str:
 
 @functools.cache
 def toolchain() -> str:
-    """The compiler's version, torch's and Python's: what else makes one build unfit for another."""
+    """The compiler's version, torch's and Python's, and the folders of this install that torch's build file
+    names (torch's headers and libraries, Python's headers): two venvs of one checkout must not share a build,
+    or each load rewrites the other's ``build.ninja`` and rebuilds."""
     import torch
 
     version = (_output([compiler(), "--version"]).splitlines() or ["unknown compiler"])[0]
-    return f"{version}\ntorch {torch.__version__}\n{sys.implementation.cache_tag}"
+    extension = _cpp_extension()
+    folders = [*extension.include_paths(), sysconfig.get_paths()["include"], *extension.library_paths()]
+    return "\n".join([version, f"torch {torch.__version__}", sys.implementation.cache_tag, *folders])
 
 
 def current_name() -> str:
