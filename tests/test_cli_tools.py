@@ -152,6 +152,7 @@ def test_bad_arguments_are_one_line_and_exit_2(capsys, command, argv, message):
 
 def test_bad_numbers_and_shapes_are_one_line_too(capsys):
     for argv in (["profile", *SMALL, "--depth", "-1"], ["profile", *SMALL, "--benchmark", "--repeats", "0"],
+                 ["profile", *SMALL, "--repeats", "-5"], ["profile", *SMALL, "--warmup", "-1"],
                  ["profile", "--model", "resnet18", "--input", "1,4,64,64"],
                  ["check", "--model", "resnet18", "--input", "1,4,64,64"]):
         status, out, err = run_or_exit(capsys, *argv)

@@ -28,11 +28,12 @@ def run(args: argparse.Namespace) -> int:
     from ..profile import benchmark, cost
 
     depth = check_int("--depth", args.depth, minimum=0)
+    warmup, repeats = check_int("--warmup", args.warmup, minimum=0), check_int("--repeats", args.repeats)  # even unused
     model, x = build_model_and_input(args)
     report = cost(model, x)
     text, data = report.format(depth=depth), {"cost": report.as_dict()}
     if args.benchmark:
-        timing = benchmark({args.model: model}, x, warmup=args.warmup, repeats=args.repeats)
+        timing = benchmark({args.model: model}, x, warmup=warmup, repeats=repeats)
         text, data["benchmark"] = f"{text}\n\n{timing}", timing.as_dict()
     print_report(args, text, data)
     return 0
