@@ -1,4 +1,4 @@
-"""add_cbam: placement, widths, untouched weights and keys, checkpoints, errors, identity start."""
+"""add_cbam: placement, widths, untouched weights and keys, checkpoints, errors, identity start; remove_cbam."""
 
 import copy
 import io
@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 import cbam
 from cbam.models import resnet18 as cbam_resnet18
-from cbam.models.surgery import IDENTITY_GATE, add_cbam
+from cbam.models.surgery import IDENTITY_GATE, add_cbam, remove_cbam
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -370,3 +370,127 @@ def test_identity_start_still_learns():
                 learning += [module.channel_att.fc1.weight, module.spatial_att.conv.weight]
             assert all(p.grad.abs().sum() > 0 for p in learning)
         optimizer.step()
+
+
+
+STAGE_BLOCKS = [f"layer{stage}.{index}" for stage in (1, 2, 3, 4) for index in (0, 1)]
+
+
+def no_cbam_hooks(model):
+    return all(not m._forward_hooks for m in model.modules())
+
+
+def test_remove_cbam_is_exported_next_to_add_cbam():
+    assert cbam.remove_cbam is remove_cbam and cbam.models.remove_cbam is remove_cbam
+    assert "remove_cbam" in cbam.__all__ and "remove_cbam" in cbam.models.__all__
+
+
+def test_remove_restores_torchvision_model_scripts_and_adds_again():
+    model = tv("resnet18", num_classes=10).eval()
+    original, keys = copy.deepcopy(model), list(model.state_dict())
+    with torch.no_grad():
+        want = original(X)
+        assert not torch.equal(add_cbam(model)(X), want)
+        assert remove_cbam(model) == [f"{block}.cbam" for block in STAGE_BLOCKS]
+        assert torch.equal(model(X), want)
+    assert list(model.state_dict()) == keys and cbams(model) == [] and no_cbam_hooks(model)
+    assert not any(hasattr(model.get_submodule(block), "cbam") for block in STAGE_BLOCKS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation notice
+        scripted = torch.jit.script(model)
+    with torch.no_grad():
+        assert torch.equal(scripted(X), want)
+    assert len(cbams(add_cbam(model))) == 8  # and again
+    assert len(remove_cbam(model)) == 8 and list(model.state_dict()) == keys
+
+
+def test_remove_restores_timm_se_slot():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    original, keys = copy.deepcopy(model), list(model.state_dict())
+    add_cbam(model)
+    assert remove_cbam(model) == [f"{block}.se" for block in STAGE_BLOCKS]
+    assert all(model.get_submodule(block).se is None for block in STAGE_BLOCKS)
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        assert torch.equal(model(X), original(X))
+
+
+def test_remove_keeps_other_attention_in_a_slot():
+    model = timm.create_model("seresnet18", pretrained=False)
+    with pytest.raises(ValueError, match="remove_cbam found no CBAM in ResNet"):
+        remove_cbam(model)
+    assert type(model.layer1[0].se).__name__ == "SEModule"
+
+
+def test_remove_from_selected_modules_and_attention_name():
+    model = Net().eval()
+    original, keys = copy.deepcopy(model), list(model.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    add_cbam(model, selector=Branch)
+    assert remove_cbam(model) == ["blocks.0.cbam", "blocks.1.cbam"]
+    assert list(model.state_dict()) == keys and no_cbam_hooks(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), original(x))
+    add_cbam(model, selector=Branch, attention_name="att")
+    with pytest.raises(ValueError, match=r"<parent>\.cbam \(2 add_cbam hooks keep theirs under another attention_name"):
+        remove_cbam(model)  # and changes nothing
+    assert len(cbams(model)) == 2 and all(len(b.branch._forward_hooks) == 1 for b in model.blocks)
+    assert remove_cbam(model, attention_name="att") == ["blocks.0.att", "blocks.1.att"]
+    assert list(model.state_dict()) == keys and no_cbam_hooks(model)
+
+
+def test_remove_built_in_cbam_gives_the_plain_cbam_resnet():
+    torch.manual_seed(0)
+    model = cbam_resnet18(num_classes=10).eval()
+    assert remove_cbam(model) == [f"{block}.cbam" for block in STAGE_BLOCKS]
+    assert all(model.get_submodule(block).cbam is None for block in STAGE_BLOCKS)
+    plain = cbam_resnet18(num_classes=10, attention=None).eval()
+    plain.load_state_dict(model.state_dict())  # strict: the same keys
+    with torch.no_grad():
+        assert torch.equal(model(X), plain(X))
+
+
+def test_remove_a_slot_cbam_that_is_also_hooked():
+    """A selector on a cbam.models block's bn2 stores the CBAM in the block's slot and hooks bn2: both go."""
+    model = cbam_resnet18(num_classes=10, attention=None).eval()
+    original = copy.deepcopy(model)
+    add_cbam(model, selector=lambda name, module: name == "layer1.0.bn2")
+    assert remove_cbam(model) == ["layer1.0.cbam"]
+    assert model.layer1[0].cbam is None and no_cbam_hooks(model)
+    with torch.no_grad():
+        assert torch.equal(model(X), original(X))
+
+
+def test_remove_errors():
+    with pytest.raises(TypeError, match="remove_cbam expects an nn.Module, got dict"):
+        remove_cbam({})
+    with pytest.raises(ValueError, match="attention_name must be a valid attribute name"):
+        remove_cbam(add_cbam(tv("resnet18")), attention_name="a.b")
+    for model in (tv("resnet18"), cbam_resnet18(attention=None), nn.Sequential(nn.Conv2d(3, 8, 3), cbam.CBAM(8))):
+        with pytest.raises(ValueError, match=f"remove_cbam found no CBAM in {type(model).__name__} where add_cbam"):
+            remove_cbam(model)
+    assert len(cbams(model)) == 1  # a CBAM elsewhere stays
+
+
+class Pair(nn.Module):
+    def forward(self, x):
+        return x, x
+
+
+class PairBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pair = Pair()
+
+    def forward(self, x):
+        return self.pair(x)[0]
+
+
+@pytest.mark.parametrize("make, selector, in_channels, match", [
+    (Net, Branch, 3, r"CBAM on Branch's output has 8 channels but that output has shape \(2, 16, 8, 8\) \(16 chan"),
+    (PairBlock, Pair, 16, r"CBAM on Pair's output has 8 channels but that output is a tuple"),
+])
+def test_wrong_channels_fails_at_forward_naming_the_module(make, selector, in_channels, match):
+    model = add_cbam(make(), selector=selector, channels=8)
+    with pytest.raises(ValueError, match=match + r".*pass add_cbam's channels="):
+        model(torch.randn(2, in_channels, 8, 8))

@@ -6,7 +6,7 @@ torch.Size([2, 64, 32, 32])
 """
 
 from . import convert, functional, models, presets
-from .models import add_cbam
+from .models import add_cbam, remove_cbam
 from .nn import (
     CBAM,
     AttentionMaps,
@@ -32,5 +32,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "CBAM", "AttentionMaps", "ChannelAttention", "CrossLayerCBAM", "DynamicCBAM", "LightCBAM", "ParallelCBAM",
-    "SpatialAttention", "add_cbam", "convert", "functional", "models", "presets",
+    "SpatialAttention", "add_cbam", "convert", "functional", "models", "presets", "remove_cbam",
 ]

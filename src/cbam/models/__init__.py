@@ -2,9 +2,9 @@
 
 from ..resnets import RESNETS
 from .resnet import BasicBlock, Bottleneck, ResNet, build_model, resnet18, resnet34, resnet50, resnet101, resnet152
-from .surgery import add_cbam
+from .surgery import add_cbam, remove_cbam
 
 __all__ = [
-    "RESNETS", "BasicBlock", "Bottleneck", "ResNet", "add_cbam", "build_model", "resnet18", "resnet34", "resnet50",
-    "resnet101", "resnet152",
+    "RESNETS", "BasicBlock", "Bottleneck", "ResNet", "add_cbam", "build_model", "remove_cbam", "resnet18", "resnet34",
+    "resnet50", "resnet101", "resnet152",
 ]

@@ -1,4 +1,5 @@
-"""``add_cbam``: put a CBAM into every residual block of an existing model, in place.
+"""``add_cbam``: put a CBAM into every residual block of an existing model, in place; ``remove_cbam``: take
+them out again.
 
 CBAM goes where the paper puts it (Fig. 3): on the residual branch, after its last BatchNorm and
 before the addition with the shortcut. The model's own modules stay where they are, so their
@@ -23,11 +24,17 @@ torchvision's code and only fits blocks we know. The hook leaves every key alone
 module, and is a plain object of a module-level class holding the CBAM, so ``copy.deepcopy`` (its
 memo maps the hook's CBAM to the copied child), pickling / ``torch.save(model)``, ``torch.jit.trace``
 and ``torch.export`` all keep it (the hook runs inside the hooked module's call). Limits:
-``torch.jit.script`` cannot compile a hook object (trace instead); a ``torch.fx`` GraphModule
+``torch.jit.script`` cannot compile a hook object (trace instead, or ``remove_cbam`` first to script
+the plain model); a ``torch.fx`` GraphModule
 (torchvision's ``create_feature_extractor``) still runs the hook but does not register the CBAM,
 so its ``state_dict()`` and ``.to()`` miss it; and a pass that *replaces* the hooked module
 afterwards (``nn.SyncBatchNorm.convert_sync_batchnorm``, BN freezing) drops the hook with it:
 convert first, then call ``add_cbam``.
+
+``remove_cbam`` is the inverse, in place: it drops every such hook with the CBAM stored beside it and
+empties the slots (``None``, as the blocks hold without attention), so the model computes what it did
+before ``add_cbam`` and has its old state-dict keys. A CBAM that ``cbam.models.resnet*(attention="cbam")``
+built into its blocks sits in the same slot and goes too (an ablation of a trained CBAM-ResNet).
 """
 
 from __future__ import annotations
@@ -82,7 +89,8 @@ class _ApplyAttention:
 
     Copies that copy the hook with the module (``copy.deepcopy``, pickling) hold their own CBAM; a copy
     that shares the original's hooks (``nn.DataParallel``'s replicas) would run the original CBAM, on
-    another device, and is refused."""
+    another device, and is refused. An output that is not ``(B, C, *spatial)`` with the CBAM's ``C`` (a
+    wrong ``channels=``) raises ``ValueError`` naming the module, before the CBAM runs."""
 
     def __init__(self, attention: nn.Module, hooked: nn.Module) -> None:
         self.attention, self.hooked = attention, hooked
@@ -92,7 +100,21 @@ class _ApplyAttention:
             raise RuntimeError(f"add_cbam's CBAM hook ran on a copy of {type(module).__name__} that shares the "
                                "original's hooks (nn.DataParallel's replicas do), so it would run the original "
                                "CBAM: use DistributedDataParallel (torchrun), which keeps one model per process")
+        channels = self.attention.channel_att.in_channels
+        if not isinstance(output, Tensor) or output.dim() < 2 or output.shape[1] != channels:
+            raise _width_error(module, channels, output)
         return self.attention(output)
+
+
+def _width_error(module: nn.Module, channels: int, output) -> ValueError:
+    """The error for a hooked module whose ``output`` is not ``(B, channels, *spatial)``."""
+    if not isinstance(output, Tensor):
+        got = f"is a {type(output).__name__}"
+    else:
+        got = f"has shape {tuple(output.shape)}" + (f" ({output.shape[1]} channels)" if output.dim() >= 2 else "")
+    return ValueError(f"add_cbam: the CBAM on {type(module).__name__}'s output has {channels} channels but that "
+                      f"output {got}, not (B, {channels}, *spatial); pass add_cbam's channels= the module's output "
+                      "channels (or select a module whose output is a feature map)")
 
 
 class _Site(NamedTuple):
@@ -316,7 +338,7 @@ def add_cbam(
 
     Existing modules are never moved, replaced or re-initialised. A place that already holds
     attention (a second call, timm's SE-ResNets) raises ``ValueError`` and the model is left as it
-    was: every check runs before the first change.
+    was: every check runs before the first change. ``remove_cbam`` undoes it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"add_cbam expects an nn.Module, got {type(model).__name__}")
@@ -350,3 +372,68 @@ def add_cbam(
         if site.hooked is not None:
             site.hooked.register_forward_hook(_ApplyAttention(attention, site.hooked))
     return model
+
+
+class _Removal(NamedTuple):
+    """One CBAM to take out: ``owner.<attr>`` holds it (``slot``: set back to ``None``, else deleted);
+    ``hooks``: the ``(module, key)`` of the forward hooks that apply it."""
+
+    name: str
+    owner: nn.Module
+    attr: str
+    slot: bool
+    hooks: list
+
+
+def _qualified(prefix: str, attr: str) -> str:
+    return f"{prefix}.{attr}" if prefix else attr
+
+
+def remove_cbam(model: nn.Module, *, attention_name: str = "cbam") -> list[str]:
+    """Take out every CBAM that sits where ``add_cbam`` puts one, in place; return their qualified names.
+
+    Removed: the forward hooks ``add_cbam`` registered, each with the CBAM stored beside its module as
+    ``<parent>.<attention_name>`` (deleted), and a ``cbam.CBAM`` in a known block's slot (timm's ``se``,
+    ``cbam.models``' ``cbam``; set back to ``None``). The latter includes the CBAMs that
+    ``cbam.models.resnet*(attention="cbam")`` builds in: the result computes as ``attention=None`` with
+    the same weights. Other modules in a slot (timm's ``SEModule``) stay. After ``remove_cbam(add_cbam(m))``,
+    ``m`` computes what it did before, with its old state-dict keys; ``add_cbam`` works on it again.
+    Nothing to remove raises ``ValueError``; every check runs before the first change.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"remove_cbam expects an nn.Module, got {type(model).__name__}")
+    attention_name = _check_attribute_name(attention_name)
+    found: dict[int, _Removal] = {}  # by id of the CBAM: a slot may also be hooked (a selector on its block)
+    elsewhere = 0  # add_cbam hooks whose CBAM is stored under another attention_name
+    for name, module in model.named_modules():
+        known = _known_block(module)
+        if known is not None and known.slot is not None and isinstance(getattr(module, known.slot, None), CBAM):
+            found[id(getattr(module, known.slot))] = _Removal(_qualified(name, known.slot), module, known.slot,
+                                                              True, [])
+        for key, hook in module._forward_hooks.items():
+            if not isinstance(hook, _ApplyAttention) or not name:
+                continue
+            parent_name = name.rpartition(".")[0]
+            parent = model.get_submodule(parent_name)
+            if getattr(parent, attention_name, None) is not hook.attention:
+                elsewhere += 1
+                continue
+            removal = found.setdefault(id(hook.attention), _Removal(
+                _qualified(parent_name, attention_name), parent, attention_name, False, []))
+            removal.hooks.append((module, key))
+    if not found:
+        hint = f" ({elsewhere} add_cbam hooks keep theirs under another attention_name)" if elsewhere else ""
+        raise ValueError(f"remove_cbam found no CBAM in {type(model).__name__} where add_cbam puts one: no "
+                         f"add_cbam hook with its CBAM stored as <parent>.{attention_name}{hint}, and no CBAM in "
+                         "the attention slot of a known residual block")
+
+    for removal in found.values():
+        for module, key in removal.hooks:
+            for hooks in (module._forward_hooks, module._forward_hooks_with_kwargs,
+                          module._forward_hooks_always_called):
+                hooks.pop(key, None)
+        if removal.slot:
+            setattr(removal.owner, removal.attr, None)
+        else:
+            delattr(removal.owner, removal.attr)
+    return [removal.name for removal in found.values()]
