@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shlex
 import sys
+from collections import OrderedDict
+from functools import partial
 
 import pytest
 import timm
 import torch
 import torchvision
+from safetensors.torch import load_file
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 import cbam
+from cbam.cli import main
 from cbam.convert import load_weights, save_weights, strip_wrappers
 
-from wild_checkpoints import NUM_CLASSES, Sources, assert_same_logits, perturb, torchvision_resnet
+from wild_checkpoints import NUM_CLASSES, Sources, assert_same_logits, perturb, timm_resnet, torchvision_resnet
 
 torch.set_num_threads(2)
 
@@ -191,6 +197,141 @@ def test_wrappers_are_stripped_in_any_combination():
     stripped = strip_wrappers(state)
     assert list(stripped.state) == ["a.weight", "b.c"] and stripped.removed == ("module.", "_orig_mod.")
     assert strip_wrappers({"module.a": torch.ones(1), "b": torch.ones(1)}).removed == ()
+
+
+# ------------------------------------------------------------------- AveragedModel (SWA, EMA) and Lightning
+
+
+def cbam_resnet18(seed: int) -> nn.Module:
+    """A CBAM ResNet-18 with random BatchNorm statistics and attention weights (``seed``), in eval mode."""
+    torch.manual_seed(seed)
+    return perturb(cbam.models.resnet18(num_classes=NUM_CLASSES), seed, attention_only_params=".cbam.")
+
+
+def averaged_resnet18() -> AveragedModel:
+    """SWA in plain torch: an ``AveragedModel`` that averaged three differently trained copies of one model."""
+    averaged = AveragedModel(cbam_resnet18(0))
+    for seed in (1, 2, 3):
+        averaged.update_parameters(cbam_resnet18(seed))
+    return averaged.eval()
+
+
+def lightning_checkpoint(model: nn.Module, attribute: str) -> dict:
+    """What Lightning's ``Trainer.save_checkpoint`` writes for a LightningModule holding ``model`` as
+    ``self.<attribute>``, in plain types (Lightning is not needed to read it, nor installed)."""
+    return {"epoch": 4, "global_step": 500, "pytorch-lightning_version": "2.4.0",
+            "state_dict": OrderedDict((f"{attribute}.{key}", value) for key, value in model.state_dict().items()),
+            "optimizer_states": [{"state": {0: {"momentum_buffer": torch.zeros(3)}},
+                                  "param_groups": [{"lr": 0.1, "momentum": 0.9, "params": [0]}]}],
+            "lr_schedulers": [{"T_max": 10, "last_epoch": 4, "_last_lr": [0.05]}],
+            "callbacks": {"ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}": {
+                "best_model_score": torch.tensor(0.25), "best_model_path": "epoch=4.ckpt"}},
+            "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"current": {"completed": 4}}}},
+            "hyper_parameters": {"lr": 0.1, "arch": "resnet18"}}
+
+
+def test_an_averaged_model_checkpoint_loads_its_averaged_weights(tmp_path):
+    """``AveragedModel``'s keys are ``module.`` ones beside its ``n_averaged`` count: both stripped, its logits."""
+    averaged = averaged_resnet18()
+    assert int(averaged.n_averaged) == 3
+    torch.save(averaged.state_dict(), tmp_path / "swa.pt")
+    for source in (averaged.state_dict(), tmp_path / "swa.pt"):
+        model = cbam_resnet18(7)
+        report = load_weights(source, model)
+        assert_same_logits(model, averaged.module)
+        assert report.stripped == ("module.", "n_averaged") and report.loaded == len(model.state_dict())
+        assert "stripped 'module.' and AveragedModel's 'n_averaged'; loaded strictly" in str(report)
+    stripped = strip_wrappers(nn.DataParallel(averaged).state_dict())  # DDP around SWA: module.n_averaged
+    assert stripped.removed == ("module.", "n_averaged") and stripped.dropped == ("module.n_averaged",)
+    assert list(stripped.state) == list(averaged.module.state_dict())
+
+
+def test_n_averaged_is_stripped_only_beside_module_keys_and_as_one_integer():
+    weights = {"module.fc.weight": torch.ones(2, 2)}
+    for state in ({**weights, "n_averaged": torch.tensor(2.0)}, {**weights, "n_averaged": torch.tensor([1, 2])},
+                  {**weights, "fc.bias": torch.ones(2), "n_averaged": torch.tensor(2)}):
+        assert strip_wrappers(state).removed == (), state
+    assert strip_wrappers({**weights, "n_averaged": torch.tensor([2], dtype=torch.int32)}).removed == \
+        ("module.", "n_averaged")
+
+
+def test_a_checkpoint_loads_into_an_averaged_model_keeping_its_n_averaged():
+    source = cbam_resnet18(1)
+    averaged = AveragedModel(cbam_resnet18(7))
+    averaged.update_parameters(cbam_resnet18(8))
+    report = load_weights(source.state_dict(), averaged)
+    assert_same_logits(averaged.module.eval(), source)
+    assert int(averaged.n_averaged) == 1 and report.n_averaged_kept == 1 and report.stripped == ()
+    assert report.loaded == len(source.state_dict())
+    assert "loaded strictly" not in str(report) and "the model's AveragedModel 'n_averaged' (1) kept" in str(report)
+    other = averaged_resnet18()  # an AveragedModel's checkpoint into an AveragedModel: the weights, not the count
+    report = load_weights(other.state_dict(), averaged)
+    assert_same_logits(averaged.module.eval(), other.module)
+    assert int(averaged.n_averaged) == 1 and report.stripped == ("module.", "n_averaged")
+    wrapped = torch.compile(AveragedModel(cbam_resnet18(7)))  # its keys: _orig_mod.n_averaged, _orig_mod.module.*
+    report = load_weights(source.state_dict(), wrapped)
+    assert_same_logits(wrapped._orig_mod.module, source)
+    assert report.n_averaged_kept == 0 and report.loaded == len(source.state_dict())
+
+
+@pytest.mark.parametrize("attribute, preset, make", [("net", None, cbam_resnet18),
+                                                     ("backbone", "timm", partial(timm_resnet, 18))],
+                         ids=["ours-under-net", "timm-under-backbone"])
+def test_a_lightning_checkpoint_loads_without_its_attribute_prefix(attribute, preset, make, tmp_path):
+    source = make(seed=3)
+    path = tmp_path / "epoch=4-step=500.ckpt"
+    torch.save(lightning_checkpoint(source, attribute), path)
+    torch.manual_seed(0)
+    model = cbam.models.resnet18(num_classes=NUM_CLASSES, **({"preset": preset} if preset else {}))
+    report = load_weights(path, model)
+    assert_same_logits(model, source)
+    assert report.entry == "state_dict" and report.stripped == (f"{attribute}.",)
+    assert report.loaded == len(model.state_dict()) and report.layout.network == "ResNet-18"
+    assert f"stripped '{attribute}.' (a wrapper module's attribute, such as a LightningModule's)" in str(report)
+
+
+def test_an_attribute_prefix_is_stripped_only_when_every_key_has_it_and_then_fits():
+    source = cbam_resnet18(3)
+    some = OrderedDict((f"net.{key}" if key.startswith("layer") else key, value)
+                       for key, value in source.state_dict().items())
+    with pytest.raises(ValueError, match=r"does not fit the model: \d+ missing and \d+ unexpected keys \(first: "
+                                         r"missing 'layer1.0.conv1.weight', unexpected 'net.layer1.0.conv1.weight'\)"):
+        load_weights(some, cbam_resnet18(7))
+    deeper = lightning_checkpoint(cbam.models.resnet34(num_classes=NUM_CLASSES), "net")
+    with pytest.raises(ValueError, match=r"\d+ missing and \d+ unexpected keys \(first: missing 'conv1.weight', "
+                                         r"unexpected 'net.conv1.weight'\)"):
+        load_weights(deeper, cbam_resnet18(7))
+
+
+class Holder(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+
+def test_keys_that_fit_are_not_stripped_when_the_model_has_the_prefix_too():
+    source = Holder(cbam_resnet18(3))
+    model = Holder(cbam_resnet18(7))
+    report = load_weights(source.state_dict(), model)
+    assert report.stripped == () and report.loaded == len(model.state_dict())
+    assert_same_logits(model.net, source.net)
+
+
+def test_cbam_convert_reads_averaged_models_and_with_model_lightning_checkpoints(tmp_path, capsys):
+    averaged, lightning = averaged_resnet18(), cbam_resnet18(3)
+    torch.save(averaged.state_dict(), tmp_path / "swa.pt")
+    torch.save(lightning_checkpoint(lightning, "net"), tmp_path / "last.ckpt")
+    assert main(["convert", str(tmp_path / "swa.pt"), str(tmp_path / "swa.safetensors")]) == 0
+    assert re.search(r"a ResNet-18 in cbam's layout .*; stripped 'module.' and AveragedModel's 'n_averaged'",
+                     capsys.readouterr().out)
+    model = cbam_resnet18(7)
+    model.load_state_dict(load_file(tmp_path / "swa.safetensors"), strict=True)
+    assert_same_logits(model, averaged.module)
+    assert main(["convert", str(tmp_path / "last.ckpt"), str(tmp_path / "net.safetensors"), "--model", "resnet18",
+                 "--num-classes", str(NUM_CLASSES)]) == 0
+    assert "stripped 'net.' (a wrapper module's attribute" in capsys.readouterr().out
+    model.load_state_dict(load_file(tmp_path / "net.safetensors"), strict=True)
+    assert_same_logits(model, lightning)
 
 
 # ------------------------------------------------------------------------------------------- errors

@@ -17,10 +17,11 @@ def register(subparsers) -> None:
         "convert", help="convert a checkpoint between cbam, timm and the official CBAM code",
         description="Read IN (.pt/.pth/.pth.tar/.bin with weights_only=True, or .safetensors), find its state dict "
                     "(under state_dict, model, state_dict_ema, model_ema, module or the top level), strip module./"
-                    "_orig_mod. prefixes, detect its layout (cbam, the official ResidualNet, timm's ResNet with "
-                    "attn_layer='cbam', a plain torchvision/timm ResNet) and write OUT (.safetensors or .pt) in the "
-                    "--to layout, atomically. With --model the weights are first loaded into that model, so a "
-                    "checkpoint that does not fit it is refused.",
+                    "_orig_mod. prefixes (and an AveragedModel's n_averaged), detect its layout (cbam, the official "
+                    "ResidualNet, timm's ResNet with attn_layer='cbam', a plain torchvision/timm ResNet) and write OUT "
+                    "(.safetensors or .pt) in the --to layout, atomically. With --model the weights are first loaded "
+                    "into that model, so a checkpoint that does not fit it is refused (and a LightningModule's "
+                    "attribute prefix, such as net., is stripped where that makes it fit).",
     )
     parser.add_argument("input", type=Path, metavar="IN", help="checkpoint to read")
     parser.add_argument("output", type=Path, metavar="OUT",
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         to_official,
         to_timm,
     )
+    from ..convert.read import describe_stripped
     from ..convert.write import check_weights_path, save_weights
 
     out = check_destination(check_weights_path(args.output), inputs=(args.input,))
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         found, entry = find_state_dict(content, source, args.entry)
         stripped = strip_wrappers(found)
         layout = detect(stripped.state)
-        done = [f"stripped {' and '.join(map(repr, stripped.removed))}"] if stripped.removed else []
+        done = [describe_stripped(stripped.removed)] if stripped.removed else []
         print(f"{args.input}: {layout}" + (f" under {entry!r}" if entry else "") + "".join(f"; {d}" for d in done))
         state = as_ours(stripped.state, layout)
     target = {"cbam": lambda sd: sd, "timm": to_timm, "official": to_official}[args.to](state)

@@ -5,10 +5,12 @@ detected (``layout``) and converted to ours; the model's own dict is detected th
 weights are converted on to its layout (ours, timm's or the official code's: so a timm or official
 model loads our checkpoints too), with the attribute holding each CBAM renamed to the model's
 (timm's ``se`` slot vs ``cbam``, where a module holds one CBAM on each side); a model wrapped in
-``DataParallel`` or ``torch.compile`` matches by its inner names. Then every key must fit, strictly,
-with three exceptions the report lists: the attention of a CBAM model when the source has none
-(ImageNet backbones), the classifier when ``new_head=True`` and its shape differs, and BatchNorm batch
-counters that old checkpoints lack.
+``DataParallel``, ``torch.compile`` or ``AveragedModel`` matches by its inner names. A source whose keys all
+start with one attribute name the model's do not (``net.``: a LightningModule's ``self.net``) loads without it
+where that makes every key one of the model's. Then every key must fit, strictly, with three exceptions the
+report lists: the attention of a CBAM model when the source has none (ImageNet backbones), the classifier
+when ``new_head=True`` and its shape differs, and BatchNorm batch counters that old checkpoints lack (and an
+``AveragedModel``'s ``n_averaged``, never loaded: no weight).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from os import PathLike
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .layout import PLAIN, Layout, detect
-from .read import find_state_dict, other_entries, read_file, strip_wrappers
+from .read import describe_stripped, find_state_dict, other_entries, read_file, strip_wrappers
 from .rules import OURS_ANCHOR, attention_prefixes, from_official, from_timm, to_official, to_timm
 
 # timm's ResNet "se" slot <-> "cbam" both ways ("auto"): so a dict in ours matches cbam.models directly
@@ -39,13 +42,14 @@ class LoadReport:
     source: str                    # "checkpoint 'PATH'" or "the state dict"
     entry: str | None              # where the state dict was ("state_dict", ...), None for the top level
     other_entries: tuple[str, ...]  # other state dicts in the file, e.g. ("state_dict_ema",)
-    stripped: tuple[str, ...]      # wrapper prefixes removed: "module.", "_orig_mod."
+    stripped: tuple[str, ...]      # removed: "module.", "_orig_mod.", AveragedModel's "n_averaged", "net." (Lightning)
     layout: Layout                 # the checkpoint's
     target: Layout                 # the model's
     loaded: int                    # tensors loaded
     left_at_init: tuple[str, ...]  # the model's keys not loaded: attention absent from the source
     new_head: tuple[str, ...]      # classifier keys left at initialisation (new_head=True, other shape)
     counters: tuple[str, ...]      # BatchNorm num_batches_tracked the source lacks (kept as they were)
+    n_averaged_kept: int | None = None  # the model is an AveragedModel: its n_averaged, kept as it was
 
     @property
     def converted(self) -> str | None:
@@ -62,12 +66,13 @@ class LoadReport:
         lines = [f"{self.source}: {self.layout}{where}"]
         done = []
         if self.stripped:
-            done.append(f"stripped {' and '.join(map(repr, self.stripped))}")
+            done.append(describe_stripped(self.stripped))
         if self.converted:
             swap = {"official": " (spatial conv [max, mean] -> [mean, max])"}.get(self.layout.name, "")
             swap = {"official": " (spatial conv [mean, max] -> [max, mean])"}.get(self.target.name, swap)
             done.append(f"converted {self.converted}{swap}")
-        loaded = "loaded strictly" if not (self.left_at_init or self.new_head or self.counters) else "loaded"
+        kept = self.left_at_init or self.new_head or self.counters or self.n_averaged_kept is not None
+        loaded = "loaded" if kept else "loaded strictly"
         done.append(f"{loaded} {self.loaded} tensors into {self.target}")
         lines.append("; ".join(done))
         if self.left_at_init:
@@ -79,6 +84,8 @@ class LoadReport:
             lines.append(f"new head: {', '.join(self.new_head)} left at initialisation (another shape)")
         if self.counters:
             lines.append(f"{len(self.counters)} BatchNorm batch counters absent from the checkpoint, kept")
+        if self.n_averaged_kept is not None:
+            lines.append(f"the model's AveragedModel 'n_averaged' ({self.n_averaged_kept}) kept: it is no weight")
         return "\n".join(lines)
 
 
@@ -166,6 +173,33 @@ def _mismatch(source: str, missing, unexpected, wrong_shapes, layout: Layout, ta
     return f"{source} does not fit the model: {'; '.join(parts)}; checkpoint: {layout}, model: {target}"
 
 
+def _in_model_layout(state: Mapping[str, Tensor], target: Layout, target_prefixes: list[str],
+                     name: str) -> tuple[OrderedDict, Layout]:
+    """``state`` converted to the model's layout (``target``), and the layout ``state`` was in."""
+    layout = detect(state)
+    try:
+        weights = _match_attention_names(as_ours(state, layout), target_prefixes)
+        return (_TO[target.name](weights) if target.name in _TO else weights), layout
+    except ValueError as error:  # a CBAM the model's layout cannot express
+        raise ValueError(f"{name} does not fit the model: {error}; checkpoint: {layout}, model: {target}") from None
+
+
+def _without_wrapper_attribute(state: Mapping[str, Tensor], expected: Mapping[str, Tensor],
+                               convert) -> tuple[str, OrderedDict, Layout] | None:
+    """A module that holds the model as an attribute saves its keys under that name: a LightningModule with
+    ``self.net = model`` writes ``net.conv1.weight``. Where every key of ``state`` starts with one first
+    component (``"net."``) that no key the model ``expected`` starts with, and without it every key, converted
+    by ``convert`` to the model's layout, is one of the model's: ``("net.", those weights, their layout)``;
+    else ``None``. The caller asks only where ``state``'s own keys do not fit: no other guess is made."""
+    prefix = next(iter(state)).partition(".")[0] + "."
+    if not all(key.startswith(prefix) and len(key) > len(prefix) for key in state):
+        return None
+    if any(key.startswith(prefix) for key in expected):
+        return None
+    weights, layout = convert(OrderedDict((key[len(prefix):], value) for key, value in state.items()))
+    return (prefix, weights, layout) if all(key in expected for key in weights) else None
+
+
 def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_missing_attention: bool = True,
                  new_head: bool = False, source_name: str | None = None) -> LoadReport:
     """Load ``source`` (a path or a checkpoint dict) into ``model`` in place; returns a ``LoadReport``.
@@ -194,19 +228,25 @@ def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_mi
         raise TypeError(f"load_weights expects a path or a checkpoint dict, got {type(source).__name__}")
     state, found_entry = find_state_dict(content, name, entry)
     stripped = strip_wrappers(state)
-    layout = detect(stripped.state)
+    removed = stripped.removed
 
     own = model.state_dict()
-    expected = strip_wrappers(own).state  # a wrapped model (DataParallel, torch.compile) matches by its inner names
-    own_name = dict(zip(expected, own))
+    # a wrapped model (DataParallel, torch.compile, AveragedModel) matches by its inner names. Into an
+    # AveragedModel the weights go to its .module, which is what it computes with; its n_averaged (how many
+    # models it has averaged) is training state no weights file sets, so it is kept and reported, as the
+    # BatchNorm counters are (a source AveragedModel's own n_averaged was dropped by strip_wrappers).
+    own_inner = strip_wrappers(own)
+    expected = own_inner.state
+    own_name = dict(zip(expected, (key for key in own if key not in own_inner.dropped)))
+    n_averaged_kept = int(own[own_inner.dropped[0]]) if own_inner.dropped else None
     target = detect(expected)
     target_prefixes = attention_prefixes(as_ours(expected, target), OURS_ANCHOR)
-    try:
-        weights = _match_attention_names(as_ours(stripped.state, layout), target_prefixes)
-        if target.name in _TO:
-            weights = _TO[target.name](weights)
-    except ValueError as error:  # a CBAM the model's layout cannot express
-        raise ValueError(f"{name} does not fit the model: {error}; checkpoint: {layout}, model: {target}") from None
+    convert = partial(_in_model_layout, target=target, target_prefixes=target_prefixes, name=name)
+    weights, layout = convert(stripped.state)
+    if any(key not in expected for key in weights):  # never where the keys fit as they are
+        if unwrapped := _without_wrapper_attribute(stripped.state, expected, convert):
+            attribute, weights, layout = unwrapped
+            removed += (attribute,)
 
     missing = [key for key in expected if key not in weights]
     unexpected = [key for key in weights if key not in expected]
@@ -236,5 +276,5 @@ def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_mi
         model.load_state_dict(OrderedDict((own_name[key], value) for key, value in weights.items()), strict=False)
     except RuntimeError as error:  # other copy failures: one line
         raise ValueError(f"{name} does not fit the model: {str(error).strip().splitlines()[-1].strip()}") from None
-    return LoadReport(name, found_entry, tuple(other_entries(content, found_entry)), stripped.removed, layout,
-                      target, len(weights), left_at_init, head, counters)
+    return LoadReport(name, found_entry, tuple(other_entries(content, found_entry)), removed, layout,
+                      target, len(weights), left_at_init, head, counters, n_averaged_kept)

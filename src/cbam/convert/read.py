@@ -7,8 +7,9 @@ arguments as one, under ``args``); a pickled class or a ``__reduce__`` payload i
 refused with one line and never runs. ``find_state_dict`` looks where training scripts put the
 weights (the official ``train_imagenet.py``: ``{'epoch', 'arch', 'state_dict', 'best_prec1',
 'optimizer'}``; timm's ``train.py``: ``state_dict`` and ``state_dict_ema``; ``cbam train``:
-``model``). ``strip_wrappers`` removes ``module.`` (``DataParallel``/DDP) and ``_orig_mod.``
-(``torch.compile``) from the keys.
+``model``; Lightning's ``.ckpt``: ``state_dict``). ``strip_wrappers`` removes ``module.`` (``DataParallel``/DDP)
+and ``_orig_mod.`` (``torch.compile``) from the keys, and ``torch.optim.swa_utils.AveragedModel``'s (SWA, EMA)
+``module.`` with its ``n_averaged`` counter; ``describe_stripped`` says what was removed in words.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import pickle
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,6 +28,7 @@ from .rules import check_state_dict
 
 ENTRIES = ("state_dict", "model", "state_dict_ema", "model_ema", "module")  # searched in this order
 WRAPPERS = ("module.", "_orig_mod.")
+AVERAGED_COUNT = "n_averaged"  # torch.optim.swa_utils.AveragedModel's buffer, beside its "module." keys
 
 
 def _first_line(text: str) -> str:
@@ -156,22 +158,48 @@ def other_entries(content, entry: str | None) -> list[str]:
 
 class Stripped(NamedTuple):
     state: OrderedDict
-    removed: tuple[str, ...]  # the wrapper prefixes removed, e.g. ("module.",)
+    removed: tuple[str, ...]  # the wrapper prefixes removed, e.g. ("module.",), and AveragedModel's "n_averaged"
+    dropped: tuple[str, ...] = ()  # the keys dropped, as they were in the input: ("module.n_averaged",) for DDP(SWA)
+
+
+def _is_averaged_model(state: Mapping[str, Tensor]) -> bool:
+    """Whether ``state`` is an ``AveragedModel``'s: ``n_averaged`` (one integer) and keys that all start ``module.``."""
+    count = state.get(AVERAGED_COUNT)
+    return (count is not None and count.numel() == 1 and len(state) > 1
+            and not (count.dtype.is_floating_point or count.dtype.is_complex or count.dtype == torch.bool)
+            and all(key.startswith("module.") for key in state if key != AVERAGED_COUNT))
 
 
 def strip_wrappers(state: Mapping[str, Tensor]) -> Stripped:
-    """``state`` without ``module.`` where every key starts with it (repeatedly) and without ``_orig_mod.``
-    anywhere (``torch.compile`` of a submodule puts it mid-key)."""
+    """``state`` without ``module.`` where every key starts with it (repeatedly), without ``_orig_mod.``
+    anywhere (``torch.compile`` of a submodule puts it mid-key), and without an ``AveragedModel``'s
+    ``n_averaged`` where every other key starts with ``module.`` (its count of averaged models: no weight)."""
     check_state_dict(state, "strip_wrappers")
-    keys, removed = list(state), []
-    while keys and any(all(key.startswith(w) for key in keys) for w in WRAPPERS):
-        wrapper = next(w for w in WRAPPERS if all(key.startswith(w) for key in keys))
-        keys = [key[len(wrapper):] for key in keys]
-        removed.append(wrapper)
+    state, removed, dropped, prefix = OrderedDict(state), [], [], ""
+    while state:
+        averaged = _is_averaged_model(state)
+        if averaged:
+            del state[AVERAGED_COUNT]
+            dropped.append(prefix + AVERAGED_COUNT)
+        wrapper = next((w for w in WRAPPERS if all(key.startswith(w) for key in state)), None)
+        if wrapper is None:
+            break
+        state = OrderedDict((key[len(wrapper):], value) for key, value in state.items())
+        removed += [wrapper, AVERAGED_COUNT] if averaged else [wrapper]
+        prefix += wrapper
+    keys = list(state)
     if any("._orig_mod." in key for key in keys):
         keys = [key.replace("._orig_mod.", ".") for key in keys]
         removed.append("_orig_mod.")
     if len(set(keys)) != len(keys):
         raise ValueError("stripping wrapper prefixes made two keys the same; the checkpoint mixes wrapped and "
                          "unwrapped names")
-    return Stripped(OrderedDict(zip(keys, state.values())), tuple(dict.fromkeys(removed)))
+    return Stripped(OrderedDict(zip(keys, state.values())), tuple(dict.fromkeys(removed)), tuple(dropped))
+
+
+def describe_stripped(removed: Sequence[str]) -> str:
+    """``removed`` (``Stripped.removed``, and an attribute prefix ``load_weights`` stripped) in words for a report:
+    ``"stripped 'module.' and AveragedModel's 'n_averaged'"``; ``""`` where nothing was."""
+    words = [f"AveragedModel's {name!r}" if name == AVERAGED_COUNT else repr(name) if name in WRAPPERS
+             else f"{name!r} (a wrapper module's attribute, such as a LightningModule's)" for name in removed]
+    return f"stripped {' and '.join(words)}" if words else ""
