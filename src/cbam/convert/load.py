@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .computes import check_computes_as
 from .layout import PLAIN, Layout, detect
 from .read import describe_stripped, find_state_dict, other_entries, read_file, strip_wrappers
 from .rules import OURS_ANCHOR, attention_prefixes, from_official, from_timm, to_official, to_timm
@@ -267,6 +268,7 @@ def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_mi
     wrong = [item for item in wrong if item[0] not in head]
     if missing or unexpected or wrong:
         raise ValueError(_mismatch(name, missing, unexpected, wrong, layout, target))
+    check_computes_as(model, layout.name, name)  # every key fits; the options must too (computes.py)
     weights = OrderedDict((key, value) for key, value in weights.items() if key not in head)
     for key, value in weights.items():  # what the copy would refuse half-way, refused before any copy
         if value.layout != torch.strided or value.is_quantized or value.is_meta:
