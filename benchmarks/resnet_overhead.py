@@ -6,7 +6,8 @@ differ):
     python benchmarks/resnet_overhead.py --label new          # this checkout, as installed
 
 Prints one line: the median over rounds of each round's ratio of ``attention="cbam"`` (``preset="timm"``,
-``impl="auto"`` or ``--impl``; ``--channels-last``: both networks and the input channels-last) to
+``impl="auto"`` or ``--impl``; ``--channels-last``: both networks and the input channels-last;
+``--bf16-autocast``: both under ``torch.autocast("cpu", dtype=torch.bfloat16)``) to
 ``attention=None``, for a training step and for an inference (``--compile``: of both
 models compiled by ``torch.compile``, each mode compiled apart, inductor's on-disk caches off); ``--save PATH`` also
 appends every round's overheads to PATH as one JSON line, to pool many processes:
@@ -40,6 +41,8 @@ def main() -> None:
                         help="the CBAM network's impl= (default auto)")
     parser.add_argument("--channels-last", action="store_true",
                         help="run both models and the input in torch.channels_last memory format")
+    parser.add_argument("--bf16-autocast", action="store_true",
+                        help="run both models under CPU bfloat16 autocast (convs in bfloat16; CBAM sees bfloat16)")
     parser.add_argument("--save", help="append this run's per-round overheads to this file (JSON lines)")
     parser.add_argument("--pool", help="print the medians and quartiles per label of the runs saved in this file")
     args = parser.parse_args()
@@ -71,12 +74,13 @@ def main() -> None:
         models = {name: torch.compile(model) for name, model in built.items()} if args.compile else built
 
         def run(model, mode=mode):
-            if mode == "train":
-                model.zero_grad(set_to_none=True)
-                model(x).sum().backward()
-            else:
-                with torch.no_grad():
-                    model(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16_autocast):
+                if mode == "train":
+                    model.zero_grad(set_to_none=True)
+                    model(x).float().sum().backward()
+                else:
+                    with torch.no_grad():
+                        model(x)
 
         samples = interleaved_samples({n: (lambda m=m: run(m)) for n, m in models.items()}, args.rounds, warmup=1)
         found[mode] = [t / base - 1 for t, base in zip(samples["cbam"], samples["none"])]

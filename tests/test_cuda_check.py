@@ -49,8 +49,9 @@ def test_fused_triton_matches_float64_reference(case):
 def test_a_wrong_engine_or_value_fails_the_case(monkeypatch):
     """The check can fail: asking for an engine that does not run is a problem, and so is a wrong value."""
     case = Case((2, 6, 3, 4), "bf16", "contiguous", "timm", "residual", "train", autocast=True)
-    result = cuda_check.run_case(case, "cpu", "cpp")  # the C++ engine takes no bfloat16: torch runs it
-    assert not result.ok and result.problems == ["ran on engine 'torch', not 'cpp'"]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    result = cuda_check.run_case(case, "cpu", "triton")  # triton runs on the CPU only interpreted: torch runs it
+    assert not result.ok and result.problems == ["ran on engine 'torch', not 'triton'"]
     case = Case((2, 6, 3, 4), "fp32", "contiguous", "timm", "residual", "train")
     real = cuda_check._error
     monkeypatch.setattr(cuda_check, "_error", lambda got, want: real(got * 1.01 if got is not None else got, want))

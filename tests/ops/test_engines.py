@@ -18,7 +18,11 @@ def test_auto_picks_the_compiled_engine_where_it_covers_the_input():
     x = torch.randn(2, 8, 5, 5)
     assert engine_for(x) == CPP
     assert engine_for(x.double()) == CPP
-    assert engine_for(x.bfloat16()) == "torch"  # the C++ engine is float32/float64 only
+    assert engine_for(x.bfloat16()) == CPP and engine_for(x.half()) == CPP  # on a float32 copy
+    assert engine_for(x.bfloat16(), widened=False) == "torch"  # the C++ passes read float32/float64 only
+    assert engines.widened_dtype(x.bfloat16()) == (torch.float32 if CPP == "cpp" else None)
+    assert engines.widened_dtype(x) is None and engines.widened_dtype(x.double()) is None
+    assert engines.select(x.bfloat16())[0].name == "torch"  # select never widens
     assert engine_for(x.to(memory_format=torch.channels_last)) == CPP  # contiguous or channels-last
     assert engine_for(x.transpose(1, 2).contiguous().transpose(1, 2)) == "torch"  # not channels-last either
     assert engine_for(x[:, :, ::2]) == "torch"
@@ -81,7 +85,9 @@ def test_auto_fuses_where_a_compiled_engine_runs():
     x = torch.randn(1, 4, 3, 3)
     assert fused_applies("auto", "channel-spatial", x) == (CPP == "cpp")
     assert not fused_applies("auto", "spatial-channel", x)
-    assert not fused_applies("auto", "channel-spatial", x.half())  # the torch passes: the reference is as fast
+    assert fused_applies("auto", "channel-spatial", x.half()) == (CPP == "cpp")  # the C++ engine, widened
+    assert not fused_applies("auto", "channel-spatial", x.half()[..., ::2])  # the torch passes: the reference is
+    # as fast there
     assert not fused_applies("reference", "channel-spatial", x)
     assert fused_applies("fused", "channel-spatial", x.half())
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -103,7 +109,7 @@ def test_under_compile_auto_fuses_on_cuda_and_in_cpu_training(monkeypatch):
     assert not fused_applies("auto", "channel-spatial", x)
     with torch.no_grad():
         assert not fused_applies("auto", "channel-spatial", trained)
-    assert not fused_applies("auto", "channel-spatial", trained.bfloat16())
+    assert not fused_applies("auto", "channel-spatial", trained.bfloat16())  # widened: the op would not be
     assert fused_applies("fused", "channel-spatial", x.bfloat16())
     with engines.using("torch"):
         assert fused_applies("auto", "channel-spatial", trained.bfloat16())

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from .. import functional, hooks
 from . import spatial_gate
 from .batch_norm_state import BatchNormState
-from .engines import ENGINES, Engine, engine_for, is_channels_last_view, select
+from .engines import ENGINES, Engine, engine_for, is_channels_last_view, select, widened_dtype
 
 NATIVE_POOLS = {"avg": (1.0, 0.0), "max": (0.0, 1.0), "mix": (0.5, 0.5)}  # (mean, max) coefficients
 
@@ -484,7 +484,13 @@ def fused_cbam(x: Tensor, spec: FusedSpec, weights: CbamWeights, *, residual: Te
 
 def checked_fused_cbam(x: Tensor, spec: FusedSpec, weights: CbamWeights, residual: Tensor | None,
                        input_norm: nn.Module | None, inplace: bool) -> Tensor:
-    """``fused_cbam`` where ``input_norm`` is known to fold (``CBAM.forward`` checked it)."""
+    """``fused_cbam`` where ``input_norm`` is known to fold (``CBAM.forward`` checked it). An input the engine
+    widens (``engines.widened_dtype``) is computed on a wider copy (which the output may overwrite) and the
+    output cast back to ``x``'s dtype; autograd carries the gradients through both casts."""
+    wide = widened_dtype(x)
+    if wide is not None:
+        widened_residual = None if residual is None else residual.to(wide)
+        return checked_fused_cbam(x.to(wide), spec, weights, widened_residual, input_norm, True).to(x.dtype)
     norm_weights = (None, None) if input_norm is None else (input_norm.weight, input_norm.bias)
     inputs = (x, residual, *norm_weights, *weights.flat())
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):

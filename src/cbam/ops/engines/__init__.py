@@ -7,9 +7,17 @@ portable definition, every other engine tested against it). Each declares what i
 engine    devices                       dtypes                           layouts
 ========  ============================  ===============================  ==========================
 torch     any                           any floating                     any (copies where needed)
-cpp       cpu                           float32, float64                 contiguous, channels-last
+cpp       cpu                           float32, float64; bf16, fp16     contiguous, channels-last
+                                        on a float32 copy (widened)
 triton    cuda (cpu: TRITON_INTERPRET)  float32, float64, bf16, fp16     contiguous, channels-last
 ========  ============================  ===============================  ==========================
+
+An engine *widens* a dtype it covers only through a copy (``Engine.widens``): the C++ passes read
+float32 and float64, so a bfloat16/float16 CPU input (CPU autocast's convs return bfloat16) is
+computed on a float32 copy of it, its output cast back (``widened_dtype``, applied by the eager fused
+path before it picks an engine; ``select`` itself never widens, so a half input that reaches it runs
+on ``torch``). Worth its two extra passes: the bfloat16 reference runs its convs, MLP and gates in
+bfloat16, which the CPU computes slower than float32 (BENCHMARKS.md, "Thirteenth session").
 
 and which extras it computes itself (``Engine.extras``): ``"forward"`` the whole forward in one call,
 ``"spatial-logits"`` the spatial conv of one weight on the gated statistics, ``"spatial-norm"`` the
@@ -75,13 +83,15 @@ class Engine:
     extras: frozenset[str]
     module_name: str
     loader: Callable[[ModuleType], ModuleType | None] = lambda module: module
+    widens: frozenset[torch.dtype] = frozenset()  # dtypes computed on a float32 copy of the input
 
-    def covers(self, x: Tensor, named: bool = False) -> bool:
-        """Whether this engine computes the fused CBAM of ``x`` (``named``: ``CBAM_ENGINE`` asked for it)."""
+    def covers(self, x: Tensor, named: bool = False, widened: bool = True) -> bool:
+        """Whether this engine computes the fused CBAM of ``x`` (``named``: ``CBAM_ENGINE`` asked for it;
+        ``widened``: counting the dtypes it computes on a float32 copy)."""
         device = x.device.type
         on_device = device in self.devices or (named and self.name == "triton" and device == "cpu"
                                                and _triton_interpreted())
-        if not on_device or x.dtype not in self.dtypes:
+        if not on_device or not (x.dtype in self.dtypes or (widened and x.dtype in self.widens)):
             return False
         return x.is_contiguous() or (self.channels_last and is_channels_last_view(x))
 
@@ -108,7 +118,7 @@ ENGINES = {
     "torch": Engine("torch", frozenset({"cpu", "cuda", "mps", "xpu", "meta"}), WIDE_DTYPES | HALF_DTYPES, True,
                     frozenset({"fold"}), ".torch_ops"),
     "cpp": Engine("cpp", frozenset({"cpu"}), WIDE_DTYPES, True, frozenset({"forward", "spatial-backward", "fold"}),
-                  ".cpp", lambda module: module.engine()),
+                  ".cpp", lambda module: module.engine(), widens=HALF_DTYPES),
     "triton": Engine("triton", frozenset({"cuda"}), WIDE_DTYPES | HALF_DTYPES, True,
                      frozenset({"spatial-logits", "spatial-norm", "spatial-backward", "fold"}), ".triton_ops"),
 }
@@ -139,24 +149,34 @@ def using(name: str) -> Iterator[None]:
             os.environ["CBAM_ENGINE"] = before
 
 
-def engine_for(x: Tensor) -> str:
-    """The name of the engine that a fused CBAM of ``x: (B, C, *spatial)`` runs on (see the module docstring).
-    While ``torch.compile`` traces, engines are not loaded (an import is no graph op): the name is the one
-    that covers ``x``, and the ``torch.library`` op falls back to ``torch`` at run time if it fails to load."""
+def engine_for(x: Tensor, widened: bool = True) -> str:
+    """The name of the engine that a fused CBAM of ``x: (B, C, *spatial)`` runs on (see the module docstring;
+    ``widened=False``: counting only the dtypes an engine reads as they are). While ``torch.compile`` traces,
+    engines are not loaded (an import is no graph op): the name is the one that covers ``x``, and the
+    ``torch.library`` op falls back to ``torch`` at run time if it fails to load."""
     wanted = requested()
     candidates = AUTO.get(x.device.type, ()) if wanted == "auto" else (wanted,)
     tracing = torch.compiler.is_compiling()
     for name in candidates:
         engine = ENGINES[name]
-        if name != "torch" and engine.covers(x, named=wanted != "auto") and (tracing or engine.load() is not None):
+        if (name != "torch" and engine.covers(x, named=wanted != "auto", widened=widened)
+                and (tracing or engine.load() is not None)):
             return name
     return "torch"
 
 
+def widened_dtype(x: Tensor) -> torch.dtype | None:
+    """float32 where the engine for ``x`` computes it on a float32 copy (bfloat16/float16 on the C++ engine),
+    else ``None``."""
+    return torch.float32 if x.dtype in ENGINES[engine_for(x)].widens else None
+
+
 def select(x: Tensor) -> tuple[Engine, ModuleType]:
-    """The engine for ``x`` and its module of passes (not while ``torch.compile`` traces)."""
-    engine = ENGINES[engine_for(x)]
+    """The engine for ``x`` as it is (never widened: see the module docstring) and its module of passes (not
+    while ``torch.compile`` traces)."""
+    engine = ENGINES[engine_for(x, widened=False)]
     return engine, engine.load()
 
 
-__all__ = ["CHOICES", "ENGINES", "Engine", "engine_for", "is_channels_last_view", "requested", "select", "using"]
+__all__ = ["CHOICES", "ENGINES", "Engine", "engine_for", "is_channels_last_view", "requested", "select", "using",
+           "widened_dtype"]

@@ -1,0 +1,114 @@
+"""bfloat16/float16 CPU input on the C++ engine, computed on a float32 copy (``engines.widened_dtype``): the
+output in the input's dtype and layout, gradients through both casts, the fold and the residual tail, train
+and eval, against a float64 CBAM given the same (rounded) input; the passes see float32 only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import cbam
+from cbam.ops import engine_for, fused
+from cbam.ops.engines import cpp
+
+pytestmark = pytest.mark.skipif(cpp.engine() is None, reason="the C++ engine does not build here")
+
+HALVES = [torch.bfloat16, torch.float16]
+ROUNDING = {torch.bfloat16: 2**-8, torch.float16: 2**-11}  # one rounding of a value: relative
+
+
+def _pair(channels: int, training: bool):
+    torch.manual_seed(0)
+    module = cbam.CBAM(channels, 4, 3, preset="timm", impl="fused")
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.5)
+    oracle = cbam.CBAM(channels, 4, 3, preset="timm", impl="reference", dtype=torch.float64)
+    oracle.load_state_dict(module.state_dict())
+    return module.train(training), oracle.train(training)
+
+
+def _norms(channels: int, training: bool):
+    torch.manual_seed(1)
+    norm = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.normal_(0, 0.2)
+        norm.running_mean.normal_(0, 0.2), norm.running_var.uniform_(0.5, 1.5)
+    oracle = nn.BatchNorm2d(channels, dtype=torch.float64)
+    oracle.load_state_dict(norm.state_dict())
+    return norm.train(training), oracle.train(training)
+
+
+@pytest.fixture
+def passes_dtypes(monkeypatch):
+    """The dtypes of the ``x`` every engine selection saw (the passes must read float32)."""
+    seen = []
+    real = fused.select
+
+    def recording(x):
+        seen.append(x.dtype)
+        return real(x)
+
+    monkeypatch.setattr(fused, "select", recording)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("tail", ["plain", "residual", "fold"])
+def test_half_input_is_computed_in_float32_and_returned_in_its_dtype(passes_dtypes, dtype, layout, training, tail):
+    channels = 12
+    module, oracle = _pair(channels, training)
+    norm, norm_oracle = _norms(channels, training) if tail == "fold" else (None, None)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(3, channels, 5, 7, generator=generator).to(dtype).contiguous(memory_format=layout)
+    residual = torch.randn(x.shape, generator=generator).to(dtype) if tail != "plain" else None
+    upstream = torch.randn(x.shape, generator=generator).to(dtype).double()  # as the output's gradient arrives
+    assert engine_for(x) == "cpp" and engine_for(x, widened=False) == "torch"
+
+    leaves = [t if t is None else t.detach().clone().requires_grad_() for t in (x, residual)]
+    got = module(leaves[0], leaves[1], input_norm=norm)
+    (got.double() * upstream).sum().backward()
+    assert set(passes_dtypes) == {torch.float32}
+    assert got.dtype == dtype and got.is_contiguous(memory_format=layout)
+
+    wide = [t if t is None else t.detach().double().requires_grad_() for t in (x, residual)]
+    want = oracle(wide[0] if norm_oracle is None else norm_oracle(wide[0]), wide[1])
+    (want * upstream).sum().backward()
+    rounding = ROUNDING[dtype]
+    torch.testing.assert_close(got.double(), want.detach(), rtol=2 * rounding, atol=2 * rounding)
+    for leaf, reference in zip(leaves, wide):
+        if leaf is not None:
+            assert leaf.grad.dtype == dtype
+            scale = reference.grad.abs().max().item()
+            torch.testing.assert_close(leaf.grad.double(), reference.grad, rtol=4 * rounding, atol=4 * rounding * scale)
+    named = dict(oracle.named_parameters())
+    for name, param in module.named_parameters():
+        assert param.grad.dtype == torch.float32, name
+        scale = named[name].grad.abs().max().item()
+        torch.testing.assert_close(param.grad.double(), named[name].grad, rtol=1e-4, atol=1e-4 * scale)
+    if norm is not None:
+        torch.testing.assert_close(norm.running_mean.double(), norm_oracle.running_mean, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_inference_leaves_the_input_as_it_was(dtype):
+    """The output may overwrite the float32 copy, never the caller's tensor."""
+    module, _ = _pair(8, training=False)
+    x = torch.randn(2, 8, 6, 6).to(dtype)
+    kept = x.clone()
+    with torch.no_grad():
+        out = module(x)
+    assert torch.equal(x, kept) and out.dtype == dtype and out.data_ptr() != x.data_ptr()
+
+
+def test_an_explicit_torch_engine_is_not_widened(passes_dtypes, monkeypatch):
+    monkeypatch.setenv("CBAM_ENGINE", "torch")
+    module, _ = _pair(8, training=False)
+    x = torch.randn(2, 8, 6, 6).bfloat16()
+    assert engine_for(x) == "torch"
+    with torch.no_grad():
+        assert module(x).dtype == torch.bfloat16
+    assert passes_dtypes == [torch.bfloat16]
