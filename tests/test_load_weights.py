@@ -27,7 +27,7 @@ import cbam
 from cbam.cli import main
 from cbam.convert import load_weights, save_weights, strip_wrappers
 
-from wild_checkpoints import NUM_CLASSES, Sources, assert_same_logits, perturb, timm_resnet, torchvision_resnet
+from wild_checkpoints import NUM_CLASSES, Sources, assert_same_logits, logits, perturb, timm_resnet, torchvision_resnet
 
 torch.set_num_threads(2)
 
@@ -261,17 +261,23 @@ def test_a_checkpoint_loads_into_an_averaged_model_keeping_its_n_averaged():
     averaged.update_parameters(cbam_resnet18(8))
     report = load_weights(source.state_dict(), averaged)
     assert_same_logits(averaged.module.eval(), source)
-    assert int(averaged.n_averaged) == 1 and report.n_averaged_kept == 1 and report.stripped == ()
+    assert int(averaged.n_averaged) == 1 and report.n_averaged == 1 and report.stripped == ()
     assert report.loaded == len(source.state_dict())
     assert "loaded strictly" not in str(report) and "the model's AveragedModel 'n_averaged' (1) kept" in str(report)
-    other = averaged_resnet18()  # an AveragedModel's checkpoint into an AveragedModel: the weights, not the count
+    other = averaged_resnet18()  # an AveragedModel's checkpoint into an AveragedModel (resuming SWA): its count too
     report = load_weights(other.state_dict(), averaged)
     assert_same_logits(averaged.module.eval(), other.module)
-    assert int(averaged.n_averaged) == 1 and report.stripped == ("module.", "n_averaged")
+    assert int(averaged.n_averaged) == 3 and report.stripped == ("module.", "n_averaged") and report.n_averaged_loaded
+    assert "loaded strictly" in str(report) and "'n_averaged' (3) loaded too" in str(report)
+    newest = cbam_resnet18(9)  # the average goes on as if never saved: (3 models + the newest) / 4
+    averaged.update_parameters(newest)
+    other.update_parameters(newest)
+    torch.testing.assert_close(logits(averaged.module), logits(other.module), rtol=0, atol=0)  # not cached ones
     wrapped = torch.compile(AveragedModel(cbam_resnet18(7)))  # its keys: _orig_mod.n_averaged, _orig_mod.module.*
     report = load_weights(source.state_dict(), wrapped)
     assert_same_logits(wrapped._orig_mod.module, source)
-    assert report.n_averaged_kept == 0 and report.loaded == len(source.state_dict())
+    assert report.n_averaged == 0 and report.loaded == len(source.state_dict())
+    assert "its next update_parameters copies the model over these weights" in str(report)
 
 
 @pytest.mark.parametrize("attribute, preset, make", [("net", None, cbam_resnet18),
@@ -290,7 +296,7 @@ def test_a_lightning_checkpoint_loads_without_its_attribute_prefix(attribute, pr
     assert f"stripped '{attribute}.' (a wrapper module's attribute, such as a LightningModule's)" in str(report)
 
 
-def test_an_attribute_prefix_is_stripped_only_when_every_key_has_it_and_then_fits():
+def test_an_attribute_prefix_is_stripped_only_when_every_key_has_it():
     source = cbam_resnet18(3)
     some = OrderedDict((f"net.{key}" if key.startswith("layer") else key, value)
                        for key, value in source.state_dict().items())
@@ -298,8 +304,9 @@ def test_an_attribute_prefix_is_stripped_only_when_every_key_has_it_and_then_fit
                                          r"missing 'layer1.0.conv1.weight', unexpected 'net.layer1.0.conv1.weight'\)"):
         load_weights(some, cbam_resnet18(7))
     deeper = lightning_checkpoint(cbam.models.resnet34(num_classes=NUM_CLASSES), "net")
-    with pytest.raises(ValueError, match=r"\d+ missing and \d+ unexpected keys \(first: missing 'conv1.weight', "
-                                         r"unexpected 'net.conv1.weight'\)"):
+    with pytest.raises(ValueError, match=r"the state dict \(its 'net.' prefix stripped\) does not fit the model: "
+                                         r"0 missing and 120 unexpected keys \(first: unexpected "
+                                         r"'layer1.2.conv1.weight'\); checkpoint: a ResNet-34 .* model: a ResNet-18"):
         load_weights(deeper, cbam_resnet18(7))
 
 
@@ -473,3 +480,15 @@ def test_timm_light_cbam_resnet_loads_into_a_light_cbam_resnet():
                                          r"torch.Size\(\[1, 1, 7, 7\]\) .* \(a conv over one pooled map is a light "
                                          r"CBAM's: LightCBAM, or pool_types=\('mix',\)"):
         load_weights(theirs.state_dict(), cbam.models.resnet18(num_classes=NUM_CLASSES, preset="timm"))
+
+
+def test_an_attribute_holding_an_averaged_model_is_unwrapped_below_the_prefix():
+    """``self.net = AveragedModel(model)`` in a LightningModule: ``net.module.*`` and ``net.n_averaged``."""
+    averaged = averaged_resnet18()
+    state = OrderedDict((f"net.{key}", value) for key, value in averaged.state_dict().items())
+    model = cbam_resnet18(7)
+    report = load_weights(state, model)
+    assert_same_logits(model, averaged.module)
+    assert report.stripped == ("net.", "module.", "n_averaged") and report.loaded == len(model.state_dict())
+    into = AveragedModel(cbam_resnet18(7))  # and into an AveragedModel: its count comes along
+    assert load_weights(state, into).n_averaged_loaded and int(into.n_averaged) == 3

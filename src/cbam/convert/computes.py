@@ -20,6 +20,10 @@ from torch import nn
 
 SOURCES = {"official": "the official CBAM code", "timm": "timm's CbamModule/LightCbamModule"}
 _POOLS = {"concat": {"avg", "max"}, "mix": {"mix"}}  # the spatial pooling -> the channel pooling it comes with
+_POOLING = {"official": "avg+max pooling", "timm": "avg+max pooling (or, in LightCbamModule, their mix)"}
+_ADVICE = {"official": "preset='official' and no other option",
+           "timm": "preset='timm' and no other option (for LightCbamModule: pool_types=('mix',) and "
+                   "spatial_pool='mix', as LightCBAM has)"}
 
 
 def _differences(module, source: str) -> list[str]:
@@ -56,6 +60,6 @@ def check_computes_as(model: nn.Module, source: str, source_name: str) -> None:
         if isinstance(module, GatePair) and (found := _differences(module, source)):
             raise ValueError(
                 f"{source_name} holds weights of {SOURCES[source]}, which computes with sigmoid gates, the channel "
-                f"gate first, avg+max pooling (mix for timm's light form) and a full conv; {name or 'the model'} "
-                f"computes with {', '.join(found)}: build it with preset={source!r} and no other option (for "
-                "timm's lcbam: LightCBAM), or convert with cbam.convert.from_" + source + " and load_state_dict")
+                f"gate first, {_POOLING[source]} and a full conv; {name or 'the model'} computes with "
+                f"{', '.join(found)}: build it with {_ADVICE[source]}, or convert with cbam.convert.from_{source} "
+                "and load_state_dict to take the weights anyway")

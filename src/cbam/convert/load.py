@@ -18,16 +18,16 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import partial
 from os import PathLike
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from .computes import check_computes_as
 from .layout import PLAIN, Layout, detect
-from .read import describe_stripped, find_state_dict, other_entries, read_file, strip_wrappers
+from .read import Stripped, describe_stripped, find_state_dict, other_entries, read_file, strip_wrappers
 from .rules import OURS_ANCHOR, attention_prefixes, from_official, from_timm, to_official, to_timm
 
 # timm's ResNet "se" slot <-> "cbam" both ways ("auto"): so a dict in ours matches cbam.models directly
@@ -50,7 +50,8 @@ class LoadReport:
     left_at_init: tuple[str, ...]  # the model's keys not loaded: attention absent from the source
     new_head: tuple[str, ...]      # classifier keys left at initialisation (new_head=True, other shape)
     counters: tuple[str, ...]      # BatchNorm num_batches_tracked the source lacks (kept as they were)
-    n_averaged_kept: int | None = None  # the model is an AveragedModel: its n_averaged, kept as it was
+    n_averaged: int | None = None  # the model is an AveragedModel: its n_averaged after the load
+    n_averaged_loaded: bool = False  # ... taken from the source's (an AveragedModel's too), else kept
 
     @property
     def converted(self) -> str | None:
@@ -72,7 +73,8 @@ class LoadReport:
             swap = {"official": " (spatial conv [max, mean] -> [mean, max])"}.get(self.layout.name, "")
             swap = {"official": " (spatial conv [mean, max] -> [max, mean])"}.get(self.target.name, swap)
             done.append(f"converted {self.converted}{swap}")
-        kept = self.left_at_init or self.new_head or self.counters or self.n_averaged_kept is not None
+        kept = self.left_at_init or self.new_head or self.counters or (
+            self.n_averaged is not None and not self.n_averaged_loaded)
         loaded = "loaded" if kept else "loaded strictly"
         done.append(f"{loaded} {self.loaded} tensors into {self.target}")
         lines.append("; ".join(done))
@@ -85,8 +87,12 @@ class LoadReport:
             lines.append(f"new head: {', '.join(self.new_head)} left at initialisation (another shape)")
         if self.counters:
             lines.append(f"{len(self.counters)} BatchNorm batch counters absent from the checkpoint, kept")
-        if self.n_averaged_kept is not None:
-            lines.append(f"the model's AveragedModel 'n_averaged' ({self.n_averaged_kept}) kept: it is no weight")
+        if self.n_averaged_loaded:
+            lines.append(f"AveragedModel's 'n_averaged' ({self.n_averaged}) loaded too: averaging goes on from there")
+        elif self.n_averaged is not None:
+            after = "; its next update_parameters copies the model over these weights" if self.n_averaged == 0 else ""
+            lines.append(f"the model's AveragedModel 'n_averaged' ({self.n_averaged}) kept: the source has none"
+                         f"{after}")
         return "\n".join(lines)
 
 
@@ -185,20 +191,40 @@ def _in_model_layout(state: Mapping[str, Tensor], target: Layout, target_prefixe
         raise ValueError(f"{name} does not fit the model: {error}; checkpoint: {layout}, model: {target}") from None
 
 
-def _without_wrapper_attribute(state: Mapping[str, Tensor], expected: Mapping[str, Tensor],
-                               convert) -> tuple[str, OrderedDict, Layout] | None:
+def _without_wrapper_attribute(state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> Stripped | None:
     """A module that holds the model as an attribute saves its keys under that name: a LightningModule with
     ``self.net = model`` writes ``net.conv1.weight``. Where every key of ``state`` starts with one first
-    component (``"net."``) that no key the model ``expected`` starts with, and without it every key, converted
-    by ``convert`` to the model's layout, is one of the model's: ``("net.", those weights, their layout)``;
-    else ``None``. The caller asks only where ``state``'s own keys do not fit: no other guess is made."""
+    component (``"net."``) that no key the model ``expected`` starts with (so none of them can fit as they
+    are): ``state`` without it, and without the wrappers under it (``self.net = AveragedModel(model)``),
+    ``"net."`` first among ``removed`` (``dropped`` named as in ``state``); else ``None``."""
     prefix = next(iter(state)).partition(".")[0] + "."
     if not all(key.startswith(prefix) and len(key) > len(prefix) for key in state):
         return None
     if any(key.startswith(prefix) for key in expected):
         return None
-    weights, layout = convert(OrderedDict((key[len(prefix):], value) for key, value in state.items()))
-    return (prefix, weights, layout) if all(key in expected for key in weights) else None
+    inner = strip_wrappers(OrderedDict((key[len(prefix):], value) for key, value in state.items()))
+    return Stripped(inner.state, (prefix, *inner.removed), tuple(prefix + key for key in inner.dropped))
+
+
+class _Count(NamedTuple):
+    """An ``AveragedModel``'s ``n_averaged`` across a load: the model's after it (``None``: no AveragedModel),
+    whether it comes from the source, and then the source's tensor in the model's shape and dtype."""
+
+    value: int | None
+    loaded: bool
+    tensor: Tensor | None
+
+
+def _averaged_count(state: Mapping[str, Tensor], stripped: Stripped, own: Mapping[str, Tensor],
+                    own_inner: Stripped) -> _Count:
+    """The ``_Count`` of loading ``state`` (``stripped`` to its inner keys) into a model whose dict is ``own``."""
+    if not own_inner.dropped:
+        return _Count(None, False, None)
+    mine = own[own_inner.dropped[0]]
+    if not stripped.dropped:
+        return _Count(int(mine), False, None)
+    theirs = next(value for key, value in state.items() if key.endswith(stripped.dropped[0]))
+    return _Count(int(theirs), True, theirs.reshape(mine.shape).to(mine.dtype))
 
 
 def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_missing_attention: bool = True,
@@ -229,25 +255,26 @@ def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_mi
         raise TypeError(f"load_weights expects a path or a checkpoint dict, got {type(source).__name__}")
     state, found_entry = find_state_dict(content, name, entry)
     stripped = strip_wrappers(state)
-    removed = stripped.removed
 
     own = model.state_dict()
     # a wrapped model (DataParallel, torch.compile, AveragedModel) matches by its inner names. Into an
     # AveragedModel the weights go to its .module, which is what it computes with; its n_averaged (how many
-    # models it has averaged) is training state no weights file sets, so it is kept and reported, as the
-    # BatchNorm counters are (a source AveragedModel's own n_averaged was dropped by strip_wrappers).
+    # models it has averaged) comes from a source AveragedModel's (resuming SWA: the average goes on), and is
+    # kept and reported where the source has none, as the BatchNorm counters are.
     own_inner = strip_wrappers(own)
     expected = own_inner.state
     own_name = dict(zip(expected, (key for key in own if key not in own_inner.dropped)))
-    n_averaged_kept = int(own[own_inner.dropped[0]]) if own_inner.dropped else None
-    target = detect(expected)
-    target_prefixes = attention_prefixes(as_ours(expected, target), OURS_ANCHOR)
-    convert = partial(_in_model_layout, target=target, target_prefixes=target_prefixes, name=name)
-    weights, layout = convert(stripped.state)
+    weights, layout = _in_model_layout(stripped.state, target := detect(expected),
+                                       attention_prefixes(as_ours(expected, target), OURS_ANCHOR), name)
+    stripped_note = ""
     if any(key not in expected for key in weights):  # never where the keys fit as they are
-        if unwrapped := _without_wrapper_attribute(stripped.state, expected, convert):
-            attribute, weights, layout = unwrapped
-            removed += (attribute,)
+        if (unwrapped := _without_wrapper_attribute(stripped.state, expected)) is not None:
+            stripped = Stripped(unwrapped.state, stripped.removed + unwrapped.removed,
+                                stripped.dropped + unwrapped.dropped)
+            weights, layout = _in_model_layout(stripped.state, target,
+                                               attention_prefixes(as_ours(expected, target), OURS_ANCHOR), name)
+            stripped_note = f" (its {unwrapped.removed[0]!r} prefix stripped)"
+    count = _averaged_count(state, stripped, own, own_inner)
 
     missing = [key for key in expected if key not in weights]
     unexpected = [key for key in weights if key not in expected]
@@ -267,16 +294,19 @@ def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_mi
     missing = [key for key in missing if key not in counters and key not in left_at_init]
     wrong = [item for item in wrong if item[0] not in head]
     if missing or unexpected or wrong:
-        raise ValueError(_mismatch(name, missing, unexpected, wrong, layout, target))
+        raise ValueError(_mismatch(name + stripped_note, missing, unexpected, wrong, layout, target))
     check_computes_as(model, layout.name, name)  # every key fits; the options must too (computes.py)
     weights = OrderedDict((key, value) for key, value in weights.items() if key not in head)
     for key, value in weights.items():  # what the copy would refuse half-way, refused before any copy
         if value.layout != torch.strided or value.is_quantized or value.is_meta:
             kind = "quantized" if value.is_quantized else "meta" if value.is_meta else str(value.layout)
             raise ValueError(f"{name} does not fit the model: {key!r} is a {kind} tensor; expected a dense one")
+    loaded = OrderedDict((own_name[key], value) for key, value in weights.items())
+    if count.loaded:
+        loaded[own_inner.dropped[0]] = count.tensor
     try:
-        model.load_state_dict(OrderedDict((own_name[key], value) for key, value in weights.items()), strict=False)
+        model.load_state_dict(loaded, strict=False)
     except RuntimeError as error:  # other copy failures: one line
         raise ValueError(f"{name} does not fit the model: {str(error).strip().splitlines()[-1].strip()}") from None
-    return LoadReport(name, found_entry, tuple(other_entries(content, found_entry)), removed, layout,
-                      target, len(weights), left_at_init, head, counters, n_averaged_kept)
+    return LoadReport(name, found_entry, tuple(other_entries(content, found_entry)), stripped.removed, layout,
+                      target, len(weights), left_at_init, head, counters, count.value, count.loaded)
