@@ -21,7 +21,7 @@ def register(subparsers) -> None:
                     "ResidualNet, timm's ResNet with attn_layer='cbam', a plain torchvision/timm ResNet) and write OUT "
                     "(.safetensors or .pt) in the --to layout, atomically. With --model the weights are first loaded "
                     "into that model, so a checkpoint that does not fit it is refused (and a LightningModule's "
-                    "attribute prefix, such as net., is stripped where that makes it fit).",
+                    "attribute prefix, such as net., is stripped).",
     )
     parser.add_argument("input", type=Path, metavar="IN", help="checkpoint to read")
     parser.add_argument("output", type=Path, metavar="OUT",

@@ -7,10 +7,10 @@ model loads our checkpoints too), with the attribute holding each CBAM renamed t
 (timm's ``se`` slot vs ``cbam``, where a module holds one CBAM on each side); a model wrapped in
 ``DataParallel``, ``torch.compile`` or ``AveragedModel`` matches by its inner names. A source whose keys all
 start with one attribute name the model's do not (``net.``: a LightningModule's ``self.net``) loads without it
-where that makes every key one of the model's. Then every key must fit, strictly, with three exceptions the
-report lists: the attention of a CBAM model when the source has none (ImageNet backbones), the classifier
-when ``new_head=True`` and its shape differs, and BatchNorm batch counters that old checkpoints lack (and an
-``AveragedModel``'s ``n_averaged``, never loaded: no weight).
+(and without wrappers below it). Then every key must fit, strictly, with three exceptions the report lists:
+the attention of a CBAM model when the source has none (ImageNet backbones), the classifier when
+``new_head=True`` and its shape differs, and BatchNorm batch counters that old checkpoints lack (and an
+``AveragedModel``'s ``n_averaged`` where the source has none: an AveragedModel's loads with its weights).
 """
 
 from __future__ import annotations
