@@ -450,13 +450,19 @@ def test_remove_built_in_cbam_gives_the_plain_cbam_resnet():
         assert torch.equal(model(X), plain(X))
 
 
-def test_remove_a_slot_cbam_that_is_also_hooked():
-    """A selector on a cbam.models block's bn2 stores the CBAM in the block's slot and hooks bn2: both go."""
+def test_a_selection_inside_a_block_with_its_own_slot_is_refused():
+    """A selector on a cbam.models block's bn2 would store the CBAM in the block's ``cbam`` slot, which the block's
+    forward applies, and hook bn2 too: the CBAM ran twice. Refused, the model unchanged; another name works."""
     model = cbam_resnet18(num_classes=10, attention=None).eval()
     original = copy.deepcopy(model)
-    add_cbam(model, selector=lambda name, module: name == "layer1.0.bn2")
-    assert remove_cbam(model) == ["layer1.0.cbam"]
+    with pytest.raises(ValueError, match=r"layer1.0.bn2 is inside a BasicBlock whose forward applies its own 'cbam' "
+                                         r"slot, where a CBAM stored beside layer1.0.bn2 would run twice"):
+        add_cbam(model, selector=lambda name, module: name == "layer1.0.bn2")
     assert model.layer1[0].cbam is None and no_cbam_hooks(model)
+    assert list(model.state_dict()) == list(original.state_dict())
+    add_cbam(model, selector=lambda name, module: name == "layer1.0.bn2", attention_name="att")
+    assert model.layer1[0].cbam is None and len(cbams(model)) == 1
+    assert remove_cbam(model, attention_name="att") == ["layer1.0.att"]
     with torch.no_grad():
         assert torch.equal(model(X), original(X))
 

@@ -204,6 +204,12 @@ def _selected_site(model: nn.Module, name: str, module: nn.Module, channels, att
         raise ValueError(f"add_cbam: {name} already has CBAM applied to its output from an earlier call")
     parent_name = name.rpartition(".")[0]
     parent = model.get_submodule(parent_name)
+    known = _known_block(parent)
+    if known is not None and known.slot == attention_name:
+        raise ValueError(
+            f"add_cbam: {name} is inside a {type(parent).__name__} whose forward applies its own "
+            f"{attention_name!r} slot, where a CBAM stored beside {name} would run twice; pass selector=None (the "
+            "block's slot) or another attention_name")
     if isinstance(parent, _CONTAINERS):
         raise ValueError(
             f"add_cbam: {name} is an item of an nn.{type(parent).__name__}, where a CBAM stored beside it would run "
