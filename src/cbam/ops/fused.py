@@ -589,7 +589,9 @@ def backward_from(grad: Tensor, saved: dict[str, Tensor | None], weights: CbamWe
                  saved["channel_index"])
     if centre is not None:  # the BatchNorm's backward with CBAM's: one pass over x
         dx, d_in_w, d_in_b = passes.batch_norm_input_grad(*gradients, gated, centred, in_mean, in_spread, in_w)
-        return _strides_of(dx.view_as(x), x), d_residual, d_in_w, d_in_b, d_weights
+        # torch's BatchNorm backward (the torch engine's) returns a contiguous dx for a channels-last x, and a
+        # compiled graph asserts the layout the op's fake kernel promised: x's
+        return _laid_out_as(dx.view_as(x), x), d_residual, d_in_w, d_in_b, d_weights
     dx = passes.input_grad(*gradients)
     if "lp" in pooled:
         norm = pooled["lp"].unsqueeze(2)
