@@ -112,3 +112,17 @@ def test_an_explicit_torch_engine_is_not_widened(passes_dtypes, monkeypatch):
     with torch.no_grad():
         assert module(x).dtype == torch.bfloat16
     assert passes_dtypes == [torch.bfloat16]
+
+
+@pytest.mark.parametrize("calibrate", ["1", "0"])
+def test_half_input_into_a_float32_cbam_outside_autocast_runs_fused_either_way(monkeypatch, calibrate):
+    """The reference cannot take bfloat16 into float32 weights (torch's linear refuses mixed dtypes); ``auto``
+    ran it anyway to time it, and raised, where calibration was on. Now fused either way, float64-close."""
+    monkeypatch.setenv("CBAM_CALIBRATE", calibrate)
+    module, oracle = _pair(8, training=False)
+    module.impl = "auto"
+    x = torch.randn(2, 8, 6, 6).bfloat16()
+    with torch.no_grad():
+        got = module(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), oracle(x.double()), rtol=2**-7, atol=2**-7)

@@ -123,11 +123,14 @@ class CBAM(GatePair):
     def _calibrated(self, x: Tensor, residual: Tensor | None, input_norm: Callable | None) -> bool:
         """``calibration.decide`` for a call like ``forward(x, residual, input_norm)``: fused unless timing
         found the reference faster (or the call is not calibrated: ``calibration.applies``; a residual
-        unlike ``x`` is left to ``forward``'s check). Looked up by what the call cheaply tells; the key,
-        the fold check and the runs are built only the first time."""
+        unlike ``x`` is left to ``forward``'s check; an ``x`` of another dtype than the weights outside autocast,
+        bfloat16 into a float32 CBAM, the reference cannot compute at all). Looked up by what the call cheaply
+        tells; the key, the fold check and the runs are built only the first time."""
         if not calibration.applies(x) or (residual is not None and not (
                 isinstance(residual, Tensor) and residual.shape == x.shape and residual.dtype == x.dtype)):
             return True
+        if x.dtype != self.channel_att.fc1.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            return True  # the reference cannot run it (torch's linear refuses mixed dtypes): nothing to time
         grad = torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)
                                             or self.channel_att.fc1.weight.requires_grad)
         quick = (x.shape, x.stride(), x.dtype, grad, residual is not None, type(input_norm),
