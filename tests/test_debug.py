@@ -293,3 +293,18 @@ def test_check_amp_arguments():
         check_amp(nn.Identity(), torch.randn(2, dtype=torch.float64))
     with pytest.raises(ValueError, match="torch.bfloat16 or torch.float16, got torch.float32"):
         check_amp(nn.Identity(), torch.randn(2), dtype=torch.float32)
+
+
+def test_check_amp_compares_the_path_a_plain_call_takes():
+    """Its locating hooks send a CBAM to its reference; the comparison must come from the fused path that an
+    unhooked autocast call runs (bfloat16 conv output into a fused CBAM), computed here by hand."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), cbam.CBAM(16, 4, 3, preset="timm", impl="fused")).eval()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        full = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            amp = model(x).float()
+    expected = float((amp - full).norm() / full.norm())
+    report = check_amp(model, x)
+    assert report.rel_error == pytest.approx(expected, rel=1e-6) and report.first_nonfinite is None

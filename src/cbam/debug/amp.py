@@ -106,9 +106,11 @@ def check_amp(module: nn.Module, *inputs, dtype: torch.dtype | None = None, rtol
 
     ``inputs`` are tensors, float32 where floating (token ids stay integers), and any non-tensor
     arguments; ``dtype`` defaults to bfloat16 on the CPU and float16 on CUDA; ``rtol`` to 5e-2
-    (bfloat16) / 1e-2 (float16). With ``locate``, forward hooks name the first module whose output
-    goes non-finite under autocast. Both runs are gradient-free, in the module's mode and from the
-    same RNG state (the same dropout masks); its buffers and the RNG state are restored afterwards.
+    (bfloat16) / 1e-2 (float16). With ``locate``, one more autocast run with forward hooks on every module
+    names the first whose output goes non-finite (the comparison comes from the run without them: a hooked
+    CBAM runs its reference, not the fused path a plain call takes). Every run is gradient-free, in the
+    module's mode and from the same RNG state (the same dropout masks); its buffers and the RNG state are
+    restored afterwards.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"check_amp expects an nn.Module, got {type(module).__name__}")
@@ -130,14 +132,17 @@ def check_amp(module: nn.Module, *inputs, dtype: torch.dtype | None = None, rtol
 
     with torch.no_grad(), restored_buffers(module), same_rng():
         reference = _flat(module(*inputs))
+    with torch.no_grad(), restored_buffers(module), same_rng(), torch.autocast(device, dtype=dtype):
+        amp = _flat(module(*inputs))  # the path that runs: hooks would send fused CBAMs to their reference
     locator = _FirstNonFinite(module)
-    handles = [m.register_forward_hook(locator) for m in locator.paths] if locate else []
-    try:
-        with torch.no_grad(), restored_buffers(module), same_rng(), torch.autocast(device, dtype=dtype):
-            amp = _flat(module(*inputs))
-    finally:
-        for handle in handles:
-            handle.remove()
+    if locate:
+        handles = [m.register_forward_hook(locator) for m in locator.paths]
+        try:
+            with torch.no_grad(), restored_buffers(module), same_rng(), torch.autocast(device, dtype=dtype):
+                module(*inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
 
     both = torch.isfinite(reference) & torch.isfinite(amp)
     difference = (amp - reference)[both]
