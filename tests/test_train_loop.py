@@ -137,6 +137,12 @@ FOR_EVAL = {  # a change to a checkpoint -> the refusal
     "classes an int": (lambda c: c.update(classes=5), "its 'classes' entry should be a non-empty list of class "
                                                       "names (str), got int 5"),
     "data an int": (lambda c: c["config"].update(data=5), "its config's 'data' should be str, got int 5"),
+    "unknown model": (lambda c: c["config"].update(model="resnet19"),
+                      "its config's 'model' should be one of 'resnet18', 'resnet34', 'resnet50', 'resnet101', "
+                      "'resnet152', got str 'resnet19'"),
+    "unknown preset": (lambda c: c["config"].update(preset="keras"),
+                       "its config's 'preset' should be one of None, 'paper', 'seed', 'timm', 'official', got str "
+                       "'keras'"),
     "model a str": (lambda c: c.update(model="x"), "its 'model' entry should be a state dict, a dict of str -> "
                                                    "tensor, got str 'x'"),
 }

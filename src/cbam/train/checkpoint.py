@@ -19,6 +19,9 @@ from torch import Tensor, nn
 
 from ..atomic import write_atomic
 from ..convert import find_state_dict, load_weights, read_file
+from ..models import RESNETS
+from ..models.resnet import STEMS
+from ..presets import PRESET_NAMES
 
 FORMAT = "cbam-train-1"  # the "format" tag of cbam train's checkpoints
 # The run's settings its checkpoint stores under "config" (what changes a run's trajectory: --resume must keep
@@ -26,6 +29,7 @@ FORMAT = "cbam-train-1"  # the "format" tag of cbam train's checkpoints
 RUN_SETTINGS = {"model": str, "attention": str, "preset": (str, type(None)), "stem": str, "data": str,
                 "image_size": int, "epochs": int, "batch_size": int, "optimizer": str, "lr": (int, float),
                 "weight_decay": (int, float), "seed": int, "amp": bool, "channels_last": bool}
+_MODEL_CHOICES = {"model": RESNETS, "attention": ("cbam", "none"), "preset": (None, *PRESET_NAMES), "stem": STEMS}
 MODEL_ENTRIES = ("config", "classes", "model")  # what rebuilding the trained model takes
 RESUME_ENTRIES = (*MODEL_ENTRIES, "epoch", "optimizer", "scheduler", "scaler", "rng", "history")  # what --resume takes
 _ENTRIES = {  # entry -> (what cbam train writes there, a test of it)
@@ -99,6 +103,10 @@ def check_run_checkpoint(checkpoint: Mapping, path, entries=MODEL_ENTRIES) -> Ma
         if not isinstance(config[key], kind):
             kinds = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
             raise ValueError(f"{name} its config's {key!r} should be {kinds}, got {_describe(config[key])}")
+    for key, choices in _MODEL_CHOICES.items():  # what rebuilding the model reads: refused here, naming the file
+        if config[key] not in choices:
+            raise ValueError(f"{name} its config's {key!r} should be one of {', '.join(map(repr, choices))}, got "
+                             f"{_describe(config[key])}")
     return checkpoint
 
 
