@@ -126,3 +126,71 @@ def test_half_input_into_a_float32_cbam_outside_autocast_runs_fused_either_way(m
         got = module(x)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), oracle(x.double()), rtol=2**-7, atol=2**-7)
+
+
+@pytest.fixture
+def native_reads(monkeypatch):
+    """The dtypes of the ``x`` each one-call C++ forward read."""
+    seen = []
+    real = fused._native_forward
+
+    def recording(passes, x, *args, **kwargs):
+        seen.append(x.dtype)
+        return real(passes, x, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "_native_forward", recording)
+    return seen
+
+
+def _widened(module, x, residual, norm):
+    """The widened computation, spelled out: a float32 copy through the fused path, the output rounded back."""
+    spec, weights = module._fused_inputs()
+    wide_residual = None if residual is None else residual.float()
+    return fused.checked_fused_cbam(x.float(), spec, weights, wide_residual, norm, False).to(x.dtype)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("tail", ["plain", "residual", "fold"])
+@pytest.mark.parametrize("shape", [(3, 12, 5, 7), (2, 40, 9, 9), (1, 33, 3, 17)])
+def test_bfloat16_inference_is_read_as_stored_with_the_widened_bits(native_reads, layout, tail, shape):
+    """No gradient, eval mode: the one-call C++ forward reads and writes bfloat16 itself (no float32 copy), and
+    computes exactly the bits of the widened path (float32 arithmetic on the same values, rounded once)."""
+    channels = shape[1]
+    module, _ = _pair(channels, training=False)
+    norm = _norms(channels, training=False)[0] if tail == "fold" else None
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=generator).bfloat16().contiguous(memory_format=layout)
+    residual = torch.randn(shape, generator=generator).bfloat16() if tail == "residual" else None
+    with torch.no_grad():
+        got = module(x, residual, input_norm=norm)
+        assert native_reads == [torch.bfloat16]
+        want = _widened(module, x, residual, norm)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=layout)
+    assert torch.equal(got, want)
+
+
+def test_bfloat16_special_values_read_as_stored_match_the_widened_path(native_reads):
+    module, _ = _pair(8, training=False)
+    x = torch.randn(2, 8, 6, 6).bfloat16()
+    x[0, 1, 2, 3], x[1, 2, 0, 0], x[1, 3] = float("nan"), float("inf"), -3e38
+    with torch.no_grad():
+        got = module(x)
+        assert native_reads == [torch.bfloat16]
+        want = _widened(module, x, None, None)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+@pytest.mark.parametrize("case", ["training BatchNorms", "folded BatchNorm on batch statistics", "lp pooling",
+                                  "factorized conv", "float16"])
+def test_inference_the_one_call_forward_cannot_take_is_widened(native_reads, case):
+    """Where the forward does not finish in one call, or pools in a pass of its own, or for float16: widened."""
+    options = {"lp pooling": {"pool_types": ("avg", "lp")}, "factorized conv": {"spatial_conv": "factorized"}}
+    torch.manual_seed(0)
+    module = cbam.CBAM(8, 4, 3, preset="timm", impl="fused", **options.get(case, {}))
+    module.train(case == "training BatchNorms")
+    norm = nn.BatchNorm2d(8) if case == "folded BatchNorm on batch statistics" else None
+    x = torch.randn(2, 8, 6, 6).to(torch.float16 if case == "float16" else torch.bfloat16)
+    with torch.no_grad():
+        got = module(x, input_norm=norm)
+    assert got.dtype == x.dtype and torch.bfloat16 not in native_reads

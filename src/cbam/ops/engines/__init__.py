@@ -8,7 +8,8 @@ engine    devices                       dtypes                           layouts
 ========  ============================  ===============================  ==========================
 torch     any                           any floating                     any (copies where needed)
 cpp       cpu                           float32, float64; bf16, fp16     contiguous, channels-last
-                                        on a float32 copy (widened)
+                                        on a float32 copy (widened;
+                                        bf16 inference: as stored)
 triton    cuda (cpu: TRITON_INTERPRET)  float32, float64, bf16, fp16     contiguous, channels-last
 ========  ============================  ===============================  ==========================
 
@@ -17,7 +18,10 @@ float32 and float64, so a bfloat16/float16 CPU input (CPU autocast's convs retur
 computed on a float32 copy of it, its output cast back (``widened_dtype``, applied by the eager fused
 path before it picks an engine; ``select`` itself never widens, so a half input that reaches it runs
 on ``torch``). Worth its two extra passes: the bfloat16 reference runs its convs, MLP and gates in
-bfloat16, which the CPU computes slower than float32 (BENCHMARKS.md, "Thirteenth session").
+bfloat16, which the CPU computes slower than float32 (BENCHMARKS.md, "Thirteenth session"). Where no
+gradient is recorded and the C++ one-call forward computes the whole CBAM (``Engine.infers_as_stored``:
+bfloat16), it reads and writes bfloat16 as stored instead, with float32 arithmetic: no copy, and the
+same bits as the copy gives.
 
 and which extras it computes itself (``Engine.extras``): ``"forward"`` the whole forward in one call,
 ``"spatial-logits"`` the spatial conv of one weight on the gated statistics, ``"spatial-norm"`` the
@@ -84,6 +88,7 @@ class Engine:
     module_name: str
     loader: Callable[[ModuleType], ModuleType | None] = lambda module: module
     widens: frozenset[torch.dtype] = frozenset()  # dtypes computed on a float32 copy of the input
+    infers_as_stored: frozenset[torch.dtype] = frozenset()  # of those, read as stored by its one-call inference
 
     def covers(self, x: Tensor, named: bool = False, widened: bool = True) -> bool:
         """Whether this engine computes the fused CBAM of ``x`` (``named``: ``CBAM_ENGINE`` asked for it;
@@ -118,7 +123,8 @@ ENGINES = {
     "torch": Engine("torch", frozenset({"cpu", "cuda", "mps", "xpu", "meta"}), WIDE_DTYPES | HALF_DTYPES, True,
                     frozenset({"fold"}), ".torch_ops"),
     "cpp": Engine("cpp", frozenset({"cpu"}), WIDE_DTYPES, True, frozenset({"forward", "spatial-backward", "fold"}),
-                  ".cpp", lambda module: module.engine(), widens=HALF_DTYPES),
+                  ".cpp", lambda module: module.engine(), widens=HALF_DTYPES,
+                  infers_as_stored=frozenset({torch.bfloat16})),
     "triton": Engine("triton", frozenset({"cuda"}), WIDE_DTYPES | HALF_DTYPES, True,
                      frozenset({"spatial-logits", "spatial-norm", "spatial-backward", "fold"}), ".triton_ops"),
 }

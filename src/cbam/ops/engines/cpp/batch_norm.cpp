@@ -34,7 +34,7 @@ void moments_row(const scalar_t* row, int64_t S, scalar_t centre, double& sum, d
   constexpr int kParts = sizeof(Values) / sizeof(scalar_t) / kDoubles;  // vectors of doubles per vector of values
   Doubles sums[2] = {}, square_sums[2] = {};
   LaneMaximum<scalar_t> highest(row[0]), lowest(-row[0]);  // the minimum: the maximum of -row
-  scan_row(row, S, [&](Values v, auto positions, auto fresh) {
+  scan_row<scalar_t>(row, S, [&](Values v, auto positions, auto fresh) {
     highest.take(v, positions);
     lowest.take(-v, positions);
     const Values kept = fresh ? v : centre + Values{};  // lanes seen before add 0

@@ -29,20 +29,20 @@ __attribute__((noinline, cold)) void first_nan(int64_t n, Value value, scalar_t&
 }
 
 // Mean, max and (with kIndex) first arg-max of one row of S values norm(row[s]), in one read.
-template <bool kIndex, typename scalar_t, bool kNormed>
-void pool_row(const scalar_t* row, int64_t S, Affine<scalar_t, kNormed> norm, scalar_t& mean, scalar_t& peak,
+template <bool kIndex, typename scalar_t, bool kNormed, typename storage_t>
+void pool_row(const storage_t* row, int64_t S, Affine<scalar_t, kNormed> norm, scalar_t& mean, scalar_t& peak,
               int64_t* index) {
   using Values = typename Lanes<scalar_t>::Values;
   Values sums = {};
-  LaneMaximum<scalar_t, kIndex> highest(norm(row[0]));
-  scan_row(row, S, [&](Values v, auto positions, auto fresh) {
+  LaneMaximum<scalar_t, kIndex> highest(norm(widen(row[0])));
+  scan_row<scalar_t>(row, S, [&](Values v, auto positions, auto fresh) {
     v = norm(v);
     highest.take(v, positions);
     sums += fresh ? v : Values{};
   });
   mean = fold_lanes(sums, [](auto a, auto b) { return a + b; }) / S;
   auto [found, at] = highest.result();
-  if (mean != mean) first_nan(S, [&](int64_t s) { return norm(row[s]); }, found, at);
+  if (mean != mean) first_nan(S, [&](int64_t s) { return norm(widen(row[s])); }, found, at);
   peak = found;
   if constexpr (kIndex) *index = at;
 }
@@ -50,17 +50,13 @@ void pool_row(const scalar_t* row, int64_t S, Affine<scalar_t, kNormed> norm, sc
 // Channel-wise mean, max and (with kIndex) first arg-max of mc[c] * norm[c](x[c, s]) for one block of kBlock
 // vectors of positions of one sample (x points at its first position of channel 0, rows are S apart): sums,
 // maxima and arg-maxima stay in registers while the channels stream by, summed over channels in order.
-template <int kBlock, bool kIndex, typename scalar_t, bool kNormed>
-void gated_block(const scalar_t* x, const scalar_t* mc, InputNorm<scalar_t, kNormed> norm, int64_t C, int64_t S,
+template <int kBlock, bool kIndex, typename scalar_t, bool kNormed, typename storage_t>
+void gated_block(const storage_t* x, const scalar_t* mc, InputNorm<scalar_t, kNormed> norm, int64_t C, int64_t S,
                  scalar_t* mean, scalar_t* peak, int64_t* index) {
   using Values = typename Lanes<scalar_t>::Values;
   using Positions = typename Lanes<scalar_t>::Positions;
-  constexpr int kWidth = sizeof(Values) / sizeof(scalar_t);
-  auto load = [](const scalar_t* at) {
-    Values v;
-    std::memcpy(&v, at, sizeof(Values));
-    return v;
-  };
+  constexpr int kWidth = kLanes<scalar_t>;
+  auto load = [](const storage_t* at) { return load_values<scalar_t>(at); };
   Values sum[kBlock], best[kBlock];
   Positions arg[kBlock];
   for (int j = 0; j < kBlock; ++j) {
@@ -68,7 +64,7 @@ void gated_block(const scalar_t* x, const scalar_t* mc, InputNorm<scalar_t, kNor
     arg[j] = Positions{};
   }
   for (int64_t c = 1; c < C; ++c) {
-    const scalar_t* row = x + c * S;
+    const storage_t* row = x + c * S;
     const auto row_norm = norm[c];
     const Positions channel = static_cast<typename std::remove_reference<decltype(arg[0][0])>::type>(c) +
                               Positions{};
@@ -93,29 +89,29 @@ void gated_block(const scalar_t* x, const scalar_t* mc, InputNorm<scalar_t, kNor
   for (int64_t s = 0; s < kBlock * kWidth; ++s) {  // rare: a NaN sum in the block
     if (mean[s] == mean[s]) continue;
     int64_t at = 0;
-    first_nan(C, [&](int64_t c) { return mc[c] * norm[c](x[c * S + s]); }, peak[s], at);
+    first_nan(C, [&](int64_t c) { return mc[c] * norm[c](widen(x[c * S + s])); }, peak[s], at);
     if constexpr (kIndex) index[s] = peak[s] != peak[s] ? at : index[s];
   }
 }
 
 // The same for the rest positions (fewer than a block) in per-position arrays, still vectorised
 // across positions.
-template <int kBlock, bool kIndex, typename scalar_t, bool kNormed>
-void gated_rest(const scalar_t* x, const scalar_t* mc, InputNorm<scalar_t, kNormed> norm, int64_t C, int64_t S,
+template <int kBlock, bool kIndex, typename scalar_t, bool kNormed, typename storage_t>
+void gated_rest(const storage_t* x, const scalar_t* mc, InputNorm<scalar_t, kNormed> norm, int64_t C, int64_t S,
                 int64_t rest, scalar_t* mean, scalar_t* peak, int64_t* index) {
-  constexpr int kWidth = sizeof(typename Lanes<scalar_t>::Values) / sizeof(scalar_t);
+  constexpr int kWidth = kLanes<scalar_t>;
   scalar_t sum[kBlock * kWidth], best[kBlock * kWidth];
   int32_t arg[kBlock * kWidth];
   for (int64_t t = 0; t < rest; ++t) {
-    sum[t] = best[t] = mc[0] * norm[0](x[t]);
+    sum[t] = best[t] = mc[0] * norm[0](widen(x[t]));
     arg[t] = 0;
   }
   for (int64_t c = 1; c < C; ++c) {
     const scalar_t m = mc[c];
-    const scalar_t* row = x + c * S;
+    const storage_t* row = x + c * S;
     const auto row_norm = norm[c];
     for (int64_t t = 0; t < rest; ++t) {
-      const scalar_t v = m * row_norm(row[t]);
+      const scalar_t v = m * row_norm(widen(row[t]));
       const bool above = v > best[t];
       sum[t] += v;
       best[t] = above ? v : best[t];
@@ -124,7 +120,7 @@ void gated_rest(const scalar_t* x, const scalar_t* mc, InputNorm<scalar_t, kNorm
   }
   for (int64_t t = 0; t < rest; ++t) {
     int64_t at = arg[t];
-    if (sum[t] != sum[t]) first_nan(C, [&](int64_t c) { return mc[c] * norm[c](x[c * S + t]); }, best[t], at);
+    if (sum[t] != sum[t]) first_nan(C, [&](int64_t c) { return mc[c] * norm[c](widen(x[c * S + t])); }, best[t], at);
     mean[t] = sum[t] / C;
     peak[t] = best[t];
     if constexpr (kIndex) index[t] = at;
@@ -137,10 +133,10 @@ void gated_rest(const scalar_t* x, const scalar_t* mc, InputNorm<scalar_t, kNorm
 // positions left over keep them in arrays. Sums run over channels in order either way. Without kIndex
 // (an inference, whose backward never comes) the arg-maxima are not tracked and index is not written:
 // 14-32% of the pass on AVX2, where each select costs a blend, up to 20% on AVX-512.
-template <bool kIndex, typename scalar_t, bool kNormed>
-void gated_chunk(const scalar_t* x, const scalar_t* mc, InputNorm<scalar_t, kNormed> norm, int64_t C, int64_t S,
+template <bool kIndex, typename scalar_t, bool kNormed, typename storage_t>
+void gated_chunk(const storage_t* x, const scalar_t* mc, InputNorm<scalar_t, kNormed> norm, int64_t C, int64_t S,
                  int64_t n, scalar_t* mean, scalar_t* peak, int64_t* index) {
-  constexpr int kWidth = sizeof(typename Lanes<scalar_t>::Values) / sizeof(scalar_t), kBlock = 4;
+  constexpr int kWidth = kLanes<scalar_t>, kBlock = 4;
   int64_t s = 0;
   for (; s + kBlock * kWidth <= n; s += kBlock * kWidth)
     gated_block<kBlock, kIndex>(x + s, mc, norm, C, S, mean + s, peak + s, kIndex ? index + s : nullptr);
@@ -149,8 +145,8 @@ void gated_chunk(const scalar_t* x, const scalar_t* mc, InputNorm<scalar_t, kNor
 
 // Spatial mean, max and first arg-max of every row (b, c) of norm(x), x: (B, C, S): avg, peak, index (B, C);
 // the arg-maxima only where index is not null.
-template <typename scalar_t, bool kNormed>
-void pool_rows(const scalar_t* x, InputNorm<scalar_t, kNormed> norm, int64_t B, int64_t C, int64_t S, scalar_t* avg,
+template <typename scalar_t, bool kNormed, typename storage_t>
+void pool_rows(const storage_t* x, InputNorm<scalar_t, kNormed> norm, int64_t B, int64_t C, int64_t S, scalar_t* avg,
                scalar_t* peak, int64_t* index) {
   at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -172,9 +168,9 @@ inline int64_t channel_blocks(int64_t C) { return (C + kChannelBlock - 1) / kCha
 // one channels-last sample x, y = norm(x): sums, maxima and arg-maxima in arrays along the channels while
 // the rows stream by (the compiler vectorises the channel loop), each channel summed over positions in order.
 // No reassociation (the lanes are channels, no sum needs it): it would fold norm's rounding into the sums.
-template <bool kIndex, typename scalar_t, bool kNormed>
+template <bool kIndex, typename scalar_t, bool kNormed, typename storage_t>
 __attribute__((optimize("no-associative-math")))
-void pool_columns(const scalar_t* x, InputNorm<scalar_t, kNormed> norm, int64_t C, int64_t S, int64_t c0, int64_t n,
+void pool_columns(const storage_t* x, InputNorm<scalar_t, kNormed> norm, int64_t C, int64_t S, int64_t c0, int64_t n,
                   scalar_t* avg, scalar_t* peak, int64_t* index) {
   alignas(64) scalar_t sum[kChannelBlock], best[kChannelBlock];
   alignas(64) int32_t arg[kChannelBlock];
@@ -186,15 +182,15 @@ void pool_columns(const scalar_t* x, InputNorm<scalar_t, kNormed> norm, int64_t 
     return __builtin_fma(v, scale[j], shift[j]);
   };
   for (int64_t j = 0; j < n; ++j) {
-    sum[j] = best[j] = y(j, x[c0 + j]);
+    sum[j] = best[j] = y(j, widen(x[c0 + j]));
     arg[j] = 0;
   }
   for (int64_t s = 1; s < S; ++s) {
-    const scalar_t* __restrict row = x + s * C + c0;
+    const storage_t* __restrict row = x + s * C + c0;
     const int32_t at = static_cast<int32_t>(s);
 #pragma GCC ivdep
     for (int64_t j = 0; j < n; ++j) {
-      const scalar_t v = y(j, row[j]);
+      const scalar_t v = y(j, widen(row[j]));
       const bool above = v > best[j];
       sum[j] += v;
       best[j] = above ? v : best[j];
@@ -206,7 +202,7 @@ void pool_columns(const scalar_t* x, InputNorm<scalar_t, kNormed> norm, int64_t 
     scalar_t found = best[j];
     int64_t at = arg[j];
     avg[c] = sum[j] / S;
-    if (avg[c] != avg[c]) first_nan(S, [&](int64_t s) { return norm[c](x[s * C + c]); }, found, at);
+    if (avg[c] != avg[c]) first_nan(S, [&](int64_t s) { return norm[c](widen(x[s * C + c])); }, found, at);
     peak[c] = found;
     if constexpr (kIndex) index[c] = at;
   }
@@ -214,8 +210,8 @@ void pool_columns(const scalar_t* x, InputNorm<scalar_t, kNormed> norm, int64_t 
 
 // pool_columns of every sample of a channels-last x (B, S rows of C): avg, peak, index (B, C), the
 // arg-maxima only where index is not null; tasks of a sample's channel block.
-template <typename scalar_t, bool kNormed>
-void pool_columns_all(const scalar_t* x, InputNorm<scalar_t, kNormed> norm, int64_t B, int64_t C, int64_t S,
+template <typename scalar_t, bool kNormed, typename storage_t>
+void pool_columns_all(const storage_t* x, InputNorm<scalar_t, kNormed> norm, int64_t B, int64_t C, int64_t S,
                       scalar_t* avg, scalar_t* peak, int64_t* index) {
   const int64_t K = channel_blocks(C);
   at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
@@ -232,21 +228,17 @@ void pool_columns_all(const scalar_t* x, InputNorm<scalar_t, kNormed> norm, int6
 // Channel-wise mean, max and (with kIndex) first arg-max of mc[c] * norm[c](row[c]) over one channels-last
 // row of C values: a vector of channels at a time (lane sums folded at the end), the channels beyond the
 // last whole vector one by one.
-template <bool kIndex, typename scalar_t, bool kNormed>
-void gated_row(const scalar_t* row, const scalar_t* mc, InputNorm<scalar_t, kNormed> norm, int64_t C, scalar_t& mean,
+template <bool kIndex, typename scalar_t, bool kNormed, typename storage_t>
+void gated_row(const storage_t* row, const scalar_t* mc, InputNorm<scalar_t, kNormed> norm, int64_t C, scalar_t& mean,
                scalar_t& peak, int64_t* index) {
   using Values = typename Lanes<scalar_t>::Values;
   using Positions = typename Lanes<scalar_t>::Positions;
   using Position = typename std::remove_reference<decltype(Positions{}[0])>::type;
-  constexpr int kWidth = sizeof(Values) / sizeof(scalar_t);
-  const auto value = [&](int64_t c) { return mc[c] * norm[c](row[c]); };
-  const auto load = [](const scalar_t* at) {
-    Values v;
-    std::memcpy(&v, at, sizeof(Values));
-    return v;
-  };
+  constexpr int kWidth = kLanes<scalar_t>;
+  const auto value = [&](int64_t c) { return mc[c] * norm[c](widen(row[c])); };
+  const auto load = [](const scalar_t* at) { return load_values<scalar_t>(at); };
   const auto values = [&](int64_t c) {
-    Values v = load(row + c);
+    Values v = load_values<scalar_t>(row + c);
     if constexpr (kNormed) v = v * load(norm.scale + c) + load(norm.shift + c);
     return load(mc + c) * v;
   };
@@ -305,8 +297,8 @@ void gated_row(const scalar_t* row, const scalar_t* mc, InputNorm<scalar_t, kNor
 
 // gated_row of n positions of one channels-last sample (x at the first position's row): mean, peak and
 // index (n); the arg-maxima only where index is not null.
-template <typename scalar_t, bool kNormed>
-void gated_rows(const scalar_t* x, const scalar_t* mc, InputNorm<scalar_t, kNormed> norm, int64_t C, int64_t n,
+template <typename scalar_t, bool kNormed, typename storage_t>
+void gated_rows(const storage_t* x, const scalar_t* mc, InputNorm<scalar_t, kNormed> norm, int64_t C, int64_t n,
                 scalar_t* mean, scalar_t* peak, int64_t* index) {
   for (int64_t s = 0; s < n; ++s) {
     if (index)
@@ -319,29 +311,30 @@ void gated_rows(const scalar_t* x, const scalar_t* mc, InputNorm<scalar_t, kNorm
 // The output of n positions of one channels-last sample (rows of C, x at the first position's row):
 // out = y * mc * ms, or relu(y * mc * ms + residual) with residual rows (null without), y = norm(x);
 // rounded as output_row rounds.
-template <typename scalar_t, bool kNormed>
+template <typename scalar_t, bool kNormed, typename storage_t>
 __attribute__((optimize("no-associative-math", "fp-contract=off")))
-void output_rows(const scalar_t* x, InputNorm<scalar_t, kNormed> norm, const scalar_t* mc, const scalar_t* ms,
-                 const scalar_t* residual, int64_t C, int64_t n, scalar_t* out) {
+void output_rows(const storage_t* x, InputNorm<scalar_t, kNormed> norm, const scalar_t* mc, const scalar_t* ms,
+                 const storage_t* residual, int64_t C, int64_t n, storage_t* out) {
   for (int64_t s = 0; s < n; ++s) {
-    const scalar_t* __restrict xs = x + s * C;
-    scalar_t* __restrict os = out + s * C;
+    const storage_t* __restrict xs = x + s * C;
+    storage_t* __restrict os = out + s * C;
     const scalar_t gate = ms[s];
     const auto y = [&](int64_t c) -> scalar_t {
-      if constexpr (!kNormed) return xs[c];
-      if constexpr (std::is_same_v<scalar_t, float>) return __builtin_fmaf(xs[c], norm.scale[c], norm.shift[c]);
-      return __builtin_fma(xs[c], norm.scale[c], norm.shift[c]);
+      const scalar_t v = widen(xs[c]);
+      if constexpr (!kNormed) return v;
+      if constexpr (std::is_same_v<scalar_t, float>) return __builtin_fmaf(v, norm.scale[c], norm.shift[c]);
+      return __builtin_fma(v, norm.scale[c], norm.shift[c]);
     };
     if (residual == nullptr) {
 #pragma GCC ivdep
-      for (int64_t c = 0; c < C; ++c) os[c] = y(c) * mc[c] * gate;
+      for (int64_t c = 0; c < C; ++c) os[c] = narrow<storage_t>(y(c) * mc[c] * gate);
       continue;
     }
-    const scalar_t* __restrict rs = residual + s * C;
+    const storage_t* __restrict rs = residual + s * C;
 #pragma GCC ivdep
     for (int64_t c = 0; c < C; ++c) {
-      const scalar_t v = y(c) * mc[c] * gate + rs[c];
-      os[c] = v < 0 ? scalar_t(0) : v;
+      const scalar_t v = y(c) * mc[c] * gate + widen(rs[c]);
+      os[c] = narrow<storage_t>(v < 0 ? scalar_t(0) : v);
     }
   }
 }
@@ -350,38 +343,42 @@ void output_rows(const scalar_t* x, InputNorm<scalar_t, kNormed> norm, const sca
 // (the residual block's tail; NaN stays NaN as in torch.relu), y = norm(x). Rounded as torch's
 // separate ops round, (y * m) * ms then + residual: no reassociation, no other fused multiply-add
 // than norm's (written as a builtin: under these options no function call would be inlined).
-template <typename scalar_t, bool kNormed>
+template <typename scalar_t, bool kNormed, typename storage_t>
 __attribute__((optimize("no-associative-math", "fp-contract=off")))
-void output_row(const scalar_t* x, Affine<scalar_t, kNormed> norm, scalar_t m, const scalar_t* ms,
-                const scalar_t* residual, int64_t S, scalar_t* out) {
+void output_row(const storage_t* x, Affine<scalar_t, kNormed> norm, scalar_t m, const scalar_t* ms,
+                const storage_t* residual, int64_t S, storage_t* out) {
   const auto y = [&](int64_t s) -> scalar_t {
-    if constexpr (!kNormed) return x[s];
-    if constexpr (std::is_same_v<scalar_t, float>) return __builtin_fmaf(x[s], norm.a, norm.b);
-    return __builtin_fma(x[s], norm.a, norm.b);
+    const scalar_t v = widen(x[s]);
+    if constexpr (!kNormed) return v;
+    if constexpr (std::is_same_v<scalar_t, float>) return __builtin_fmaf(v, norm.a, norm.b);
+    return __builtin_fma(v, norm.a, norm.b);
   };
   if (residual == nullptr) {
-    for (int64_t s = 0; s < S; ++s) out[s] = y(s) * m * ms[s];
+    for (int64_t s = 0; s < S; ++s) out[s] = narrow<storage_t>(y(s) * m * ms[s]);
     return;
   }
   for (int64_t s = 0; s < S; ++s) {
-    const scalar_t v = y(s) * m * ms[s] + residual[s];
-    out[s] = v < 0 ? scalar_t(0) : v;
+    const scalar_t v = y(s) * m * ms[s] + widen(residual[s]);
+    out[s] = narrow<storage_t>(v < 0 ? scalar_t(0) : v);
   }
 }
 
 // The one-call forward's work on the tensors forward() made: x, out (B, C, S), contiguous or (rows_last)
 // channels-last, residual laid out like x or null, mc, avg, peak, channel_index (B, C), mean, speak, spatial_index, logits, ms (B, S); the index
-// pointers null where the arg-maxima are not tracked.
-template <typename scalar_t, typename Norm>
+// pointers null where the arg-maxima are not tracked. x, residual and out hold storage_t (scalar_t, or Bf16).
+template <typename scalar_t, typename storage_t, typename Norm>
 struct OneCall {
-  const scalar_t *x, *conv_w, *residual;
+  const storage_t* x;
+  const scalar_t* conv_w;
+  const storage_t* residual;
   const ChannelMLP<scalar_t>& mlp;
   Norm norm;
   int64_t B, C, S, I;
   const int64_t *size, *kernel;
   bool hard, finish, rows_last;
   double scale, shift;  // the fixed norm of the spatial logits: scale * z + shift
-  scalar_t *out, *ms, *mc, *avg, *peak, *mean, *speak, *logits;
+  storage_t* out;
+  scalar_t *ms, *mc, *avg, *peak, *mean, *speak, *logits;
   int64_t *channel_index, *spatial_index;
 
   // Every sample's pooling, then every sample's MLP in plain loops.
@@ -407,7 +404,7 @@ struct OneCall {
 
   // The rest for sample b: gated statistics, spatial conv, gate and output.
   void rest(int64_t b) const {
-    const scalar_t* xb = x + b * C * S;
+    const storage_t* xb = x + b * C * S;
     const scalar_t* mc_b = mc + b * C;
     scalar_t *mean_b = mean + b * S, *speak_b = speak + b * S;
     at::parallel_for(0, chunks(S), 1, [&](int64_t begin, int64_t end) {
@@ -435,10 +432,10 @@ struct OneCall {
     const scalar_t* logits_b = logits + b * S;
     scalar_t* ms_b = ms + b * S;
     for (int64_t s = 0; s < S; ++s) ms_b[s] = squash(scalar_t(scale) * logits_b[s] + scalar_t(shift), hard);
-    const scalar_t* xb = x + b * C * S;
+    const storage_t* xb = x + b * C * S;
     const scalar_t* mc_b = mc + b * C;
-    scalar_t* ob = out + b * C * S;
-    const scalar_t* rb = residual ? residual + b * C * S : nullptr;
+    storage_t* ob = out + b * C * S;
+    const storage_t* rb = residual ? residual + b * C * S : nullptr;
     if (rows_last) {
       at::parallel_for(0, chunks(S), 1, [&](int64_t begin, int64_t end) {
         for (int64_t k = begin; k < end; ++k) {
@@ -578,8 +575,10 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms
 // With overwrite the output is written over x (each sample's output pass is its last read of it).
 // pooled, where not empty, is (avg, peak, channel_index) computed already (batch_norm_pool).
 // Without indices (an inference) channel_index (unless pooled) and spatial_index come back empty, not computed.
-// x is (B, C, *spatial), contiguous or channels-last. Returns out (shaped and laid out like x), mc, ms,
-// avg, peak, channel_index, mean, speak, spatial_index, logits.
+// x is (B, C, *spatial), contiguous or channels-last; float32 or float64, or bfloat16 (with a bfloat16 residual;
+// the weights and the vectors float32), read and written as stored and computed in float32, where the forward
+// finishes here and pools x itself. Returns out (shaped, laid out and typed like x), mc, ms, avg, peak,
+// channel_index, mean, speak, spatial_index, logits.
 std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, std::vector<double> avg_coef,
                                 std::vector<double> max_coef, const at::Tensor& fc1_w,
                                 const std::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
@@ -600,23 +599,30 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
   const std::pair<double, double> spatial_norm =
       finish ? fixed_norm(norm_weight, norm_bias, running_mean, running_var, eps) : std::pair<double, double>(1, 0);
   check_positions(S);
-  auto vec = [&](int64_t n) { return at::empty({B, n}, x.options()); };
+  const bool half = x.scalar_type() == at::kBFloat16;  // read and written as bfloat16, computed in float
+  const auto compute = x.options().dtype(half ? at::kFloat : x.scalar_type());
+  auto vec = [&](int64_t n) { return at::empty({B, n}, compute); };
   auto idx = [&](int64_t n) { return at::empty({B, n}, x.options().dtype(at::kLong)); };
   at::Tensor out = !finish ? at::empty({0}, x.options()) : overwrite ? x : output_cache::empty_like(x);
-  at::Tensor ms = finish ? vec(S) : at::empty({0}, x.options());
+  at::Tensor ms = finish ? vec(S) : at::empty({0}, compute);
   const bool pool_here = pooled.empty();
+  TORCH_CHECK(!half || (pool_here && finish), "cbam forward: bfloat16 x is read as it is only where the forward "
+              "finishes in one call and pools x itself");
   at::Tensor mc = vec(C), avg = pool_here ? vec(C) : pooled[0], peak = pool_here ? vec(C) : pooled[1];
   at::Tensor channel_index = !pool_here ? pooled[2] : indices ? idx(C) : at::empty({0}, x.options().dtype(at::kLong));
   at::Tensor mean = vec(S), speak = vec(S), logits = vec(S);
   at::Tensor spatial_index = indices ? idx(S) : at::empty({0}, x.options().dtype(at::kLong));
   const bool blas_mlp = (fc1_w.numel() + fc2_w.numel()) > C * S;  // MLP weights outweigh a sample's x
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_forward", [&] {
+  const auto run = [&](auto compute_value, auto storage_value) {
+    using scalar_t = decltype(compute_value);
+    using storage_t = decltype(storage_value);
     const auto mlp = channel_mlp<scalar_t>(avg_coef, max_coef, fc1_w, fc1_b, fc2_w, fc2_b, hard);
     with_input_norm<scalar_t>(input_affine, C, [&](auto norm) {
-      OneCall<scalar_t, decltype(norm)> call{
-          x.data_ptr<scalar_t>(), conv_w.data_ptr<scalar_t>(), data_or_null<scalar_t>(laid_residual), mlp, norm, B, C,
+      OneCall<scalar_t, storage_t, decltype(norm)> call{
+          static_cast<const storage_t*>(x.data_ptr()), conv_w.data_ptr<scalar_t>(),
+          laid_residual ? static_cast<const storage_t*>(laid_residual->data_ptr()) : nullptr, mlp, norm, B, C,
           S, I, size.data(), kernel.data(), hard, finish, rows_last, spatial_norm.first, spatial_norm.second,
-          finish ? out.data_ptr<scalar_t>() : nullptr, finish ? ms.data_ptr<scalar_t>() : nullptr,
+          finish ? static_cast<storage_t*>(out.data_ptr()) : nullptr, finish ? ms.data_ptr<scalar_t>() : nullptr,
           mc.data_ptr<scalar_t>(), avg.data_ptr<scalar_t>(),
           peak.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), speak.data_ptr<scalar_t>(),
           logits.data_ptr<scalar_t>(), channel_index.numel() ? channel_index.data_ptr<int64_t>() : nullptr,
@@ -637,7 +643,11 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
       }
       call.each_sample([&](int64_t b) { call.rest(b); });
     });
-  });
+  };
+  if (half)
+    run(float{}, Bf16{});
+  else
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_forward", [&] { run(scalar_t{}, scalar_t{}); });
   return {out, mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits};
 }
 

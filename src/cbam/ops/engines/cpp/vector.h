@@ -36,6 +36,57 @@ struct Lanes<double> {
   typedef int64_t Positions __attribute__((vector_size(kVectorBytes)));
 };
 
+// bfloat16 as the large tensors may hold it (CPU autocast's convs return it): a float's top 16 bits. The
+// passes compute in float; each value is widened exactly as it is read and narrowed, rounded to nearest
+// even (NaN: a quiet NaN) as torch rounds, as it is written. Other storage types are the compute type.
+// Always inlined: the passes with their own optimize attributes (no reassociation) would call them.
+struct Bf16 {
+  uint16_t bits;
+};
+
+__attribute__((always_inline)) inline float widen(Bf16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.bits) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+template <typename scalar_t>
+__attribute__((always_inline)) inline scalar_t widen(scalar_t v) {
+  return v;
+}
+
+template <typename storage_t, typename scalar_t>
+__attribute__((always_inline)) inline storage_t narrow(scalar_t v) {
+  if constexpr (std::is_same_v<storage_t, Bf16>) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    return Bf16{static_cast<uint16_t>(v != v ? 0x7FC0u : rounded)};
+  } else {
+    return v;
+  }
+}
+
+// The width of a vector of scalar_t, and one read from storage (storage_t: scalar_t, or Bf16 widened).
+template <typename scalar_t>
+constexpr int kLanes = sizeof(typename Lanes<scalar_t>::Values) / sizeof(scalar_t);
+
+template <typename scalar_t, typename storage_t>
+__attribute__((always_inline)) inline typename Lanes<scalar_t>::Values load_values(const storage_t* at) {
+  typename Lanes<scalar_t>::Values v;
+  if constexpr (std::is_same_v<storage_t, Bf16>) {
+    typedef uint16_t Halves __attribute__((vector_size(kVectorBytes / 2)));
+    typedef uint32_t Bits __attribute__((vector_size(kVectorBytes)));
+    Halves halves;
+    std::memcpy(&halves, at, sizeof(halves));
+    const Bits bits = __builtin_convertvector(halves, Bits) << 16;
+    std::memcpy(&v, &bits, sizeof(v));
+  } else {
+    std::memcpy(&v, at, sizeof(v));
+  }
+  return v;
+}
+
 // Lanes kOffset + I... of v, as a vector of that many lanes.
 template <size_t kOffset, typename Vector, size_t... I>
 auto lanes_at(Vector v, std::index_sequence<I...>) {
@@ -60,30 +111,32 @@ auto fold_lanes(Vector v, Combine combine) {
 // vectors, then, where S is no multiple of the width, the row's last vector's worth of values, which
 // overlaps the ones before; a row shorter than a vector comes padded with its first value (at position
 // 0). positions holds each lane's position in the row, fresh marks the lanes not visited before.
-template <typename scalar_t, typename Visit>
-void scan_row(const scalar_t* row, int64_t S, Visit visit) {
+// The row's values are scalar_t, stored as storage_t (scalar_t, or Bf16 widened as read).
+template <typename scalar_t, typename storage_t = scalar_t, typename Visit>
+void scan_row(const storage_t* row, int64_t S, Visit visit) {
   using Values = typename Lanes<scalar_t>::Values;
   using Positions = typename Lanes<scalar_t>::Positions;
   using Position = typename std::remove_reference<decltype(Positions{}[0])>::type;
-  constexpr int kWidth = sizeof(Values) / sizeof(scalar_t);
+  constexpr int kWidth = kLanes<scalar_t>;
   const Positions every = Positions{} - 1;  // a mask of all lanes
   Positions positions;
   for (int l = 0; l < kWidth; ++l) positions[l] = l;
   int64_t s = 0;
   for (; s + kWidth <= S; s += kWidth) {
-    Values v;
-    std::memcpy(&v, row + s, sizeof(Values));
-    visit(v, positions, every);
+    visit(load_values<scalar_t>(row + s), positions, every);
     positions += kWidth;
   }
   if (s == S) return;
-  Values v = row[0] + Values{};
+  Values v = widen(row[0]) + Values{};
   if (S >= kWidth) {
-    std::memcpy(&v, row + S - kWidth, sizeof(Values));
+    v = load_values<scalar_t>(row + S - kWidth);
     positions -= static_cast<Position>(s - (S - kWidth));
     visit(v, positions, positions >= static_cast<Position>(s) + Positions{});
   } else {
-    std::memcpy(&v, row, S * sizeof(scalar_t));
+    if constexpr (std::is_same_v<storage_t, scalar_t>)
+      std::memcpy(&v, row, S * sizeof(scalar_t));
+    else
+      for (int64_t l = 0; l < S; ++l) v[l] = widen(row[l]);
     const Positions inside = positions < static_cast<Position>(S) + Positions{};
     visit(v, inside ? positions : Positions{}, inside);
   }
