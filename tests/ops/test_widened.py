@@ -194,3 +194,16 @@ def test_inference_the_one_call_forward_cannot_take_is_widened(native_reads, cas
     with torch.no_grad():
         got = module(x, input_norm=norm)
     assert got.dtype == x.dtype and torch.bfloat16 not in native_reads
+
+
+def test_a_float32_residual_beside_bfloat16_input_is_widened(native_reads):
+    """``fused_cbam`` takes residuals of another dtype (``CBAM`` refuses them): the widened path adds it in
+    float32; the bfloat16 forward, which reads the residual as bfloat16, is not taken."""
+    module, oracle = _pair(8, training=False)
+    x = torch.randn(2, 8, 6, 6).bfloat16()
+    residual = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        got = fused.fused_cbam(x, *module._fused_inputs(), residual=residual)
+    assert native_reads == [torch.float32] and got.dtype == torch.bfloat16
+    want = oracle(x.double(), residual.double())
+    torch.testing.assert_close(got.double(), want, rtol=2**-7, atol=2**-7)

@@ -492,7 +492,7 @@ def checked_fused_cbam(x: Tensor, spec: FusedSpec, weights: CbamWeights, residua
     inputs = (x, residual, *norm_weights, *weights.flat())
     recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     wide = widened_dtype(x)
-    if wide is not None and (recorded or not _infers_as_stored(x, spec, weights, input_norm)):
+    if wide is not None and (recorded or not _infers_as_stored(x, residual, spec, weights, input_norm)):
         widened_residual = None if residual is None else residual.to(wide)
         return checked_fused_cbam(x.to(wide), spec, weights, widened_residual, input_norm, True).to(x.dtype)
     if recorded:
@@ -503,12 +503,15 @@ def checked_fused_cbam(x: Tensor, spec: FusedSpec, weights: CbamWeights, residua
     return forward_without_saving(x, residual, resolved(spec), weights, input_state, selected, overwrite=inplace)
 
 
-def _infers_as_stored(x: Tensor, spec: FusedSpec, weights: CbamWeights, input_norm: nn.Module | None) -> bool:
-    """Whether the engine for ``x`` computes its inference reading ``x`` as stored (``Engine.infers_as_stored``):
-    its one-call forward, finished there (no spatial norm on batch statistics) and pooling ``x`` itself (no
-    folded BatchNorm on batch statistics, whose statistics take a pass of their own)."""
+def _infers_as_stored(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamWeights,
+                      input_norm: nn.Module | None) -> bool:
+    """Whether the engine for ``x`` computes its inference reading ``x`` (and a residual of its dtype) as stored
+    (``Engine.infers_as_stored``): its one-call forward, finished there (no spatial norm on batch statistics)
+    and pooling ``x`` itself (no folded BatchNorm on batch statistics, whose statistics take a pass of their
+    own)."""
     engine, norm = ENGINES[engine_for(x)], spec.norm
-    return (x.dtype in engine.infers_as_stored and _native_applies(engine, spec, weights)
+    return (x.dtype in engine.infers_as_stored and (residual is None or residual.dtype == x.dtype)
+            and _native_applies(engine, spec, weights)
             and (norm is None or (spatial_gate.is_plain(norm) and not spatial_gate.uses_batch_statistics(norm)))
             and (input_norm is None or not spatial_gate.uses_batch_statistics(input_norm)))
 

@@ -606,8 +606,9 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
   at::Tensor out = !finish ? at::empty({0}, x.options()) : overwrite ? x : output_cache::empty_like(x);
   at::Tensor ms = finish ? vec(S) : at::empty({0}, compute);
   const bool pool_here = pooled.empty();
-  TORCH_CHECK(!half || (pool_here && finish), "cbam forward: bfloat16 x is read as it is only where the forward "
-              "finishes in one call and pools x itself");
+  TORCH_CHECK(!half || (pool_here && finish && (!residual || residual->scalar_type() == at::kBFloat16)),
+              "cbam forward: bfloat16 x is read as it is only where the forward finishes in one call and pools x "
+              "itself, with a bfloat16 residual");
   at::Tensor mc = vec(C), avg = pool_here ? vec(C) : pooled[0], peak = pool_here ? vec(C) : pooled[1];
   at::Tensor channel_index = !pool_here ? pooled[2] : indices ? idx(C) : at::empty({0}, x.options().dtype(at::kLong));
   at::Tensor mean = vec(S), speak = vec(S), logits = vec(S);
