@@ -492,3 +492,10 @@ def test_an_attribute_holding_an_averaged_model_is_unwrapped_below_the_prefix():
     assert report.stripped == ("net.", "module.", "n_averaged") and report.loaded == len(model.state_dict())
     into = AveragedModel(cbam_resnet18(7))  # and into an AveragedModel: its count comes along
     assert load_weights(state, into).n_averaged_loaded and int(into.n_averaged) == 3
+
+
+def test_keys_made_the_same_by_stripping_are_named():
+    state = {"layer1._orig_mod.conv.weight": torch.ones(1), "layer1.conv.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"stripping wrapper prefixes made two keys 'layer1.conv.weight'; the "
+                                         r"checkpoint mixes wrapped and unwrapped names"):
+        strip_wrappers(state)

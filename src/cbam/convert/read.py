@@ -192,7 +192,8 @@ def strip_wrappers(state: Mapping[str, Tensor]) -> Stripped:
         keys = [key.replace("._orig_mod.", ".") for key in keys]
         removed.append("_orig_mod.")
     if len(set(keys)) != len(keys):
-        raise ValueError("stripping wrapper prefixes made two keys the same; the checkpoint mixes wrapped and "
+        twice = next(key for index, key in enumerate(keys) if key in keys[:index])
+        raise ValueError(f"stripping wrapper prefixes made two keys {twice!r}; the checkpoint mixes wrapped and "
                          "unwrapped names")
     return Stripped(OrderedDict(zip(keys, state.values())), tuple(dict.fromkeys(removed)), tuple(dropped))
 
