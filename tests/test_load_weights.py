@@ -242,7 +242,8 @@ def test_an_averaged_model_checkpoint_loads_its_averaged_weights(tmp_path):
         assert report.stripped == ("module.", "n_averaged") and report.loaded == len(model.state_dict())
         assert "stripped 'module.' and AveragedModel's 'n_averaged'; loaded strictly" in str(report)
     stripped = strip_wrappers(nn.DataParallel(averaged).state_dict())  # DDP around SWA: module.n_averaged
-    assert stripped.removed == ("module.", "n_averaged") and stripped.dropped == ("module.n_averaged",)
+    assert stripped.removed == ("module.", "n_averaged") and list(stripped.dropped) == ["module.n_averaged"]
+    assert torch.equal(stripped.dropped["module.n_averaged"], averaged.n_averaged)
     assert list(stripped.state) == list(averaged.module.state_dict())
 
 

@@ -42,15 +42,17 @@ def _norms(channels: int, training: bool):
 
 @pytest.fixture
 def passes_dtypes(monkeypatch):
-    """The dtypes of the ``x`` every engine selection saw (the passes must read float32)."""
+    """The dtypes of the ``x`` every fused forward ran its passes on (with or without saving for backward)."""
     seen = []
-    real = fused.select
 
-    def recording(x):
-        seen.append(x.dtype)
-        return real(x)
+    def recorded(real):
+        def recording(x, *args, **kwargs):
+            seen.append(x.dtype)
+            return real(x, *args, **kwargs)
+        return recording
 
-    monkeypatch.setattr(fused, "select", recording)
+    for name in ("forward_saving", "forward_without_saving"):
+        monkeypatch.setattr(fused, name, recorded(getattr(fused, name)))
     return seen
 
 
@@ -154,10 +156,11 @@ def _widened(module, x, residual, norm):
 @pytest.mark.parametrize("shape", [(3, 12, 5, 7), (2, 40, 9, 9), (1, 33, 3, 17)])
 def test_bfloat16_inference_is_read_as_stored_with_the_widened_bits(native_reads, layout, tail, shape):
     """No gradient, eval mode: the one-call C++ forward reads and writes bfloat16 itself (no float32 copy), and
-    computes exactly the bits of the widened path (float32 arithmetic on the same values, rounded once)."""
+    computes exactly the bits of the widened path (float32 arithmetic on the same values, rounded once), within
+    one bfloat16 rounding of a float64 CBAM."""
     channels = shape[1]
-    module, _ = _pair(channels, training=False)
-    norm = _norms(channels, training=False)[0] if tail == "fold" else None
+    module, oracle = _pair(channels, training=False)
+    norm, norm_oracle = _norms(channels, training=False) if tail == "fold" else (None, None)
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(shape, generator=generator).bfloat16().contiguous(memory_format=layout)
     residual = torch.randn(shape, generator=generator).bfloat16() if tail == "residual" else None
@@ -167,6 +170,10 @@ def test_bfloat16_inference_is_read_as_stored_with_the_widened_bits(native_reads
         want = _widened(module, x, residual, norm)
     assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=layout)
     assert torch.equal(got, want)
+    wide = x.double() if norm_oracle is None else norm_oracle(x.double())
+    expected = oracle(wide, None if residual is None else residual.double())
+    torch.testing.assert_close(got.double(), expected.detach(), rtol=2 * ROUNDING[torch.bfloat16],
+                               atol=2 * ROUNDING[torch.bfloat16])
 
 
 def test_bfloat16_special_values_read_as_stored_match_the_widened_path(native_reads):

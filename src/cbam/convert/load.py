@@ -203,7 +203,8 @@ def _without_wrapper_attribute(state: Mapping[str, Tensor], expected: Mapping[st
     if any(key.startswith(prefix) for key in expected):
         return None
     inner = strip_wrappers(OrderedDict((key[len(prefix):], value) for key, value in state.items()))
-    return Stripped(inner.state, (prefix, *inner.removed), tuple(prefix + key for key in inner.dropped))
+    dropped = {prefix + key: value for key, value in inner.dropped.items()}
+    return Stripped(inner.state, (prefix, *inner.removed), dropped)
 
 
 class _Count(NamedTuple):
@@ -215,15 +216,15 @@ class _Count(NamedTuple):
     tensor: Tensor | None
 
 
-def _averaged_count(state: Mapping[str, Tensor], stripped: Stripped, own: Mapping[str, Tensor],
-                    own_inner: Stripped) -> _Count:
-    """The ``_Count`` of loading ``state`` (``stripped`` to its inner keys) into a model whose dict is ``own``."""
+def _averaged_count(stripped: Stripped, own_inner: Stripped) -> _Count:
+    """The ``_Count`` of loading a source ``stripped`` to its inner keys into a model whose dict, so stripped,
+    is ``own_inner`` (each one's ``n_averaged``, where it has one, among its ``dropped``)."""
     if not own_inner.dropped:
         return _Count(None, False, None)
-    mine = own[own_inner.dropped[0]]
+    mine = next(iter(own_inner.dropped.values()))
     if not stripped.dropped:
         return _Count(int(mine), False, None)
-    theirs = next(value for key, value in state.items() if key.endswith(stripped.dropped[0]))
+    theirs = next(iter(stripped.dropped.values()))
     return _Count(int(theirs), True, theirs.reshape(mine.shape).to(mine.dtype))
 
 
@@ -264,17 +265,17 @@ def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_mi
     own_inner = strip_wrappers(own)
     expected = own_inner.state
     own_name = dict(zip(expected, (key for key in own if key not in own_inner.dropped)))
-    weights, layout = _in_model_layout(stripped.state, target := detect(expected),
-                                       attention_prefixes(as_ours(expected, target), OURS_ANCHOR), name)
+    target = detect(expected)
+    target_prefixes = attention_prefixes(as_ours(expected, target), OURS_ANCHOR)
+    weights, layout = _in_model_layout(stripped.state, target, target_prefixes, name)
     stripped_note = ""
     if any(key not in expected for key in weights):  # never where the keys fit as they are
         if (unwrapped := _without_wrapper_attribute(stripped.state, expected)) is not None:
             stripped = Stripped(unwrapped.state, stripped.removed + unwrapped.removed,
-                                stripped.dropped + unwrapped.dropped)
-            weights, layout = _in_model_layout(stripped.state, target,
-                                               attention_prefixes(as_ours(expected, target), OURS_ANCHOR), name)
+                                {**stripped.dropped, **unwrapped.dropped})
+            weights, layout = _in_model_layout(stripped.state, target, target_prefixes, name)
             stripped_note = f" (its {unwrapped.removed[0]!r} prefix stripped)"
-    count = _averaged_count(state, stripped, own, own_inner)
+    count = _averaged_count(stripped, own_inner)
 
     missing = [key for key in expected if key not in weights]
     unexpected = [key for key in weights if key not in expected]
@@ -303,7 +304,7 @@ def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_mi
             raise ValueError(f"{name} does not fit the model: {key!r} is a {kind} tensor; expected a dense one")
     loaded = OrderedDict((own_name[key], value) for key, value in weights.items())
     if count.loaded:
-        loaded[own_inner.dropped[0]] = count.tensor
+        loaded[next(iter(own_inner.dropped))] = count.tensor
     try:
         model.load_state_dict(loaded, strict=False)
     except RuntimeError as error:  # other copy failures: one line

@@ -159,7 +159,7 @@ def other_entries(content, entry: str | None) -> list[str]:
 class Stripped(NamedTuple):
     state: OrderedDict
     removed: tuple[str, ...]  # the wrapper prefixes removed, e.g. ("module.",), and AveragedModel's "n_averaged"
-    dropped: tuple[str, ...] = ()  # the keys dropped, as they were in the input: ("module.n_averaged",) for DDP(SWA)
+    dropped: Mapping[str, Tensor] = {}  # the keys dropped, as in the input ("module.n_averaged" for DDP(SWA)): values
 
 
 def _is_averaged_model(state: Mapping[str, Tensor]) -> bool:
@@ -175,12 +175,11 @@ def strip_wrappers(state: Mapping[str, Tensor]) -> Stripped:
     anywhere (``torch.compile`` of a submodule puts it mid-key), and without an ``AveragedModel``'s
     ``n_averaged`` where every other key starts with ``module.`` (its count of averaged models: no weight)."""
     check_state_dict(state, "strip_wrappers")
-    state, removed, dropped, prefix = OrderedDict(state), [], [], ""
+    state, removed, dropped, prefix = OrderedDict(state), [], {}, ""
     while state:
         averaged = _is_averaged_model(state)
         if averaged:
-            del state[AVERAGED_COUNT]
-            dropped.append(prefix + AVERAGED_COUNT)
+            dropped[prefix + AVERAGED_COUNT] = state.pop(AVERAGED_COUNT)
         wrapper = next((w for w in WRAPPERS if all(key.startswith(w) for key in state)), None)
         if wrapper is None:
             break
@@ -195,7 +194,7 @@ def strip_wrappers(state: Mapping[str, Tensor]) -> Stripped:
         twice = next(key for index, key in enumerate(keys) if key in keys[:index])
         raise ValueError(f"stripping wrapper prefixes made two keys {twice!r}; the checkpoint mixes wrapped and "
                          "unwrapped names")
-    return Stripped(OrderedDict(zip(keys, state.values())), tuple(dict.fromkeys(removed)), tuple(dropped))
+    return Stripped(OrderedDict(zip(keys, state.values())), tuple(dict.fromkeys(removed)), dropped)
 
 
 def describe_stripped(removed: Sequence[str]) -> str:

@@ -491,34 +491,31 @@ def checked_fused_cbam(x: Tensor, spec: FusedSpec, weights: CbamWeights, residua
     norm_weights = (None, None) if input_norm is None else (input_norm.weight, input_norm.bias)
     inputs = (x, residual, *norm_weights, *weights.flat())
     recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    wide = widened_dtype(x)
-    if wide is not None and (recorded or not _infers_as_stored(x, residual, spec, weights, input_norm)):
+    engine = ENGINES[engine_for(x)]
+    widened = x.dtype in engine.widens
+    if widened and (recorded or not _infers_as_stored(engine, x, residual, spec, weights, input_norm)):
+        wide = widened_dtype(x)
         widened_residual = None if residual is None else residual.to(wide)
         return checked_fused_cbam(x.to(wide), spec, weights, widened_residual, input_norm, True).to(x.dtype)
     if recorded:
         return FusedCBAM.apply(x, residual, spec, input_norm, *norm_weights, *weights.flat())
-    selected = select(x) if wide is None else _as_stored(ENGINES[engine_for(x)])
-    x = _in_layout(selected[0], x)
+    selected = (engine, engine.load())  # select(x)'s engine, or the one that reads a widened dtype as stored
+    x = _in_layout(engine, x)
     input_state = None if input_norm is None else BatchNormState.step(input_norm)
     return forward_without_saving(x, residual, resolved(spec), weights, input_state, selected, overwrite=inplace)
 
 
-def _infers_as_stored(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamWeights,
+def _infers_as_stored(engine: Engine, x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamWeights,
                       input_norm: nn.Module | None) -> bool:
-    """Whether the engine for ``x`` computes its inference reading ``x`` (and a residual of its dtype) as stored
-    (``Engine.infers_as_stored``): its one-call forward, finished there (no spatial norm on batch statistics)
-    and pooling ``x`` itself (no folded BatchNorm on batch statistics, whose statistics take a pass of their
-    own)."""
-    engine, norm = ENGINES[engine_for(x)], spec.norm
+    """Whether ``engine`` (the one for ``x``) computes its inference reading ``x`` (and a residual of its dtype)
+    as stored (``Engine.infers_as_stored``): its one-call forward, finished there (no spatial norm on batch
+    statistics) and pooling ``x`` itself (no folded BatchNorm on batch statistics, whose statistics take a
+    pass of their own)."""
+    norm = spec.norm
     return (x.dtype in engine.infers_as_stored and (residual is None or residual.dtype == x.dtype)
             and _native_applies(engine, spec, weights)
             and (norm is None or (spatial_gate.is_plain(norm) and not spatial_gate.uses_batch_statistics(norm)))
             and (input_norm is None or not spatial_gate.uses_batch_statistics(input_norm)))
-
-
-def _as_stored(engine: Engine) -> tuple[Engine, object]:
-    """``engine`` and its passes, for an input it reads as stored (``select`` gives the torch engine there)."""
-    return engine, engine.load()
 
 
 def forward_without_saving(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamWeights,
