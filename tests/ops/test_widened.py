@@ -1,8 +1,11 @@
-"""bfloat16/float16 CPU input on the C++ engine, computed on a float32 copy (``engines.widened_dtype``): the
-output in the input's dtype and layout, gradients through both casts, the fold and the residual tail, train
-and eval, against a float64 CBAM given the same (rounded) input; the passes see float32 only."""
+"""bfloat16/float16 CPU input on the C++ engine: float16 computed on a float32 copy (``engines.widened_dtype``),
+bfloat16 read and written as stored where the one-call forward applies (``Engine.reads_as_stored``), both in float32
+arithmetic: the output in the input's dtype and layout, gradients, the fold and the residual tail, train and eval,
+against a float64 CBAM given the same (rounded) input, and the as-stored path against the widened one."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -61,6 +64,7 @@ def passes_dtypes(monkeypatch):
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("tail", ["plain", "residual", "fold"])
 def test_half_input_is_computed_in_float32_and_returned_in_its_dtype(passes_dtypes, dtype, layout, training, tail):
+    """float16 on a float32 copy; bfloat16 as stored, but for the backward of a fold on running statistics."""
     channels = 12
     module, oracle = _pair(channels, training)
     norm, norm_oracle = _norms(channels, training) if tail == "fold" else (None, None)
@@ -73,7 +77,8 @@ def test_half_input_is_computed_in_float32_and_returned_in_its_dtype(passes_dtyp
     leaves = [t if t is None else t.detach().clone().requires_grad_() for t in (x, residual)]
     got = module(leaves[0], leaves[1], input_norm=norm)
     (got.double() * upstream).sum().backward()
-    assert set(passes_dtypes) == {torch.float32}
+    as_stored = dtype == torch.bfloat16 and not (tail == "fold" and not training)
+    assert set(passes_dtypes) == {dtype if as_stored else torch.float32}
     assert got.dtype == dtype and got.is_contiguous(memory_format=layout)
 
     wide = [t if t is None else t.detach().double().requires_grad_() for t in (x, residual)]
@@ -154,22 +159,28 @@ def _widened(module, x, residual, norm):
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("tail", ["plain", "residual", "fold"])
 @pytest.mark.parametrize("shape", [(3, 12, 5, 7), (2, 40, 9, 9), (1, 33, 3, 17)])
-def test_bfloat16_inference_is_read_as_stored_with_the_widened_bits(native_reads, layout, tail, shape):
-    """No gradient, eval mode: the one-call C++ forward reads and writes bfloat16 itself (no float32 copy), and
-    computes exactly the bits of the widened path (float32 arithmetic on the same values, rounded once), within
-    one bfloat16 rounding of a float64 CBAM."""
+@pytest.mark.parametrize("training", [False, True])
+def test_bfloat16_inference_is_read_as_stored_with_the_widened_bits(native_reads, layout, tail, shape, training):
+    """No gradient: the C++ passes read and write bfloat16 themselves (no float32 copy), in eval mode and in
+    training mode (BatchNorms on batch statistics: the spatial one, and the fold's, which pools in a pass of its
+    own), and compute exactly the bits of the widened path (float32 arithmetic on the same values, rounded once)
+    and the same running statistics, within one bfloat16 rounding of a float64 CBAM."""
     channels = shape[1]
-    module, oracle = _pair(channels, training=False)
-    norm, norm_oracle = _norms(channels, training=False) if tail == "fold" else (None, None)
+    module, oracle = _pair(channels, training)
+    norm, norm_oracle = _norms(channels, training) if tail == "fold" else (None, None)
+    twin, twin_norm = copy.deepcopy(module), copy.deepcopy(norm)
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(shape, generator=generator).bfloat16().contiguous(memory_format=layout)
     residual = torch.randn(shape, generator=generator).bfloat16() if tail == "residual" else None
     with torch.no_grad():
         got = module(x, residual, input_norm=norm)
         assert native_reads == [torch.bfloat16]
-        want = _widened(module, x, residual, norm)
+        want = _widened(twin, x, residual, twin_norm)
     assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=layout)
     assert torch.equal(got, want)
+    for kept, twin_kept in zip([*module.buffers(), *(norm.buffers() if norm else [])],
+                               [*twin.buffers(), *(twin_norm.buffers() if twin_norm else [])]):
+        assert torch.equal(kept, twin_kept)
     wide = x.double() if norm_oracle is None else norm_oracle(x.double())
     expected = oracle(wide, None if residual is None else residual.double())
     torch.testing.assert_close(got.double(), expected.detach(), rtol=2 * ROUNDING[torch.bfloat16],
@@ -188,19 +199,65 @@ def test_bfloat16_special_values_read_as_stored_match_the_widened_path(native_re
     assert torch.equal(got.nan_to_num(), want.nan_to_num())
 
 
-@pytest.mark.parametrize("case", ["training BatchNorms", "folded BatchNorm on batch statistics", "lp pooling",
-                                  "factorized conv", "float16"])
-def test_inference_the_one_call_forward_cannot_take_is_widened(native_reads, case):
-    """Where the forward does not finish in one call, or pools in a pass of its own, or for float16: widened."""
+@pytest.mark.parametrize("case", ["lp pooling", "factorized conv", "float16"])
+@pytest.mark.parametrize("training", [False, True])
+def test_input_the_one_call_forward_cannot_take_is_widened(native_reads, case, training):
+    """Where the C++ one-call forward does not apply (other pooling, a conv chain), or for float16: widened, with
+    a gradient or without."""
     options = {"lp pooling": {"pool_types": ("avg", "lp")}, "factorized conv": {"spatial_conv": "factorized"}}
     torch.manual_seed(0)
-    module = cbam.CBAM(8, 4, 3, preset="timm", impl="fused", **options.get(case, {}))
-    module.train(case == "training BatchNorms")
-    norm = nn.BatchNorm2d(8) if case == "folded BatchNorm on batch statistics" else None
-    x = torch.randn(2, 8, 6, 6).to(torch.float16 if case == "float16" else torch.bfloat16)
-    with torch.no_grad():
-        got = module(x, input_norm=norm)
+    module = cbam.CBAM(8, 4, 3, preset="timm", impl="fused", **options.get(case, {})).train(training)
+    x = torch.randn(2, 8, 6, 6).to(torch.float16 if case == "float16" else torch.bfloat16).requires_grad_(training)
+    got = module(x)
+    if training:
+        got.float().sum().backward()
+        assert x.grad.dtype == x.dtype
     assert got.dtype == x.dtype and torch.bfloat16 not in native_reads
+
+
+def _trained(module, norm, x, residual, upstream, widened: bool):
+    """The output and every gradient (input, residual, CBAM's and the norm's parameters) of one backward of
+    ``upstream``: through the module, or through the widened path spelled out."""
+    leaves = [t if t is None else t.detach().clone().requires_grad_() for t in (x, residual)]
+    if widened:
+        spec, weights = module._fused_inputs()
+        wide_residual = None if residual is None else leaves[1].float()
+        got = fused.checked_fused_cbam(leaves[0].float(), spec, weights, wide_residual, norm, False).to(x.dtype)
+    else:
+        got = module(leaves[0], leaves[1], input_norm=norm)
+    (got.float() * upstream).sum().backward()
+    params = [*module.parameters(), *(norm.parameters() if norm is not None else [])]
+    return got, [t.grad for t in leaves if t is not None], [p.grad for p in params]
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("tail", ["plain", "residual", "fold", "fold and residual"])
+@pytest.mark.parametrize("shape", [(3, 12, 5, 7), (2, 40, 9, 9), (1, 33, 3, 17)])
+def test_bfloat16_training_is_read_as_stored_and_matches_the_widened_path(passes_dtypes, layout, tail, shape):
+    """Training: forward and backward passes read x, the residual and the gradient as bfloat16 and write the
+    output, the input and residual gradients as bfloat16. The output has the widened path's bits; the gradients
+    its values up to float32 summation order (the vectorised sums group lanes otherwise), then one rounding."""
+    channels = shape[1]
+    module, _ = _pair(channels, training=True)
+    norm = _norms(channels, training=True)[0] if tail.startswith("fold") else None
+    twin, twin_norm = copy.deepcopy(module), copy.deepcopy(norm)
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=generator).bfloat16().contiguous(memory_format=layout)
+    residual = torch.randn(shape, generator=generator).bfloat16() if tail.endswith("residual") else None
+    upstream = torch.randn(shape, generator=generator).bfloat16().float()
+
+    got, got_inputs, got_params = _trained(module, norm, x, residual, upstream, widened=False)
+    assert set(passes_dtypes) == {torch.bfloat16}
+    want, want_inputs, want_params = _trained(twin, twin_norm, x, residual, upstream, widened=True)
+    assert torch.equal(got, want) and got.is_contiguous(memory_format=layout)
+    for found, expected in zip(got_inputs, want_inputs):  # one bfloat16 step apart at most (2 roundings)
+        assert found.dtype == torch.bfloat16
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(found.float(), expected.float(), rtol=2 * ROUNDING[torch.bfloat16],
+                                   atol=1e-5 * scale)
+    for found, expected in zip(got_params, want_params):
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_a_float32_residual_beside_bfloat16_input_is_widened(native_reads):

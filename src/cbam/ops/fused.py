@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from .. import functional, hooks
 from . import spatial_gate
 from .batch_norm_state import BatchNormState
-from .engines import ENGINES, Engine, engine_for, is_channels_last_view, select, widened_dtype
+from .engines import ENGINES, Engine, engine_for, is_channels_last_view, widened_dtype
 
 NATIVE_POOLS = {"avg": (1.0, 0.0), "max": (0.0, 1.0), "mix": (0.5, 0.5)}  # (mean, max) coefficients
 
@@ -486,36 +486,35 @@ def checked_fused_cbam(x: Tensor, spec: FusedSpec, weights: CbamWeights, residua
                        input_norm: nn.Module | None, inplace: bool) -> Tensor:
     """``fused_cbam`` where ``input_norm`` is known to fold (``CBAM.forward`` checked it). An input the engine
     widens (``engines.widened_dtype``) is computed on a wider copy (which the output may overwrite) and the
-    output cast back to ``x``'s dtype, autograd carrying the gradients through both casts; except in an
-    inference the engine's one-call forward computes reading ``x`` as stored (``_infers_as_stored``)."""
+    output cast back to ``x``'s dtype, autograd carrying the gradients through both casts; except where the
+    engine's passes read and write it as stored (``_reads_as_stored``)."""
     norm_weights = (None, None) if input_norm is None else (input_norm.weight, input_norm.bias)
     inputs = (x, residual, *norm_weights, *weights.flat())
     recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     engine = ENGINES[engine_for(x)]
-    widened = x.dtype in engine.widens
-    if widened and (recorded or not _infers_as_stored(engine, x, residual, spec, weights, input_norm)):
+    if x.dtype in engine.widens and not _reads_as_stored(engine, x, residual, spec, weights, input_norm, recorded):
         wide = widened_dtype(x)
         widened_residual = None if residual is None else residual.to(wide)
         return checked_fused_cbam(x.to(wide), spec, weights, widened_residual, input_norm, True).to(x.dtype)
     if recorded:
-        return FusedCBAM.apply(x, residual, spec, input_norm, *norm_weights, *weights.flat())
+        return FusedCBAM.apply(x, residual, spec, input_norm, engine, *norm_weights, *weights.flat())
     selected = (engine, engine.load())  # select(x)'s engine, or the one that reads a widened dtype as stored
     x = _in_layout(engine, x)
     input_state = None if input_norm is None else BatchNormState.step(input_norm)
     return forward_without_saving(x, residual, resolved(spec), weights, input_state, selected, overwrite=inplace)
 
 
-def _infers_as_stored(engine: Engine, x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamWeights,
-                      input_norm: nn.Module | None) -> bool:
-    """Whether ``engine`` (the one for ``x``) computes its inference reading ``x`` (and a residual of its dtype)
-    as stored (``Engine.infers_as_stored``): its one-call forward, finished there (no spatial norm on batch
-    statistics) and pooling ``x`` itself (no folded BatchNorm on batch statistics, whose statistics take a
-    pass of their own)."""
-    norm = spec.norm
-    return (x.dtype in engine.infers_as_stored and (residual is None or residual.dtype == x.dtype)
-            and _native_applies(engine, spec, weights)
-            and (norm is None or (spatial_gate.is_plain(norm) and not spatial_gate.uses_batch_statistics(norm)))
-            and (input_norm is None or not spatial_gate.uses_batch_statistics(input_norm)))
+def _reads_as_stored(engine: Engine, x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamWeights,
+                     input_norm: nn.Module | None, recorded: bool) -> bool:
+    """Whether ``engine`` (the one for ``x``) computes this CBAM, forward and backward, reading ``x`` (and a
+    residual and a gradient of its dtype) as stored (``Engine.reads_as_stored``): where its one-call forward
+    applies (avg/max/mix pooling, one spatial conv weight), whose passes are the ones that read it so. Not for
+    the backward of a folded BatchNorm on running statistics: torch's, which ends it, would take CBAM's input
+    gradient rounded to ``x``'s dtype (its weight's and bias's gradients off by that rounding; widened, float32)."""
+    if recorded and input_norm is not None and not spatial_gate.uses_batch_statistics(input_norm):
+        return False
+    return (x.dtype in engine.reads_as_stored and (residual is None or residual.dtype == x.dtype)
+            and _native_applies(engine, spec, weights))
 
 
 def forward_without_saving(x: Tensor, residual: Tensor | None, spec: FusedSpec, weights: CbamWeights,
@@ -627,12 +626,13 @@ def backward_from(grad: Tensor, saved: dict[str, Tensor | None], weights: CbamWe
 
 class FusedCBAM(torch.autograd.Function):
     """``out = y * Ms(y)``, ``y = x * Mc(x)`` for ``x: (B, C, *spatial)``, or ``relu(out + residual)``
-    with a residual; see the module docstring. ``weights`` are ``CbamWeights.flat()``."""
+    with a residual, on the passes of ``engine`` (the one for ``x``); see the module docstring. ``weights``
+    are ``CbamWeights.flat()``."""
 
     @staticmethod
-    def forward(ctx, x, residual, spec: FusedSpec, input_norm, in_w, in_b, *flat_weights):
-        selected = select(x)
-        x = _in_layout(selected[0], x)
+    def forward(ctx, x, residual, spec: FusedSpec, input_norm, engine: Engine, in_w, in_b, *flat_weights):
+        selected = (engine, engine.load())
+        x = _in_layout(engine, x)
         input_state = None if input_norm is None else BatchNormState.step(input_norm)
         out, saved, ctx.plan = forward_saving(x, residual, resolved(spec), CbamWeights.from_flat(flat_weights),
                                               input_state, selected)
@@ -650,7 +650,7 @@ class FusedCBAM(torch.autograd.Function):
         with autocast_off(grad.device.type):  # a backward called under autocast: as the forward
             dx, d_residual, d_in_w, d_in_b, d_weights = backward_from(grad, saved, weights, ctx.plan)
         d_in_w, d_in_b = (g if present else None for g, present in zip((d_in_w, d_in_b), ctx.has_in))
-        return (dx, d_residual, None, None, d_in_w, d_in_b, *d_weights)
+        return (dx, d_residual, None, None, None, d_in_w, d_in_b, *d_weights)
 
 
 def _pool_coefficients(spec: FusedSpec) -> list[list[float]]:

@@ -88,7 +88,7 @@ class Engine:
     module_name: str
     loader: Callable[[ModuleType], ModuleType | None] = lambda module: module
     widens: frozenset[torch.dtype] = frozenset()  # dtypes computed on a float32 copy of the input
-    infers_as_stored: frozenset[torch.dtype] = frozenset()  # of those, read as stored by its one-call inference
+    reads_as_stored: frozenset[torch.dtype] = frozenset()  # of those, read as stored where its one-call forward is
 
     def covers(self, x: Tensor, named: bool = False, widened: bool = True) -> bool:
         """Whether this engine computes the fused CBAM of ``x`` (``named``: ``CBAM_ENGINE`` asked for it;
@@ -124,7 +124,7 @@ ENGINES = {
                     frozenset({"fold"}), ".torch_ops"),
     "cpp": Engine("cpp", frozenset({"cpu"}), WIDE_DTYPES, True, frozenset({"forward", "spatial-backward", "fold"}),
                   ".cpp", lambda module: module.engine(), widens=HALF_DTYPES,
-                  infers_as_stored=frozenset({torch.bfloat16})),
+                  reads_as_stored=frozenset({torch.bfloat16})),
     "triton": Engine("triton", frozenset({"cuda"}), WIDE_DTYPES | HALF_DTYPES, True,
                      frozenset({"spatial-logits", "spatial-norm", "spatial-backward", "fold"}), ".triton_ops"),
 }

@@ -27,13 +27,13 @@ void add_part(Vector v, Centre centre, Doubles* sums, Doubles* squares) {
 // What a BatchNorm on the batch's statistics needs of one row of S values, in one read: the sums of
 // row[s] - centre and of its square, in double (centre, a value of the channel, keeps them exact
 // enough), and the row's first minimum and maximum with their positions.
-template <typename scalar_t>
-void moments_row(const scalar_t* row, int64_t S, scalar_t centre, double& sum, double& squares,
+template <typename scalar_t, typename storage_t>
+void moments_row(const storage_t* row, int64_t S, scalar_t centre, double& sum, double& squares,
                  std::pair<scalar_t, int64_t>& low, std::pair<scalar_t, int64_t>& high) {
   using Values = typename Lanes<scalar_t>::Values;
   constexpr int kParts = sizeof(Values) / sizeof(scalar_t) / kDoubles;  // vectors of doubles per vector of values
   Doubles sums[2] = {}, square_sums[2] = {};
-  LaneMaximum<scalar_t> highest(row[0]), lowest(-row[0]);  // the minimum: the maximum of -row
+  LaneMaximum<scalar_t> highest(widen(row[0])), lowest(-widen(row[0]));  // the minimum: the maximum of -row
   scan_row<scalar_t>(row, S, [&](Values v, auto positions, auto fresh) {
     highest.take(v, positions);
     lowest.take(-v, positions);
@@ -52,18 +52,14 @@ void moments_row(const scalar_t* row, int64_t S, scalar_t centre, double& sum, d
 // moments_row for the channels of one vector of one channels-last sample, x at its first row (rows C apart),
 // centres (one per lane): sums and squares in vectors of doubles, maxima and minima with their first
 // positions, all in registers while the rows stream by.
-template <typename scalar_t>
-void moments_vector(const scalar_t* x, int64_t C, int64_t S, const scalar_t* centres, double* sums, double* squares,
+template <typename scalar_t, typename storage_t>
+void moments_vector(const storage_t* x, int64_t C, int64_t S, const scalar_t* centres, double* sums, double* squares,
                     std::pair<scalar_t, int64_t>* low, std::pair<scalar_t, int64_t>* high) {
   using Values = typename Lanes<scalar_t>::Values;
   using Positions = typename Lanes<scalar_t>::Positions;
   using Position = typename std::remove_reference<decltype(Positions{}[0])>::type;
   constexpr int kWidth = sizeof(Values) / sizeof(scalar_t), kParts = kWidth / kDoubles;
-  const auto load = [](const scalar_t* at) {
-    Values v;
-    std::memcpy(&v, at, sizeof(Values));
-    return v;
-  };
+  const auto load = [](const auto* at) { return load_values<scalar_t>(at); };
   const Values centre_values = load(centres);
   const auto half = std::make_index_sequence<kDoubles>{};
   const Doubles centre[2] = {__builtin_convertvector(lanes_at<0>(centre_values, half), Doubles),
@@ -91,8 +87,8 @@ void moments_vector(const scalar_t* x, int64_t C, int64_t S, const scalar_t* cen
 // moments_row for channels c0 .. c0 + n - 1 (n <= kBlock) of one channels-last sample x (S rows of C),
 // centres (n) the channels' centres: sums, squares (n), minima and maxima with their positions (n), in
 // arrays along the channels while the rows stream by (the channels beyond moments_vector's whole vectors).
-template <int64_t kBlock, typename scalar_t>
-void moments_columns(const scalar_t* x, int64_t C, int64_t S, int64_t c0, int64_t n, const scalar_t* centres,
+template <int64_t kBlock, typename scalar_t, typename storage_t>
+void moments_columns(const storage_t* x, int64_t C, int64_t S, int64_t c0, int64_t n, const scalar_t* centres,
                      double* sums, double* squares, std::pair<scalar_t, int64_t>* low,
                      std::pair<scalar_t, int64_t>* high) {
   alignas(64) double sum[kBlock], square[kBlock], centre[kBlock];
@@ -101,21 +97,21 @@ void moments_columns(const scalar_t* x, int64_t C, int64_t S, int64_t c0, int64_
   for (int64_t j = 0; j < n; ++j) {
     centre[j] = centres[j];
     sum[j] = square[j] = 0;
-    lowest[j] = highest[j] = x[c0 + j];
+    lowest[j] = highest[j] = widen(x[c0 + j]);
     low_at[j] = high_at[j] = 0;
   }
   for (int64_t s = 0; s < S; ++s) {
-    const scalar_t* __restrict row = x + s * C + c0;
+    const storage_t* __restrict row = x + s * C + c0;
     const int32_t at = static_cast<int32_t>(s);
 #pragma GCC ivdep
     for (int64_t j = 0; j < n; ++j) {  // two loops over the row's block (in L1): each vectorises, one would not
-      const double d = static_cast<double>(row[j]) - centre[j];
+      const double d = static_cast<double>(widen(row[j])) - centre[j];
       sum[j] += d;
       square[j] += d * d;
     }
 #pragma GCC ivdep
     for (int64_t j = 0; j < n; ++j) {
-      const scalar_t v = row[j];
+      const scalar_t v = widen(row[j]);
       const bool above = v > highest[j], below = v < lowest[j];
       highest[j] = above ? v : highest[j];
       high_at[j] = above ? at : high_at[j];
@@ -133,10 +129,11 @@ void moments_columns(const scalar_t* x, int64_t C, int64_t S, int64_t c0, int64_
 
 // batch_norm_pool's work, by row and by channel: x (B, C, S), contiguous or (rows_last) channels-last; per row (b, c) the sums and squares of
 // moments_row, the maximum and its position (peak, index: then the pooled ones) and the minimum;
-// per channel the statistics (mean, var, invstd) and the map (scale, shift); avg (B, C) the pooling.
-template <typename scalar_t>
+// per channel the statistics (mean, var, invstd) and the map (scale, shift); avg (B, C) the pooling. x holds
+// storage_t (scalar_t, or Bf16 widened as read).
+template <typename scalar_t, typename storage_t>
 struct FoldedPool {
-  const scalar_t* x;
+  const storage_t* x;
   int64_t B, C, S;
   bool rows_last;
   double eps;
@@ -151,7 +148,7 @@ struct FoldedPool {
   // The value channel c's moments are taken about: its first, or 0 where that is infinite (x - inf would
   // make every sum NaN, where torch's mean is the channel's sum over the count: inf).
   scalar_t centre(int64_t c) const {
-    const scalar_t first = x[rows_last ? c : c * S];
+    const scalar_t first = widen(x[rows_last ? c : c * S]);
     return std::isinf(first) ? scalar_t(0) : first;
   }
 
@@ -170,7 +167,7 @@ struct FoldedPool {
     std::pair<scalar_t, int64_t> high[kColumns];
     for (int64_t j = 0; j < n; ++j) centres[j] = centre(c0 + j);
     const int64_t r = b * C + c0;
-    const scalar_t* sample = x + b * S * C;
+    const storage_t* sample = x + b * S * C;
     constexpr int64_t kWidth = sizeof(typename Lanes<scalar_t>::Values) / sizeof(scalar_t);
     int64_t j = 0;
     for (; j + kWidth <= n; j += kWidth)
@@ -245,20 +242,23 @@ std::vector<at::Tensor> batch_norm_pool(const at::Tensor& x, const std::optional
   const bool rows_last = channels_last(x);
   const auto wide = x.options().dtype(at::kDouble), positions = x.options().dtype(at::kLong);
   auto sums = at::empty({B, C}, wide), squares = at::empty({B, C}, wide);
-  auto avg = at::empty({B, C}, x.options()), peak = at::empty({B, C}, x.options());
+  const auto compute = compute_options(x);
+  auto avg = at::empty({B, C}, compute), peak = at::empty({B, C}, compute);
   auto index = at::empty({B, C}, positions);
-  auto mean = at::empty({C}, x.options()), var = at::empty({C}, x.options()), invstd = at::empty({C}, x.options());
-  auto affine = at::empty({2, C}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_batch_norm_pool", [&] {
+  auto mean = at::empty({C}, compute), var = at::empty({C}, compute), invstd = at::empty({C}, compute);
+  auto affine = at::empty({2, C}, compute);
+  with_storage(x, [&](auto compute_value, auto storage_value) {
+    using scalar_t = decltype(compute_value);
+    using storage_t = decltype(storage_value);
     std::vector<std::pair<scalar_t, int64_t>> minima(B * C);
     scalar_t* scale = affine.data_ptr<scalar_t>();
-    const FoldedPool<scalar_t> fold{x.data_ptr<scalar_t>(), B, C, S, rows_last, eps, data_or_null<scalar_t>(weight),
+    const FoldedPool<scalar_t, storage_t> fold{data_as<const storage_t>(x), B, C, S, rows_last, eps, data_or_null<scalar_t>(weight),
                                     data_or_null<scalar_t>(bias), sums.data_ptr<double>(),
                                     squares.data_ptr<double>(), minima.data(), avg.data_ptr<scalar_t>(),
                                     peak.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(),
                                     invstd.data_ptr<scalar_t>(), scale, scale + C, index.data_ptr<int64_t>()};
     if (rows_last) {
-      constexpr int64_t kColumns = FoldedPool<scalar_t>::kColumns;
+      constexpr int64_t kColumns = FoldedPool<scalar_t, storage_t>::kColumns;
       const int64_t K = (C + kColumns - 1) / kColumns;
       at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {

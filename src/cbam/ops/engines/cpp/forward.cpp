@@ -536,13 +536,16 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms
   const bool rows_last = channels_last(x);
   const std::optional<at::Tensor> laid_residual =
       residual ? std::optional<at::Tensor>(laid_out_as(*residual, x)) : std::nullopt;
+  if (residual) check_stored_as(x, *residual, "apply", "residual");
   auto out = output_cache::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_apply", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
+  with_storage(x, [&](auto compute_value, auto storage_value) {
+    using scalar_t = decltype(compute_value);
+    using storage_t = decltype(storage_value);
+    const storage_t* xp = data_as<const storage_t>(x);
     const scalar_t* mp = mc.data_ptr<scalar_t>();
     const scalar_t* sp = ms.data_ptr<scalar_t>();
-    const scalar_t* rp = data_or_null<scalar_t>(laid_residual);
-    scalar_t* op = out.data_ptr<scalar_t>();
+    const storage_t* rp = data_or_null<storage_t>(laid_residual);
+    storage_t* op = data_as<storage_t>(out);
     with_input_norm<scalar_t>(input_affine, C, [&](auto norm) {
       if (rows_last) {
         const int64_t K = chunks(S);
@@ -576,8 +579,7 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms
 // pooled, where not empty, is (avg, peak, channel_index) computed already (batch_norm_pool).
 // Without indices (an inference) channel_index (unless pooled) and spatial_index come back empty, not computed.
 // x is (B, C, *spatial), contiguous or channels-last; float32 or float64, or bfloat16 (with a bfloat16 residual;
-// the weights and the vectors float32), read and written as stored and computed in float32, where the forward
-// finishes here and pools x itself. Returns out (shaped, laid out and typed like x), mc, ms, avg, peak,
+// the weights and the vectors float32), read and written as stored and computed in float32. Returns out (shaped, laid out and typed like x), mc, ms, avg, peak,
 // channel_index, mean, speak, spatial_index, logits.
 std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, std::vector<double> avg_coef,
                                 std::vector<double> max_coef, const at::Tensor& fc1_w,
@@ -599,16 +601,13 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
   const std::pair<double, double> spatial_norm =
       finish ? fixed_norm(norm_weight, norm_bias, running_mean, running_var, eps) : std::pair<double, double>(1, 0);
   check_positions(S);
-  const bool half = x.scalar_type() == at::kBFloat16;  // read and written as bfloat16, computed in float
-  const auto compute = x.options().dtype(half ? at::kFloat : x.scalar_type());
+  if (residual) check_stored_as(x, *residual, "forward", "residual");
+  const auto compute = compute_options(x);
   auto vec = [&](int64_t n) { return at::empty({B, n}, compute); };
   auto idx = [&](int64_t n) { return at::empty({B, n}, x.options().dtype(at::kLong)); };
   at::Tensor out = !finish ? at::empty({0}, x.options()) : overwrite ? x : output_cache::empty_like(x);
   at::Tensor ms = finish ? vec(S) : at::empty({0}, compute);
   const bool pool_here = pooled.empty();
-  TORCH_CHECK(!half || (pool_here && finish && (!residual || residual->scalar_type() == at::kBFloat16)),
-              "cbam forward: bfloat16 x is read as it is only where the forward finishes in one call and pools x "
-              "itself, with a bfloat16 residual");
   at::Tensor mc = vec(C), avg = pool_here ? vec(C) : pooled[0], peak = pool_here ? vec(C) : pooled[1];
   at::Tensor channel_index = !pool_here ? pooled[2] : indices ? idx(C) : at::empty({0}, x.options().dtype(at::kLong));
   at::Tensor mean = vec(S), speak = vec(S), logits = vec(S);
@@ -620,10 +619,10 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
     const auto mlp = channel_mlp<scalar_t>(avg_coef, max_coef, fc1_w, fc1_b, fc2_w, fc2_b, hard);
     with_input_norm<scalar_t>(input_affine, C, [&](auto norm) {
       OneCall<scalar_t, storage_t, decltype(norm)> call{
-          static_cast<const storage_t*>(x.data_ptr()), conv_w.data_ptr<scalar_t>(),
-          laid_residual ? static_cast<const storage_t*>(laid_residual->data_ptr()) : nullptr, mlp, norm, B, C,
+          data_as<const storage_t>(x), conv_w.data_ptr<scalar_t>(), data_or_null<storage_t>(laid_residual), mlp,
+          norm, B, C,
           S, I, size.data(), kernel.data(), hard, finish, rows_last, spatial_norm.first, spatial_norm.second,
-          finish ? static_cast<storage_t*>(out.data_ptr()) : nullptr, finish ? ms.data_ptr<scalar_t>() : nullptr,
+          finish ? data_as<storage_t>(out) : nullptr, finish ? ms.data_ptr<scalar_t>() : nullptr,
           mc.data_ptr<scalar_t>(), avg.data_ptr<scalar_t>(),
           peak.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), speak.data_ptr<scalar_t>(),
           logits.data_ptr<scalar_t>(), channel_index.numel() ? channel_index.data_ptr<int64_t>() : nullptr,
@@ -645,10 +644,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
       call.each_sample([&](int64_t b) { call.rest(b); });
     });
   };
-  if (half)
-    run(float{}, Bf16{});
-  else
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_forward", [&] { run(scalar_t{}, scalar_t{}); });
+  with_storage(x, run);
   return {out, mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits};
 }
 

@@ -25,6 +25,8 @@
 #include <optional>
 #include <vector>
 
+#include "vector.h"
+
 namespace output_cache {  // output_cache.cpp
 at::Tensor empty_like(const at::Tensor& x);
 void set_limit(size_t bytes);
@@ -126,10 +128,38 @@ inline void check_positions(int64_t S) {
   TORCH_CHECK(S < std::numeric_limits<int32_t>::max(), "cbam: at most 2^31 - 1 positions per sample, got ", S);
 }
 
+// A tensor's data as T (a storage type: Bf16 for bfloat16).
+template <typename T>
+T* data_as(const at::Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+
 // An optional tensor's data (a residual, a centre), or null without one.
-template <typename scalar_t>
-const scalar_t* data_or_null(const std::optional<at::Tensor>& t) {
-  return t ? t->data_ptr<scalar_t>() : nullptr;
+template <typename T>
+const T* data_or_null(const std::optional<at::Tensor>& t) {
+  return t ? data_as<const T>(*t) : nullptr;
+}
+
+// Runs work(scalar_t{}, storage_t{}) for the large tensor x's dtype: float32 and float64 computed and stored as
+// themselves, bfloat16 stored as Bf16 (widened as read, narrowed as written) and computed in float.
+template <typename Work>
+void with_storage(const at::Tensor& x, Work work) {
+  if (x.scalar_type() == at::kBFloat16) {
+    work(float{}, Bf16{});
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_pass", [&] { work(scalar_t{}, scalar_t{}); });
+}
+
+// Checks that t (a gradient, an output) has the large tensor x's dtype, as the passes read both as one storage type.
+inline void check_stored_as(const at::Tensor& x, const at::Tensor& t, const char* pass, const char* name) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "cbam: ", pass, " reads ", name, " in x's dtype ", x.scalar_type(),
+              ", got ", t.scalar_type());
+}
+
+// The options of the vectors the passes compute for the large tensor x: x's, float32 for bfloat16.
+inline at::TensorOptions compute_options(const at::Tensor& x) {
+  return x.options().dtype(x.scalar_type() == at::kBFloat16 ? at::kFloat : x.scalar_type());
 }
 
 // The gate: sigmoid, or hard-sigmoid relu6(z + 3) / 6.
