@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .model_spec import add_model_arguments, model_from_args
+from .model_spec import add_model_arguments, add_prefix_argument, model_from_args
 
 TARGETS = ("cbam", "timm", "official")
 TIMM_MLP_BIASES = ("channel.fc1.bias", "channel.fc2.bias")  # timm's CbamModule(mlp_bias=True) only
@@ -32,6 +32,7 @@ def register(subparsers) -> None:
     add_model_arguments(parser)
     parser.set_defaults(model=None)
     parser.add_argument("--entry", default=None, help="take the state dict from this entry (e.g. state_dict_ema)")
+    add_prefix_argument(parser)
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parser.set_defaults(run=run)
 
@@ -44,11 +45,10 @@ def run(args: argparse.Namespace) -> int:
         find_state_dict,
         load_weights,
         read_file,
-        strip_wrappers,
         to_official,
         to_timm,
     )
-    from ..convert.read import describe_stripped
+    from ..convert.read import describe_stripped, unwrap
     from ..convert.write import check_weights_path, save_weights
 
     out = check_destination(check_weights_path(args.output), inputs=(args.input,))
@@ -58,12 +58,12 @@ def run(args: argparse.Namespace) -> int:
     content = read_file(args.input)
     if args.model is not None:
         model = model_from_args(args)
-        report = load_weights(content, model, entry=args.entry, source_name=source)
+        report = load_weights(content, model, entry=args.entry, prefix=args.prefix, source_name=source)
         print(report)
         state, layout = model.state_dict(), report.target  # the model's layout, converted below
     else:
         found, entry = find_state_dict(content, source, args.entry)
-        stripped = strip_wrappers(found)
+        stripped = unwrap(found, source, args.prefix)
         layout = detect(stripped.state)
         done = [describe_stripped(stripped.removed)] if stripped.removed else []
         print(f"{args.input}: {layout}" + (f" under {entry!r}" if entry else "") + "".join(f"; {d}" for d in done))

@@ -11,7 +11,14 @@ import json
 from pathlib import Path
 
 from ..tables import format_table
-from .model_spec import MAX_BATCH, MAX_IMAGE_SIDE, add_model_arguments, int_range, model_from_args
+from .model_spec import (
+    MAX_BATCH,
+    MAX_IMAGE_SIDE,
+    add_model_arguments,
+    add_prefix_argument,
+    int_range,
+    model_from_args,
+)
 
 
 def register(subparsers) -> None:
@@ -26,6 +33,7 @@ def register(subparsers) -> None:
                         help="OUT/checkpoint.pt of a cbam train run, or other weights with --model and --data")
     add_model_arguments(parser)
     parser.set_defaults(model=None, num_classes=None)
+    add_prefix_argument(parser)
     parser.add_argument("--data", default=None, help="test data (default: the data the checkpoint was trained on)")
     parser.add_argument("--image-size", type=int_range(1, MAX_IMAGE_SIDE), default=64,
                         help="side of imagefolder images with --model")
@@ -53,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         check_run_checkpoint(checkpoint, args.checkpoint)
         config, classes = checkpoint["config"], tuple(checkpoint["classes"])
         model = model_for(config, len(classes))
-        report = load_weights(checkpoint["model"], model, allow_missing_attention=False, source_name=source)
+        report = load_weights(checkpoint["model"], model, prefix=args.prefix, allow_missing_attention=False,
+                              source_name=source)
         data = args.data or config["data"]
         split = load_split(data, False, image_size=config["image_size"])
     else:
@@ -68,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
                              f"model's outputs must be its classes")
         args.num_classes = len(classes)
         model = model_from_args(args)
-        report = load_weights(checkpoint, model, allow_missing_attention=False, source_name=source)
+        report = load_weights(checkpoint, model, prefix=args.prefix, allow_missing_attention=False,
+                              source_name=source)
     if split.classes != classes:
         raise ValueError(f"--data {data}: its classes {list(split.classes)} differ from the checkpoint's "
                          f"{list(classes)}")

@@ -46,6 +46,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, default=1000)
 
 
+def add_prefix_argument(parser: argparse.ArgumentParser) -> None:
+    """``--prefix``: ``load_weights``'s ``prefix=``."""
+    parser.add_argument("--prefix", default=None,
+                        help="load only the checkpoint's keys under this prefix, stripped (ema or net of a "
+                             "LightningModule holding self.net and self.ema = AveragedModel(net))")
+
+
 def add_preset_argument(parser: argparse.ArgumentParser) -> None:
     """``--preset``, one of the names in ``cbam.presets.PRESETS``."""
     parser.add_argument("--preset", default=None, choices=PRESET_NAMES, help="CBAM preset")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..viz.image import MIN_SIDE
-from .model_spec import add_model_arguments, int_range, model_from_args
+from .model_spec import add_model_arguments, add_prefix_argument, int_range, model_from_args
 
 MAX_SIDE = 4096  # --size: larger inputs take minutes and gigabytes, and draw nothing more
 
@@ -24,6 +24,7 @@ def register(subparsers) -> None:
                         help="weights in any layout cbam convert reads (cbam, official, timm; .pt or .safetensors), "
                              "converted to the model's; a cbam train checkpoint brings its own model settings "
                              "(--model, --attention, --preset, --stem, --num-classes are then ignored)")
+    add_prefix_argument(parser)
     parser.add_argument("--image", type=Path, required=True, help="any image Pillow reads")
     parser.add_argument("--size", type=int_range(MIN_SIDE, MAX_SIDE), default=224,
                         help="side of the square model input (default 224)")
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = model_from_args(args)
     if weights is not None:  # attention left at initialisation would draw nothing learnt: strict
-        print(load_weights(weights, model, allow_missing_attention=False,
+        print(load_weights(weights, model, prefix=args.prefix, allow_missing_attention=False,
                            source_name=f"checkpoint {str(args.checkpoint)!r}"))
     model.eval()
     heatmaps = {}

@@ -7,10 +7,11 @@ model loads our checkpoints too), with the attribute holding each CBAM renamed t
 (timm's ``se`` slot vs ``cbam``, where a module holds one CBAM on each side); a model wrapped in
 ``DataParallel``, ``torch.compile`` or ``AveragedModel`` matches by its inner names. A source whose keys all
 start with one attribute name the model's do not (``net.``: a LightningModule's ``self.net``) loads without it
-(and without wrappers below it). Then every key must fit, strictly, with three exceptions the report lists:
-the attention of a CBAM model when the source has none (ImageNet backbones), the classifier when
-``new_head=True`` and its shape differs, and BatchNorm batch counters that old checkpoints lack (and an
-``AveragedModel``'s ``n_averaged`` where the source has none: an AveragedModel's loads with its weights).
+(and without wrappers below it); ``prefix=`` picks one where there are several (``self.net`` and
+``self.ema``). Then every key must fit, strictly, with three exceptions the report lists: the attention
+of a CBAM model when the source has none (ImageNet backbones), the classifier when ``new_head=True`` and
+its shape differs, and BatchNorm batch counters that old checkpoints lack (and an ``AveragedModel``'s
+``n_averaged`` where the source has none: an AveragedModel's loads with its weights).
 """
 
 from __future__ import annotations
@@ -27,7 +28,17 @@ from torch import Tensor, nn
 
 from .computes import check_computes_as
 from .layout import PLAIN, Layout, detect
-from .read import Stripped, describe_stripped, find_state_dict, other_entries, read_file, strip_wrappers
+from .read import (
+    Stripped,
+    describe_stripped,
+    find_state_dict,
+    listed,
+    other_entries,
+    read_file,
+    strip_wrappers,
+    top_prefixes,
+    unwrap,
+)
 from .rules import OURS_ANCHOR, attention_prefixes, from_official, from_timm, to_official, to_timm
 
 # timm's ResNet "se" slot <-> "cbam" both ways ("auto"): so a dict in ours matches cbam.models directly
@@ -165,15 +176,31 @@ def _maps_hint(key: str, found: Tensor, expected: Tensor) -> str:
             "spatial_pool='mix'; over two maps, CBAM's)")
 
 
-def _mismatch(source: str, missing, unexpected, wrong_shapes, layout: Layout, target: Layout) -> str:
-    """One line: the first wrong-shape key, the missing/unexpected counts with the first of each, the layouts."""
-    parts = []
+def _prefix_hint(state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> str:
+    """Where every key of ``state`` sits under one of several top-level prefixes the model's keys (``expected``)
+    lack, and some of the model's keys under some of them (a LightningModule's ``self.net`` and ``self.ema``):
+    which, and the ``prefix=`` that picks each; else ``""``."""
+    prefixes = top_prefixes(state)
+    if len(prefixes) < 2 or any("." not in key for key in state) or set(prefixes) & set(top_prefixes(expected)):
+        return ""
+    fitting = [prefix for prefix in prefixes if not unwrap(state, "", prefix).state.keys().isdisjoint(expected)]
+    if not fitting:
+        return ""
+    picks = " or ".join(f"prefix={prefix!r}" for prefix in fitting)
+    return (f"its keys sit under the prefixes {listed(prefixes)}, which the model's keys lack: pick one with "
+            f"{picks} (--prefix on the command line)")
+
+
+def _mismatch(source: str, missing, unexpected, wrong_shapes, layout: Layout, target: Layout, hint: str) -> str:
+    """One line: the ``hint`` where there is one (``_prefix_hint``), else the first wrong-shape key and the
+    missing/unexpected counts with the first of each; the layouts."""
+    parts = [hint] if hint else []
     if wrong_shapes:
         key, found, expected = wrong_shapes[0]
         more = f" (and {len(wrong_shapes) - 1} more)" if len(wrong_shapes) > 1 else ""
         parts.append(f"size mismatch for {key}: found {found.shape} in the checkpoint, expected {expected.shape}{more}"
                      f"{_maps_hint(key, found, expected)}")
-    if missing or unexpected:
+    if (missing or unexpected) and not hint:
         first = ", ".join(f"{kind} {keys[0]!r}" for kind, keys in (("missing", missing), ("unexpected", unexpected))
                           if keys)
         parts.append(f"{len(missing)} missing and {len(unexpected)} unexpected keys (first: {first})")
@@ -228,8 +255,9 @@ def _averaged_count(stripped: Stripped, own_inner: Stripped) -> _Count:
     return _Count(int(theirs), True, theirs.reshape(mine.shape).to(mine.dtype))
 
 
-def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_missing_attention: bool = True,
-                 new_head: bool = False, source_name: str | None = None) -> LoadReport:
+def load_weights(source, model: nn.Module, *, entry: str | None = None, prefix: str | None = None,
+                 allow_missing_attention: bool = True, new_head: bool = False,
+                 source_name: str | None = None) -> LoadReport:
     """Load ``source`` (a path or a checkpoint dict) into ``model`` in place; returns a ``LoadReport``.
 
     ``source``: ``.pt/.pth/.pth.tar/.bin`` (``torch.load(weights_only=True)``) or ``.safetensors``, or
@@ -237,6 +265,11 @@ def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_mi
     ``state_dict``, ``model``, ``state_dict_ema``, ``model_ema``, ``module``, else the top level.
     Layouts: ours, the official code's ``ResidualNet``, timm's ResNet with ``attn_layer="cbam"``,
     a plain ResNet (torchvision's or timm's); converted to the model's layout.
+
+    ``prefix``: load only the keys under it (a trailing ``.`` added where missing), without it; for a
+    LightningModule holding ``self.net = model`` and ``self.ema = AveragedModel(model)``, ``"ema"`` loads
+    the EMA weights (and its ``n_averaged`` into an ``AveragedModel``), ``"net"`` the raw ones. A prefix
+    no key has raises ``ValueError`` naming the prefixes the state dict has.
 
     ``allow_missing_attention``: a source without any CBAM loads into a CBAM model with every
     attention key left at its initialisation (listed in ``report.left_at_init``); ``False`` refuses.
@@ -255,7 +288,7 @@ def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_mi
     else:
         raise TypeError(f"load_weights expects a path or a checkpoint dict, got {type(source).__name__}")
     state, found_entry = find_state_dict(content, name, entry)
-    stripped = strip_wrappers(state)
+    stripped = unwrap(state, name, prefix)
 
     own = model.state_dict()
     # a wrapped model (DataParallel, torch.compile, AveragedModel) matches by its inner names. Into an
@@ -268,13 +301,13 @@ def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_mi
     target = detect(expected)
     target_prefixes = attention_prefixes(as_ours(expected, target), OURS_ANCHOR)
     weights, layout = _in_model_layout(stripped.state, target, target_prefixes, name)
-    stripped_note = ""
+    stripped_note = "" if prefix is None else f" (its keys under {stripped.removed[0]!r})"
     if any(key not in expected for key in weights):  # never where the keys fit as they are
         if (unwrapped := _without_wrapper_attribute(stripped.state, expected)) is not None:
             stripped = Stripped(unwrapped.state, stripped.removed + unwrapped.removed,
                                 {**stripped.dropped, **unwrapped.dropped})
             weights, layout = _in_model_layout(stripped.state, target, target_prefixes, name)
-            stripped_note = f" (its {unwrapped.removed[0]!r} prefix stripped)"
+            stripped_note += f" (its {unwrapped.removed[0]!r} prefix stripped)"
     count = _averaged_count(stripped, own_inner)
 
     missing = [key for key in expected if key not in weights]
@@ -295,7 +328,8 @@ def load_weights(source, model: nn.Module, *, entry: str | None = None, allow_mi
     missing = [key for key in missing if key not in counters and key not in left_at_init]
     wrong = [item for item in wrong if item[0] not in head]
     if missing or unexpected or wrong:
-        raise ValueError(_mismatch(name + stripped_note, missing, unexpected, wrong, layout, target))
+        raise ValueError(_mismatch(name + stripped_note, missing, unexpected, wrong, layout, target,
+                                   "" if prefix is not None else _prefix_hint(state, expected)))
     check_computes_as(model, layout.name, name)  # every key fits; the options must too (computes.py)
     weights = OrderedDict((key, value) for key, value in weights.items() if key not in head)
     for key, value in weights.items():  # what the copy would refuse half-way, refused before any copy

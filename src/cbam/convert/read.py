@@ -9,7 +9,8 @@ weights (the official ``train_imagenet.py``: ``{'epoch', 'arch', 'state_dict', '
 'optimizer'}``; timm's ``train.py``: ``state_dict`` and ``state_dict_ema``; ``cbam train``:
 ``model``; Lightning's ``.ckpt``: ``state_dict``). ``strip_wrappers`` removes ``module.`` (``DataParallel``/DDP)
 and ``_orig_mod.`` (``torch.compile``) from the keys, and ``torch.optim.swa_utils.AveragedModel``'s (SWA, EMA)
-``module.`` with its ``n_averaged`` counter; ``describe_stripped`` says what was removed in words.
+``module.`` with its ``n_averaged`` counter; ``unwrap`` does so below a prefix the caller names (``ema.`` of a
+LightningModule holding the model and its EMA); ``describe_stripped`` says what was removed in words.
 """
 
 from __future__ import annotations
@@ -195,6 +196,38 @@ def strip_wrappers(state: Mapping[str, Tensor]) -> Stripped:
         raise ValueError(f"stripping wrapper prefixes made two keys {twice!r}; the checkpoint mixes wrapped and "
                          "unwrapped names")
     return Stripped(OrderedDict(zip(keys, state.values())), tuple(dict.fromkeys(removed)), dropped)
+
+
+def top_prefixes(keys) -> list[str]:
+    """The first components of the dotted ``keys`` (``"net"`` of ``"net.conv1.weight"``), once each, in order."""
+    return list(dict.fromkeys(key.partition(".")[0] for key in keys if "." in key))
+
+
+def listed(names: Sequence[str], shown: int = 5) -> str:
+    """``"'net', 'ema'"``; past ``shown`` names, ``", ... (N in all)"``."""
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(map(repr, names[:shown])) + more
+
+
+def unwrap(state: Mapping[str, Tensor], source: str, prefix: str | None = None) -> Stripped:
+    """``strip_wrappers(state)``; with ``prefix`` (``"ema"``: a LightningModule's ``self.ema``; a trailing ``.``
+    added where missing), of only the keys under it, without it (first among ``removed``). ``ValueError`` naming
+    the top-level prefixes ``state`` has where no key is under ``prefix``; ``source`` names it."""
+    if prefix is None:
+        return strip_wrappers(state)
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix expects a str such as 'ema', got {type(prefix).__name__}")
+    if prefix.strip(".") == "":
+        raise ValueError(f"prefix expects a key prefix such as 'ema', got {prefix!r}")
+    prefix = prefix if prefix.endswith(".") else f"{prefix}."
+    taken = OrderedDict((key[len(prefix):], value) for key, value in state.items()
+                        if key.startswith(prefix) and len(key) > len(prefix))
+    if not taken:
+        found = top_prefixes(state)
+        found = f"its keys sit under {listed(found)}" if found else "none of its keys has a prefix"
+        raise ValueError(f"{source} has no keys under the prefix {prefix!r}: {found}")
+    inner = strip_wrappers(taken)
+    return inner._replace(removed=(prefix, *inner.removed))
 
 
 def describe_stripped(removed: Sequence[str]) -> str:
