@@ -217,6 +217,30 @@ def test_autocast_bfloat16_is_close_to_float32(preset):
     assert ((got.float() - want).norm() / want.norm()).item() < 2e-2
 
 
+@pytest.mark.parametrize("impl", ["reference", "auto", "fused"])
+@pytest.mark.parametrize("dims", DIMS)
+@pytest.mark.parametrize("preset", [None, "official"])
+@pytest.mark.parametrize(("autocast", "dtype"), [(torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)])
+def test_half_input_of_the_other_half_type_under_cpu_autocast(autocast, dtype, preset, dims, impl):
+    """CPU autocast's ``cat``/``stack`` refuse a half dtype other than its own, which crashed the reference's
+    pooling. The output and input gradient keep ``x``'s dtype and stay close to the naive float64 CBAM."""
+    module = make(preset, dims, dtype=torch.float32, impl=impl).eval()
+    x = torch.randn(shape(dims)).to(dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=autocast):
+        got = module(x)
+    grad = torch.randn(got.shape, dtype=torch.float64)
+    got.backward(grad.to(dtype))
+    x64 = x.detach().double().requires_grad_()
+    bn = module.double().spatial_att.bn
+    norm = None if bn is None else (
+        lambda z: naive.batch_norm_eval(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps))
+    want = naive.cbam(x64, **weights(module), norm=norm, pool_types=module.channel_att.pool_types)
+    want.backward(grad)
+    assert got.dtype == x.grad.dtype == dtype
+    for half, exact in [(got, want), (x.grad, x64.grad)]:
+        assert ((half.double() - exact).norm() / exact.norm()).item() < 2e-2
+
+
 def test_torch_compile_matches_eager():
     module = make("official", 2, channels=32, kernel=7, dtype=torch.float32).eval()
     x = torch.randn(2, 32, 9, 9)

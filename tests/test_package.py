@@ -1,5 +1,6 @@
 """The package itself: a light import and the public names other code relies on."""
 
+import os
 import subprocess
 import sys
 
@@ -26,3 +27,21 @@ def test_tools_load_on_first_use():
             "assert callable(cbam.viz.capture_attention) and callable(cbam.debug.trace_shapes) "
             "and callable(cbam.profile.cost)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ctrl_c_while_the_command_imports_torch_is_one_line(tmp_path):
+    """Most of the ``cbam`` command's start-up is ``import torch``; a Ctrl-C there ends as an interrupted command.
+
+    A Ctrl-C is Python's SIGINT handler raising ``KeyboardInterrupt`` in whatever runs, so a ``torch`` package
+    first on ``PYTHONPATH`` whose import raises it is the keypress at a fixed point, with no timing (a real
+    SIGINT sent to the process could land before or after the import). The script runs as pip generates it
+    for the entry point pyproject.toml declares, ``_cbam_cli:main``.
+    """
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise KeyboardInterrupt\n")
+    path = [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    script = "import sys; from _cbam_cli import main; sys.exit(main())"
+    result = subprocess.run([sys.executable, "-c", script, "trace"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert (result.returncode, result.stderr) == (130, "cbam: interrupted\n")

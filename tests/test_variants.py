@@ -216,6 +216,18 @@ def test_finalize_keeps_the_output_at_a_one_hot_choice(kernel, ratio, dims):
     torch.testing.assert_close(final(x), module(x), rtol=1e-12, atol=1e-12)
 
 
+def test_a_bfloat16_dynamic_cbam_runs_under_float16_autocast():
+    """Its mixed kernel was a ``stack`` of the bfloat16 candidates, which CPU float16 autocast refuses (it
+    promotes only float32 and its own dtype). Close to the same weights and input in float64."""
+    module = dynamic().bfloat16()
+    x = torch.randn(2, 16, 7, 6, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = module(x)
+    want = module.double()(x.double())
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - want).norm() / want.norm()).item() < 2e-2
+
+
 def test_dynamic_cbam_learns_its_choices():
     """Unlike the tutorial's (whose 'parameters' get no gradient), both logit vectors move."""
     torch.manual_seed(0)

@@ -50,6 +50,17 @@ _POOLS = {
 }
 
 
+def _promotable(t: Tensor) -> Tensor:
+    """``t`` as autocast's ``cat``/``stack`` take it. They promote among float32 and the autocast dtype and
+    raise on the other half type (float16 ``x`` under bfloat16 autocast): that one is widened to float32,
+    exactly, and the MLP or conv after it casts to the autocast dtype as usual."""
+    device = t.device.type
+    if t.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device) \
+            and t.dtype != torch.get_autocast_dtype(device):
+        return t.float()
+    return t
+
+
 def pool(x: Tensor, kind: str) -> Tensor:
     """Pool ``x: (B, C, *spatial)`` over its spatial dims with one pool type -> ``(B, C)``."""
     (kind,) = check_pool_types((kind,))
@@ -91,7 +102,7 @@ def channel_attention_logits(
     """
     check_input(x, "cbam.functional.channel_attention_logits", channels=fc1_weight.shape[1])
     spatial = tuple(range(2, x.dim()))
-    pooled = torch.stack([_POOLS[kind](x, spatial) for kind in check_pool_types(pool_types)])  # (P, B, C)
+    pooled = torch.stack([_promotable(_POOLS[kind](x, spatial)) for kind in check_pool_types(pool_types)])  # (P, B, C)
     logits = channel_mlp(pooled, fc1_weight, fc2_weight, fc1_bias, fc2_bias, hidden_mask)
     return logits.view(*logits.shape, *([1] * len(spatial)))
 
@@ -114,7 +125,7 @@ def spatial_pool(x: Tensor, kind: str = "concat") -> Tensor:
 def spatial_maps(mean: Tensor, peak: Tensor, kind: str = "concat") -> Tensor:
     """The spatial conv's input from the channel-wise ``mean`` and ``peak``, each ``(B, 1, *spatial)``."""
     if check_choice("spatial pool", kind, SPATIAL_POOLS) == "concat":
-        return torch.cat([mean, peak], dim=1)
+        return torch.cat([_promotable(mean), _promotable(peak)], dim=1)
     return (mean + peak) / 2
 
 

@@ -144,7 +144,8 @@ class DynamicCBAM(nn.Module):
         """``sum_i p_i * pad(w_i)``: ``(1, 2, K, ..., K)`` with K the largest candidate kernel."""
         largest = max(self.kernel_sizes)
         padded = [F.pad(w, [(largest - w.shape[-1]) // 2] * (2 * self.dims)) for w in self.kernels]
-        return torch.einsum("i,i...->...", self.kernel_probabilities(), torch.stack(padded))
+        # A sum, not torch.stack: autocast's stack refuses a half dtype other than its own (bf16 module, fp16 autocast).
+        return sum(p * w for p, w in zip(self.kernel_probabilities(), padded))
 
     def attention(self, x: Tensor) -> AttentionMaps:
         """The channel gate of ``x`` and the spatial gate of ``x * channel``, under the soft choices."""
