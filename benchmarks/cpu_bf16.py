@@ -1,5 +1,5 @@
 """CBAM under CPU bfloat16 autocast: timm's CbamModule, our reference and the fused path (``impl="fused"``: the
-C++ engine on a float32 copy of the bfloat16 input), against a copy of that input, in one run.
+C++ engine reading the bfloat16 input as stored), against a copy of that input, in one run.
 
     python benchmarks/cpu_bf16.py [--repeats 15] [--batch 8] [--channels-last]
 

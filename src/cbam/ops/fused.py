@@ -20,9 +20,10 @@ Saved for backward: ``x`` itself, the two arg-max index tensors ``(B, C)`` and `
 pooled ``(B, C)`` vectors but the maxima (read again from ``x`` at their indices while the backward's
 first pass streams by), the channel gate ``(B, C)`` and four ``(B, S)`` vectors (gated mean and max,
 spatial logits and gate): for fp32 and avg/max pooling ``1 + 6 / C + 4 / S`` times the input's bytes
-(1.02 at 256x56x56, 1.08 at 2048x7x7) instead of the ~2x of the eager composition. With a residual
-the output is saved too (for the ReLU's backward); in a network it is the next layer's input, which
-that layer saves anyway.
+(1.02 at 256x56x56, 1.08 at 2048x7x7) instead of the ~2x of the eager composition; bfloat16 read as
+stored (the C++ engine) keeps its vectors in float32, 1.05 at 256x56x56 (its float32 copy made it 2.05).
+With a residual the output is saved too (for the ReLU's backward); in a network it is the next layer's
+input, which that layer saves anyway.
 
 With ``input_norm`` (a plain BatchNorm before CBAM, see ``folds_input_norm``) ``x`` is the
 BatchNorm's input: every pass applies its per-channel map as it reads ``x`` (forward and backward).

@@ -9,7 +9,7 @@ engine    devices                       dtypes                           layouts
 torch     any                           any floating                     any (copies where needed)
 cpp       cpu                           float32, float64; bf16, fp16     contiguous, channels-last
                                         on a float32 copy (widened;
-                                        bf16 inference: as stored)
+                                        bf16: as stored, see below)
 triton    cuda (cpu: TRITON_INTERPRET)  float32, float64, bf16, fp16     contiguous, channels-last
 ========  ============================  ===============================  ==========================
 
@@ -18,10 +18,11 @@ float32 and float64, so a bfloat16/float16 CPU input (CPU autocast's convs retur
 computed on a float32 copy of it, its output cast back (``widened_dtype``, applied by the eager fused
 path before it picks an engine; ``select`` itself never widens, so a half input that reaches it runs
 on ``torch``). Worth its two extra passes: the bfloat16 reference runs its convs, MLP and gates in
-bfloat16, which the CPU computes slower than float32 (BENCHMARKS.md, "Thirteenth session"). Where no
-gradient is recorded and the C++ one-call forward computes the whole CBAM (``Engine.infers_as_stored``:
-bfloat16), it reads and writes bfloat16 as stored instead, with float32 arithmetic: no copy, and the
-same bits as the copy gives.
+bfloat16, which the CPU computes slower than float32 (BENCHMARKS.md, "Thirteenth session"). Where the
+C++ one-call forward applies (avg/max/mix pooling, one spatial conv weight), its passes, forward and
+backward, read and write bfloat16 as stored instead (``Engine.reads_as_stored``), with float32 arithmetic:
+no copies, and half the saved bytes; the forward has the copy's bits, the gradients its values up to
+float32 summation order (BENCHMARKS.md, "Fourteenth session").
 
 and which extras it computes itself (``Engine.extras``): ``"forward"`` the whole forward in one call,
 ``"spatial-logits"`` the spatial conv of one weight on the gated statistics, ``"spatial-norm"`` the
