@@ -18,11 +18,13 @@ def test_auto_picks_the_compiled_engine_where_it_covers_the_input():
     x = torch.randn(2, 8, 5, 5)
     assert engine_for(x) == CPP
     assert engine_for(x.double()) == CPP
-    assert engine_for(x.bfloat16()) == CPP and engine_for(x.half()) == CPP  # on a float32 copy
-    assert engine_for(x.bfloat16(), widened=False) == "torch"  # the C++ passes read float32/float64 only
+    assert engine_for(x.bfloat16()) == CPP and engine_for(x.half()) == CPP  # bf16 as stored, fp16 on a float32 copy
+    assert engine_for(x.bfloat16(), widened=False) == CPP  # the C++ passes read bfloat16 as stored
+    assert engine_for(x.half(), widened=False) == "torch"  # and float16 on a float32 copy only
     assert engines.widened_dtype(x.bfloat16()) == (torch.float32 if CPP == "cpp" else None)
     assert engines.widened_dtype(x) is None and engines.widened_dtype(x.double()) is None
-    assert engines.select(x.bfloat16())[0].name == "torch"  # select never widens
+    assert engines.select(x.half())[0].name == "torch"  # select never widens
+    assert engines.select(x.bfloat16())[0].name == CPP
     assert engine_for(x.to(memory_format=torch.channels_last)) == CPP  # contiguous or channels-last
     assert engine_for(x.transpose(1, 2).contiguous().transpose(1, 2)) == "torch"  # not channels-last either
     assert engine_for(x[:, :, ::2]) == "torch"
@@ -99,7 +101,8 @@ def test_auto_fuses_where_a_compiled_engine_runs():
 def test_under_compile_auto_fuses_on_cuda_and_in_cpu_training(monkeypatch):
     """Under ``torch.compile`` ``auto`` keeps the op on CUDA, and on the CPU where a gradient of ``x`` is recorded
     (inductor's own code for the reference measured faster in CPU inference), where a compiled engine covers
-    ``x`` as in eager code: bfloat16 on the CPU compiles the reference. ``impl="fused"`` keeps the op anywhere."""
+    ``x`` as it is (bfloat16 too: the C++ engine reads it as stored), as in eager code: float16 on the CPU, which
+    it computes only on a float32 copy, compiles the reference. ``impl="fused"`` keeps the op anywhere."""
     assert ops.COMPILED_OP_DEVICES == {"cuda"} and ops.COMPILED_TRAINING_OP_DEVICES == {"cpu"}
     x = torch.randn(1, 4, 3, 3)
     trained = x.clone().requires_grad_()
@@ -109,10 +112,11 @@ def test_under_compile_auto_fuses_on_cuda_and_in_cpu_training(monkeypatch):
     assert not fused_applies("auto", "channel-spatial", x)
     with torch.no_grad():
         assert not fused_applies("auto", "channel-spatial", trained)
-    assert not fused_applies("auto", "channel-spatial", trained.bfloat16())  # widened: the op would not be
-    assert fused_applies("fused", "channel-spatial", x.bfloat16())
+    assert fused_applies("auto", "channel-spatial", trained.bfloat16()) == (CPP == "cpp")  # read as stored
+    assert not fused_applies("auto", "channel-spatial", trained.half())  # widened: the op would not be
+    assert fused_applies("fused", "channel-spatial", x.half())
     with engines.using("torch"):
-        assert fused_applies("auto", "channel-spatial", trained.bfloat16())
+        assert fused_applies("auto", "channel-spatial", trained.half())
     monkeypatch.setattr(ops, "COMPILED_OP_DEVICES", frozenset({"cpu"}))  # as on CUDA
     assert fused_applies("auto", "channel-spatial", x) == (CPP == "cpp")
 

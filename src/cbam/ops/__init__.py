@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .engines import engine_for, requested, widened_dtype
+from .engines import ENGINES, engine_for, requested
 from .fused import CbamWeights, FusedCBAM, FusedSpec, compute_dtype, folds_input_norm, fused_cbam
 
 IMPLS = ("auto", "reference", "fused")
@@ -29,7 +29,8 @@ def fused_applies(impl: str, order: str, x: Tensor) -> bool:
     ``torch.compile`` on CUDA, and on the CPU where a gradient of ``x`` is recorded (``COMPILED_OP_DEVICES``,
     ``COMPILED_TRAINING_OP_DEVICES``: through the ``torch.library`` ops, where they cover the module: see
     ``CBAM.fuses``; elsewhere inductor compiles the reference with the network; nor for an input an engine
-    computes on a widened copy, bfloat16 on the CPU: the op reads it as it is). Not while tracing with
+    computes only on a widened copy, float16 on the CPU: the op reads it as it is, as the C++ engine reads
+    bfloat16). Not while tracing with
     ``torch.jit`` or exporting with ``torch.export`` (ONNX and other exporters see the reference's standard ops),
     nor inside a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``: per-sample gradients), which the fused
     autograd function cannot enter: there ``"fused"`` runs the reference too, everywhere else the fused path.
@@ -43,7 +44,8 @@ def fused_applies(impl: str, order: str, x: Tensor) -> bool:
     compiled_engine = engine_for(x) != "torch" or requested() == "torch"  # not loaded while compiling: see engine_for
     if torch.compiler.is_compiling():  # the op picks its engine when it runs; exports see the reference's ops
         devices = COMPILED_OP_DEVICES | (COMPILED_TRAINING_OP_DEVICES if _recorded(x) else frozenset())
-        widened = widened_dtype(x) is not None  # the op reads x as it is: inductor compiles the reference
+        engine = ENGINES[engine_for(x)]  # the op reads x as it is: inductor compiles the reference where it would widen
+        widened = x.dtype in engine.widens and x.dtype not in engine.reads_as_stored
         return not _exporting() and x.device.type in devices and compiled_engine and not widened
     return compiled_engine
 

@@ -93,11 +93,12 @@ class Engine:
 
     def covers(self, x: Tensor, named: bool = False, widened: bool = True) -> bool:
         """Whether this engine computes the fused CBAM of ``x`` (``named``: ``CBAM_ENGINE`` asked for it;
-        ``widened``: counting the dtypes it computes on a float32 copy)."""
+        ``widened``: counting the dtypes it computes only on a float32 copy, not just those it reads as stored)."""
         device = x.device.type
         on_device = device in self.devices or (named and self.name == "triton" and device == "cpu"
                                                and _triton_interpreted())
-        if not on_device or not (x.dtype in self.dtypes or (widened and x.dtype in self.widens)):
+        as_it_is = x.dtype in self.dtypes or x.dtype in self.reads_as_stored
+        if not on_device or not (as_it_is or (widened and x.dtype in self.widens)):
             return False
         return x.is_contiguous() or (self.channels_last and is_channels_last_view(x))
 
@@ -179,8 +180,9 @@ def widened_dtype(x: Tensor) -> torch.dtype | None:
 
 
 def select(x: Tensor) -> tuple[Engine, ModuleType]:
-    """The engine for ``x`` as it is (never widened: see the module docstring) and its module of passes (not
-    while ``torch.compile`` traces)."""
+    """The engine for ``x`` as it is (never widened: see the module docstring; a dtype it reads as stored counts,
+    which its callers, the ``torch.library`` ops, take only for the CBAMs the one-call forward covers:
+    ``library.covers``) and its module of passes (not while ``torch.compile`` traces)."""
     engine = ENGINES[engine_for(x, widened=False)]
     return engine, engine.load()
 
