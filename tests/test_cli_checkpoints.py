@@ -157,3 +157,63 @@ def test_train_init_from_imagenet_backbone_into_cbam(monkeypatch, tmp_path):
     for key, value in state.items():
         expected = fresh[key] if key in attention or key.startswith("fc.") else source.state_dict()[key]
         assert torch.equal(value, expected), key
+
+
+def _lightning_checkpoint(path):
+    """A LightningModule's checkpoint holding ``self.net = model`` and ``self.ema = AveragedModel(model)`` (a
+    ResNet-18 + CBAM for ``NUM_CLASSES``): ``net.*``, ``ema.module.*`` (the floating tensors ``net``'s + 1) and
+    ``ema.n_averaged``; returns the EMA's state dict."""
+    net = cbam.models.resnet18(num_classes=NUM_CLASSES).state_dict()
+    ema = {key: value + 1 if value.is_floating_point() else value.clone() for key, value in net.items()}
+    state = {**{f"net.{key}": value for key, value in net.items()},
+             **{f"ema.module.{key}": value for key, value in ema.items()}, "ema.n_averaged": torch.tensor(3)}
+    torch.save({"state_dict": state, "epoch": 7}, path)
+    return ema
+
+
+def test_train_init_prefix_loads_the_ema(monkeypatch, tmp_path):
+    """``--init-prefix ema``: the model before its first step holds the EMA's tensors (not the raw ``net``'s)."""
+    ema = _lightning_checkpoint(tmp_path / "last.ckpt")
+    model, report = _init_from(monkeypatch, tmp_path, tmp_path / "last.ckpt", "--init-prefix", "ema")
+    assert report.stripped[0] == "ema." and not report.left_at_init and not report.new_head
+    assert model.state_dict().keys() == ema.keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, ema[key]), key
+
+
+def test_train_init_prefix_run_prints_it_and_resumes(tmp_path, capsys):
+    """A whole run from a checkpoint's EMA: the printed report names the prefix; the checkpoint's config holds the
+    run settings only (as before ``init_prefix`` existed), so ``--resume`` continues without the init flags."""
+    from cbam.train import read_checkpoint
+    from cbam.train.checkpoint import RUN_SETTINGS
+
+    _lightning_checkpoint(tmp_path / "last.ckpt")
+    args = ["train", "--data", "synthetic:4,4", "--batch-size", "4", "--epochs", "2", "--no-progress",
+            "--out", str(tmp_path / "run")]
+    assert main([*args, "--stop-after", "1", "--init-from", str(tmp_path / "last.ckpt"), "--init-prefix", "ema"]) == 0
+    printed = capsys.readouterr().out
+    assert "stripped 'ema.'" in printed and "loaded strictly" in printed
+    assert set(read_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]) == set(RUN_SETTINGS)
+    assert main([*args, "--resume"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert read_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 2
+
+
+def test_train_init_from_with_two_prefixes_needs_init_prefix(tmp_path, capsys):
+    """Without ``--init-prefix`` a checkpoint holding ``net`` and ``ema`` is refused in one line naming both and
+    the flag to pick one; nothing is left behind."""
+    _lightning_checkpoint(tmp_path / "last.ckpt")
+    status = main(["train", "--data", "synthetic:4,4", "--batch-size", "4", "--epochs", "1", "--no-progress",
+                   "--out", str(tmp_path / "run"), "--init-from", str(tmp_path / "last.ckpt")])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and err.startswith("cbam train: error: ")
+    assert "'net'" in err and "'ema'" in err and "--init-prefix" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_init_prefix_needs_init_from(tmp_path, capsys):
+    status = main(["train", "--data", "synthetic:4,4", "--out", str(tmp_path / "run"), "--init-prefix", "ema"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert "--init-prefix" in err and "without --init-from" in err
+    assert not (tmp_path / "run").exists()

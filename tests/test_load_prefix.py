@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -85,14 +86,15 @@ def test_a_prefix_no_key_has_is_refused_naming_the_prefixes_there_are(lightning)
 
 def test_without_a_prefix_the_refusal_names_the_prefixes_to_pick_from(lightning):
     checkpoint, _, _ = lightning
-    with pytest.raises(ValueError, match=r"^the state dict does not fit the model: its keys sit under the prefixes "
-                                         r"'net', 'ema', which the model's keys lack: pick one with prefix='net' or "
-                                         r"prefix='ema' \(--prefix on the command line\); checkpoint: "):
+    expected = ("the state dict does not fit the model: its keys sit under the prefixes 'net', 'ema', which the "
+                "model's keys lack: pick one with prefix='net' or prefix='ema' (on the command line --prefix, or "
+                "--init-prefix for cbam train --init-from); checkpoint: ")
+    with pytest.raises(ValueError, match="^" + re.escape(expected)):
         load_weights(checkpoint, resnet18(2))
     net = resnet18(0).state_dict()  # only prefixes the model's keys sit under are offered
     state = {**{f"net.{key}": value for key, value in net.items()}, "criterion.weight": torch.ones(NUM_CLASSES)}
     with pytest.raises(ValueError, match=r"under the prefixes 'net', 'criterion', .* pick one with prefix='net' "
-                                         r"\(--prefix"):
+                                         r"\(on the command line --prefix"):
         load_weights(state, resnet18(2))
 
 

@@ -44,6 +44,9 @@ def register(subparsers) -> None:
                         help="start from these weights: cbam, official, timm or torchvision checkpoints (.pt or "
                              ".safetensors); attention a backbone lacks and a classifier of another size stay at "
                              "their initialisation (ignored when --resume continues a run)")
+    parser.add_argument("--init-prefix", metavar="PREFIX", default=None,
+                        help="with --init-from: load only the checkpoint's keys under this prefix, stripped (ema or "
+                             "net of a LightningModule holding self.net and self.ema = AveragedModel(net))")
     parser.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                         help="run at most this many epochs now, then exit (continue later with --resume)")
     parser.add_argument("--amp", action="store_true", help="autocast: bfloat16 on the CPU, float16 on CUDA")
@@ -74,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
         lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, amp=args.amp, channels_last=args.channels_last,
         device=args.device, workers=args.workers, resume=args.resume, init_from=args.init_from,
-        stop_after=args.stop_after, dist_timeout=args.dist_timeout, progress=not args.no_progress,
+        init_prefix=args.init_prefix, stop_after=args.stop_after, dist_timeout=args.dist_timeout,
+        progress=not args.no_progress,
     )
     try:
         train(config)

@@ -188,7 +188,7 @@ def _prefix_hint(state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) ->
         return ""
     picks = " or ".join(f"prefix={prefix!r}" for prefix in fitting)
     return (f"its keys sit under the prefixes {listed(prefixes)}, which the model's keys lack: pick one with "
-            f"{picks} (--prefix on the command line)")
+            f"{picks} (on the command line --prefix, or --init-prefix for cbam train --init-from)")
 
 
 def _mismatch(source: str, missing, unexpected, wrong_shapes, layout: Layout, target: Layout, hint: str) -> str:

@@ -53,7 +53,9 @@ OUTPUTS = ("metrics.json", "metrics.csv", "curves.png")  # written beside the ch
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. ``batch_size`` is the global batch (split evenly over ranks); ``lr=None``
-    takes the optimizer's default (``OPTIMIZERS``); ``attention`` is ``"cbam"`` or ``"none"``."""
+    takes the optimizer's default (``OPTIMIZERS``); ``attention`` is ``"cbam"`` or ``"none"``. ``init_from`` (with
+    ``init_prefix``, ``load_weights``' ``prefix=``) only starts a run: not among ``RUN_SETTINGS``, a checkpoint does
+    not store it and ``--resume`` neither compares nor uses it."""
 
     out: str
     model: str = "resnet18"
@@ -74,6 +76,7 @@ class TrainConfig:
     workers: int = 0
     resume: bool = False
     init_from: str | None = None  # weights to start from (any layout load_weights reads); ignored on --resume
+    init_prefix: str | None = None  # load_weights' prefix= for init_from ("ema": a LightningModule's self.ema)
     stop_after: int | None = None  # epochs to run in this call (a time-sliced job), then exit
     dist_timeout: float = 300.0
     progress: bool = True
@@ -99,6 +102,9 @@ class TrainConfig:
                              f"{timedelta.max.total_seconds():.0f}, got {self.dist_timeout}")
         if self.attention == "none" and self.preset is not None:
             raise ValueError(f"--attention none builds a plain ResNet and takes no --preset; got {self.preset!r}")
+        if self.init_prefix is not None and self.init_from is None:
+            raise ValueError(f"--init-prefix picks the keys --init-from loads; got --init-prefix {self.init_prefix!r} "
+                             "without --init-from")
 
     def run_settings(self) -> dict:
         return {key: getattr(self, key) for key in RUN_SETTINGS}
@@ -245,7 +251,7 @@ def _train(config: TrainConfig, context: distributed.Context, log: Callable[[str
     model = model_for(config.run_settings(), len(train_split.classes))
     if config.init_from is not None and checkpoint is None:
         # a backbone without attention leaves CBAM at its initialisation; another class count, the head
-        log(str(load_weights(config.init_from, model, new_head=True)))
+        log(str(load_weights(config.init_from, model, prefix=config.init_prefix, new_head=True)))
     model = model.to(context.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
