@@ -9,8 +9,9 @@ others for some shapes and modes (issue 16: on an AMD Zen 3 the fused inference 
 reference's time at 512×28²); no fixed rule measured on the CPUs we had holds on the ones we did not.
 
 How: ``REPEATS`` interleaved rounds after one warm-up of each path (the order alternates between
-rounds), the fastest run of each compared; ties go to the fused path (for float32 it saves less for backward;
-for a widened bfloat16 input, its float32 copy, about as much as the reference). The
+rounds), the fastest run of each compared; ties go to the fused path (it saves less for backward: for float32,
+and for bfloat16 read as stored, about half what the reference saves; a widened float16 input, its float32
+copy, about as much). The
 fastest, not the median: on a shared machine a run is delayed by others (with two OpenMP threads and
 other jobs on two cores, every parallel region could wait a scheduler slice: a 3 MB copy took 8 ms),
 never sped up; a median of three such runs once chose the reference at 2048×7², where the fused

@@ -244,7 +244,9 @@ struct InputGradient {
         index(index_.data_ptr<int64_t>()), channel_index(channel_index_.data_ptr<int64_t>()) {}
 
   // The offset of element (b, c, s) in grad, x and the output.
-  int64_t offset(int64_t b, int64_t c, int64_t s) const { return rows_last ? (b * S + s) * C + c : (b * C + c) * S + s; }
+  int64_t offset(int64_t b, int64_t c, int64_t s) const {
+    return rows_last ? (b * S + s) * C + c : (b * C + c) * S + s;
+  }
 
   // Where n values of the output at out are summed: there themselves, or (Bf16) in row, narrowed by store.
   static scalar_t* summed_at(storage_t* out, std::vector<scalar_t>& row) {

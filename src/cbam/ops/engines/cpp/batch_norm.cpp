@@ -230,7 +230,7 @@ at::Tensor batch_norm_affine(const std::optional<at::Tensor>& weight, const std:
 }
 
 // A training-mode BatchNorm folded into CBAM's pooling, in one read of x (B, C, S), contiguous or
-// channels-last: its statistics over
+// channels-last, float32, float64 or bfloat16 (read as stored; the results float32): its statistics over
 // (B, S) — mean, biased var, and invstd = 1 / sqrt(var + eps) in double, as torch computes them — its
 // map (2, C) (scale = invstd * weight, shift = bias - mean * scale) and CBAM's pooling of the map's
 // output: each row's mean, and its max and first arg-max from the row's maximum or minimum (the map
@@ -252,11 +252,11 @@ std::vector<at::Tensor> batch_norm_pool(const at::Tensor& x, const std::optional
     using storage_t = decltype(storage_value);
     std::vector<std::pair<scalar_t, int64_t>> minima(B * C);
     scalar_t* scale = affine.data_ptr<scalar_t>();
-    const FoldedPool<scalar_t, storage_t> fold{data_as<const storage_t>(x), B, C, S, rows_last, eps, data_or_null<scalar_t>(weight),
-                                    data_or_null<scalar_t>(bias), sums.data_ptr<double>(),
-                                    squares.data_ptr<double>(), minima.data(), avg.data_ptr<scalar_t>(),
-                                    peak.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(),
-                                    invstd.data_ptr<scalar_t>(), scale, scale + C, index.data_ptr<int64_t>()};
+    const FoldedPool<scalar_t, storage_t> fold{
+        data_as<const storage_t>(x), B, C, S, rows_last, eps, data_or_null<scalar_t>(weight),
+        data_or_null<scalar_t>(bias), sums.data_ptr<double>(), squares.data_ptr<double>(), minima.data(),
+        avg.data_ptr<scalar_t>(), peak.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(),
+        invstd.data_ptr<scalar_t>(), scale, scale + C, index.data_ptr<int64_t>()};
     if (rows_last) {
       constexpr int64_t kColumns = FoldedPool<scalar_t, storage_t>::kColumns;
       const int64_t K = (C + kColumns - 1) / kColumns;

@@ -95,8 +95,10 @@ void gated_block(const storage_t* x, const scalar_t* mc, InputNorm<scalar_t, kNo
 }
 
 // The same for the rest positions (fewer than a block) in per-position arrays, still vectorised
-// across positions.
+// across positions. No reassociation: the channel sums would otherwise be regrouped, differently for
+// each storage type (a bfloat16 input then gave other float32 sums than its float32 copy).
 template <int kBlock, bool kIndex, typename scalar_t, bool kNormed, typename storage_t>
+__attribute__((optimize("no-associative-math")))
 void gated_rest(const storage_t* x, const scalar_t* mc, InputNorm<scalar_t, kNormed> norm, int64_t C, int64_t S,
                 int64_t rest, scalar_t* mean, scalar_t* peak, int64_t* index) {
   constexpr int kWidth = kLanes<scalar_t>;
@@ -579,8 +581,8 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mc, const at::Tensor& ms
 // pooled, where not empty, is (avg, peak, channel_index) computed already (batch_norm_pool).
 // Without indices (an inference) channel_index (unless pooled) and spatial_index come back empty, not computed.
 // x is (B, C, *spatial), contiguous or channels-last; float32 or float64, or bfloat16 (with a bfloat16 residual;
-// the weights and the vectors float32), read and written as stored and computed in float32. Returns out (shaped, laid out and typed like x), mc, ms, avg, peak,
-// channel_index, mean, speak, spatial_index, logits.
+// the weights and the vectors float32), read and written as stored and computed in float32. Returns out (shaped,
+// laid out and typed like x), mc, ms, avg, peak, channel_index, mean, speak, spatial_index, logits.
 std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, std::vector<double> avg_coef,
                                 std::vector<double> max_coef, const at::Tensor& fc1_w,
                                 const std::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
@@ -620,8 +622,8 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> size, 
     with_input_norm<scalar_t>(input_affine, C, [&](auto norm) {
       OneCall<scalar_t, storage_t, decltype(norm)> call{
           data_as<const storage_t>(x), conv_w.data_ptr<scalar_t>(), data_or_null<storage_t>(laid_residual), mlp,
-          norm, B, C,
-          S, I, size.data(), kernel.data(), hard, finish, rows_last, spatial_norm.first, spatial_norm.second,
+          norm, B, C, S, I, size.data(), kernel.data(), hard, finish, rows_last, spatial_norm.first,
+          spatial_norm.second,
           finish ? data_as<storage_t>(out) : nullptr, finish ? ms.data_ptr<scalar_t>() : nullptr,
           mc.data_ptr<scalar_t>(), avg.data_ptr<scalar_t>(),
           peak.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), speak.data_ptr<scalar_t>(),

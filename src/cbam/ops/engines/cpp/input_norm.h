@@ -17,7 +17,7 @@ struct Affine {
   static constexpr bool kIsNormed = kNormed;
   scalar_t a, b;
   template <typename V>
-  V operator()(V v) const {
+  __attribute__((always_inline)) V operator()(V v) const {
     if constexpr (kNormed) return v * a + b;
     return v;
   }
@@ -28,7 +28,7 @@ template <typename scalar_t, bool kNormed>
 struct InputNorm {
   const scalar_t* scale = nullptr;
   const scalar_t* shift = nullptr;
-  Affine<scalar_t, kNormed> operator[](int64_t c) const {
+  __attribute__((always_inline)) Affine<scalar_t, kNormed> operator[](int64_t c) const {
     if constexpr (kNormed) return {scale[c], shift[c]};
     return {};
   }

@@ -1,5 +1,5 @@
-// The large-tensor passes of the fused CBAM for CPU tensors x: (B, C, S), float or double, contiguous
-// or channels-last. Same functions and semantics as torch_ops.py (the definition), each one read of x
+// The large-tensor passes of the fused CBAM for CPU tensors x: (B, C, S), float, double or bfloat16 (read and
+// written as stored, computed in float: with_storage), contiguous or channels-last. Same functions and semantics as torch_ops.py (the definition), each one read of x
 // (and of the incoming gradient) instead of several: loops run over contiguous rows (a channel's
 // positions, or channels-last, a position's channels) so the compiler vectorises them;
 // at::parallel_for splits batches, rows, channel blocks or position chunks across threads.
