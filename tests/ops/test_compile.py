@@ -210,6 +210,22 @@ def test_inductor_compiled_layer_trains_as_eager(layout, training, engine):
     assert_same_step(compiled, eager, got, want, output=(1e-5, 1e-5), grads=(1e-4, 1e-4), buffers=(1e-5, 1e-6))
 
 
+def test_inductor_compiled_layer_trains_under_cpu_bfloat16_autocast_as_eager():
+    """``auto`` under compile keeps the op for bfloat16 CPU training (the C++ engine reads it as stored): two CBAM
+    blocks compiled by inductor under CPU bfloat16 autocast, a training step, against the same step in eager code
+    (the same op's passes; inductor computes the convolutions and norms around it with its own roundings)."""
+    compiled, eager = twins(lambda: cbam.models.resnet18(num_classes=10, stem="cifar").layer1.train())
+    x = torch.randn(2, 64, 8, 8).bfloat16()  # as the stem hands it on under autocast (the residual's dtype)
+    with torch._inductor.config.patch(force_disable_caches=True), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = step(torch.compile(compiled, fullgraph=True), x)
+        want = step(eager, x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=2**-6)
+    for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
+        scale = q.grad.abs().max().item()
+        torch.testing.assert_close(p.grad, q.grad, rtol=2**-5, atol=2**-5 * scale)
+
+
 def test_a_graph_compiled_around_other_versions_of_the_ops_is_not_reused(tmp_path, monkeypatch):
     """Inductor's on-disk cache of compiled graphs hashes the graph, not the ops' fake kernels or tags: the digest
     of the ops' source, an argument of every call, keeps a graph compiled around another version of them from
