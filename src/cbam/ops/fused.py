@@ -499,7 +499,7 @@ def checked_fused_cbam(x: Tensor, spec: FusedSpec, weights: CbamWeights, residua
         return checked_fused_cbam(x.to(wide), spec, weights, widened_residual, input_norm, True).to(x.dtype)
     if recorded:
         return FusedCBAM.apply(x, residual, spec, input_norm, engine, *norm_weights, *weights.flat())
-    selected = (engine, engine.load())  # select(x)'s engine, or the one that reads a widened dtype as stored
+    selected = (engine, engine.load())  # the engine for x, already looked up
     x = _in_layout(engine, x)
     input_state = None if input_norm is None else BatchNormState.step(input_norm)
     return forward_without_saving(x, residual, resolved(spec), weights, input_state, selected, overwrite=inplace)

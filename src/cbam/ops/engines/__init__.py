@@ -16,8 +16,8 @@ triton    cuda (cpu: TRITON_INTERPRET)  float32, float64, bf16, fp16     contigu
 An engine *widens* a dtype it covers only through a copy (``Engine.widens``): the C++ passes read
 float32 and float64, so a bfloat16/float16 CPU input (CPU autocast's convs return bfloat16) is
 computed on a float32 copy of it, its output cast back (``widened_dtype``, applied by the eager fused
-path before it picks an engine; ``select`` itself never widens, so a half input that reaches it runs
-on ``torch``). Worth its two extra passes: the bfloat16 reference runs its convs, MLP and gates in
+path before it picks an engine; ``select`` itself never widens, so a float16 input that reaches it
+runs on ``torch``). Worth its two extra passes: the bfloat16 reference runs its convs, MLP and gates in
 bfloat16, which the CPU computes slower than float32 (BENCHMARKS.md, "Thirteenth session"). Where the
 C++ one-call forward applies (avg/max/mix pooling, one spatial conv weight), its passes, forward and
 backward, read and write bfloat16 as stored instead (``Engine.reads_as_stored``), with float32 arithmetic:
@@ -174,8 +174,8 @@ def engine_for(x: Tensor, widened: bool = True) -> str:
 
 
 def widened_dtype(x: Tensor) -> torch.dtype | None:
-    """float32 where the engine for ``x`` computes it on a float32 copy (bfloat16/float16 on the C++ engine),
-    else ``None``."""
+    """float32 where the engine for ``x`` may compute it on a float32 copy (float16 on the C++ engine; bfloat16
+    where the fused path does not read it as stored: ``fused._reads_as_stored``), else ``None``."""
     return torch.float32 if x.dtype in ENGINES[engine_for(x)].widens else None
 
 
