@@ -4,6 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
+import cbam
+from cbam.cli import main
+
 
 def test_import_is_light():
     """``import cbam`` pulls in torch only: no torchvision, matplotlib or timm."""
@@ -45,3 +51,10 @@ def test_ctrl_c_while_the_command_imports_torch_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-c", script, "trace"], env=env, capture_output=True, text=True,
                             timeout=60)
     assert (result.returncode, result.stderr) == (130, "cbam: interrupted\n")
+
+
+def test_version_prints_cbam_and_torch(capsys):
+    with pytest.raises(SystemExit) as ended:
+        main(["--version"])
+    assert ended.value.code == 0
+    assert capsys.readouterr().out == f"cbam {cbam.__version__} (torch {torch.__version__})\n"

@@ -12,6 +12,10 @@ import importlib
 import sys
 import traceback
 
+import torch
+
+from .. import __version__
+
 SUBCOMMANDS: list[str] = [  # module names under cbam.cli, in --help order
     "trace", "check", "profile", "bench", "visualize", "train", "eval", "convert", "demo",
 ]
@@ -26,6 +30,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cbam", description="CBAM toolkit: inspect, check, profile, visualise and train.")
+    parser.add_argument("--version", action="version", version=f"cbam {__version__} (torch {torch.__version__})")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
     for name in SUBCOMMANDS:
         importlib.import_module(f"{__name__}.{name}").register(subparsers)
