@@ -96,9 +96,9 @@ def test_bench_channels_last_times_channels_last_inputs(capsys, monkeypatch):
     seen = []
     real = fused_bench._forward
 
-    def recording(module, x):
+    def recording(module, x, amp=False):
         seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
-        return real(module, x)
+        return real(module, x, amp)
 
     monkeypatch.setattr(fused_bench, "_forward", recording)
     status, out, err = run(capsys, *TINY, "--channels-last", "--json")
@@ -110,6 +110,39 @@ def test_bench_channels_last_times_channels_last_inputs(capsys, monkeypatch):
     assert status == 0 and "fp32 CPU, batch 1;" in out and seen and not any(seen)
     status, out, err = run(capsys, *TINY, "--channels-last")
     assert status == 0 and "fp32 CPU, batch 1, channels-last;" in out
+
+
+def test_bench_amp_times_bfloat16_inputs_under_cpu_autocast(capsys, monkeypatch):
+    """``--amp``: every module's input is bfloat16 and runs under CPU bfloat16 autocast; the fused C++ CBAM reads
+    it as stored, so it saves about one input's bytes for backward, the reference about two (its gated copy too)."""
+    seen = []
+    real = fused_bench._forward
+
+    def recording(module, x, amp=False):
+        seen.append((x.dtype, amp))
+        return real(module, x, amp)
+
+    monkeypatch.setattr(fused_bench, "_forward", recording)
+    status, out, err = run(capsys, "bench", "--repeats", "1", "--batch", "1", "--shapes", "64x16", "--amp", "--json")
+    assert status == 0 and err == ""
+    modules = strict_json(out)["modules"]  # at 64x16² the saved vectors are a fifth of x's bytes
+    assert modules["amp"] is True and seen and set(seen) == {(torch.bfloat16, True)}
+    saved = {row["name"]: row["saved_per_input"] for row in modules["rows"]}
+    assert saved["cbam reference"] > 1.9
+    if cpp.engine() is not None:
+        assert 1.0 < saved["cbam fused, C++"] < 1.5
+    status, out, err = run(capsys, *TINY, "--amp")
+    assert status == 0 and "bf16 input under CPU bf16 autocast, batch 1;" in out
+
+
+def test_bench_names_the_cpu_and_its_vector_isa(capsys):
+    status, out, err = run(capsys, *TINY)
+    assert status == 0 and out.splitlines()[0].startswith(f"{fused_bench.cpu_name()}; torch ")
+
+
+def test_bench_amp_on_cuda_is_a_one_line_error(capsys):
+    status, out, err = run(capsys, *TINY, "--device", "cuda", "--amp")
+    assert status == 2 and out == "" and err.count("\n") == 1 and "--amp is for the CPU tables" in err
 
 
 def test_bench_channels_last_on_cuda_is_a_one_line_error(capsys):
@@ -178,10 +211,11 @@ def test_torch_ops_cbam_restores_the_engine_and_matches_fused():
     assert engine_for(x) == chosen
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_resnet_overhead_rows_and_table(channels_last):
-    table = fused_bench.resnet_overhead(batch=1, repeats=1, image_size=64, channels_last=channels_last)
-    assert table.channels_last is channels_last
+@pytest.mark.parametrize(("channels_last", "amp"), [(False, False), (True, False), (False, True)])
+def test_resnet_overhead_rows_and_table(channels_last, amp):
+    table = fused_bench.resnet_overhead(batch=1, repeats=1, image_size=64, channels_last=channels_last, amp=amp)
+    assert table.channels_last is channels_last and table.amp is amp
+    assert ("CPU bf16 autocast" in fused_bench.format_resnet_table(table)) is amp
     names = ["none", "cbam auto", "cbam fused, block ops separate", "cbam reference"]
     assert [r.name for r in table.rows] == names
     for r in table.rows:

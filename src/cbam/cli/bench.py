@@ -13,7 +13,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench", help="time the fused CBAM against timm, the reference path and a copy",
-        description="Time CBAM modules at ResNet-50 stage shapes, fp32 on the CPU: timm's CbamModule (when timm "
+        description="Time CBAM modules at ResNet-50 stage shapes, fp32 on the CPU (--amp: bf16 autocast): timm's "
+                    "CbamModule (when timm "
                     "is installed; else speed-ups are over our reference path), CBAM(preset='timm') on the "
                     "reference path, fused on plain torch ops and fused on the C++ engine (when it builds), next "
                     "to a copy of the input. Forward in eval mode without autograd, forward+backward in train "
@@ -39,6 +40,9 @@ def register(subparsers) -> None:
     parser.add_argument("--channels-last", action="store_true",
                         help="CPU: inputs (and with --resnet the networks) in torch.channels_last memory format "
                              "(the CUDA protocol runs ResNet-50 channels-last already)")
+    parser.add_argument("--amp", action="store_true",
+                        help="CPU: under torch.autocast('cpu', bfloat16), the module inputs in bfloat16 as a conv "
+                             "under autocast returns them (CUDA: --modes)")
     cuda = parser.add_argument_group("CUDA only")
     cuda.add_argument("--modes", default=",".join(CUDA_MODES),
                       help=f"comma-separated, of {', '.join(CUDA_MODES)} (default all; --resnet runs fp32 and "
@@ -66,10 +70,13 @@ def run(args: argparse.Namespace) -> int:
         if args.channels_last:
             raise ValueError("--channels-last is for the CPU tables (--device cpu); the CUDA protocol already runs "
                              "ResNet-50 channels-last")
+        if args.amp:
+            raise ValueError("--amp is for the CPU tables (--device cpu); on CUDA --modes picks fp32, bf16 and "
+                             "bf16-autocast")
         report = _run_cuda(args, batch, shapes)
     else:
         report = fused_bench.run(batch, repeats, shapes, resnet=args.resnet, compile_reference=args.compile,
-                                 channels_last=args.channels_last)
+                                 channels_last=args.channels_last, amp=args.amp)
     text = json.dumps(report.as_dict(), indent=2, allow_nan=False)
     print(text if args.json else report, flush=True)  # the results are out even if saving them fails
     if args.save:

@@ -17,6 +17,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.utils._pytree as pytree
@@ -26,6 +27,25 @@ from ..debug.buffers import restored_buffers
 from ..debug.outputs import floating_tensors
 from ..tables import format_bytes, format_table
 from ..validation import check_int
+
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "sve")  # /proc/cpuinfo's names, as lscpu's
+
+
+def cpu_name() -> str:
+    """The CPU's model and which of ``VECTOR_FLAGS`` it has, as a speed figure must name them:
+    ``"AMD EPYC (avx2 avx512f avx512_bf16)"``; the machine's type where ``/proc/cpuinfo`` cannot be read."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first CPU's
+    model = fields.get("model name") or fields.get("Model") or platform.machine()
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    present = [flag for flag in VECTOR_FLAGS if flag in flags]
+    return f"{model} ({' '.join(present)})" if present else model
 
 
 def _leaves(inputs: tuple) -> tuple:
@@ -200,6 +220,5 @@ def benchmark(modules: nn.Module | Mapping[str, nn.Module], *inputs, warmup: int
                          saved_bytes(module, *inputs), _peak_bytes(module, inputs, device))
             for name, module in modules.items()
         ]
-    cpu = platform.processor() or platform.machine()
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return BenchmarkReport(rows, str(device), machine, torch.get_num_threads(), warmup, repeats)

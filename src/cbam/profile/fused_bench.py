@@ -1,7 +1,9 @@
 """The fused-CBAM benchmark: CBAM modules side by side at ResNet-50 stage shapes, then CBAM's
 overhead in a ResNet-50; as data (``run``, ``module_table``, ``resnet_overhead``) and as Markdown.
 
-fp32 on the CPU, ``x: (batch, C, H, H)``, contiguous or (``channels_last``) channels-last. Forward:
+fp32 on the CPU, or (``amp``) under CPU bfloat16 autocast with ``x`` in bfloat16, as a conv under autocast
+hands it on (the ResNet-50s take a float32 image; backward outside autocast, as training loops run it),
+``x: (batch, C, H, H)``, contiguous or (``channels_last``) channels-last. Forward:
 eval mode, no autograd. Forward+backward: train mode, gradients for the input and the weights from a
 fixed dense upstream gradient, reset to ``None`` before each step as in a training loop. Times are
 medians of interleaved repeats (``interleaved_medians``). A speed-up is the peer's time over the
@@ -19,6 +21,7 @@ calibration's own times of the fused and the reference path (the fastest of its 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -35,7 +38,7 @@ from ..models import resnet50
 from ..nn import CBAM
 from ..ops import calibration, engines
 from ..validation import check_int
-from .benchmark import interleaved_medians, interleaved_samples, saved_bytes
+from .benchmark import cpu_name, interleaved_medians, interleaved_samples, saved_bytes
 
 SHAPES: tuple[tuple[int, int], ...] = ((256, 56), (512, 28), (1024, 14), (2048, 7))  # (C, H): ResNet-50's stages
 
@@ -88,9 +91,14 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def environment() -> dict:
-    """Where the numbers come from: torch version, threads, CPUs and machine."""
+    """Where the numbers come from: torch version, threads, CPUs, machine, and the CPU's model and vector ISA."""
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "machine": platform.machine()}
+            "machine": platform.machine(), "cpu": cpu_name()}
+
+
+def _precision(amp: bool) -> contextlib.AbstractContextManager:
+    """CPU bfloat16 autocast where ``amp``, else nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -159,6 +167,7 @@ class ModuleTable:
     notes: list[str] = field(default_factory=list)
     auto: list[AutoChoice] = field(default_factory=list)
     channels_last: bool = False
+    amp: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -190,6 +199,7 @@ class ResNetTable:
     repeats: int
     auto: list[str] = field(default_factory=list)
     channels_last: bool = False
+    amp: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -230,23 +240,24 @@ def _modules(channels: int, names: Sequence[str]) -> dict[str, nn.Module]:
     return found
 
 
-def _forward(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def _forward(module: nn.Module, x: torch.Tensor, amp: bool = False) -> Callable[[], None]:
     def run() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), _precision(amp):
             module(x)
     return run
 
 
-def _forward_backward(module: nn.Module, leaf: torch.Tensor,
-                      upstream: torch.Tensor | None = None) -> Callable[[], None]:
-    """One training step's forward and backward, as inside a network: gradients start from ``None``
-    (``zero_grad(set_to_none=True)``), and ``upstream`` is the dense gradient a next layer would send
-    (``None``: the output is summed, for a model's small logits)."""
+def _forward_backward(module: nn.Module, leaf: torch.Tensor, upstream: torch.Tensor | None = None,
+                      amp: bool = False) -> Callable[[], None]:
+    """One training step's forward (under autocast with ``amp``) and backward, as inside a network: gradients
+    start from ``None`` (``zero_grad(set_to_none=True)``), and ``upstream`` is the dense gradient a next layer
+    would send (``None``: the output is summed, for a model's small logits)."""
     def run() -> None:
         module.zero_grad(set_to_none=True)
         leaf.grad = None
-        out = module(leaf)
-        out.backward(upstream) if upstream is not None else out.sum().backward()
+        with _precision(amp):
+            out = module(leaf)
+        out.backward(upstream) if upstream is not None else out.float().sum().backward()
     return run
 
 
@@ -257,16 +268,17 @@ def _calibrated(before: dict, training: bool) -> tuple[float, float] | None:
 
 
 def auto_choice(channels: int, side: int, x: torch.Tensor, leaf: torch.Tensor,
-                state: dict | None = None) -> AutoChoice:
-    """What ``impl="auto"`` takes for ``x`` in inference and for ``leaf`` (requiring grad) in training, timing
-    it where the calibration has not yet (``CBAM.fuses``)."""
+                state: dict | None = None, amp: bool = False) -> AutoChoice:
+    """What ``impl="auto"`` takes for ``x`` in inference and for ``leaf`` (requiring grad) in training (under
+    CPU bfloat16 autocast with ``amp``), timing it where the calibration has not yet (``CBAM.fuses``)."""
     module = CBAM(channels, preset="timm")
     if state is not None:
         module.load_state_dict(state)
     before = calibration.decisions()
-    with torch.no_grad():
+    with torch.no_grad(), _precision(amp):
         inference = module.eval().fuses(x)
-    training = module.train().fuses(leaf)
+    with _precision(amp):
+        training = module.train().fuses(leaf)
     path = {True: "fused", False: "reference"}
     return AutoChoice(channels, side, path[inference], path[training], _calibrated(before, False),
                       _calibrated(before, True))
@@ -274,9 +286,10 @@ def auto_choice(channels: int, side: int, x: torch.Tensor, leaf: torch.Tensor,
 
 def module_table(batch: int = 8, repeats: int = 5, shapes: Sequence[tuple[int, int]] = SHAPES,
                  compile_reference: bool = False, train_repeats: int | None = None,
-                 channels_last: bool = False) -> ModuleTable:
+                 channels_last: bool = False, amp: bool = False) -> ModuleTable:
     """Time the CBAM modules and a copy at each ``(C, H)`` of ``shapes`` on ``x: (batch, C, H, H)``
-    (``channels_last``: in ``torch.channels_last`` memory format).
+    (``channels_last``: in ``torch.channels_last`` memory format; ``amp``: ``x`` in bfloat16 and the modules
+    under CPU bfloat16 autocast).
 
     Modules: timm's ``CbamModule`` (when timm is installed), ``CBAM(preset="timm")`` on the reference
     path, fused on the plain-torch passes, fused on the C++ engine (when it builds) and, with
@@ -297,20 +310,21 @@ def module_table(batch: int = 8, repeats: int = 5, shapes: Sequence[tuple[int, i
     speedups: dict[str, list[tuple[float, float]]] = {}
     for channels, side in shapes:
         torch.manual_seed(0)
-        x = _laid_out(torch.randn(batch, channels, side, side), channels_last)
+        x = _laid_out(torch.randn(batch, channels, side, side, dtype=torch.bfloat16 if amp else None), channels_last)
         leaf, upstream = x.clone().requires_grad_(), torch.randn_like(x)
         modules = _modules(channels, names)
         target = torch.empty_like(x)
         runs = {COPY: lambda x=x, target=target: target.copy_(x)}
         for module in modules.values():
             module.eval()
-        forward = interleaved_medians({**runs, **{n: _forward(m, x) for n, m in modules.items()}}, repeats)
+        forward = interleaved_medians({**runs, **{n: _forward(m, x, amp) for n, m in modules.items()}}, repeats)
         for module in modules.values():
             module.train()
-        train = interleaved_medians({n: _forward_backward(m, leaf, upstream) for n, m in modules.items()},
+        train = interleaved_medians({n: _forward_backward(m, leaf, upstream, amp) for n, m in modules.items()},
                                     train_repeats)
         for name, module in modules.items():
-            saved = None if name == COMPILED else saved_bytes(module, x) / (x.numel() * x.element_size())
+            with _precision(amp):
+                saved = None if name == COMPILED else saved_bytes(module, x) / (x.numel() * x.element_size())
             row = ModuleRow(channels, side, name, 1e3 * forward[name], 1e3 * train[name],
                             _ratio(forward[peer], forward[name]), _ratio(train[peer], train[name]),
                             _ratio(forward[name], forward[COPY]), _ratio(train[name], forward[COPY]), saved)
@@ -318,10 +332,10 @@ def module_table(batch: int = 8, repeats: int = 5, shapes: Sequence[tuple[int, i
             if row.forward_speedup is not None and row.train_speedup is not None:
                 speedups.setdefault(name, []).append((row.forward_speedup, row.train_speedup))
         rows.append(ModuleRow(channels, side, COPY, 1e3 * forward[COPY], None, None, None, 1.0, None, None))
-        auto.append(auto_choice(channels, side, x, leaf, modules[REFERENCE].state_dict()))
+        auto.append(auto_choice(channels, side, x, leaf, modules[REFERENCE].state_dict(), amp))
     means = [GeometricMean(name, geometric_mean(f for f, _ in pairs), geometric_mean(t for _, t in pairs))
              for name, pairs in speedups.items()]
-    return ModuleTable(rows, means, peer, batch, repeats, train_repeats, notes, auto, channels_last)
+    return ModuleTable(rows, means, peer, batch, repeats, train_repeats, notes, auto, channels_last, amp)
 
 
 def _laid_out(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -348,14 +362,15 @@ def _with_watched_cbams(model: nn.Module) -> nn.Module:
 
 
 def resnet_overhead(batch: int = 8, repeats: int = 3, image_size: int = 224,
-                    channels_last: bool = False) -> ResNetTable:
+                    channels_last: bool = False, amp: bool = False) -> ResNetTable:
     """Seconds per training step (forward+backward) and per inference of ResNet-50 on
     ``(batch, 3, image_size, image_size)`` without attention, with CBAM (``preset="timm"``, default
     ``impl="auto"``: fused where the calibration found it faster, the block's last BatchNorm in its passes
     and the residual add and ReLU in its output pass), with the fused CBAM but those block ops separate,
     and with CBAM on the reference path, over ``repeats`` rounds after one
     warm-up (which makes the calibration's decisions, listed in ``auto``); overheads are paired within
-    rounds (``ResNetRow``). ``channels_last``: the networks and the input in ``torch.channels_last``."""
+    rounds (``ResNetRow``). ``channels_last``: the networks and the input in ``torch.channels_last``; ``amp``:
+    their forwards under CPU bfloat16 autocast."""
     batch, repeats = check_int("batch", batch), check_int("repeats", repeats)
     image_size = check_int("image_size", image_size, minimum=32)
     torch.manual_seed(0)
@@ -369,14 +384,14 @@ def resnet_overhead(batch: int = 8, repeats: int = 3, image_size: int = 224,
     before = calibration.decisions()
     for model in models.values():
         model.train()
-    train = interleaved_samples({n: _forward_backward(m, x) for n, m in models.items()}, repeats, warmup=1)
+    train = interleaved_samples({n: _forward_backward(m, x, amp=amp) for n, m in models.items()}, repeats, warmup=1)
     for model in models.values():
         model.eval()
-    inference = interleaved_samples({n: _forward(m, x) for n, m in models.items()}, repeats, warmup=1)
+    inference = interleaved_samples({n: _forward(m, x, amp) for n, m in models.items()}, repeats, warmup=1)
     rows = [ResNetRow(name, statistics.median(train[name]), *_paired_overheads(train, name),
                       statistics.median(inference[name]), *_paired_overheads(inference, name)) for name in models]
     made = {k: d for k, d in calibration.decisions().items() if k not in before}
-    return ResNetTable(rows, batch, image_size, repeats, calibration.describe(made), channels_last)
+    return ResNetTable(rows, batch, image_size, repeats, calibration.describe(made), channels_last, amp)
 
 
 def _cell(value: float | None, digits: int, suffix: str = "") -> str:
@@ -426,7 +441,9 @@ def _overhead(median: float, quartiles: tuple[float, float]) -> str:
 def format_resnet_table(table: ResNetTable) -> str:
     """``table`` as a Markdown table under a one-line title."""
     side = table.image_size
-    lines = [f"ResNet-50, batch {table.batch}, {side}²: time per training step (forward+backward) and per inference, "
+    amp = ", CPU bf16 autocast" if table.amp else ""
+    lines = [f"ResNet-50, batch {table.batch}, {side}²{amp}: time per training step (forward+backward) and per "
+             "inference, "
              f"{table.repeats} rounds; overhead: median of per-round ratios to 'none' (quartiles)",
              "| attention | train s | overhead | inference s | overhead |",
              "| --- | ---: | ---: | ---: | ---: |"]
@@ -451,8 +468,9 @@ class FusedBenchReport:
 
     def __str__(self) -> str:
         env, modules = self.environment, self.modules
-        parts = [f"torch {env['torch']}, {env['threads']} threads, {env['cpus']} CPUs, {env['machine']}",
-                 f"fp32 CPU, batch {modules.batch}{', channels-last' if modules.channels_last else ''}; medians of "
+        precision = "bf16 input under CPU bf16 autocast" if modules.amp else "fp32 CPU"
+        parts = [f"{env['cpu']}; torch {env['torch']}, {env['threads']} threads, {env['cpus']} CPUs, {env['machine']}",
+                 f"{precision}, batch {modules.batch}{', channels-last' if modules.channels_last else ''}; medians of "
                  f"interleaved repeats: {modules.repeats} forward (eval, no autograd), {modules.train_repeats} "
                  "forward+backward (train mode)"]
         parts += [f"Note: {note}" for note in modules.notes]
@@ -463,9 +481,10 @@ class FusedBenchReport:
 
 
 def run(batch: int = 8, repeats: int = 5, shapes: Sequence[tuple[int, int]] = SHAPES, resnet: bool = False,
-        compile_reference: bool = False, channels_last: bool = False) -> FusedBenchReport:
+        compile_reference: bool = False, channels_last: bool = False, amp: bool = False) -> FusedBenchReport:
     """The whole benchmark: ``module_table``, then with ``resnet`` ``resnet_overhead`` at 224² over
-    ``max(3, repeats)`` rounds; everything channels-last with ``channels_last``."""
-    modules = module_table(batch, repeats, shapes, compile_reference, channels_last=channels_last)
-    overhead = resnet_overhead(batch, max(3, repeats), channels_last=channels_last) if resnet else None
+    ``max(3, repeats)`` rounds; everything channels-last with ``channels_last``, under CPU bfloat16 autocast
+    with ``amp``."""
+    modules = module_table(batch, repeats, shapes, compile_reference, channels_last=channels_last, amp=amp)
+    overhead = resnet_overhead(batch, max(3, repeats), channels_last=channels_last, amp=amp) if resnet else None
     return FusedBenchReport(environment(), modules, overhead)
