@@ -199,18 +199,29 @@ void stats_grad_rows(const storage_t* x, const scalar_t* w, const scalar_t* d_pe
 }
 
 // Items 0 .. n - 1 of each of B samples grouped by their key (key: (B, n), each in [0, K)), in order within a
-// group: the items of sample b with key k are items[start[b * K + k] .. start[b * K + k + 1]).
+// group: the items of sample b with key k are items[start[b * K + k] .. start[b * K + k + 1]). Sample b's
+// items fill items[b * n .. (b + 1) * n), so the samples are sorted in parallel, each by counting.
 struct Buckets {
   std::vector<int64_t> start;
   std::vector<int32_t> items;
 
-  Buckets(const int64_t* key, int64_t B, int64_t n, int64_t K) : start(B * K + 1, 0), items(B * n) {
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0; i < n; ++i) ++start[b * K + key[b * n + i] + 1];
-    for (int64_t g = 0; g < B * K; ++g) start[g + 1] += start[g];
-    std::vector<int64_t> next(start.begin(), start.end() - 1);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0; i < n; ++i) items[next[b * K + key[b * n + i]]++] = static_cast<int32_t>(i);
+  Buckets(const int64_t* key, int64_t B, int64_t n, int64_t K) : start(B * K + 1), items(B * n) {
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> next(K);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t* keys = key + b * n;
+        int64_t* first = start.data() + b * K;
+        std::fill(next.begin(), next.end(), 0);
+        for (int64_t i = 0; i < n; ++i) ++next[keys[i]];
+        for (int64_t k = 0, at = b * n; k < K; ++k) {
+          first[k] = at;
+          at += next[k];
+          next[k] = first[k];
+        }
+        for (int64_t i = 0; i < n; ++i) items[next[keys[i]]++] = static_cast<int32_t>(i);
+      }
+    });
+    start[B * K] = B * n;
   }
 
   template <typename Visit>
