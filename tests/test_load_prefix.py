@@ -110,6 +110,36 @@ def test_prefixes_the_model_lacks_and_no_key_of_it_under_them_are_no_hint():
         load_weights(state, model)
 
 
+def test_the_hint_offers_only_prefixes_that_load():
+    """A student/teacher checkpoint (another ResNet under ``teacher.``) and a second head of 1000 classes: the
+    hint names only the prefix whose keys the model takes, and that prefix then loads (audit: it offered any
+    prefix sharing a key name)."""
+    net = resnet18(0).state_dict()
+    torch.manual_seed(1)
+    teacher = cbam.models.resnet34(num_classes=NUM_CLASSES).state_dict()
+    other_head = cbam.models.resnet18(num_classes=1000).state_dict()
+    state = {**{f"net.{key}": value for key, value in net.items()},
+             **{f"teacher.{key}": value for key, value in teacher.items()},
+             **{f"in1k.{key}": value for key, value in other_head.items()}}
+    with pytest.raises(ValueError, match=r"prefixes 'net', 'teacher', 'in1k', which the model's keys lack: pick one "
+                                         r"with prefix='net' \("):
+        load_weights(state, resnet18(2))
+    model = resnet18(2)
+    load_weights(state, model, prefix="net")
+    assert_holds(model, net)
+
+
+def test_visualize_prefix_without_checkpoint_is_one_line(tmp_path, capsys):
+    """``--prefix`` picks keys of ``--checkpoint``: without one it was ignored and the maps came from an untrained
+    model (audit)."""
+    out = tmp_path / "figure.png"
+    status = main(["visualize", "--model", "resnet18", "--prefix", "ema", "--image", str(tmp_path / "any.jpg"),
+                   "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and "--prefix picks the keys --checkpoint loads" in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("model_args", [[], ["--model", "resnet18", "--num-classes", str(NUM_CLASSES)]],
                          ids=["keys-only", "with-model"])
 def test_cbam_convert_prefix_ema_writes_the_ema_tensors(lightning, model_args, tmp_path, capsys):

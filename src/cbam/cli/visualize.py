@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
         require("PIL.Image")
     except ImportError as error:  # one line, like every other error here
         raise RuntimeError(str(error)) from None
+    if args.prefix is not None and args.checkpoint is None:
+        raise ValueError(f"--prefix picks the keys --checkpoint loads; got --prefix {args.prefix!r} without "
+                         "--checkpoint")
     viz.figure_format(args.out)
     check_destination(args.out, inputs=(args.image, args.checkpoint))
     image = viz.load_image(args.image, args.size)

@@ -176,14 +176,27 @@ def _maps_hint(key: str, found: Tensor, expected: Tensor) -> str:
             "spatial_pool='mix'; over two maps, CBAM's)")
 
 
-def _prefix_hint(state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> str:
+def _fits_under(state: Mapping[str, Tensor], prefix: str, expected: Mapping[str, Tensor], target: Layout,
+                target_prefixes: list[str]) -> bool:
+    """Whether the keys of ``state`` under ``prefix``, in the model's layout, are the model's keys (``expected``;
+    BatchNorm counters optional) with their shapes: a strict load with ``prefix=`` would take them."""
+    try:
+        weights, _ = _in_model_layout(unwrap(state, "", prefix).state, target, target_prefixes, "")
+    except ValueError:
+        return False
+    return (all(key in weights or key.rpartition(".")[2] == _COUNTER for key in expected)
+            and all(key in expected and value.shape == expected[key].shape for key, value in weights.items()))
+
+
+def _prefix_hint(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], target: Layout,
+                 target_prefixes: list[str]) -> str:
     """Where every key of ``state`` sits under one of several top-level prefixes the model's keys (``expected``)
-    lack, and some of the model's keys under some of them (a LightningModule's ``self.net`` and ``self.ema``):
-    which, and the ``prefix=`` that picks each; else ``""``."""
+    lack, and the keys under some of them fit the model (``_fits_under``: a LightningModule's ``self.net`` and
+    ``self.ema``): which, and the ``prefix=`` that picks each; else ``""``."""
     prefixes = top_prefixes(state)
     if len(prefixes) < 2 or any("." not in key for key in state) or set(prefixes) & set(top_prefixes(expected)):
         return ""
-    fitting = [prefix for prefix in prefixes if not unwrap(state, "", prefix).state.keys().isdisjoint(expected)]
+    fitting = [prefix for prefix in prefixes if _fits_under(state, prefix, expected, target, target_prefixes)]
     if not fitting:
         return ""
     picks = " or ".join(f"prefix={prefix!r}" for prefix in fitting)
@@ -329,7 +342,8 @@ def load_weights(source, model: nn.Module, *, entry: str | None = None, prefix: 
     wrong = [item for item in wrong if item[0] not in head]
     if missing or unexpected or wrong:
         raise ValueError(_mismatch(name + stripped_note, missing, unexpected, wrong, layout, target,
-                                   "" if prefix is not None else _prefix_hint(state, expected)))
+                                   "" if prefix is not None else _prefix_hint(state, expected, target,
+                                                                               target_prefixes)))
     check_computes_as(model, layout.name, name)  # every key fits; the options must too (computes.py)
     weights = OrderedDict((key, value) for key, value in weights.items() if key not in head)
     for key, value in weights.items():  # what the copy would refuse half-way, refused before any copy
