@@ -87,7 +87,7 @@ def test_compile_modes_agree_and_reach_torch_compile(monkeypatch):
 def test_save_writes_the_json_next_to_the_tables(capsys, tmp_path):
     path = tmp_path / "bench.json"
     status, out, err = run(capsys, "bench", "--repeats", "1", "--batch", "1", "--shapes", "8x4", "--save", str(path))
-    assert status == 0 and out.lstrip().startswith("torch ") and "| shape C×H² |" in out
+    assert status == 0 and "; torch " in out.splitlines()[0] and "| shape C×H² |" in out
     data = json.loads(path.read_text())
     assert data["modules"]["batch"] == 1 and data["resnet"] is None
 
