@@ -3,6 +3,7 @@ match its times, one-line errors, the optional peers (timm, C++ engine). No timi
 
 import json
 import math
+import re
 import resource
 import subprocess
 import sys
@@ -136,8 +137,22 @@ def test_bench_amp_times_bfloat16_inputs_under_cpu_autocast(capsys, monkeypatch)
 
 
 def test_bench_names_the_cpu_and_its_vector_isa(capsys):
+    """The first line names the CPU as /proc/cpuinfo does (its first ``model name``) and its AVX2/AVX-512 flags."""
     status, out, err = run(capsys, *TINY)
-    assert status == 0 and out.splitlines()[0].startswith(f"{fused_bench.cpu_name()}; torch ")
+    first = out.splitlines()[0]
+    assert status == 0 and "; torch " in first
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to compare with")
+    model = re.search(r"^model name\s*:\s*(.+)$", info, flags=re.M)
+    flags = set(re.search(r"^flags\s*:\s*(.+)$", info, flags=re.M)[1].split()) if "\nflags" in info else set()
+    if model:
+        assert first.startswith(model[1].strip())
+    named = re.search(r"\(([^)]*)\);", first)
+    named = set(named[1].split()) if named else set()
+    for flag in ("avx2", "avx512f"):
+        assert (flag in named) == (flag in flags), flag
 
 
 def test_bench_amp_on_cuda_is_a_one_line_error(capsys):

@@ -37,6 +37,7 @@ from .read import (
     read_file,
     strip_wrappers,
     top_prefixes,
+    under_prefix,
     unwrap,
 )
 from .rules import OURS_ANCHOR, attention_prefixes, from_official, from_timm, to_official, to_timm
@@ -181,11 +182,21 @@ def _fits_under(state: Mapping[str, Tensor], prefix: str, expected: Mapping[str,
     """Whether the keys of ``state`` under ``prefix``, in the model's layout, are the model's keys (``expected``;
     BatchNorm counters optional) with their shapes: a strict load with ``prefix=`` would take them."""
     try:
-        weights, _ = _in_model_layout(unwrap(state, "", prefix).state, target, target_prefixes, "")
+        weights, _ = _in_model_layout(under_prefix(state, f"{prefix}.").state, target, target_prefixes, "")
     except ValueError:
         return False
-    return (all(key in weights or key.rpartition(".")[2] == _COUNTER for key in expected)
-            and all(key in expected and value.shape == expected[key].shape for key, value in weights.items()))
+    missing, unexpected, wrong = _fit(weights, expected)
+    return not (unexpected or wrong) and all(key.rpartition(".")[2] == _COUNTER for key in missing)
+
+
+def _fit(weights: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> tuple[list, list, list]:
+    """How ``weights`` (in the model's layout) fit the model's ``expected``: its keys missing from them, their keys
+    the model lacks, and ``(key, found, expected)`` for each shape that differs (in the model's order)."""
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    wrong = [(key, weights[key], value) for key, value in expected.items()
+             if key in weights and weights[key].shape != value.shape]
+    return missing, unexpected, wrong
 
 
 def _prefix_hint(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], target: Layout,
@@ -242,9 +253,7 @@ def _without_wrapper_attribute(state: Mapping[str, Tensor], expected: Mapping[st
         return None
     if any(key.startswith(prefix) for key in expected):
         return None
-    inner = strip_wrappers(OrderedDict((key[len(prefix):], value) for key, value in state.items()))
-    dropped = {prefix + key: value for key, value in inner.dropped.items()}
-    return Stripped(inner.state, (prefix, *inner.removed), dropped)
+    return under_prefix(state, prefix)
 
 
 class _Count(NamedTuple):
@@ -323,10 +332,7 @@ def load_weights(source, model: nn.Module, *, entry: str | None = None, prefix: 
             stripped_note += f" (its {unwrapped.removed[0]!r} prefix stripped)"
     count = _averaged_count(stripped, own_inner)
 
-    missing = [key for key in expected if key not in weights]
-    unexpected = [key for key in weights if key not in expected]
-    wrong = [(key, weights[key], value) for key, value in expected.items()  # in the model's order
-             if key in weights and weights[key].shape != value.shape]
+    missing, unexpected, wrong = _fit(weights, expected)
     left_at_init: tuple[str, ...] = ()
     if layout.name == PLAIN and target.name != PLAIN and allow_missing_attention:
         left_at_init = tuple(key for key in missing if key.startswith(target.prefixes))

@@ -220,14 +220,20 @@ def unwrap(state: Mapping[str, Tensor], source: str, prefix: str | None = None) 
     if prefix.strip(".") == "":
         raise ValueError(f"prefix expects a key prefix such as 'ema', got {prefix!r}")
     prefix = prefix if prefix.endswith(".") else f"{prefix}."
-    taken = OrderedDict((key[len(prefix):], value) for key, value in state.items()
-                        if key.startswith(prefix) and len(key) > len(prefix))
-    if not taken:
+    if not any(key.startswith(prefix) and len(key) > len(prefix) for key in state):
         found = top_prefixes(state)
         found = f"its keys sit under {listed(found)}" if found else "none of its keys has a prefix"
         raise ValueError(f"{source} has no keys under the prefix {prefix!r}: {found}")
-    inner = strip_wrappers(taken)
-    return inner._replace(removed=(prefix, *inner.removed))
+    return under_prefix(state, prefix)
+
+
+def under_prefix(state: Mapping[str, Tensor], prefix: str) -> Stripped:
+    """The keys of ``state`` under ``prefix`` (ending in ``.``), without it and without the wrappers below it
+    (``strip_wrappers``): ``prefix`` first among ``removed``, ``dropped`` named as in ``state``."""
+    inner = strip_wrappers(OrderedDict((key[len(prefix):], value) for key, value in state.items()
+                                       if key.startswith(prefix) and len(key) > len(prefix)))
+    dropped = {prefix + key: value for key, value in inner.dropped.items()}
+    return Stripped(inner.state, (prefix, *inner.removed), dropped)
 
 
 def describe_stripped(removed: Sequence[str]) -> str:

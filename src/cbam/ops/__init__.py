@@ -41,10 +41,11 @@ def fused_applies(impl: str, order: str, x: Tensor) -> bool:
         return True
     if order != "channel-spatial" or not x.is_floating_point():
         return False
-    compiled_engine = engine_for(x) != "torch" or requested() == "torch"  # not loaded while compiling: see engine_for
+    engine = ENGINES[engine_for(x)]  # not loaded while compiling: see engine_for
+    compiled_engine = engine.name != "torch" or requested() == "torch"
     if torch.compiler.is_compiling():  # the op picks its engine when it runs; exports see the reference's ops
         devices = COMPILED_OP_DEVICES | (COMPILED_TRAINING_OP_DEVICES if _recorded(x) else frozenset())
-        engine = ENGINES[engine_for(x)]  # the op reads x as it is: inductor compiles the reference where it would widen
+        # the op reads x as it is: inductor compiles the reference where the engine would widen it
         widened = x.dtype in engine.widens and x.dtype not in engine.reads_as_stored
         return not _exporting() and x.device.type in devices and compiled_engine and not widened
     return compiled_engine

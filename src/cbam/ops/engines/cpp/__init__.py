@@ -1,12 +1,11 @@
 """The compiled engine for the fused CBAM on the CPU: the C++ passes of this folder, built on first use.
 
 ``engine()`` returns the compiled module — the same functions as ``torch_ops`` for contiguous
-float32/float64 CPU tensors (its one-call ``forward`` also for bfloat16, read and written as stored, computed
-in float32) — or ``None`` when it cannot be had (no C++ compiler, no ninja, a
-failed build, or ``CBAM_NO_EXTENSION=1``); the fused path then runs ``torch_ops``, after one
-``RuntimeWarning``. The files: ``passes.h`` declares every pass; ``forward.cpp``, ``backward.cpp``,
-``small_steps.cpp`` (the MLP and the spatial conv) and ``batch_norm.cpp`` (the folded BatchNorm)
-define them over the helpers of ``vector.h``, ``input_norm.h`` and ``small_steps.h``;
+float32/float64 CPU tensors, and bfloat16 read and written as stored, computed in float32 — or ``None``
+when it cannot be had (no C++ compiler, no ninja, a failed build, or ``CBAM_NO_EXTENSION=1``); the fused
+path then runs ``torch_ops``, after one ``RuntimeWarning``. The files: ``passes.h`` declares every pass;
+``forward.cpp``, ``backward.cpp``, ``small_steps.cpp`` (the MLP and the spatial conv) and ``batch_norm.cpp``
+(the folded BatchNorm) define them over the helpers of ``vector.h``, ``input_norm.h`` and ``small_steps.h``;
 ``bindings.cpp`` names their arguments for Python.
 
 ``build.py`` builds them: the first fused call on a machine (or ``python -m cbam.ops.build``, ahead of
